@@ -1,0 +1,214 @@
+//! The job config: one TOML file (every option of the command line can be set in it), validated once
+//! at the edge. The coordinator writes the effective config into the run directory and hands the same
+//! TOML to every worker at rendezvous, so both sides read it with these types.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config key `{key}` = {value}: {expected}")]
+    Invalid { key: &'static str, value: String, expected: String },
+}
+
+impl ConfigError {
+    /// A config error never goes away by retrying.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ConfigError::Read { .. } | ConfigError::Parse { .. } | ConfigError::Invalid { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    pub job: JobSection,
+    pub cluster: ClusterSection,
+    pub preflight: PreflightSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSection {
+    /// Job id; empty: generated from the start time.
+    pub id: String,
+    /// Seed of every random choice of the job.
+    pub seed: u64,
+    /// Where results, logs and the effective config go; empty: `runs/<id>`.
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Default for JobSection {
+    fn default() -> Self {
+        JobSection { id: String::new(), seed: 0, run_dir: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Number of workers the job waits for at rendezvous.
+    pub world_size: u32,
+    /// Address the coordinator listens on (`run` mode; dev mode always uses 127.0.0.1:0).
+    pub listen: String,
+    /// How long the coordinator waits for every worker to register.
+    pub rendezvous_timeout_ms: u64,
+    /// How often a worker sends a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long is declared lost, and so is a coordinator to its workers.
+    pub heartbeat_timeout_ms: u64,
+    /// Deadline of one call between peers (and of the coordinator's check of a reported peer).
+    pub peer_timeout_ms: u64,
+    /// After a stop notice, how long the coordinator waits for workers to deregister.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            world_size: 2,
+            listen: "0.0.0.0:50051".to_string(),
+            rendezvous_timeout_ms: 300_000,
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 10_000,
+            peer_timeout_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// The first phase of every job: each rank pings every other rank's peer endpoint, which proves the
+/// peer table works before any long computation, and measures round-trip times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreflightSection {
+    /// Ping rounds per peer; the report gives the median and the maximum round trip.
+    pub rounds: u32,
+    /// Pause between rounds.
+    pub interval_ms: u64,
+    /// Bytes echoed per ping (0: latency only).
+    pub payload_bytes: u32,
+}
+
+impl Default for PreflightSection {
+    fn default() -> Self {
+        PreflightSection { rounds: 5, interval_ms: 0, payload_bytes: 0 }
+    }
+}
+
+/// Largest cluster we plan for; a bigger value is almost certainly a typo.
+const MAX_WORLD_SIZE: u32 = 4096;
+
+impl JobConfig {
+    pub fn from_file(path: &Path) -> Result<JobConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors (a file path, "from the coordinator").
+    pub fn from_toml(text: &str, origin: &str) -> Result<JobConfig, ConfigError> {
+        let config: JobConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("JobConfig always serialises to TOML")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.world_size == 0 || c.world_size > MAX_WORLD_SIZE {
+            return Err(invalid("cluster.world_size", c.world_size, format!("expected 1..={MAX_WORLD_SIZE}")));
+        }
+        if c.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("cluster.listen", &c.listen, "expected IP:PORT, e.g. 0.0.0.0:50051".into()));
+        }
+        for (key, value) in [
+            ("cluster.rendezvous_timeout_ms", c.rendezvous_timeout_ms),
+            ("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms),
+            ("cluster.peer_timeout_ms", c.peer_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, value, "expected a positive number of milliseconds".into()));
+            }
+        }
+        if c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms {
+            return Err(invalid(
+                "cluster.heartbeat_timeout_ms",
+                c.heartbeat_timeout_ms,
+                format!(
+                    "expected at least twice cluster.heartbeat_interval_ms ({}), or one late heartbeat loses a worker",
+                    c.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if !self.job.id.is_empty() && !self.job.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            return Err(invalid("job.id", &self.job.id, "expected letters, digits, '-', '_' or '.'".into()));
+        }
+        if self.preflight.payload_bytes > 64 << 20 {
+            return Err(invalid(
+                "preflight.payload_bytes",
+                self.preflight.payload_bytes,
+                "expected at most 64 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Display, expected: String) -> ConfigError {
+    ConfigError::Invalid { key, value: value.to_string(), expected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let config = JobConfig::default();
+        config.validate().unwrap();
+        assert_eq!(JobConfig::from_toml(&config.to_toml(), "test").unwrap(), config);
+    }
+
+    #[test]
+    fn fixture_pins_the_format() {
+        let text = include_str!("../tests/fixtures/job.toml");
+        let config = JobConfig::from_toml(text, "fixture").unwrap();
+        assert_eq!(config.job.id, "cxr-pretrain-01");
+        assert_eq!(config.job.seed, 7);
+        assert_eq!(config.cluster.world_size, 4);
+        assert_eq!(config.cluster.heartbeat_timeout_ms, 5_000);
+        assert_eq!(config.preflight.rounds, 3);
+        // Keys absent from the file keep their defaults.
+        assert_eq!(config.cluster.peer_timeout_ms, ClusterSection::default().peer_timeout_ms);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = JobConfig::from_toml("[cluster]\nworld_sise = 3\n", "bad.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("world_sise") && msg.contains("bad.toml"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = JobConfig::from_toml("[cluster]\nworld_size = 0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("cluster.world_size"), "{err}");
+        let err = JobConfig::from_toml("[cluster]\nheartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 1500\n", "t")
+            .unwrap_err();
+        assert!(err.to_string().contains("cluster.heartbeat_timeout_ms"), "{err}");
+        let err = JobConfig::from_toml("[cluster]\nlisten = \"nowhere\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("cluster.listen"), "{err}");
+        assert!(!err.retryable());
+    }
+}

@@ -1,0 +1,199 @@
+//! `simclr-coordinator`: parses the command line, sets up logging and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use simclr_common::logging::{self, LogFormat};
+use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
+use simclr_coordinator::launcher::{self, LaunchOptions};
+use simclr_coordinator::{finalize_config, Coordinator, CoordinatorError, JobOutcome};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "simclr-coordinator", version, about = "Coordinator of a simclr-cluster job")]
+struct Cli {
+    /// Log format: text or json (one object per line). Filter with RUST_LOG.
+    #[arg(long, global = true, default_value = "text", env = "SIMCLR_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Single machine: start the coordinator, spawn N workers on 127.0.0.1 and run the whole job.
+    Dev(DevArgs),
+    /// The coordinator of a cluster job (Kubernetes, SLURM); workers join it over the network.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Number of worker processes (overrides cluster.world_size).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Job config (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory (overrides job.run_dir).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Seed (overrides job.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Job config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Address to listen on (overrides cluster.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Run directory (overrides job.run_dir).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("simclr-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::from(ExitStatus::Internal.code() as u8);
+        }
+    };
+    let status = runtime.block_on(async {
+        match cli.command {
+            Command::Dev(args) => dev(args, cli.log_format).await,
+            Command::Run(args) => run(args).await,
+        }
+    });
+    let status = status.unwrap_or_else(|e| {
+        tracing::error!("{e}");
+        e.exit_status()
+    });
+    ExitCode::from(status.code() as u8)
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<JobConfig, CoordinatorError> {
+    Ok(match path {
+        Some(path) => JobConfig::from_file(path)?,
+        None => JobConfig::default(),
+    })
+}
+
+fn token() -> Option<String> {
+    std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty())
+}
+
+async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
+    let mut config = load_config(Some(&args.config))?;
+    if let Some(listen) = args.listen {
+        config.cluster.listen = listen;
+    }
+    if let Some(dir) = args.run_dir {
+        config.job.run_dir = Some(dir);
+    }
+    config.validate()?;
+    let config = finalize_config(config);
+    let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
+    let coordinator = Coordinator::start(config, listener, token().as_deref())?;
+    let job = coordinator.job.clone();
+    let mut wait = Box::pin(coordinator.wait());
+    let mut sigint = signal(SignalKind::interrupt()).map_err(CoordinatorError::RunDir)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(CoordinatorError::RunDir)?;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut wait => break outcome,
+            _ = sigint.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGINT".into(), ExitStatus::Interrupted(libc::SIGINT)),
+            _ = sigterm.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGTERM".into(), ExitStatus::Interrupted(libc::SIGTERM)),
+        }
+    };
+    Ok(report(outcome))
+}
+
+async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, CoordinatorError> {
+    let mut config = load_config(args.config.as_ref())?;
+    if let Some(n) = args.workers {
+        config.cluster.world_size = n;
+    }
+    if let Some(seed) = args.seed {
+        config.job.seed = seed;
+    }
+    if let Some(dir) = args.run_dir {
+        config.job.run_dir = Some(dir);
+    }
+    config.cluster.listen = "127.0.0.1:0".into();
+    config.validate()?;
+    let config = finalize_config(config);
+    let worker_binary = launcher::find_worker_binary()?;
+    let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
+    let grace = std::time::Duration::from_millis(config.cluster.shutdown_grace_ms);
+    let workers = config.cluster.world_size;
+    let coordinator = Coordinator::start(config, listener, token().as_deref())?;
+    let job = coordinator.job.clone();
+    let options = LaunchOptions {
+        worker_binary,
+        workers,
+        log_format: match log_format {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+        },
+        extra_args: vec![],
+    };
+    let mut launched = match launcher::spawn_workers(coordinator.addr, &options) {
+        Ok(launched) => launched,
+        Err(e) => {
+            job.abort(StopReason::Aborted, e.to_string(), e.exit_status());
+            coordinator.wait().await;
+            return Err(e);
+        }
+    };
+    let mut wait = Box::pin(coordinator.wait());
+    let mut sigint = signal(SignalKind::interrupt()).map_err(CoordinatorError::RunDir)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(CoordinatorError::RunDir)?;
+    let mut early_exits = Vec::new();
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut wait => break outcome,
+            _ = sigint.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGINT".into(), ExitStatus::Interrupted(libc::SIGINT)),
+            _ = sigterm.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGTERM".into(), ExitStatus::Interrupted(libc::SIGTERM)),
+            Some(exit) = launched.next_exit() => {
+                // A worker that ends before the stop notice can only have failed: stop everything now
+                // rather than wait for its heartbeat to time out.
+                if job.stop_notice().is_none() {
+                    let message = format!("worker {} before the job finished", exit.describe());
+                    job.abort(StopReason::Aborted, message, ExitStatus::JobAborted);
+                }
+                early_exits.push(exit);
+            }
+        }
+    };
+    let mut exits = launched.shut_down(grace).await;
+    exits.extend(early_exits);
+    exits.sort_by_key(|e| e.rank);
+    for exit in &exits {
+        if !exit.success() {
+            tracing::warn!("worker {}", exit.describe());
+        }
+    }
+    Ok(report(outcome))
+}
+
+fn report(outcome: JobOutcome) -> ExitStatus {
+    if outcome.status == ExitStatus::Success {
+        tracing::info!(message = %outcome.message, "job complete");
+    } else {
+        tracing::error!(message = %outcome.message, status = %outcome.status, "job failed");
+    }
+    outcome.status
+}

@@ -1,0 +1,43 @@
+//! Errors of the coordinator process, each mapped to an exit status.
+
+use simclr_common::{ConfigError, ExitStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    ConfigFile(#[from] ConfigError),
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    RunDir(std::io::Error),
+    #[error("cannot start worker process {binary}: {source}")]
+    Spawn { binary: String, source: std::io::Error },
+    #[error("cannot find the worker binary: {0}")]
+    WorkerBinary(String),
+}
+
+impl CoordinatorError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            CoordinatorError::Bind { .. } => true,
+            CoordinatorError::ConfigFile(_)
+            | CoordinatorError::Config(_)
+            | CoordinatorError::RunDir(_)
+            | CoordinatorError::Spawn { .. }
+            | CoordinatorError::WorkerBinary(_) => false,
+        }
+    }
+
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            CoordinatorError::ConfigFile(_) | CoordinatorError::Config(_) | CoordinatorError::WorkerBinary(_) => {
+                ExitStatus::Usage
+            }
+            CoordinatorError::Bind { .. } | CoordinatorError::RunDir(_) | CoordinatorError::Spawn { .. } => {
+                ExitStatus::TaskFailed
+            }
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! The job's shared state and its state machine: rendezvous -> phases -> stop -> drain. Owns liveness
+//! (heartbeat deadlines, lost workers), progress, stop notices and the job outcome. The gRPC handlers in
+//! `service` and the dev-mode launcher only call into it; it never touches sockets except to push stop
+//! notices to workers and to check a peer that another worker reported.
+//!
+//! Locking: one std mutex around `State`, never held across an await. Every change bumps a watch
+//! channel, and waiters re-check their condition after each bump.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, WorkerIdentity, PHASES};
+use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
+use simclr_proto::wire;
+use tokio::sync::{broadcast, watch};
+use tonic::Status;
+
+use crate::rendezvous::{Registration, Rendezvous, RendezvousError};
+use crate::run_dir::RunDir;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberStatus {
+    Active,
+    Lost { reason: String },
+    Left { success: bool, reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub identity: WorkerIdentity,
+    pub status: MemberStatus,
+    pub last_heartbeat: Instant,
+    pub phase: String,
+    pub step: u64,
+    pub total: u64,
+}
+
+/// What observers (the dev launcher, tests, logs) can follow as it happens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Registered { worker: String },
+    RendezvousComplete { table: PeerTable },
+    PhaseComplete { phase: String },
+    Lost { rank: u32, reason: String },
+    Left { rank: u32, success: bool, reason: String },
+    Stopping { notice: StopNotice },
+}
+
+/// How the job ended: the exit status of the coordinator and a one-line reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    pub status: ExitStatus,
+    pub message: String,
+}
+
+struct State {
+    rendezvous: Rendezvous,
+    members: Vec<Member>,
+    phase_index: usize,
+    /// phase -> rank -> metric -> value
+    results: BTreeMap<String, BTreeMap<u32, BTreeMap<String, f64>>>,
+    outcome: Option<(StopNotice, ExitStatus)>,
+}
+
+pub struct Job {
+    pub job_id: String,
+    pub config: JobConfig,
+    config_toml: String,
+    token: AttachToken,
+    run_dir: RunDir,
+    started: Instant,
+    state: Mutex<State>,
+    changed: watch::Sender<()>,
+    events: broadcast::Sender<JobEvent>,
+    worker_clients: OnceLock<Vec<WorkerClient>>,
+}
+
+impl Job {
+    /// `config` must be validated and carry the final job id.
+    pub fn new(config: JobConfig, token: Option<&str>, run_dir: RunDir) -> Result<Arc<Job>, Status> {
+        let job_id = config.job.id.clone();
+        let world_size = config.cluster.world_size;
+        let (changed, _) = watch::channel(());
+        let (events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Job {
+            config_toml: config.to_toml(),
+            token: AttachToken::new(token)?,
+            run_dir,
+            started: Instant::now(),
+            state: Mutex::new(State {
+                rendezvous: Rendezvous::new(job_id.clone(), world_size, simclr_common::VERSION),
+                members: Vec::new(),
+                phase_index: 0,
+                results: BTreeMap::new(),
+                outcome: None,
+            }),
+            changed,
+            events,
+            worker_clients: OnceLock::new(),
+            job_id,
+            config,
+        }))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn config_toml(&self) -> &str {
+        &self.config_toml
+    }
+
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run_dir
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug elsewhere; the state itself stays consistent
+        // because every mutation is a single assignment, so keep serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn emit(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+        self.changed.send_replace(());
+    }
+
+    /// Waits until `done` holds for the state (checked after every change).
+    async fn wait_for(&self, mut done: impl FnMut(&State) -> bool) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if done(&self.lock()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn peer_table(&self) -> Option<PeerTable> {
+        self.lock().rendezvous.table().cloned()
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        self.lock().members.clone()
+    }
+
+    pub fn stop_notice(&self) -> Option<StopNotice> {
+        self.lock().outcome.as_ref().map(|(n, _)| n.clone())
+    }
+
+    // ---- rendezvous -------------------------------------------------------------------------------
+
+    /// Admits a worker and waits for the rendezvous to complete; returns its rank and the peer table.
+    /// If the caller goes away first (its call is cancelled), its registration is withdrawn.
+    pub async fn register(&self, reg: Registration) -> Result<(u32, PeerTable), Status> {
+        let instance_id = reg.worker.instance_id.clone();
+        let who = reg.worker.to_string();
+        {
+            let mut state = self.lock();
+            if let Some((notice, _)) = &state.outcome {
+                return Err(Status::failed_precondition(format!("job {} is stopping: {notice}", self.job_id)));
+            }
+            let completed = state.rendezvous.register(reg).map_err(rendezvous_status)?;
+            tracing::info!(worker = %who, arrived = state.rendezvous.pending().len(), world_size = state.rendezvous.world_size(), "worker registered");
+            if let Some(table) = completed {
+                self.complete_rendezvous(&mut state, &table);
+                drop(state);
+                self.emit(JobEvent::Registered { worker: who });
+                self.emit(JobEvent::RendezvousComplete { table });
+            } else {
+                drop(state);
+                self.emit(JobEvent::Registered { worker: who });
+            }
+        }
+        let mut guard = WithdrawOnDrop { job: self, instance_id: Some(instance_id.clone()) };
+        self.wait_for(|s| s.rendezvous.table().is_some() || s.outcome.is_some()).await;
+        guard.instance_id = None;
+        let state = self.lock();
+        if let Some(table) = state.rendezvous.table() {
+            let rank = table.workers.iter().position(|w| w.instance_id == instance_id).map(|r| r as u32);
+            if let Some(rank) = rank {
+                return Ok((rank, table.clone()));
+            }
+        }
+        let why = state.outcome.as_ref().map(|(n, _)| n.to_string()).unwrap_or_default();
+        Err(Status::deadline_exceeded(format!("rendezvous of job {} failed: {why}", self.job_id)))
+    }
+
+    fn complete_rendezvous(&self, state: &mut State, table: &PeerTable) {
+        let now = Instant::now();
+        state.members = table
+            .workers
+            .iter()
+            .map(|w| Member {
+                identity: w.clone(),
+                status: MemberStatus::Active,
+                last_heartbeat: now,
+                phase: "rendezvous".into(),
+                step: 0,
+                total: 0,
+            })
+            .collect();
+        let timeout = Duration::from_millis(self.config.cluster.peer_timeout_ms);
+        let clients = table
+            .workers
+            .iter()
+            .map(|w| lazy_channel(&w.peer_addr, timeout, Some(timeout)).map(|ch| worker_client(ch, self.token.clone())))
+            .collect::<Result<Vec<_>, _>>();
+        match clients {
+            Ok(clients) => {
+                let _ = self.worker_clients.set(clients);
+            }
+            Err(e) => {
+                let message = format!("a worker advertised an unusable peer address: {}", e.message());
+                self.set_outcome(state, StopReason::Aborted, message, ExitStatus::Rendezvous);
+            }
+        }
+        let ranks: Vec<String> = table.workers.iter().enumerate().map(|(r, w)| format!("{r}={w}")).collect();
+        tracing::info!(job = %self.job_id, world_size = table.world_size(), ranks = %ranks.join(", "), "rendezvous complete");
+    }
+
+    fn withdraw(&self, instance_id: &str) {
+        if self.lock().rendezvous.withdraw(instance_id) {
+            tracing::warn!(
+                worker = instance_id,
+                "worker went away before the rendezvous completed; registration withdrawn"
+            );
+            self.changed.send_replace(());
+        }
+    }
+
+    // ---- liveness ---------------------------------------------------------------------------------
+
+    /// Checks that `instance_id` holds `rank` in this job.
+    fn member_index(&self, state: &State, rank: u32, instance_id: &str) -> Result<usize, Status> {
+        match state.members.get(rank as usize) {
+            Some(m) if m.identity.instance_id == instance_id => Ok(rank as usize),
+            Some(m) => Err(Status::permission_denied(format!(
+                "rank {rank} of job {} belongs to {}, not to {instance_id}",
+                self.job_id, m.identity.instance_id
+            ))),
+            None => Err(Status::not_found(format!("job {} has no rank {rank} (yet)", self.job_id))),
+        }
+    }
+
+    pub fn heartbeat(&self, rank: u32, instance_id: &str, phase: &str) -> Result<wire::HeartbeatResponse, Status> {
+        let mut state = self.lock();
+        let i = self.member_index(&state, rank, instance_id)?;
+        let member = &mut state.members[i];
+        if member.status == MemberStatus::Active {
+            member.last_heartbeat = Instant::now();
+            if !phase.is_empty() {
+                phase.clone_into(&mut member.phase);
+            }
+        }
+        let lost_ranks = state
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m.status, MemberStatus::Lost { .. }))
+            .map(|(r, _)| r as u32)
+            .collect();
+        let stop = state.outcome.as_ref().map(|(n, _)| n.clone().into());
+        Ok(wire::HeartbeatResponse { stop, lost_ranks })
+    }
+
+    /// Declares every active worker whose last heartbeat is older than the timeout lost.
+    fn check_heartbeats(&self) {
+        let timeout = Duration::from_millis(self.config.cluster.heartbeat_timeout_ms);
+        let overdue: Vec<(u32, Duration)> = self
+            .lock()
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.status == MemberStatus::Active && m.last_heartbeat.elapsed() > timeout)
+            .map(|(r, m)| (r as u32, m.last_heartbeat.elapsed()))
+            .collect();
+        for (rank, silent) in overdue {
+            self.declare_lost(
+                rank,
+                format!(
+                    "no heartbeat for {:.1}s (cluster.heartbeat_timeout_ms = {})",
+                    silent.as_secs_f64(),
+                    timeout.as_millis()
+                ),
+            );
+        }
+    }
+
+    /// Marks `rank` lost and aborts the job, once. Returns whether the rank is lost (now or before).
+    pub fn declare_lost(&self, rank: u32, reason: String) -> bool {
+        let mut state = self.lock();
+        let Some(member) = state.members.get_mut(rank as usize) else { return false };
+        match &member.status {
+            MemberStatus::Lost { .. } => return true,
+            MemberStatus::Left { .. } => return false,
+            MemberStatus::Active => {}
+        }
+        member.status = MemberStatus::Lost { reason: reason.clone() };
+        let who = member.identity.to_string();
+        tracing::error!(job = %self.job_id, rank, worker = %who, %reason, "worker lost");
+        let message = format!("rank {rank} ({who}) lost: {reason}");
+        let newly_stopping = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted);
+        drop(state);
+        self.emit(JobEvent::Lost { rank, reason });
+        if let Some(notice) = newly_stopping {
+            self.announce_stop(notice);
+        }
+        true
+    }
+
+    /// A worker could not reach `peer_rank`: the coordinator checks the peer itself before deciding,
+    /// so one worker's network trouble never evicts a healthy peer.
+    pub async fn report_peer_failure(
+        &self,
+        rank: u32,
+        instance_id: &str,
+        peer_rank: u32,
+        error: &str,
+    ) -> Result<bool, Status> {
+        let peer_addr = {
+            let state = self.lock();
+            self.member_index(&state, rank, instance_id)?;
+            match state.members.get(peer_rank as usize) {
+                Some(m) if matches!(m.status, MemberStatus::Lost { .. }) => return Ok(true),
+                Some(m) => m.identity.peer_addr.clone(),
+                None => return Err(Status::invalid_argument(format!("job {} has no rank {peer_rank}", self.job_id))),
+            }
+        };
+        tracing::warn!(rank, peer_rank, %error, "peer failure reported; checking the peer");
+        match self.ping_worker(peer_rank).await {
+            Ok(()) => Ok(false),
+            Err(e) => Ok(self.declare_lost(
+                peer_rank,
+                format!(
+                    "peer endpoint {peer_addr} unreachable (reported by rank {rank}: {error}; coordinator's check: {})",
+                    e.message()
+                ),
+            )),
+        }
+    }
+
+    async fn ping_worker(&self, rank: u32) -> Result<(), Status> {
+        let Some(mut client) = self.worker_clients.get().and_then(|c| c.get(rank as usize)).cloned() else {
+            return Err(Status::not_found(format!("no client for rank {rank}")));
+        };
+        let world_size = self.config.cluster.world_size;
+        client.ping(wire::PingRequest { from_rank: world_size, sequence: 0, payload: vec![] }).await.map(|_| ())
+    }
+
+    // ---- progress and departures ------------------------------------------------------------------
+
+    pub fn report_progress(&self, req: wire::ReportProgressRequest) -> Result<(), Status> {
+        let mut state = self.lock();
+        let i = self.member_index(&state, req.rank, &req.instance_id)?;
+        {
+            let m = &mut state.members[i];
+            m.phase.clone_from(&req.phase);
+            m.step = req.step;
+            m.total = req.total;
+        }
+        if !req.error.is_empty() {
+            tracing::error!(rank = req.rank, phase = %req.phase, error = %req.error, "phase failed on a worker");
+            let message = format!("rank {} failed in phase {}: {}", req.rank, req.phase, req.error);
+            if let Some(notice) = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted) {
+                drop(state);
+                self.changed.send_replace(());
+                self.announce_stop(notice);
+            }
+            return Ok(());
+        }
+        if !req.phase_done {
+            tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
+            return Ok(());
+        }
+        let current = PHASES.get(state.phase_index).copied();
+        if current != Some(req.phase.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "rank {} finished phase '{}' but the job is in phase '{}'",
+                req.rank,
+                req.phase,
+                current.unwrap_or("none")
+            )));
+        }
+        let world_size = state.members.len();
+        let phase_results = state.results.entry(req.phase.clone()).or_default();
+        phase_results.insert(req.rank, req.metrics.into_iter().collect());
+        if phase_results.len() < world_size {
+            return Ok(());
+        }
+        state.phase_index += 1;
+        tracing::info!(job = %self.job_id, phase = %req.phase, "phase complete on every rank");
+        let finished = state.phase_index == PHASES.len();
+        let notice = if finished {
+            let message = format!("all {world_size} ranks finished: {}", PHASES.join(", "));
+            self.set_outcome(&mut state, StopReason::Completed, message, ExitStatus::Success)
+        } else {
+            None
+        };
+        drop(state);
+        self.emit(JobEvent::PhaseComplete { phase: req.phase });
+        if let Some(notice) = notice {
+            self.announce_stop(notice);
+        }
+        Ok(())
+    }
+
+    pub fn deregister(&self, rank: u32, instance_id: &str, success: bool, reason: &str) -> Result<(), Status> {
+        let mut state = self.lock();
+        let i = self.member_index(&state, rank, instance_id)?;
+        if matches!(state.members[i].status, MemberStatus::Left { .. }) {
+            return Ok(());
+        }
+        state.members[i].status = MemberStatus::Left { success, reason: reason.to_string() };
+        tracing::info!(job = %self.job_id, rank, success, %reason, "worker deregistered");
+        let message = format!("rank {rank} left before the job finished: {reason}");
+        let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted);
+        drop(state);
+        self.emit(JobEvent::Left { rank, success, reason: reason.to_string() });
+        if let Some(notice) = notice {
+            self.announce_stop(notice);
+        }
+        Ok(())
+    }
+
+    /// Stops the job from outside (a signal, a dead child process in dev mode). The first stop wins.
+    pub fn abort(&self, reason: StopReason, message: String, status: ExitStatus) {
+        let notice = self.set_outcome(&mut self.lock(), reason, message, status);
+        if let Some(notice) = notice {
+            self.changed.send_replace(());
+            self.announce_stop(notice);
+        }
+    }
+
+    /// Records the outcome if none is recorded yet; returns the notice to announce when it was new.
+    fn set_outcome(
+        &self,
+        state: &mut State,
+        reason: StopReason,
+        message: String,
+        status: ExitStatus,
+    ) -> Option<StopNotice> {
+        if state.outcome.is_some() {
+            return None;
+        }
+        let notice = StopNotice { reason, message };
+        state.outcome = Some((notice.clone(), status));
+        Some(notice)
+    }
+
+    /// Tells every active worker to stop, directly on its control endpoint; the heartbeat answer
+    /// carries the same notice for any worker this push misses.
+    fn announce_stop(&self, notice: StopNotice) {
+        match notice.reason {
+            StopReason::Completed => tracing::info!(job = %self.job_id, %notice, "stopping"),
+            _ => tracing::error!(job = %self.job_id, %notice, "stopping"),
+        }
+        let _ = self.events.send(JobEvent::Stopping { notice: notice.clone() });
+        let active: Vec<u32> = self
+            .lock()
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.status == MemberStatus::Active)
+            .map(|(r, _)| r as u32)
+            .collect();
+        let Some(clients) = self.worker_clients.get() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        for rank in active {
+            let mut client = clients[rank as usize].clone();
+            let request = wire::StopRequest { notice: Some(notice.clone().into()) };
+            runtime.spawn(async move {
+                if let Err(e) = client.stop(request).await {
+                    tracing::debug!(rank, error = %e.message(), "stop push failed; the heartbeat answer carries it");
+                }
+            });
+        }
+    }
+
+    // ---- the driver -------------------------------------------------------------------------------
+
+    /// Runs the job to its end: waits for the rendezvous (up to its timeout), watches heartbeats until a
+    /// stop, gives workers the grace period to deregister, and writes the run directory's reports.
+    pub async fn drive(self: Arc<Self>) -> JobOutcome {
+        let c = &self.config.cluster;
+        let deadline = self.started + Duration::from_millis(c.rendezvous_timeout_ms);
+        let rendezvous = self.wait_for(|s| s.rendezvous.table().is_some() || s.outcome.is_some());
+        if tokio::time::timeout_at(deadline.into(), rendezvous).await.is_err() {
+            let message = {
+                let state = self.lock();
+                let arrived: Vec<String> = state.rendezvous.pending().iter().map(|r| r.worker.to_string()).collect();
+                format!(
+                    "rendezvous timed out after {:.0}s (cluster.rendezvous_timeout_ms): {} of {} workers registered [{}]",
+                    c.rendezvous_timeout_ms as f64 / 1000.0,
+                    arrived.len(),
+                    c.world_size,
+                    arrived.join("; ")
+                )
+            };
+            self.abort(StopReason::Aborted, message, ExitStatus::Rendezvous);
+        }
+        if let Some(table) = self.peer_table() {
+            if let Err(e) = self.run_dir.write_cluster(&self.job_id, &table) {
+                tracing::warn!(error = %e, "cannot write cluster.json");
+            }
+        }
+
+        let watchdog = {
+            let job = Arc::clone(&self);
+            let period = Duration::from_millis((c.heartbeat_interval_ms / 2).max(10));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    job.check_heartbeats();
+                }
+            })
+        };
+        self.wait_for(|s| s.outcome.is_some()).await;
+
+        let grace = Duration::from_millis(c.shutdown_grace_ms);
+        let drained =
+            tokio::time::timeout(grace, self.wait_for(|s| s.members.iter().all(|m| m.status != MemberStatus::Active)))
+                .await;
+        watchdog.abort();
+        if drained.is_err() {
+            let mut state = self.lock();
+            for (rank, m) in state.members.iter_mut().enumerate() {
+                if m.status == MemberStatus::Active {
+                    tracing::warn!(rank, worker = %m.identity, "worker did not deregister within cluster.shutdown_grace_ms");
+                    m.status = MemberStatus::Lost { reason: "did not deregister after the stop notice".into() };
+                }
+            }
+        }
+
+        let (outcome, members, results) = {
+            let state = self.lock();
+            let (notice, status) = state.outcome.clone().expect("the job stops only once an outcome is set");
+            (JobOutcome { status, message: notice.message }, state.members.clone(), state.results.clone())
+        };
+        for (phase, per_rank) in &results {
+            if let Err(e) = self.run_dir.write_phase_results(phase, per_rank) {
+                tracing::warn!(error = %e, phase, "cannot write phase results");
+            }
+        }
+        if let Err(e) = self.run_dir.write_summary(&self.job_id, &outcome, &members, self.started.elapsed()) {
+            tracing::warn!(error = %e, "cannot write summary.json");
+        }
+        outcome
+    }
+}
+
+struct WithdrawOnDrop<'a> {
+    job: &'a Job,
+    instance_id: Option<String>,
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.instance_id.take() {
+            self.job.withdraw(&id);
+        }
+    }
+}
+
+fn rendezvous_status(e: RendezvousError) -> Status {
+    let message = e.to_string();
+    match e {
+        RendezvousError::DuplicateInstance { .. }
+        | RendezvousError::DuplicatePeerAddr { .. }
+        | RendezvousError::DuplicateRank { .. } => Status::already_exists(message),
+        RendezvousError::RankOutOfRange { .. }
+        | RendezvousError::WorldSizeMismatch { .. }
+        | RendezvousError::JobMismatch { .. } => Status::invalid_argument(message),
+        RendezvousError::VersionMismatch { .. } | RendezvousError::Late { .. } => Status::failed_precondition(message),
+    }
+}

@@ -1,0 +1,124 @@
+//! The run directory: everything a job leaves for the user (effective config, cluster table, phase
+//! results, summary). Every file is written atomically (a temporary file renamed into place), so a
+//! crash never leaves a half-written report.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use simclr_common::PeerTable;
+
+use crate::job::{JobOutcome, Member, MemberStatus};
+
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    pub fn create(path: &Path) -> std::io::Result<RunDir> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot create run directory {}: {e}", path.display()))
+        })?;
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` inside the run directory atomically.
+    pub fn write_atomic(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
+        let target = self.path.join(name);
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(contents)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &target)
+        })();
+        result.map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", target.display())))
+    }
+
+    pub fn write_config(&self, toml: &str) -> std::io::Result<()> {
+        self.write_atomic("config.toml", toml.as_bytes())
+    }
+
+    pub fn write_cluster(&self, job_id: &str, table: &PeerTable) -> std::io::Result<()> {
+        let ranks: Vec<_> = table
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                json!({"rank": rank, "instance_id": w.instance_id, "host": w.host, "peer_addr": w.peer_addr,
+                       "device": w.device, "pid": w.pid, "version": w.version})
+            })
+            .collect();
+        let doc = json!({"job_id": job_id, "world_size": table.world_size(), "ranks": ranks});
+        self.write_json("cluster.json", &doc)
+    }
+
+    pub fn write_phase_results(
+        &self,
+        phase: &str,
+        per_rank: &BTreeMap<u32, BTreeMap<String, f64>>,
+    ) -> std::io::Result<()> {
+        let doc = json!({"phase": phase, "ranks": per_rank});
+        self.write_json(&format!("{phase}.json"), &doc)
+    }
+
+    pub fn write_summary(
+        &self,
+        job_id: &str,
+        outcome: &JobOutcome,
+        members: &[Member],
+        elapsed: Duration,
+    ) -> std::io::Result<()> {
+        let ranks: Vec<_> = members
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| {
+                let (status, success, reason) = match &m.status {
+                    MemberStatus::Active => ("active", false, String::new()),
+                    MemberStatus::Lost { reason } => ("lost", false, reason.clone()),
+                    MemberStatus::Left { success, reason } => ("left", *success, reason.clone()),
+                };
+                json!({"rank": rank, "worker": m.identity.instance_id, "status": status, "success": success,
+                       "reason": reason, "last_phase": m.phase})
+            })
+            .collect();
+        let doc = json!({
+            "job_id": job_id,
+            "success": outcome.status == simclr_common::ExitStatus::Success,
+            "exit_code": outcome.status.code(),
+            "message": outcome.message,
+            "elapsed_s": elapsed.as_secs_f64(),
+            "ranks": ranks,
+        });
+        self.write_json("summary.json", &doc)
+    }
+
+    fn write_json(&self, name: &str, doc: &serde_json::Value) -> std::io::Result<()> {
+        let mut text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
+        text.push('\n');
+        self.write_atomic(name, text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&dir.path().join("a/b")).unwrap();
+        run.write_atomic("x.txt", b"one").unwrap();
+        run.write_atomic("x.txt", b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(run.path().join("x.txt")).unwrap(), "two");
+        let names: Vec<_> = std::fs::read_dir(run.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.txt")]);
+    }
+}

@@ -1,0 +1,77 @@
+//! The coordinator's gRPC service: converts wire messages to domain calls on `Job` and back. No job
+//! logic lives here.
+
+use std::sync::Arc;
+
+use simclr_proto::wire::{self, coordinator_server::Coordinator};
+use tonic::{Request, Response, Status};
+
+use crate::job::Job;
+use crate::rendezvous::Registration;
+
+pub struct CoordinatorService {
+    pub job: Arc<Job>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn register_worker(
+        &self,
+        request: Request<wire::RegisterWorkerRequest>,
+    ) -> Result<Response<wire::RegisterWorkerResponse>, Status> {
+        let req = request.into_inner();
+        let worker = req.worker.ok_or_else(|| Status::invalid_argument("RegisterWorkerRequest.worker is missing"))?;
+        let registration = Registration {
+            worker: worker.into(),
+            requested_rank: req.requested_rank,
+            expected_world_size: req.expected_world_size,
+            expected_job_id: req.expected_job_id,
+        };
+        let (rank, table) = self.job.register(registration).await?;
+        Ok(Response::new(wire::RegisterWorkerResponse {
+            rank,
+            world_size: table.world_size(),
+            job_id: self.job.job_id.clone(),
+            config_toml: self.job.config_toml().to_string(),
+            peers: simclr_proto::peer_table_to_wire(&table),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<wire::HeartbeatRequest>,
+    ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        self.job.heartbeat(req.rank, &req.instance_id, &req.phase).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn report_progress(
+        &self,
+        request: Request<wire::ReportProgressRequest>,
+    ) -> Result<Response<wire::ReportProgressResponse>, Status> {
+        self.job.report_progress(request.into_inner())?;
+        Ok(Response::new(wire::ReportProgressResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn report_peer_failure(
+        &self,
+        request: Request<wire::ReportPeerFailureRequest>,
+    ) -> Result<Response<wire::ReportPeerFailureResponse>, Status> {
+        let req = request.into_inner();
+        let declared_lost = self.job.report_peer_failure(req.rank, &req.instance_id, req.peer_rank, &req.error).await?;
+        Ok(Response::new(wire::ReportPeerFailureResponse { declared_lost }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn deregister(
+        &self,
+        request: Request<wire::DeregisterRequest>,
+    ) -> Result<Response<wire::DeregisterResponse>, Status> {
+        let req = request.into_inner();
+        self.job.deregister(req.rank, &req.instance_id, req.success, &req.reason)?;
+        Ok(Response::new(wire::DeregisterResponse {}))
+    }
+}

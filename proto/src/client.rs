@@ -1,0 +1,90 @@
+//! Client and server plumbing shared by both binaries: channels with deadlines, and the cluster token
+//! attached to every call (client side) and checked on every call (server side).
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::wire;
+use crate::TOKEN_METADATA_KEY;
+
+/// Attaches the cluster token (if the job has one) to every outgoing call.
+#[derive(Clone, Debug, Default)]
+pub struct AttachToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl AttachToken {
+    pub fn new(token: Option<&str>) -> Result<Self, Status> {
+        token
+            .map(|t| t.parse().map_err(|_| Status::invalid_argument("cluster token must be printable ASCII")))
+            .transpose()
+            .map(AttachToken)
+    }
+}
+
+impl tonic::service::Interceptor for AttachToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert(TOKEN_METADATA_KEY, token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Rejects calls without the job's cluster token (when it has one).
+#[derive(Clone, Debug, Default)]
+pub struct RequireToken(Option<String>);
+
+impl RequireToken {
+    pub fn new(token: Option<&str>) -> Self {
+        RequireToken(token.map(str::to_string))
+    }
+}
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.0 else { return Ok(req) };
+        match req.metadata().get(TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+            Some(got) if got == expected => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong cluster token (SIMCLR_CLUSTER_TOKEN)")),
+            None => Err(Status::unauthenticated("missing cluster token (set SIMCLR_CLUSTER_TOKEN)")),
+        }
+    }
+}
+
+pub type CoordinatorClient = wire::coordinator_client::CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+pub type WorkerClient = wire::worker_client::WorkerClient<InterceptedService<Channel, AttachToken>>;
+
+/// Normalises "host:port" or "http://host:port" to a URI tonic can dial.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An endpoint with a connect deadline and, if given, a deadline for every call; connection happens on
+/// first use. Long-polling calls (registration) need a channel without a per-call deadline.
+pub fn lazy_channel(addr: &str, connect_timeout: Duration, call_timeout: Option<Duration>) -> Result<Channel, Status> {
+    let mut endpoint = Endpoint::from_shared(endpoint_uri(addr))
+        .map_err(|e| Status::invalid_argument(format!("bad address '{addr}': {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(timeout) = call_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+pub fn coordinator_client(channel: Channel, token: AttachToken) -> CoordinatorClient {
+    wire::coordinator_client::CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20)
+}
+
+pub fn worker_client(channel: Channel, token: AttachToken) -> WorkerClient {
+    wire::worker_client::WorkerClient::with_interceptor(channel, token)
+        .max_decoding_message_size(128 << 20)
+        .max_encoding_message_size(128 << 20)
+}

@@ -1,0 +1,231 @@
+//! `TestCluster`: a real coordinator (the library, serving gRPC on 127.0.0.1:0 inside the test) and real
+//! `simclr-worker` processes dialing it, with helpers to signal workers by rank, follow the job's
+//! events and read each worker's log and exit code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use simclr_common::{JobConfig, PeerTable};
+use simclr_coordinator::{Coordinator, Job, JobEvent, JobOutcome};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::broadcast;
+
+/// Directory holding the workspace's binaries (target/<profile>), built once per test process.
+pub fn binaries_dir() -> Result<&'static Path> {
+    static DIR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| build_binaries().map_err(|e| format!("{e:#}"))).as_deref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn build_binaries() -> Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; the binaries one level up.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test executable has no target directory")?.to_path_buf();
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "--bins", "-p", "simclr-worker", "-p", "simclr-coordinator"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build for the binaries")?;
+    if !status.success() {
+        bail!("cargo build of the binaries failed: {status}");
+    }
+    for name in ["simclr-worker", "simclr-coordinator"] {
+        if !dir.join(name).is_file() {
+            bail!("{} missing after cargo build", dir.join(name).display());
+        }
+    }
+    Ok(dir)
+}
+
+/// A config for tests: fast heartbeats, short timeouts, a few preflight rounds.
+pub fn test_config(world_size: u32) -> JobConfig {
+    let mut config = JobConfig::default();
+    config.job.id = "test-job".into();
+    config.cluster.world_size = world_size;
+    config.cluster.listen = "127.0.0.1:0".into();
+    config.cluster.rendezvous_timeout_ms = 30_000;
+    config.cluster.heartbeat_interval_ms = 100;
+    config.cluster.heartbeat_timeout_ms = 1_500;
+    config.cluster.peer_timeout_ms = 500;
+    config.cluster.shutdown_grace_ms = 5_000;
+    config.preflight.rounds = 3;
+    config
+}
+
+/// Makes the preflight phase last long enough (minutes) for a test to act while the job runs.
+pub fn long_running(mut config: JobConfig) -> JobConfig {
+    config.preflight.rounds = 1_000_000;
+    config.preflight.interval_ms = 20;
+    config
+}
+
+pub struct WorkerProcess {
+    pub pid: u32,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl WorkerProcess {
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; returns its exit code (signal deaths as 128 + n).
+    pub async fn wait(&mut self) -> Result<i32> {
+        let status = self.child.wait().await?;
+        // Give the log forwarder a moment to drain the pipe.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(exit_code(status))
+    }
+}
+
+pub struct TestCluster {
+    pub addr: SocketAddr,
+    pub job: Arc<Job>,
+    pub run_dir: tempfile::TempDir,
+    coordinator: Option<Coordinator>,
+    events: broadcast::Receiver<JobEvent>,
+    pub workers: Vec<WorkerProcess>,
+}
+
+impl TestCluster {
+    /// Starts the coordinator (not the workers) for `config`.
+    pub async fn start(mut config: JobConfig) -> Result<TestCluster> {
+        let run_dir = tempfile::tempdir()?;
+        config.job.run_dir = Some(run_dir.path().to_path_buf());
+        config.validate()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let coordinator = Coordinator::start(config, listener, None)?;
+        Ok(TestCluster {
+            addr: coordinator.addr,
+            job: Arc::clone(&coordinator.job),
+            events: coordinator.job.subscribe(),
+            coordinator: Some(coordinator),
+            run_dir,
+            workers: Vec::new(),
+        })
+    }
+
+    /// Spawns a worker process dialing this coordinator; returns its index in `workers`.
+    pub fn spawn_worker(&mut self, extra_args: &[&str]) -> Result<usize> {
+        let addr = format!("http://{}", self.addr);
+        let worker = spawn_worker_process(&addr, extra_args)?;
+        self.workers.push(worker);
+        Ok(self.workers.len() - 1)
+    }
+
+    pub async fn wait_event(&mut self, timeout: Duration, mut want: impl FnMut(&JobEvent) -> bool) -> Result<JobEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Ok(event)) if want(&event) => return Ok(event),
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => bail!("job event stream closed"),
+                Err(_) => bail!("no matching job event within {timeout:?}; worker logs:\n{}", self.logs()),
+            }
+        }
+    }
+
+    pub async fn wait_rendezvous(&mut self, timeout: Duration) -> Result<PeerTable> {
+        match self.wait_event(timeout, |e| matches!(e, JobEvent::RendezvousComplete { .. })).await? {
+            JobEvent::RendezvousComplete { table } => Ok(table),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Index in `workers` of the process holding `rank`.
+    pub fn worker_of_rank(&self, rank: u32) -> Result<usize> {
+        let table = self.job.peer_table().context("no rendezvous yet")?;
+        let pid = table.get(rank).context("no such rank")?.pid;
+        self.workers.iter().position(|w| w.pid == pid).context("rank's pid is not one of ours")
+    }
+
+    pub fn signal_rank(&self, rank: u32, signal: i32) -> Result<u32> {
+        let pid = self.workers[self.worker_of_rank(rank)?].pid;
+        // SAFETY: plain syscall on our own child.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(pid)
+    }
+
+    /// Waits for worker `index` to exit; returns its exit code (signal deaths as 128 + n).
+    pub async fn wait_worker(&mut self, index: usize, timeout: Duration) -> Result<i32> {
+        let worker = &mut self.workers[index];
+        match tokio::time::timeout(timeout, worker.wait()).await {
+            Ok(code) => code,
+            Err(_) => {
+                bail!("worker {index} (pid {}) still running after {timeout:?}; log:\n{}", worker.pid, worker.log())
+            }
+        }
+    }
+
+    /// Waits for the job to end and returns the coordinator's outcome.
+    pub async fn outcome(&mut self, timeout: Duration) -> Result<JobOutcome> {
+        let coordinator = self.coordinator.take().context("outcome already taken")?;
+        tokio::time::timeout(timeout, coordinator.wait())
+            .await
+            .with_context(|| format!("job still running after {timeout:?}; worker logs:\n{}", self.logs()))
+    }
+
+    pub fn logs(&self) -> String {
+        self.workers.iter().enumerate().map(|(i, w)| format!("--- worker {i} (pid {})\n{}", w.pid, w.log())).collect()
+    }
+}
+
+/// Spawns `simclr-worker --coordinator ADDR` with loopback peer settings; stderr is captured.
+pub fn spawn_worker_process(coordinator: &str, extra_args: &[&str]) -> Result<WorkerProcess> {
+    let binary = binaries_dir()?.join("simclr-worker");
+    let mut cmd = Command::new(&binary);
+    cmd.args(["--coordinator", coordinator, "--peer-listen", "127.0.0.1:0"]);
+    if !extra_args.contains(&"--connect-timeout-ms") {
+        cmd.args(["--connect-timeout-ms", "20000"]);
+    }
+    let mut child = cmd
+        .args(extra_args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {}", binary.display()))?;
+    let pid = child.id().context("worker has no pid")?;
+    let log = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+    }
+    Ok(WorkerProcess { pid, child, log })
+}
+
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}

@@ -1,0 +1,189 @@
+//! Cluster skeleton over real gRPC: an in-process coordinator and real worker processes on loopback.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use simclr_common::ExitStatus;
+use simclr_coordinator::JobEvent;
+use simclr_tests::{long_running, test_config, TestCluster};
+
+const GENEROUS: Duration = Duration::from_secs(30);
+
+fn rank_in_log(log: &str) -> Option<u32> {
+    // The "joined the job" line carries the worker span, e.g. `worker{rank=1 job=test-job}`.
+    let line = log.lines().find(|l| l.contains("joined the job"))?;
+    let start = line.find("rank=")? + "rank=".len();
+    line[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_of_three_workers_gives_ranks_0_to_2_exactly_once() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(test_config(3)).await?;
+    for _ in 0..3 {
+        cluster.spawn_worker(&[])?;
+    }
+    let table = cluster.wait_rendezvous(GENEROUS).await?;
+    let outcome = cluster.outcome(GENEROUS).await?;
+    assert_eq!(outcome.status, ExitStatus::Success, "{outcome:?}\n{}", cluster.logs());
+
+    // Each process learnt a distinct rank, and the ranks are 0..2.
+    let mut seen = BTreeSet::new();
+    for i in 0..3 {
+        assert_eq!(cluster.wait_worker(i, GENEROUS).await?, 0, "{}", cluster.logs());
+        let log = cluster.workers[i].log();
+        let rank = rank_in_log(&log).unwrap_or_else(|| panic!("no rank in log:\n{log}"));
+        assert!(seen.insert(rank), "rank {rank} given twice\n{}", cluster.logs());
+        // The coordinator's table agrees with what the process was told.
+        assert_eq!(table.get(rank).map(|w| w.pid), Some(cluster.workers[i].pid));
+    }
+    assert_eq!(seen, BTreeSet::from([0, 1, 2]));
+
+    // Ranks follow the deterministic order (host, device, peer address), whatever the arrival order.
+    let keys: Vec<_> = table.workers.iter().map(|w| w.rank_order_key()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+
+    // The run directory holds the cluster table, every rank's preflight results and the summary.
+    let dir = cluster.run_dir.path();
+    let cluster_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json"))?)?;
+    assert_eq!(cluster_json["world_size"], 3);
+    let preflight: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("preflight.json"))?)?;
+    for rank in 0..3 {
+        let metrics = &preflight["ranks"][rank.to_string()];
+        for peer in (0..3).filter(|&p| p != rank) {
+            assert!(metrics[format!("rtt_median_us.rank{peer}")].as_f64().unwrap_or(-1.0) > 0.0, "{preflight}");
+        }
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
+    assert_eq!(summary["success"], true, "{summary}");
+    assert!(summary["ranks"].as_array().unwrap().iter().all(|r| r["status"] == "left" && r["success"] == true));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_ranks_are_honoured() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(test_config(3)).await?;
+    for rank in [2, 0, 1] {
+        cluster.spawn_worker(&["--rank", &rank.to_string(), "--world-size", "3"])?;
+    }
+    let table = cluster.wait_rendezvous(GENEROUS).await?;
+    for (i, rank) in [2u32, 0, 1].into_iter().enumerate() {
+        assert_eq!(table.get(rank).map(|w| w.pid), Some(cluster.workers[i].pid));
+    }
+    assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_worker_is_declared_lost_within_the_heartbeat_timeout_and_the_others_are_told() -> anyhow::Result<()>
+{
+    let config = long_running(test_config(3));
+    let heartbeat_timeout = Duration::from_millis(config.cluster.heartbeat_timeout_ms);
+    let mut cluster = TestCluster::start(config).await?;
+    for _ in 0..3 {
+        cluster.spawn_worker(&[])?;
+    }
+    cluster.wait_rendezvous(GENEROUS).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = cluster.worker_of_rank(1)?;
+    let killed_at = Instant::now();
+    cluster.signal_rank(1, libc::SIGKILL)?;
+
+    let event = cluster.wait_event(heartbeat_timeout * 3, |e| matches!(e, JobEvent::Lost { .. })).await?;
+    let detected_after = killed_at.elapsed();
+    assert!(matches!(event, JobEvent::Lost { rank: 1, .. }), "{event:?}");
+    // Scheduling slack on a loaded 2-core machine on top of the configured timeout.
+    assert!(detected_after <= heartbeat_timeout + Duration::from_secs(1), "declared lost after {detected_after:?}");
+
+    let outcome = cluster.outcome(GENEROUS).await?;
+    assert_eq!(outcome.status, ExitStatus::JobAborted);
+    assert!(outcome.message.contains("rank 1"), "{}", outcome.message);
+    for i in (0..3).filter(|&i| i != victim) {
+        assert_eq!(cluster.wait_worker(i, GENEROUS).await?, ExitStatus::JobAborted.code(), "{}", cluster.logs());
+        let log = cluster.workers[i].log();
+        assert!(log.contains("rank 1") && log.contains("lost"), "survivor {i} was not told:\n{log}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_declared_lost_too() -> anyhow::Result<()> {
+    let config = long_running(test_config(2));
+    let heartbeat_timeout = Duration::from_millis(config.cluster.heartbeat_timeout_ms);
+    let mut cluster = TestCluster::start(config).await?;
+    cluster.spawn_worker(&[])?;
+    cluster.spawn_worker(&[])?;
+    cluster.wait_rendezvous(GENEROUS).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGSTOP keeps its sockets open: only deadlines can tell it from a slow peer.
+    let frozen_at = Instant::now();
+    cluster.signal_rank(0, libc::SIGSTOP)?;
+    let event = cluster.wait_event(heartbeat_timeout * 3, |e| matches!(e, JobEvent::Lost { .. })).await?;
+    assert!(matches!(event, JobEvent::Lost { rank: 0, .. }), "{event:?}");
+    assert!(frozen_at.elapsed() <= heartbeat_timeout + Duration::from_secs(1), "after {:?}", frozen_at.elapsed());
+    cluster.signal_rank(0, libc::SIGKILL)?;
+    let survivor = cluster.worker_of_rank(1)?;
+    assert_eq!(cluster.wait_worker(survivor, GENEROUS).await?, ExitStatus::JobAborted.code());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_worker_which_deregisters_and_stops_the_job() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(long_running(test_config(2))).await?;
+    cluster.spawn_worker(&[])?;
+    cluster.spawn_worker(&[])?;
+    cluster.wait_rendezvous(GENEROUS).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leaving = cluster.worker_of_rank(0)?;
+    cluster.signal_rank(0, libc::SIGTERM)?;
+    let event = cluster.wait_event(GENEROUS, |e| matches!(e, JobEvent::Left { .. } | JobEvent::Lost { .. })).await?;
+    match event {
+        JobEvent::Left { rank: 0, success: false, reason } => assert!(reason.contains("signal 15"), "{reason}"),
+        other => panic!("expected rank 0 to deregister, got {other:?}"),
+    }
+    assert_eq!(cluster.wait_worker(leaving, GENEROUS).await?, 128 + libc::SIGTERM);
+    let other = 1 - leaving;
+    assert_eq!(cluster.wait_worker(other, GENEROUS).await?, ExitStatus::JobAborted.code());
+    let outcome = cluster.outcome(GENEROUS).await?;
+    assert!(outcome.message.contains("rank 0 left"), "{}", outcome.message);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_mismatches_and_late_arrivals_are_rejected_by_name() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(long_running(test_config(2))).await?;
+    let wrong = cluster.spawn_worker(&["--world-size", "5"])?;
+    assert_eq!(cluster.wait_worker(wrong, GENEROUS).await?, ExitStatus::Rendezvous.code());
+    let log = cluster.workers[wrong].log();
+    assert!(log.contains("world size 5") && log.contains("world size 2"), "{log}");
+
+    cluster.spawn_worker(&[])?;
+    cluster.spawn_worker(&[])?;
+    cluster.wait_rendezvous(GENEROUS).await?;
+    let late = cluster.spawn_worker(&[])?;
+    assert_eq!(cluster.wait_worker(late, GENEROUS).await?, ExitStatus::Rendezvous.code());
+    let log = cluster.workers[late].log();
+    assert!(log.contains("late registration"), "{log}");
+    cluster.job.abort(simclr_common::StopReason::Cancelled, "test over".into(), ExitStatus::Success);
+    cluster.outcome(GENEROUS).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_coordinator_is_retried_with_backoff_then_named_in_a_non_zero_exit() -> anyhow::Result<()> {
+    // A port that was free a moment ago: nothing listens there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let url = format!("http://{addr}");
+    let started = Instant::now();
+    let mut worker = simclr_tests::spawn_worker_process(&url, &["--connect-timeout-ms", "1500"])?;
+    let status = tokio::time::timeout(GENEROUS, worker.wait()).await??;
+    let elapsed = started.elapsed();
+    let log = worker.log();
+    assert_eq!(status, ExitStatus::CoordinatorUnreachable.code(), "{log}");
+    assert!(elapsed >= Duration::from_millis(1500), "gave up after {elapsed:?}, before the connect timeout");
+    assert!(log.matches("retrying").count() >= 2, "expected several attempts with backoff:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.contains(&url) && last.contains("could not reach the coordinator"), "{log}");
+    Ok(())
+}

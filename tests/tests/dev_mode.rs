@@ -1,0 +1,137 @@
+//! `simclr-coordinator dev`: the real binary spawning real workers, end to end, and its tear-down.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use simclr_common::ExitStatus;
+use simclr_tests::{binaries_dir, eventually, exit_code};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+const GENEROUS: Duration = Duration::from_secs(60);
+
+fn dev_command(run_dir: &Path, extra: &[&str]) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(binaries_dir()?.join("simclr-coordinator"));
+    cmd.arg("dev")
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+fn write_config(dir: &Path, body: &str) -> anyhow::Result<String> {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body)?;
+    Ok(path.display().to_string())
+}
+
+const FAST_AND_LONG: &str = "[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\npeer_timeout_ms = 500\nshutdown_grace_ms = 3000\n[preflight]\nrounds = 1000000\ninterval_ms = 20\n";
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// Waits until cluster.json appears and returns the workers' pids.
+async fn worker_pids(run_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let path = run_dir.join("cluster.json");
+    anyhow::ensure!(eventually(GENEROUS, || path.is_file()).await, "no cluster.json in {}", run_dir.display());
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    Ok(doc["ranks"].as_array().unwrap().iter().map(|r| r["pid"].as_u64().unwrap() as u32).collect())
+}
+
+async fn finish(mut child: tokio::process::Child) -> anyhow::Result<(i32, String)> {
+    let mut stderr = child.stderr.take().unwrap();
+    let mut text = String::new();
+    let read = async {
+        stderr.read_to_string(&mut text).await?;
+        child.wait().await
+    };
+    let status = tokio::time::timeout(GENEROUS, read).await??;
+    Ok((exit_code(status), text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let child = dev_command(&run_dir, &["--workers", "3", "--seed", "11"])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, 0, "{log}");
+    for rank in 0..3 {
+        assert!(log.contains(&format!("[rank {rank}] ")), "no log lines of rank {rank}:\n{log}");
+    }
+    for file in ["config.toml", "cluster.json", "preflight.json", "summary.json"] {
+        assert!(run_dir.join(file).is_file(), "{file} missing");
+    }
+    let config = simclr_common::JobConfig::from_file(&run_dir.join("config.toml"))?;
+    assert_eq!((config.cluster.world_size, config.job.seed), (3, 11));
+    for pid in worker_pids(&run_dir).await? {
+        assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_dev_mode_stops_every_worker_and_leaves_no_orphan() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let config = write_config(dir.path(), FAST_AND_LONG)?;
+    let child = dev_command(&run_dir, &["--workers", "2", "--config", &config])?.spawn()?;
+    let pids = worker_pids(&run_dir).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::Interrupted(libc::SIGINT).code(), "{log}");
+    assert!(log.contains("coordinator received SIGINT"), "{log}");
+    for pid in pids {
+        assert!(eventually(Duration::from_secs(5), || !pid_alive(pid)).await, "worker {pid} left behind");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_in_dev_mode_stops_the_job_at_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let config = write_config(dir.path(), FAST_AND_LONG)?;
+    let child = dev_command(&run_dir, &["--workers", "3", "--config", &config])?.spawn()?;
+    let pids = worker_pids(&run_dir).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    // SAFETY: plain syscall on a worker the coordinator spawned.
+    unsafe { libc::kill(pids[2] as i32, libc::SIGKILL) };
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
+    assert!(log.contains("rank 2"), "the failure does not name rank 2:\n{log}");
+    assert!(killed_at.elapsed() < GENEROUS);
+    for pid in pids {
+        assert!(!pid_alive(pid), "worker {pid} left behind");
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json"))?)?;
+    assert_eq!(summary["success"], false);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_flag_or_config_key_exits_2_naming_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), "[cluster]\nworld_sise = 3\n")?;
+    let child = dev_command(&dir.path().join("run"), &["--config", &config])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::Usage.code(), "{log}");
+    assert!(log.contains("world_sise") && log.contains("job.toml"), "{log}");
+
+    let child = dev_command(&dir.path().join("run"), &["--workers", "many"])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::Usage.code(), "{log}");
+    assert!(log.contains("--workers"), "{log}");
+    Ok(())
+}

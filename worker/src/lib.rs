@@ -1,0 +1,14 @@
+//! The worker of a simclr-cluster job: one per GPU (or per CPU process). Owns the peer endpoint, the
+//! session with the coordinator (registration, heartbeats, phases, deregistration) and, as the later
+//! stages land, everything that touches tensors: DICOM decode, augmentations, models, losses,
+//! optimisers and collectives.
+
+pub mod device;
+pub mod error;
+pub mod peer;
+pub mod preflight;
+pub mod session;
+
+pub use device::Device;
+pub use error::WorkerError;
+pub use session::{run, Interrupt, WorkerOptions};

@@ -1,0 +1,73 @@
+//! The worker's own gRPC server: the endpoint peers dial (ping today; the collectives build on it) and
+//! the coordinator's control calls (stop). Shares a `Control` with the rest of the worker.
+
+use std::sync::{Arc, OnceLock};
+
+use simclr_common::StopNotice;
+use simclr_proto::wire::{self, worker_server::Worker};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+/// State the server shares with the worker's main task.
+pub struct Control {
+    /// Set once the rendezvous has given this worker its rank.
+    pub rank: OnceLock<u32>,
+    stop: watch::Sender<Option<StopNotice>>,
+}
+
+impl Control {
+    pub fn new() -> Arc<Control> {
+        Arc::new(Control { rank: OnceLock::new(), stop: watch::channel(None).0 })
+    }
+
+    /// Records a stop notice; the first one wins (the push and the heartbeat answer carry the same).
+    pub fn notify_stop(&self, notice: StopNotice) {
+        self.stop.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(notice);
+            true
+        });
+    }
+
+    pub fn stop_notice(&self) -> Option<StopNotice> {
+        self.stop.borrow().clone()
+    }
+
+    /// Resolves once a stop notice has arrived.
+    pub async fn stopped(&self) -> StopNotice {
+        let mut rx = self.stop.subscribe();
+        loop {
+            if let Some(notice) = rx.borrow_and_update().clone() {
+                return notice;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives as long as `self`; unreachable in practice.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+pub struct PeerService {
+    pub control: Arc<Control>,
+}
+
+#[tonic::async_trait]
+impl Worker for PeerService {
+    async fn ping(&self, request: Request<wire::PingRequest>) -> Result<Response<wire::PingResponse>, Status> {
+        let req = request.into_inner();
+        let rank = self.control.rank.get().copied().unwrap_or(u32::MAX);
+        Ok(Response::new(wire::PingResponse { rank, sequence: req.sequence, payload: req.payload }))
+    }
+
+    async fn stop(&self, request: Request<wire::StopRequest>) -> Result<Response<wire::StopResponse>, Status> {
+        let notice =
+            request.into_inner().notice.ok_or_else(|| Status::invalid_argument("StopRequest.notice is missing"))?;
+        let notice: StopNotice = notice.into();
+        tracing::info!(%notice, "stop notice from the coordinator");
+        self.control.notify_stop(notice);
+        Ok(Response::new(wire::StopResponse {}))
+    }
+}
