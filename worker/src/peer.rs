@@ -1,7 +1,7 @@
 //! The worker's own gRPC server: the endpoint peers dial (ping today; the collectives build on it) and
 //! the coordinator's control calls (stop). Shares a `Control` with the rest of the worker.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use simclr_common::StopNotice;
 use simclr_proto::wire::{self, worker_server::Worker};
@@ -11,13 +11,33 @@ use tonic::{Request, Response, Status};
 /// State the server shares with the worker's main task.
 pub struct Control {
     /// Set once the rendezvous has given this worker its rank.
-    pub rank: OnceLock<u32>,
+    rank: watch::Sender<Option<u32>>,
     stop: watch::Sender<Option<StopNotice>>,
 }
 
 impl Control {
     pub fn new() -> Arc<Control> {
-        Arc::new(Control { rank: OnceLock::new(), stop: watch::channel(None).0 })
+        Arc::new(Control { rank: watch::channel(None).0, stop: watch::channel(None).0 })
+    }
+
+    pub fn set_rank(&self, rank: u32) {
+        self.rank.send_replace(Some(rank));
+    }
+
+    /// This worker's rank, once assigned. Peers learn the rendezvous result at nearly the same moment,
+    /// so a peer may call before this worker has read its own answer: the call waits for it (bounded by
+    /// the caller's deadline) instead of answering without a rank.
+    pub async fn assigned_rank(&self) -> u32 {
+        let mut rx = self.rank.subscribe();
+        let rank = match rx.wait_for(Option::is_some).await {
+            Ok(rank) => *rank,
+            Err(_) => None,
+        };
+        match rank {
+            Some(rank) => rank,
+            // The sender lives as long as `self`; unreachable in practice.
+            None => std::future::pending().await,
+        }
     }
 
     /// Records a stop notice; the first one wins (the push and the heartbeat answer carry the same).
@@ -58,7 +78,7 @@ pub struct PeerService {
 impl Worker for PeerService {
     async fn ping(&self, request: Request<wire::PingRequest>) -> Result<Response<wire::PingResponse>, Status> {
         let req = request.into_inner();
-        let rank = self.control.rank.get().copied().unwrap_or(u32::MAX);
+        let rank = self.control.assigned_rank().await;
         Ok(Response::new(wire::PingResponse { rank, sequence: req.sequence, payload: req.payload }))
     }
 

@@ -154,7 +154,7 @@ async fn session(
         }
     };
     let rank = registered.rank;
-    let _ = control.rank.set(rank);
+    control.set_rank(rank);
     tracing::Span::current().record("rank", rank).record("job", registered.job_id.as_str());
     let config = JobConfig::from_toml(&registered.config_toml, "sent by the coordinator")
         .map_err(|e| WorkerError::JobConfig(e.to_string()))?;
