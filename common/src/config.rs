@@ -33,7 +33,7 @@ pub struct JobConfig {
     pub preflight: PreflightSection,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobSection {
     /// Job id; empty: generated from the start time.
@@ -42,12 +42,6 @@ pub struct JobSection {
     pub seed: u64,
     /// Where results, logs and the effective config go; empty: `runs/<id>`.
     pub run_dir: Option<PathBuf>,
-}
-
-impl Default for JobSection {
-    fn default() -> Self {
-        JobSection { id: String::new(), seed: 0, run_dir: None }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -96,6 +96,8 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts the coordinator (not the workers) for `config`.
     pub async fn start(mut config: JobConfig) -> Result<TestCluster> {
+        // Build the binaries before the coordinator's clocks (rendezvous timeout) start.
+        binaries_dir()?;
         let run_dir = tempfile::tempdir()?;
         config.job.run_dir = Some(run_dir.path().to_path_buf());
         config.validate()?;

@@ -187,3 +187,18 @@ async fn an_unreachable_coordinator_is_retried_with_backoff_then_named_in_a_non_
     assert!(last.contains(&url) && last.contains("could not reach the coordinator"), "{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendezvous_that_never_fills_times_out_and_says_who_came() -> anyhow::Result<()> {
+    let mut config = test_config(2);
+    config.cluster.rendezvous_timeout_ms = 4_000;
+    let mut cluster = TestCluster::start(config).await?;
+    let only = cluster.spawn_worker(&[])?;
+    let outcome = cluster.outcome(GENEROUS).await?;
+    assert_eq!(outcome.status, ExitStatus::Rendezvous, "{outcome:?}");
+    assert!(outcome.message.contains("1 of 2 workers registered"), "{}", outcome.message);
+    assert!(outcome.message.contains(&format!("pid {}", cluster.workers[only].pid)), "{}", outcome.message);
+    assert_eq!(cluster.wait_worker(only, GENEROUS).await?, ExitStatus::Rendezvous.code());
+    assert!(cluster.workers[only].log().contains("rendezvous timed out"), "{}", cluster.logs());
+    Ok(())
+}

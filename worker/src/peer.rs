@@ -86,7 +86,7 @@ impl Worker for PeerService {
         let notice =
             request.into_inner().notice.ok_or_else(|| Status::invalid_argument("StopRequest.notice is missing"))?;
         let notice: StopNotice = notice.into();
-        tracing::info!(%notice, "stop notice from the coordinator");
+        tracing::info!(rank = ?self.control.rank.borrow().as_ref(), %notice, "stop notice from the coordinator");
         self.control.notify_stop(notice);
         Ok(Response::new(wire::StopResponse {}))
     }
