@@ -66,13 +66,21 @@ pub fn endpoint_uri(addr: &str) -> String {
     }
 }
 
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// An endpoint with a connect deadline and, if given, a deadline for every call; connection happens on
 /// first use. Long-polling calls (registration) need a channel without a per-call deadline.
 pub fn lazy_channel(addr: &str, connect_timeout: Duration, call_timeout: Option<Duration>) -> Result<Channel, Status> {
     let mut endpoint = Endpoint::from_shared(endpoint_uri(addr))
         .map_err(|e| Status::invalid_argument(format!("bad address '{addr}': {e}")))?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // HTTP/2 pings detect a peer that vanished without closing its connection (a host that
+        // lost power or network) even while a long call such as registration is in flight.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(timeout) = call_timeout {
         endpoint = endpoint.timeout(timeout);
     }

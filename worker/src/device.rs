@@ -32,7 +32,20 @@ impl Device {
                 load_torch_cuda().map_err(|message| WorkerError::Device { device: self.to_string(), message })?;
                 let count = tch::Cuda::device_count().max(0) as usize;
                 if k < count {
-                    Ok(tch::Device::Cuda(k))
+                    // Allocate and compute once, so that a GPU in a bad state fails here, before the
+                    // rendezvous, rather than in the middle of the job.
+                    let device = tch::Device::Cuda(k);
+                    let smoke = tch::Tensor::f_ones([16], (tch::Kind::Float, device))
+                        .and_then(|t| t.f_sum(tch::Kind::Float))
+                        .and_then(|t| t.f_double_value(&[]));
+                    match smoke {
+                        Ok(16.0) => Ok(device),
+                        Ok(v) => Err(WorkerError::Device {
+                            device: self.to_string(),
+                            message: format!("smoke test computed {v} instead of 16"),
+                        }),
+                        Err(e) => Err(WorkerError::Device { device: self.to_string(), message: e.to_string() }),
+                    }
                 } else {
                     Err(WorkerError::Device {
                         device: self.to_string(),

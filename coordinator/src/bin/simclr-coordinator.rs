@@ -8,7 +8,7 @@ use simclr_common::logging::{self, LogFormat};
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{finalize_config, Coordinator, CoordinatorError, JobOutcome};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
 #[command(name = "simclr-coordinator", version, about = "Coordinator of a simclr-cluster job")]
@@ -104,16 +104,14 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
         .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
+    let mut signals = Signals::new()?;
     let coordinator = Coordinator::start(config, listener, token().as_deref())?;
     let job = coordinator.job.clone();
     let mut wait = Box::pin(coordinator.wait());
-    let mut sigint = signal(SignalKind::interrupt()).map_err(CoordinatorError::RunDir)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(CoordinatorError::RunDir)?;
     let outcome = loop {
         tokio::select! {
             outcome = &mut wait => break outcome,
-            _ = sigint.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGINT".into(), ExitStatus::Interrupted(libc::SIGINT)),
-            _ = sigterm.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGTERM".into(), ExitStatus::Interrupted(libc::SIGTERM)),
+            signal = signals.recv() => cancel(&job, signal),
         }
     };
     Ok(report(outcome))
@@ -139,6 +137,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
     let grace = std::time::Duration::from_millis(config.cluster.shutdown_grace_ms);
     let workers = config.cluster.world_size;
+    let mut signals = Signals::new()?;
     let coordinator = Coordinator::start(config, listener, token().as_deref())?;
     let job = coordinator.job.clone();
     let options = LaunchOptions {
@@ -159,14 +158,11 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         }
     };
     let mut wait = Box::pin(coordinator.wait());
-    let mut sigint = signal(SignalKind::interrupt()).map_err(CoordinatorError::RunDir)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(CoordinatorError::RunDir)?;
     let mut early_exits = Vec::new();
     let outcome = loop {
         tokio::select! {
             outcome = &mut wait => break outcome,
-            _ = sigint.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGINT".into(), ExitStatus::Interrupted(libc::SIGINT)),
-            _ = sigterm.recv() => job.abort(StopReason::Cancelled, "coordinator received SIGTERM".into(), ExitStatus::Interrupted(libc::SIGTERM)),
+            signal = signals.recv() => cancel(&job, signal),
             Some(exit) = launched.next_exit() => {
                 // A worker that ends before the stop notice can only have failed: stop everything now
                 // rather than wait for its heartbeat to time out.
@@ -187,6 +183,32 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         }
     }
     Ok(report(outcome))
+}
+
+/// SIGINT and SIGTERM, watched from before the job starts so that neither kills the process outright.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, CoordinatorError> {
+        let watch = |kind| signal(kind).map_err(CoordinatorError::RunDir);
+        Ok(Signals { interrupt: watch(SignalKind::interrupt())?, terminate: watch(SignalKind::terminate())? })
+    }
+
+    /// The next signal's number.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+        }
+    }
+}
+
+fn cancel(job: &simclr_coordinator::Job, signal: i32) {
+    let name = if signal == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+    job.abort(StopReason::Cancelled, format!("coordinator received {name}"), ExitStatus::Interrupted(signal));
 }
 
 fn report(outcome: JobOutcome) -> ExitStatus {
