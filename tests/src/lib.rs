@@ -95,14 +95,19 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts the coordinator (not the workers) for `config`.
-    pub async fn start(mut config: JobConfig) -> Result<TestCluster> {
+    pub async fn start(config: JobConfig) -> Result<TestCluster> {
+        Self::start_with_token(config, None).await
+    }
+
+    /// Starts the coordinator with a cluster token that every worker must present.
+    pub async fn start_with_token(mut config: JobConfig, token: Option<&str>) -> Result<TestCluster> {
         // Build the binaries before the coordinator's clocks (rendezvous timeout) start.
         binaries_dir()?;
         let run_dir = tempfile::tempdir()?;
         config.job.run_dir = Some(run_dir.path().to_path_buf());
         config.validate()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let coordinator = Coordinator::start(config, listener, None)?;
+        let coordinator = Coordinator::start(config, listener, token)?;
         Ok(TestCluster {
             addr: coordinator.addr,
             job: Arc::clone(&coordinator.job),
@@ -115,8 +120,13 @@ impl TestCluster {
 
     /// Spawns a worker process dialing this coordinator; returns its index in `workers`.
     pub fn spawn_worker(&mut self, extra_args: &[&str]) -> Result<usize> {
+        self.spawn_worker_with_token(extra_args, None)
+    }
+
+    /// Spawns a worker that presents `token` (through SIMCLR_CLUSTER_TOKEN).
+    pub fn spawn_worker_with_token(&mut self, extra_args: &[&str], token: Option<&str>) -> Result<usize> {
         let addr = format!("http://{}", self.addr);
-        let worker = spawn_worker_process(&addr, extra_args)?;
+        let worker = spawn_worker_process(&addr, extra_args, token)?;
         self.workers.push(worker);
         Ok(self.workers.len() - 1)
     }
@@ -182,13 +192,17 @@ impl TestCluster {
 }
 
 /// Spawns `simclr-worker --coordinator ADDR` with loopback peer settings; stderr is captured.
-pub fn spawn_worker_process(coordinator: &str, extra_args: &[&str]) -> Result<WorkerProcess> {
+pub fn spawn_worker_process(coordinator: &str, extra_args: &[&str], token: Option<&str>) -> Result<WorkerProcess> {
     let binary = binaries_dir()?.join("simclr-worker");
     let mut cmd = Command::new(&binary);
     cmd.args(["--coordinator", coordinator, "--peer-listen", "127.0.0.1:0"]);
     if !extra_args.contains(&"--connect-timeout-ms") {
         cmd.args(["--connect-timeout-ms", "20000"]);
     }
+    match token {
+        Some(token) => cmd.env(simclr_common::TOKEN_ENV, token),
+        None => cmd.env_remove(simclr_common::TOKEN_ENV),
+    };
     let mut child = cmd
         .args(extra_args)
         .env("RUST_LOG", "info")

@@ -176,7 +176,7 @@ async fn an_unreachable_coordinator_is_retried_with_backoff_then_named_in_a_non_
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let url = format!("http://{addr}");
     let started = Instant::now();
-    let mut worker = simclr_tests::spawn_worker_process(&url, &["--connect-timeout-ms", "1500"])?;
+    let mut worker = simclr_tests::spawn_worker_process(&url, &["--connect-timeout-ms", "1500"], None)?;
     let status = tokio::time::timeout(GENEROUS, worker.wait()).await??;
     let elapsed = started.elapsed();
     let log = worker.log();
@@ -200,5 +200,20 @@ async fn a_rendezvous_that_never_fills_times_out_and_says_who_came() -> anyhow::
     assert!(outcome.message.contains(&format!("pid {}", cluster.workers[only].pid)), "{}", outcome.message);
     assert_eq!(cluster.wait_worker(only, GENEROUS).await?, ExitStatus::Rendezvous.code());
     assert!(cluster.workers[only].log().contains("rendezvous timed out"), "{}", cluster.logs());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_without_the_cluster_token_are_turned_away() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start_with_token(test_config(2), Some("s3cret")).await?;
+    let stranger = cluster.spawn_worker_with_token(&[], Some("guess"))?;
+    let anonymous = cluster.spawn_worker(&[])?;
+    for (i, expected) in [(stranger, "wrong cluster token"), (anonymous, "missing cluster token")] {
+        assert_eq!(cluster.wait_worker(i, GENEROUS).await?, ExitStatus::Rendezvous.code());
+        assert!(cluster.workers[i].log().contains(expected), "{}", cluster.workers[i].log());
+    }
+    cluster.spawn_worker_with_token(&[], Some("s3cret"))?;
+    cluster.spawn_worker_with_token(&[], Some("s3cret"))?;
+    assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success, "{}", cluster.logs());
     Ok(())
 }
