@@ -1,0 +1,264 @@
+//! The pixel pipeline: DICOM file -> stored values (Bits Stored, High Bit, Pixel Representation) ->
+//! modality LUT (Rescale Slope and Intercept; the slope may be negative) -> VOI (Window Center/Width
+//! with the VOI LUT Function, or a VOI LUT, or the image's own range when neither is present) ->
+//! inversion (MONOCHROME1, or Presentation LUT Shape INVERSE) -> f32 in [0, 1], bright = dense.
+//! Decompression comes from dicom-pixeldata; every step after it is ours, in this order, so that its
+//! behaviour does not depend on the decoder's defaults. Multi-frame files give their first frame.
+
+use std::path::Path;
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
+use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a readable DICOM file: {0}")]
+    NotDicom(String),
+    #[error("no pixel data")]
+    NoPixelData,
+    #[error("unsupported transfer syntax {uid} ({name})")]
+    UnsupportedTransferSyntax { uid: String, name: String },
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    #[error("missing or invalid attribute {0}")]
+    Attribute(&'static str),
+    #[error("pixel data cannot be decoded: {0}")]
+    Pixels(String),
+}
+
+/// A decoded image at its native size, values in [0, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedImage {
+    pub rows: u32,
+    pub cols: u32,
+    pub pixels: Vec<f32>,
+    /// Frames in the file (only the first is decoded).
+    pub frames: u32,
+}
+
+/// How values of interest map to [0, 1].
+#[derive(Debug, Clone, PartialEq)]
+enum Voi {
+    Window { center: f64, width: f64, function: VoiFunction },
+    Lut { first_mapped: f64, bits: u32, data: Vec<u16> },
+    ImageRange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum VoiFunction {
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
+    let obj = OpenFileOptions::new().open_file(path).map_err(|e| DecodeError::NotDicom(e.to_string()))?;
+    decode_object(&obj)
+}
+
+pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeError> {
+    let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+    match TransferSyntaxRegistry.get(&ts_uid) {
+        Some(ts) if ts.can_decode_all() => {}
+        Some(ts) => {
+            return Err(DecodeError::UnsupportedTransferSyntax { uid: ts_uid.clone(), name: ts.name().to_string() })
+        }
+        None => return Err(DecodeError::UnsupportedTransferSyntax { uid: ts_uid, name: "unknown".into() }),
+    }
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DecodeError::NoPixelData);
+    }
+    let samples = uint(obj, tags::SAMPLES_PER_PIXEL, "SamplesPerPixel").unwrap_or(1);
+    let photometric = string(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
+    if samples != 1 || !matches!(photometric.as_str(), "MONOCHROME1" | "MONOCHROME2") {
+        return Err(DecodeError::Unsupported(format!(
+            "{samples} samples per pixel, photometric interpretation '{photometric}' (expected MONOCHROME1/2)"
+        )));
+    }
+    let rows = uint(obj, tags::ROWS, "Rows")?;
+    let cols = uint(obj, tags::COLUMNS, "Columns")?;
+    let bits_allocated = uint(obj, tags::BITS_ALLOCATED, "BitsAllocated")?;
+    let bits_stored = uint(obj, tags::BITS_STORED, "BitsStored")?;
+    let high_bit = uint(obj, tags::HIGH_BIT, "HighBit").unwrap_or(bits_stored.saturating_sub(1));
+    let signed = uint(obj, tags::PIXEL_REPRESENTATION, "PixelRepresentation").unwrap_or(0) == 1;
+    if !matches!(bits_allocated, 8 | 16 | 32)
+        || bits_stored == 0
+        || bits_stored > bits_allocated
+        || high_bit >= bits_allocated
+        || high_bit + 1 < bits_stored
+    {
+        return Err(DecodeError::Unsupported(format!(
+            "bits allocated {bits_allocated}, stored {bits_stored}, high bit {high_bit}"
+        )));
+    }
+    if rows == 0 || cols == 0 {
+        return Err(DecodeError::Attribute("Rows/Columns"));
+    }
+    let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
+    let decoded = obj.decode_pixel_data_frame(0).map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    let bytes = decoded.data();
+    let n = rows as usize * cols as usize;
+    let width = bits_allocated as usize / 8;
+    if bytes.len() < n * width {
+        return Err(DecodeError::Pixels(format!(
+            "{} bytes of pixel data for {rows}x{cols}x{bits_allocated} bits",
+            bytes.len()
+        )));
+    }
+    let stored = stored_values(&bytes[..n * width], bits_allocated, bits_stored, high_bit, signed);
+
+    let slope = decimal(obj, tags::RESCALE_SLOPE).unwrap_or(1.0);
+    let intercept = decimal(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    if slope == 0.0 || !slope.is_finite() || !intercept.is_finite() {
+        return Err(DecodeError::Attribute("RescaleSlope/RescaleIntercept"));
+    }
+    let modality: Vec<f64> = stored.iter().map(|&v| slope * v as f64 + intercept).collect();
+    let voi = voi_of(obj)?;
+    let inverse =
+        photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
+    let pixels = apply_voi(&modality, &voi).into_iter().map(|y| if inverse { 1.0 - y } else { y } as f32).collect();
+    Ok(DecodedImage { rows, cols, pixels, frames })
+}
+
+/// Stored values from native little-endian pixel bytes: the `bits_stored` bits ending at `high_bit`,
+/// sign-extended for signed pixel representation.
+fn stored_values(bytes: &[u8], bits_allocated: u32, bits_stored: u32, high_bit: u32, signed: bool) -> Vec<i64> {
+    let shift = high_bit + 1 - bits_stored;
+    let mask: u64 = (1u64 << bits_stored) - 1;
+    let raw: Box<dyn Iterator<Item = u64>> = match bits_allocated {
+        8 => Box::new(bytes.iter().map(|&b| u64::from(b))),
+        16 => Box::new(bytes.chunks_exact(2).map(|c| u64::from(u16::from_le_bytes([c[0], c[1]])))),
+        _ => Box::new(bytes.chunks_exact(4).map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
+    };
+    raw.map(|r| {
+        let v = (r >> shift) & mask;
+        if signed && v >> (bits_stored - 1) & 1 == 1 {
+            v as i64 - (1i64 << bits_stored)
+        } else {
+            v as i64
+        }
+    })
+    .collect()
+}
+
+fn voi_of(obj: &DefaultDicomObject) -> Result<Voi, DecodeError> {
+    if let (Some(center), Some(width)) = (decimal(obj, tags::WINDOW_CENTER), decimal(obj, tags::WINDOW_WIDTH)) {
+        let function = match string(obj, tags::VOILUT_FUNCTION).as_deref() {
+            None | Some("") | Some("LINEAR") => VoiFunction::Linear,
+            Some("LINEAR_EXACT") => VoiFunction::LinearExact,
+            Some("SIGMOID") => VoiFunction::Sigmoid,
+            Some(other) => return Err(DecodeError::Unsupported(format!("VOI LUT Function '{other}'"))),
+        };
+        let min_width = if function == VoiFunction::Linear { 1.0 } else { 0.0 };
+        if width > min_width && center.is_finite() && width.is_finite() {
+            return Ok(Voi::Window { center, width, function });
+        }
+    }
+    if let Some(item) = obj.get(tags::VOILUT_SEQUENCE).and_then(|e| e.items()).and_then(|items| items.first()) {
+        let descriptor: Vec<u32> = item
+            .get(tags::LUT_DESCRIPTOR)
+            .and_then(|e| e.to_multi_int::<u32>().ok())
+            .ok_or(DecodeError::Attribute("LUTDescriptor"))?;
+        if descriptor.len() != 3 {
+            return Err(DecodeError::Attribute("LUTDescriptor"));
+        }
+        let entries = if descriptor[0] == 0 { 65536 } else { descriptor[0] as usize };
+        // The first mapped value is US or SS depending on the pixel representation.
+        let first_mapped = if descriptor[1] > 32767 && uint(obj, tags::PIXEL_REPRESENTATION, "").unwrap_or(0) == 1 {
+            descriptor[1] as f64 - 65536.0
+        } else {
+            descriptor[1] as f64
+        };
+        let bits = descriptor[2].clamp(1, 16);
+        let data: Vec<u16> = item
+            .get(tags::LUT_DATA)
+            .and_then(|e| e.to_multi_int::<u16>().ok())
+            .ok_or(DecodeError::Attribute("LUTData"))?;
+        if data.len() < entries {
+            return Err(DecodeError::Attribute("LUTData"));
+        }
+        return Ok(Voi::Lut { first_mapped, bits, data: data[..entries].to_vec() });
+    }
+    Ok(Voi::ImageRange)
+}
+
+/// VOI to [0, 1] (PS3.3 C.11.2.1.2 for windows).
+fn apply_voi(values: &[f64], voi: &Voi) -> Vec<f64> {
+    match voi {
+        Voi::Window { center, width, function } => values
+            .iter()
+            .map(|&x| match function {
+                VoiFunction::Linear => {
+                    let (c, w) = (center - 0.5, width - 1.0);
+                    if x <= c - w / 2.0 {
+                        0.0
+                    } else if x > c + w / 2.0 {
+                        1.0
+                    } else {
+                        (x - c) / w + 0.5
+                    }
+                }
+                VoiFunction::LinearExact => {
+                    if x <= center - width / 2.0 {
+                        0.0
+                    } else if x > center + width / 2.0 {
+                        1.0
+                    } else {
+                        (x - center) / width + 0.5
+                    }
+                }
+                VoiFunction::Sigmoid => 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
+            })
+            .collect(),
+        Voi::Lut { first_mapped, bits, data } => {
+            let top = ((1u32 << bits) - 1) as f64;
+            values
+                .iter()
+                .map(|&x| {
+                    let i = (x - first_mapped).round().clamp(0.0, (data.len() - 1) as f64) as usize;
+                    (data[i] as f64 / top).clamp(0.0, 1.0)
+                })
+                .collect()
+        }
+        Voi::ImageRange => {
+            let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            if hi > lo {
+                values.iter().map(|&v| (v - lo) / (hi - lo)).collect()
+            } else {
+                vec![0.0; values.len()]
+            }
+        }
+    }
+}
+
+fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| s.trim().trim_end_matches('\0').to_string())
+}
+
+fn uint(obj: &DefaultDicomObject, tag: Tag, name: &'static str) -> Result<u32, DecodeError> {
+    obj.get(tag).and_then(|e| e.to_int::<u32>().ok()).ok_or(DecodeError::Attribute(name))
+}
+
+/// First value of a decimal string attribute (Window Center may hold several).
+fn decimal(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {
+    let s = string(obj, tag)?;
+    s.split('\\').next()?.trim().parse::<f64>().ok()
+}
+
+/// Area-averaging resize to `size` x `size` (the image crate's triangle filter widens its support
+/// when shrinking, so downscaling does not alias).
+pub fn resize(img: &DecodedImage, size: u32) -> Vec<f32> {
+    if img.rows == size && img.cols == size {
+        return img.pixels.clone();
+    }
+    let buffer = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(img.cols, img.rows, img.pixels.clone())
+        .expect("DecodedImage holds rows * cols pixels");
+    image::imageops::resize(&buffer, size, size, image::imageops::FilterType::Triangle)
+        .into_raw()
+        .into_iter()
+        .map(|v| v.clamp(0.0, 1.0))
+        .collect()
+}
