@@ -130,7 +130,7 @@ pub fn sample_findings<R: Rng>(class: StudyClass, anatomy: &Anatomy, rng: &mut R
         StudyClass::Negative => {}
         StudyClass::Typical => {
             // Bilateral (usually), peripheral, lower zones, ground glass; strength varies widely.
-            let strength: f64 = rng.gen_range(0.08..0.45);
+            let strength: f64 = rng.gen_range(0.1..0.55);
             for side in [-1.0, 1.0] {
                 if rng.gen_bool(0.12) {
                     continue;
@@ -251,7 +251,7 @@ fn attenuation(x: f64, y: f64, a: &Anatomy, findings: &[Opacity]) -> f64 {
         lung = lung.max(inside * above_dome);
     }
     // Heart: soft-tissue density over the medial left lung (patient's left = image right).
-    let heart = smoothstep(1.0, 0.06, ellipse(x, y, 0.08, 0.28, 0.25 * a.heart_size, 0.22 * a.heart_size));
+    let heart = smoothstep(1.0, 0.08, ellipse(x, y, 0.1, 0.22, 0.3 * a.heart_size, 0.24 * a.heart_size));
     lung *= 1.0 - 0.85 * heart;
     att -= 0.3 * lung;
     // Spine and mediastinum.
@@ -260,19 +260,20 @@ fn attenuation(x: f64, y: f64, a: &Anatomy, findings: &[Opacity]) -> f64 {
     for side in [-1.0f64, 1.0] {
         let along = side * x;
         if (0.05..0.6).contains(&along) {
-            let yc = -0.62 + 0.25 * (along - 0.3).powi(2) - 0.1 * along;
+            let yc = -0.6 - 0.18 * along + 0.3 * (along - 0.25).powi(2);
             att += 0.22 * smoothstep(0.025, 0.012, (y - yc).abs());
         }
     }
-    // Ribs: arcs across each hemithorax, denser at their edges (cortical bone).
-    let rib_region = smoothstep(1.02, 0.05, ellipse(x, y, 0.0, -0.05, a.body_width * 0.98, a.lung_height * 1.15));
-    if rib_region > 0.0 {
-        let curve = 0.22 * (x / a.body_width).powi(2);
-        let phase = (y + 0.7 - curve) / a.rib_spacing;
+    // Posterior ribs: arcs from the spine sloping down and out over each hemithorax, fading towards the
+    // lung bases.
+    let rib_region = smoothstep(1.0, 0.05, ellipse(x, y, 0.0, -0.08, a.body_width * 0.95, a.lung_height * 1.12));
+    if rib_region > 0.0 && x.abs() > 0.06 {
+        let lateral = (x.abs() / a.body_width).min(1.0);
+        let curve = 0.28 * lateral * lateral + 0.12 * lateral;
+        let phase = (y + 0.75 - curve) / a.rib_spacing;
         let frac = phase - phase.floor();
-        let band = smoothstep(0.3, 0.06, (frac - 0.5).abs() * 2.0 * 0.5);
-        let cortex = smoothstep(0.05, 0.03, ((frac - 0.5).abs() - 0.15).abs());
-        att += rib_region * (0.09 * band + 0.05 * cortex) * smoothstep(0.55, 0.1, y);
+        let band = smoothstep(0.25, 0.12, (frac - 0.5).abs());
+        att += rib_region * 0.06 * band * smoothstep(0.5, 0.15, y);
     }
     // Findings live inside the lungs.
     let mut extra = 0.0f64;
@@ -281,7 +282,7 @@ fn attenuation(x: f64, y: f64, a: &Anatomy, findings: &[Opacity]) -> f64 {
         let profile = if o.sharpness <= 1.0 { (-1.5 * d * d).exp() } else { smoothstep(1.0, 0.5 / o.sharpness, d) };
         extra = extra.max(o.density * profile);
     }
-    att + 0.45 * extra * lung
+    att + 0.6 * extra * lung
 }
 
 /// Separable Gaussian blur with clamped edges.
