@@ -31,6 +31,7 @@ pub struct JobConfig {
     pub job: JobSection,
     pub cluster: ClusterSection,
     pub preflight: PreflightSection,
+    pub data: DataSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -96,6 +97,66 @@ impl Default for PreflightSection {
     }
 }
 
+/// The dataset: where it is, how images are preprocessed, labelled, split and sharded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Dataset root (SIIM Kaggle layout, a tree with labels.csv, or an unlabelled tree); empty: the
+    /// built-in synthetic dataset, generated once into the cache directory.
+    pub path: Option<PathBuf>,
+    /// Size of the synthetic dataset, when `path` is empty.
+    pub synthetic_studies: usize,
+    /// Side in pixels of the synthetic images as written.
+    pub synthetic_size: usize,
+    /// Side in pixels of the preprocessed images (64, as the reference experiment).
+    pub image_size: u32,
+    /// Label column the probes learn (SIIM: `Typical Appearance`, as the reference did).
+    pub target: String,
+    /// Learn every label column at once instead of `target`.
+    pub multi_label: bool,
+    /// Share of studies held out for testing (the reference used 85/15).
+    pub test_fraction: f64,
+    /// What to do with files that cannot be used: `skip` (list them in the run directory) or `fail`.
+    pub on_bad_file: OnBadFile,
+    /// How per-epoch shards are brought to equal length: `drop` or `pad`.
+    pub shard_policy: ShardPolicy,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            path: None,
+            synthetic_studies: 400,
+            synthetic_size: 256,
+            image_size: 64,
+            target: "Typical Appearance".into(),
+            multi_label: false,
+            test_fraction: 0.15,
+            on_bad_file: OnBadFile::Skip,
+            shard_policy: ShardPolicy::Drop,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadFile {
+    Skip,
+    Fail,
+}
+
+/// What happens to the images left over when the ranks' shares of an epoch differ in length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardPolicy {
+    /// Every rank keeps as many images as the smallest share; the rest sit out this epoch (a different
+    /// few each epoch, as shards are reshuffled). No image is seen twice in an epoch, so no image meets
+    /// its own copy as a negative.
+    Drop,
+    /// Every rank fills up to the largest share by repeating its own images from the start.
+    Pad,
+}
+
 /// Largest cluster we plan for; a bigger value is almost certainly a typo.
 const MAX_WORLD_SIZE: u32 = 4096;
 
@@ -148,6 +209,26 @@ impl JobConfig {
         if !self.job.id.is_empty() && !self.job.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
             return Err(invalid("job.id", &self.job.id, "expected letters, digits, '-', '_' or '.'".into()));
         }
+        let d = &self.data;
+        if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+            return Err(invalid(
+                "data.test_fraction",
+                d.test_fraction,
+                "expected a number between 0 and 1, e.g. 0.15".into(),
+            ));
+        }
+        if !(8..=4096).contains(&d.image_size) {
+            return Err(invalid("data.image_size", d.image_size, "expected 8..=4096 pixels".into()));
+        }
+        if d.synthetic_studies == 0 {
+            return Err(invalid("data.synthetic_studies", d.synthetic_studies, "expected at least 1".into()));
+        }
+        if !(16..=4096).contains(&d.synthetic_size) {
+            return Err(invalid("data.synthetic_size", d.synthetic_size, "expected 16..=4096 pixels".into()));
+        }
+        if !d.multi_label && d.target.is_empty() {
+            return Err(invalid("data.target", "\"\"", "expected a label column, or data.multi_label = true".into()));
+        }
         if self.preflight.payload_bytes > 64 << 20 {
             return Err(invalid(
                 "preflight.payload_bytes",
@@ -183,6 +264,10 @@ mod tests {
         assert_eq!(config.cluster.world_size, 4);
         assert_eq!(config.cluster.heartbeat_timeout_ms, 5_000);
         assert_eq!(config.preflight.rounds, 3);
+        assert_eq!(config.data.path.as_deref(), Some(Path::new("/data/siim-covid19")));
+        assert_eq!((config.data.on_bad_file, config.data.shard_policy), (OnBadFile::Fail, ShardPolicy::Pad));
+        let err = JobConfig::from_toml("[data]\non_bad_file = \"ignore\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("ignore") && err.to_string().contains("skip"), "{err}");
         // Keys absent from the file keep their defaults.
         assert_eq!(config.cluster.peer_timeout_ms, ClusterSection::default().peer_timeout_ms);
     }

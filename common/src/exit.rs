@@ -18,6 +18,9 @@ pub enum ExitStatus {
     JobAborted,
     /// This process's own work failed (a task error, a server that could not bind).
     TaskFailed,
+    /// The dataset cannot be used: unreadable, empty, unusable files under `on_bad_file = "fail"`, or
+    /// (for `inspect`) any unusable file.
+    DataError,
     /// Stopped by a signal (SIGINT, SIGTERM): 128 + the signal number, as shells report it.
     Interrupted(i32),
 }
@@ -32,6 +35,7 @@ impl ExitStatus {
             ExitStatus::CoordinatorUnreachable => 4,
             ExitStatus::JobAborted => 5,
             ExitStatus::TaskFailed => 6,
+            ExitStatus::DataError => 7,
             ExitStatus::Interrupted(signal) => 128 + signal,
         }
     }
@@ -45,6 +49,7 @@ impl ExitStatus {
             4 => ExitStatus::CoordinatorUnreachable,
             5 => ExitStatus::JobAborted,
             6 => ExitStatus::TaskFailed,
+            7 => ExitStatus::DataError,
             c if c > 128 && c < 128 + 65 => ExitStatus::Interrupted(c - 128),
             _ => return None,
         })
@@ -61,6 +66,7 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::CoordinatorUnreachable => "coordinator unreachable".to_string(),
             ExitStatus::JobAborted => "job aborted".to_string(),
             ExitStatus::TaskFailed => "task failed".to_string(),
+            ExitStatus::DataError => "unusable dataset".to_string(),
             ExitStatus::Interrupted(signal) => format!("interrupted by signal {signal}"),
         };
         write!(f, "{what} (exit {})", self.code())
@@ -81,6 +87,7 @@ mod tests {
             ExitStatus::CoordinatorUnreachable,
             ExitStatus::JobAborted,
             ExitStatus::TaskFailed,
+            ExitStatus::DataError,
             ExitStatus::Interrupted(2),
             ExitStatus::Interrupted(15),
         ];

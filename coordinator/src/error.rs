@@ -16,6 +16,8 @@ pub enum CoordinatorError {
     Spawn { binary: String, source: std::io::Error },
     #[error("cannot find the worker binary: {0}")]
     WorkerBinary(String),
+    #[error("dataset: {0}")]
+    Data(String),
 }
 
 impl CoordinatorError {
@@ -26,7 +28,8 @@ impl CoordinatorError {
             | CoordinatorError::Config(_)
             | CoordinatorError::RunDir(_)
             | CoordinatorError::Spawn { .. }
-            | CoordinatorError::WorkerBinary(_) => false,
+            | CoordinatorError::WorkerBinary(_)
+            | CoordinatorError::Data(_) => false,
         }
     }
 
@@ -38,6 +41,7 @@ impl CoordinatorError {
             CoordinatorError::Bind { .. } | CoordinatorError::RunDir(_) | CoordinatorError::Spawn { .. } => {
                 ExitStatus::TaskFailed
             }
+            CoordinatorError::Data(_) => ExitStatus::DataError,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and the dev-mode launcher that spawns workers on one machine. Never links libtorch (ARCHITECTURE.md,
 //! invariant 6); everything that touches tensors lives in the worker.
 
+pub mod data_plan;
 pub mod error;
 pub mod job;
 pub mod launcher;
@@ -48,8 +49,7 @@ impl Coordinator {
         let addr = listener
             .local_addr()
             .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
-        let run_dir_path = config.job.run_dir.clone().unwrap_or_else(|| format!("runs/{}", config.job.id).into());
-        let run_dir = RunDir::create(&run_dir_path).map_err(CoordinatorError::RunDir)?;
+        let run_dir = RunDir::create(&run_dir_path(&config)).map_err(CoordinatorError::RunDir)?;
         run_dir.write_config(&config.to_toml()).map_err(CoordinatorError::RunDir)?;
         let job = Job::new(config, token, run_dir).map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
         let shutdown = CancellationToken::new();
@@ -86,6 +86,11 @@ impl Coordinator {
         }
         outcome
     }
+}
+
+/// The job's run directory: `job.run_dir`, else `runs/<job id>`.
+pub fn run_dir_path(config: &JobConfig) -> std::path::PathBuf {
+    config.job.run_dir.clone().unwrap_or_else(|| format!("runs/{}", config.job.id).into())
 }
 
 /// Fills in what the config leaves open: a job id from the start time.

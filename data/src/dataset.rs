@@ -10,6 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+pub use simclr_common::config::ShardPolicy;
+
 use crate::index::DatasetIndex;
 use crate::labels::LabelTable;
 
@@ -73,7 +75,10 @@ impl Dataset {
                             matched_rows.insert(key.display().to_string());
                             match &found {
                                 Some(v) if v != values => {
-                                    return Err(DatasetError::InconsistentStudy { study: uid.clone(), path: path.clone() })
+                                    return Err(DatasetError::InconsistentStudy {
+                                        study: uid.clone(),
+                                        path: path.clone(),
+                                    })
                                 }
                                 _ => found = Some(values.clone()),
                             }
@@ -89,11 +94,9 @@ impl Dataset {
             LabelTable::Siim { studies: table, .. } => {
                 table.keys().filter(|k| !matched_rows.contains(*k)).map(|k| format!("{k}_study")).collect()
             }
-            LabelTable::Plain { images: table, .. } => table
-                .keys()
-                .map(|k| k.display().to_string())
-                .filter(|k| !matched_rows.contains(k))
-                .collect(),
+            LabelTable::Plain { images: table, .. } => {
+                table.keys().map(|k| k.display().to_string()).filter(|k| !matched_rows.contains(k)).collect()
+            }
             LabelTable::Unlabelled => Vec::new(),
         };
         Ok(Dataset { index, label_columns: labels.columns().to_vec(), studies, orphan_label_rows })
@@ -172,18 +175,6 @@ pub fn verify_split(split: &StudySplit, studies: &[Study]) -> Result<(), Dataset
         }
     }
     Ok(())
-}
-
-/// What happens to the images left over when the ranks' shares differ in length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShardPolicy {
-    /// Every rank keeps as many images as the smallest share; the rest sit out this epoch (a different
-    /// few each epoch, as the shards are reshuffled). No image is seen twice in an epoch, so no image
-    /// meets its own copy as a negative.
-    Drop,
-    /// Every rank fills up to the largest share by repeating its own images from the start.
-    Pad,
 }
 
 /// Each rank's images (indices into the index) for one epoch. Studies are dealt whole, in an order

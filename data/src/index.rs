@@ -117,7 +117,11 @@ pub fn index_tree(root: &Path, progress: &(dyn Fn(usize, usize) + Sync)) -> Resu
         let dup = index.images.remove(i);
         index.bad.push(BadFile {
             path: dup.path,
-            reason: format!("duplicate SOP Instance UID {} (also in {})", dup.sop_uid, index.images[first].path.display()),
+            reason: format!(
+                "duplicate SOP Instance UID {} (also in {})",
+                dup.sop_uid,
+                index.images[first].path.display()
+            ),
         });
     }
     index.bad.sort_by(|a, b| a.path.cmp(&b.path));

@@ -26,9 +26,17 @@ pub enum LabelError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LabelTable {
     /// Kaggle SIIM layout: study UID -> one value per class column.
-    Siim { columns: Vec<String>, studies: BTreeMap<String, Vec<f32>>, path: PathBuf },
+    Siim {
+        columns: Vec<String>,
+        studies: BTreeMap<String, Vec<f32>>,
+        path: PathBuf,
+    },
     /// `labels.csv`: relative image path -> one value per label column.
-    Plain { columns: Vec<String>, images: BTreeMap<PathBuf, Vec<f32>>, path: PathBuf },
+    Plain {
+        columns: Vec<String>,
+        images: BTreeMap<PathBuf, Vec<f32>>,
+        path: PathBuf,
+    },
     Unlabelled,
 }
 
@@ -101,7 +109,11 @@ fn read_siim(path: &Path) -> Result<LabelTable, LabelError> {
             .map(|(&p, c)| parse_value(path, line, c, record.get(p).unwrap_or_default()))
             .collect::<Result<Vec<_>, _>>()?;
         if studies.insert(study.to_string(), values).is_some() {
-            return Err(LabelError::Row { path: path.to_path_buf(), line, message: format!("study {study} listed twice") });
+            return Err(LabelError::Row {
+                path: path.to_path_buf(),
+                line,
+                message: format!("study {study} listed twice"),
+            });
         }
     }
     Ok(LabelTable::Siim { columns, studies, path: path.to_path_buf() })

@@ -262,3 +262,28 @@ pub fn resize(img: &DecodedImage, size: u32) -> Vec<f32> {
         .map(|v| v.clamp(0.0, 1.0))
         .collect()
 }
+
+/// Runs every image of the index through the pixel pipeline (all threads) and returns those that
+/// fail, with the reason. Multi-frame files are decoded for their first frame and counted.
+pub fn check_decode(root: &Path, images: &[crate::index::ImageRecord], size: u32) -> Vec<crate::index::BadFile> {
+    use rayon::prelude::*;
+    let mut bad: Vec<crate::index::BadFile> = images
+        .par_iter()
+        .filter_map(|img| match decode_file(&root.join(&img.path)) {
+            Ok(decoded) => {
+                let resized = resize(&decoded, size);
+                if resized.iter().all(|v| v.is_finite()) {
+                    None
+                } else {
+                    Some(crate::index::BadFile {
+                        path: img.path.clone(),
+                        reason: "decode: non-finite pixel values".into(),
+                    })
+                }
+            }
+            Err(e) => Some(crate::index::BadFile { path: img.path.clone(), reason: format!("decode: {e}") }),
+        })
+        .collect();
+    bad.sort_by(|a, b| a.path.cmp(&b.path));
+    bad
+}

@@ -276,3 +276,29 @@ pub fn to_stored(intensity: &[f32], h: &ImageHeader) -> Vec<u16> {
         })
         .collect()
 }
+
+/// The synthetic dataset for `opts` under `cache`, generated on first use. Generation happens in a
+/// temporary directory renamed into place when complete, so an interrupted run never leaves a partial
+/// dataset that a later run would trust.
+pub fn ensure_synthetic(cache: &Path, opts: &SynthOptions) -> Result<PathBuf, SynthError> {
+    let name = format!("synth-v1-n{}-s{}-p{}", opts.studies, opts.seed, opts.image_size);
+    let dir = cache.join(&name);
+    if dir.join(COMPLETE_MARKER).is_file() {
+        return Ok(dir);
+    }
+    let tmp = cache.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_dataset(&tmp, opts)?;
+    std::fs::write(tmp.join(COMPLETE_MARKER), b"").map_err(|source| SynthError::Io { path: tmp.clone(), source })?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process finished the same dataset first: theirs is as good as ours.
+        Err(_) if dir.join(COMPLETE_MARKER).is_file() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(source) => Err(SynthError::Io { path: dir, source }),
+    }
+}
+
+const COMPLETE_MARKER: &str = ".complete";

@@ -11,12 +11,18 @@ use tokio::process::Command;
 
 const GENEROUS: Duration = Duration::from_secs(60);
 
+/// A small synthetic dataset keeps each test to a few seconds.
+const SMALL_DATA: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n";
+
 fn dev_command(run_dir: &Path, extra: &[&str]) -> anyhow::Result<Command> {
     let mut cmd = Command::new(binaries_dir()?.join("simclr-coordinator"));
+    // The synthetic dataset is generated into a cache beside the run directory, not the user's.
+    let cache = run_dir.parent().unwrap_or(run_dir).join("cache");
     cmd.arg("dev")
         .arg("--run-dir")
         .arg(run_dir)
         .args(extra)
+        .env("SIMCLR_CACHE_DIR", cache)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -31,7 +37,7 @@ fn write_config(dir: &Path, body: &str) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
-const FAST_AND_LONG: &str = "[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\npeer_timeout_ms = 500\nshutdown_grace_ms = 3000\n[preflight]\nrounds = 1000000\ninterval_ms = 20\n";
+const FAST_AND_LONG: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\npeer_timeout_ms = 500\nshutdown_grace_ms = 3000\n[preflight]\nrounds = 1000000\ninterval_ms = 20\n";
 
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
@@ -61,17 +67,33 @@ async fn finish(mut child: tokio::process::Child) -> anyhow::Result<(i32, String
 async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let run_dir = dir.path().join("run");
-    let child = dev_command(&run_dir, &["--workers", "3", "--seed", "11"])?.spawn()?;
+    let config = write_config(dir.path(), SMALL_DATA)?;
+    let child = dev_command(&run_dir, &["--workers", "3", "--seed", "11", "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");
     for rank in 0..3 {
         assert!(log.contains(&format!("[rank {rank}] ")), "no log lines of rank {rank}:\n{log}");
     }
-    for file in ["config.toml", "cluster.json", "preflight.json", "summary.json"] {
+    for file in [
+        "config.toml",
+        "cluster.json",
+        "preflight.json",
+        "summary.json",
+        "dataset.json",
+        "split.csv",
+        "data_issues.csv",
+    ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
     let config = simclr_common::JobConfig::from_file(&run_dir.join("config.toml"))?;
     assert_eq!((config.cluster.world_size, config.job.seed), (3, 11));
+    // The synthetic dataset was generated, indexed and split at study level.
+    let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
+    assert_eq!((dataset["synthetic"].as_bool(), dataset["studies"].as_u64()), (Some(true), Some(24)), "{dataset}");
+    assert_eq!(dataset["unusable_files"], 0);
+    let split = &dataset["split"];
+    assert_eq!(split["train"]["studies"].as_u64().unwrap() + split["test"]["studies"].as_u64().unwrap(), 24);
+    assert_eq!(dataset["epoch0_shard_sizes"].as_array().map(Vec::len), Some(3));
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }
@@ -133,5 +155,48 @@ async fn a_bad_flag_or_config_key_exits_2_naming_it() -> anyhow::Result<()> {
     let (code, log) = finish(child).await?;
     assert_eq!(code, ExitStatus::Usage.code(), "{log}");
     assert!(log.contains("--workers"), "{log}");
+    Ok(())
+}
+
+/// A dataset with a corrupt file: `skip` lists it and runs, `fail` stops before any worker starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let status = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
+        .args(["synth", "--studies", "12", "--size", "32", "--out"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .status()?;
+    assert!(status.success());
+    let broken = data.join("train").join("broken.dcm");
+    std::fs::write(&broken, b"DICM? no: a file cut short by a failed copy")?;
+    let data_arg = data.display().to_string();
+
+    let run_dir = dir.path().join("skip");
+    let config = write_config(dir.path(), "")?;
+    let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, 0, "{log}");
+    let issues = std::fs::read_to_string(run_dir.join("data_issues.csv"))?;
+    assert!(issues.contains("train/broken.dcm") && issues.contains("not a readable DICOM file"), "{issues}");
+    let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
+    assert_eq!(dataset["unusable_files"], 1);
+
+    let run_dir = dir.path().join("fail");
+    let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n")?;
+    let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::DataError.code(), "{log}");
+    assert!(log.contains("broken.dcm") && log.contains("on_bad_file"), "{log}");
+    assert!(!run_dir.join("cluster.json").exists(), "workers started despite on_bad_file = fail");
+
+    // inspect agrees, and exits non-zero.
+    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
+        .args(["inspect", "--decode", "--data"])
+        .arg(&data)
+        .output()?;
+    assert_eq!(out.status.code(), Some(ExitStatus::DataError.code()));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unusable: train/broken.dcm"));
     Ok(())
 }

@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
 use simclr_coordinator::launcher::{self, LaunchOptions};
-use simclr_coordinator::{finalize_config, Coordinator, CoordinatorError, JobOutcome};
+use simclr_coordinator::{data_plan, finalize_config, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir};
+use simclr_data::pixels::check_decode;
+use simclr_data::synth::{write_dataset, SynthError, SynthOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
@@ -26,6 +28,41 @@ enum Command {
     Dev(DevArgs),
     /// The coordinator of a cluster job (Kubernetes, SLURM); workers join it over the network.
     Run(RunArgs),
+    /// Write a synthetic dataset of chest-radiograph phantoms in the SIIM-FISABIO-RSNA Kaggle layout.
+    Synth(SynthArgs),
+    /// Check a dataset before a long job: counts, encodings, labels, and every unusable file with why.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of studies.
+    #[arg(long, default_value_t = 400)]
+    studies: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Side of the written images in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Dataset root.
+    #[arg(long)]
+    data: PathBuf,
+    /// Also run every file through the pixel pipeline (slower; finds files whose pixels cannot be decoded).
+    #[arg(long)]
+    decode: bool,
+    /// Write the summary and every unusable file as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Preprocessed image size for --decode.
+    #[arg(long, default_value_t = 64)]
+    image_size: u32,
 }
 
 #[derive(Args)]
@@ -33,6 +70,9 @@ struct DevArgs {
     /// Number of worker processes (overrides cluster.world_size).
     #[arg(long)]
     workers: Option<u32>,
+    /// Dataset root (overrides data.path); without it, the built-in synthetic dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Job config (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -52,6 +92,9 @@ struct RunArgs {
     /// Address to listen on (overrides cluster.listen).
     #[arg(long)]
     listen: Option<String>,
+    /// Dataset root (overrides data.path).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Run directory (overrides job.run_dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -71,6 +114,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Dev(args) => dev(args, cli.log_format).await,
             Command::Run(args) => run(args).await,
+            Command::Synth(args) => synth(args),
+            Command::Inspect(args) => inspect(args),
         }
     });
     let status = status.unwrap_or_else(|e| {
@@ -99,8 +144,12 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
     if let Some(dir) = args.run_dir {
         config.job.run_dir = Some(dir);
     }
+    if args.data.is_some() {
+        config.data.path = args.data;
+    }
     config.validate()?;
     let config = finalize_config(config);
+    prepare_data(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
         .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
@@ -128,9 +177,13 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if let Some(dir) = args.run_dir {
         config.job.run_dir = Some(dir);
     }
+    if args.data.is_some() {
+        config.data.path = args.data;
+    }
     config.cluster.listen = "127.0.0.1:0".into();
     config.validate()?;
     let config = finalize_config(config);
+    prepare_data(&config)?;
     let worker_binary = launcher::find_worker_binary()?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
@@ -209,6 +262,76 @@ impl Signals {
 fn cancel(job: &simclr_coordinator::Job, signal: i32) {
     let name = if signal == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
     job.abort(StopReason::Cancelled, format!("coordinator received {name}"), ExitStatus::Interrupted(signal));
+}
+
+/// Finds (or generates), indexes and splits the dataset, and writes its reports into the run directory.
+fn prepare_data(config: &JobConfig) -> Result<(), CoordinatorError> {
+    let prepared = data_plan::prepare(&config.data, config.job.seed, config.cluster.world_size as usize)?;
+    let run_dir = RunDir::create(&run_dir_path(config)).map_err(CoordinatorError::RunDir)?;
+    data_plan::write_reports(&prepared, &config.data, &run_dir)?;
+    let split = &prepared.split;
+    tracing::info!(
+        root = %prepared.root.display(),
+        synthetic = prepared.synthetic,
+        studies = prepared.dataset.studies.len(),
+        train_studies = split.train.len(),
+        test_studies = split.test.len(),
+        "dataset split at patient and study level"
+    );
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> Result<ExitStatus, CoordinatorError> {
+    let opts = SynthOptions { studies: args.studies, seed: args.seed, image_size: args.size };
+    if !(16..=4096).contains(&args.size) {
+        return Err(CoordinatorError::Config(format!("--size {} is out of range (16..=4096)", args.size)));
+    }
+    let started = std::time::Instant::now();
+    let summary = write_dataset(&args.out, &opts).map_err(|e| match e {
+        SynthError::NoStudies => CoordinatorError::Config(e.to_string()),
+        other => CoordinatorError::Data(other.to_string()),
+    })?;
+    tracing::info!(
+        out = %args.out.display(),
+        studies = summary.studies,
+        images = summary.images,
+        patients = summary.patients,
+        classes = ?summary.classes,
+        encodings = ?summary.encodings,
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "synthetic dataset written"
+    );
+    Ok(ExitStatus::Success)
+}
+
+fn inspect(args: InspectArgs) -> Result<ExitStatus, CoordinatorError> {
+    let mut dataset = data_plan::load(&args.data)?;
+    if args.decode {
+        let failed = check_decode(&args.data, &dataset.index.images, args.image_size);
+        let failed_paths: std::collections::BTreeSet<_> = failed.iter().map(|b| b.path.clone()).collect();
+        dataset.index.images.retain(|i| !failed_paths.contains(&i.path));
+        dataset.index.bad.extend(failed);
+        dataset.index.bad.sort_by(|a, b| a.path.cmp(&b.path));
+        // Studies refer to image positions: rebuild them over the images that decode.
+        let labels =
+            simclr_data::labels::LabelTable::load(&args.data).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+        dataset = simclr_data::dataset::Dataset::assemble(dataset.index, &labels)
+            .map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    }
+    let mut summary = data_plan::summarize(&args.data, false, &dataset, None, None, None);
+    summary["decoded"] = serde_json::Value::Bool(args.decode);
+    println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+    for bad in &dataset.index.bad {
+        println!("unusable: {}: {}", bad.path.display(), bad.reason);
+    }
+    if let Some(path) = &args.json {
+        summary["unusable"] = serde_json::to_value(&dataset.index.bad).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        std::fs::write(path, text + "\n").map_err(|e| {
+            CoordinatorError::RunDir(std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
+        })?;
+    }
+    Ok(if dataset.index.bad.is_empty() { ExitStatus::Success } else { ExitStatus::DataError })
 }
 
 fn report(outcome: JobOutcome) -> ExitStatus {

@@ -1,0 +1,243 @@
+//! The coordinator's side of the data plane: finds the dataset (or generates the synthetic one),
+//! indexes its headers, joins the labels, splits studies into train and test, computes the epoch
+//! shards, and writes what it found into the run directory: `dataset.json` (the summary), `split.csv`
+//! (every study's side) and `data_issues.csv` (every file or label row that cannot be used, with why).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use simclr_common::config::{DataSection, OnBadFile};
+use simclr_data::dataset::{epoch_shards, split_studies, Dataset, StudySplit};
+use simclr_data::index::index_tree;
+use simclr_data::labels::LabelTable;
+use simclr_data::synth::{ensure_synthetic, SynthOptions};
+
+use crate::error::CoordinatorError;
+use crate::run_dir::RunDir;
+
+/// Environment variable naming the cache directory (synthetic datasets, later decode caches).
+pub const CACHE_DIR_ENV: &str = "SIMCLR_CACHE_DIR";
+
+/// `$SIMCLR_CACHE_DIR`, else `$XDG_CACHE_HOME/simclr-cluster`, else `~/.cache/simclr-cluster`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(CACHE_DIR_ENV).filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("simclr-cluster");
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into()).join(".cache/simclr-cluster")
+}
+
+/// A dataset ready for the job.
+pub struct PreparedData {
+    pub root: PathBuf,
+    pub synthetic: bool,
+    pub dataset: Dataset,
+    pub split: StudySplit,
+    pub summary: serde_json::Value,
+}
+
+/// Finds or generates the dataset, indexes it and splits it; `world_size` is checked against the
+/// training studies.
+pub fn prepare(data: &DataSection, seed: u64, world_size: usize) -> Result<PreparedData, CoordinatorError> {
+    let (root, synthetic) = match &data.path {
+        Some(path) => (path.clone(), false),
+        None => {
+            let opts = SynthOptions { studies: data.synthetic_studies, seed, image_size: data.synthetic_size };
+            let started = Instant::now();
+            let root = ensure_synthetic(&cache_dir(), &opts).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+            tracing::info!(path = %root.display(), studies = opts.studies, elapsed_s = started.elapsed().as_secs_f64(), "synthetic dataset ready");
+            (root, true)
+        }
+    };
+    if !root.is_dir() {
+        return Err(CoordinatorError::Data(format!(
+            "dataset directory {} does not exist (data.path / --data)",
+            root.display()
+        )));
+    }
+    let dataset = load(&root)?;
+    if dataset.index.images.is_empty() {
+        return Err(CoordinatorError::Data(format!(
+            "no usable image in {} ({} unusable files; see data_issues.csv)",
+            root.display(),
+            dataset.index.bad.len()
+        )));
+    }
+    let target = if data.multi_label || dataset.label_columns.is_empty() {
+        None
+    } else {
+        Some(dataset.label_columns.iter().position(|c| *c == data.target).ok_or_else(|| {
+            CoordinatorError::Data(format!(
+                "data.target '{}' is not a label column (columns: {})",
+                data.target,
+                dataset.label_columns.join(", ")
+            ))
+        })?)
+    };
+    let split =
+        split_studies(&dataset.studies, data.test_fraction, seed).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let train: Vec<_> = split.train.iter().map(|&i| &dataset.studies[i]).collect();
+    let shards = epoch_shards(&train, world_size, seed, 0, data.shard_policy)
+        .map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let summary = summarize(&root, synthetic, &dataset, Some(&split), target, Some(&shards));
+    Ok(PreparedData { root, synthetic, dataset, split, summary })
+}
+
+/// Indexes `root` (headers only, all threads) and joins its labels.
+pub fn load(root: &Path) -> Result<Dataset, CoordinatorError> {
+    let started = Instant::now();
+    let last = std::sync::Mutex::new(Instant::now());
+    let progress = |done: usize, total: usize| {
+        if let Ok(mut last) = last.lock() {
+            if last.elapsed() >= Duration::from_secs(2) || done == total {
+                *last = Instant::now();
+                tracing::info!(done, total, percent = 100 * done / total.max(1), "indexing DICOM headers");
+            }
+        }
+    };
+    let index = index_tree(root, &progress).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let labels = LabelTable::load(root).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let dataset = Dataset::assemble(index, &labels).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    tracing::info!(
+        images = dataset.index.images.len(),
+        unusable = dataset.index.bad.len(),
+        studies = dataset.studies.len(),
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "dataset indexed"
+    );
+    Ok(dataset)
+}
+
+fn count<'a>(items: impl Iterator<Item = String> + 'a) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        *out.entry(item).or_default() += 1;
+    }
+    out
+}
+
+/// The dataset summary written as `dataset.json` and printed by `inspect`.
+pub fn summarize(
+    root: &Path,
+    synthetic: bool,
+    d: &Dataset,
+    split: Option<&StudySplit>,
+    target: Option<usize>,
+    shards: Option<&[Vec<usize>]>,
+) -> serde_json::Value {
+    let images = &d.index.images;
+    let patients = count(d.studies.iter().filter_map(|s| s.patient.clone())).len();
+    let positives: BTreeMap<&str, f64> = d
+        .label_columns
+        .iter()
+        .enumerate()
+        .map(|(c, name)| {
+            (name.as_str(), d.studies.iter().filter_map(|s| s.labels.as_ref()).map(|l| f64::from(l[c])).sum())
+        })
+        .collect();
+    let unlabelled_images: usize = d.studies.iter().filter(|s| s.labels.is_none()).map(|s| s.images.len()).sum();
+    let side = |studies: &[usize]| {
+        let n_images: usize = studies.iter().map(|&i| d.studies[i].images.len()).sum();
+        let positive = target.map(|t| {
+            let labelled: Vec<f32> =
+                studies.iter().filter_map(|&i| d.studies[i].labels.as_ref().map(|l| l[t])).collect();
+            if labelled.is_empty() {
+                0.0
+            } else {
+                labelled.iter().map(|&v| f64::from(v)).sum::<f64>() / labelled.len() as f64
+            }
+        });
+        json!({"studies": studies.len(), "images": n_images, "target_positive_rate": positive})
+    };
+    json!({
+        "root": root.display().to_string(),
+        "synthetic": synthetic,
+        "files": images.len() + d.index.bad.len(),
+        "usable_images": images.len(),
+        "unusable_files": d.index.bad.len(),
+        "studies": d.studies.len(),
+        "patients_with_id": patients,
+        "labelled_studies": d.labelled_studies(),
+        "images_without_label": unlabelled_images,
+        "label_rows_without_image": d.orphan_label_rows.len(),
+        "label_columns": d.label_columns,
+        "positives_per_column": positives,
+        "target": target.map(|t| d.label_columns[t].clone()),
+        "transfer_syntaxes": count(images.iter().map(|i| transfer_syntax_name(&i.transfer_syntax))),
+        "photometric": count(images.iter().map(|i| i.photometric.clone())),
+        "bits_stored": count(images.iter().map(|i| i.bits_stored.to_string())),
+        "image_sizes": count(images.iter().map(|i| format!("{}x{}", i.cols, i.rows))),
+        "multi_frame_files": images.iter().filter(|i| i.frames > 1).count(),
+        "split": split.map(|s| json!({"train": side(&s.train), "test": side(&s.test)})),
+        "epoch0_shard_sizes": shards.map(|s| s.iter().map(Vec::len).collect::<Vec<_>>()),
+    })
+}
+
+fn transfer_syntax_name(uid: &str) -> String {
+    use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+    match TransferSyntaxRegistry.get(uid) {
+        Some(ts) => format!("{} ({uid})", ts.name()),
+        None => format!("unknown ({uid})"),
+    }
+}
+
+/// Every unusable file, label row without image and image without label, one per line.
+pub fn issues_csv(d: &Dataset) -> String {
+    let mut out = String::from("kind,item,reason\n");
+    let field =
+        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    for bad in &d.index.bad {
+        out += &format!("unusable_file,{},{}\n", field(&bad.path.display().to_string()), field(&bad.reason));
+    }
+    for row in &d.orphan_label_rows {
+        out += &format!("label_without_image,{},no image of this study or path in the tree\n", field(row));
+    }
+    for s in d.studies.iter().filter(|s| s.labels.is_none() && !d.label_columns.is_empty()) {
+        for &i in &s.images {
+            let path = d.index.images[i].path.display().to_string();
+            out += &format!(
+                "image_without_label,{},study {} has no label row (usable for pretraining only)\n",
+                field(&path),
+                s.uid
+            );
+        }
+    }
+    out
+}
+
+/// Writes the data reports into the run directory and applies `on_bad_file`.
+pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunDir) -> Result<(), CoordinatorError> {
+    let d = &prepared.dataset;
+    let mut summary = serde_json::to_string_pretty(&prepared.summary).unwrap_or_default();
+    summary.push('\n');
+    run_dir.write_atomic("dataset.json", summary.as_bytes()).map_err(CoordinatorError::RunDir)?;
+    run_dir.write_atomic("data_issues.csv", issues_csv(d).as_bytes()).map_err(CoordinatorError::RunDir)?;
+    let mut split = String::from("study,patient,side,images\n");
+    for (side, studies) in [("train", &prepared.split.train), ("test", &prepared.split.test)] {
+        for &i in studies.iter() {
+            let s = &d.studies[i];
+            split += &format!("{},{},{side},{}\n", s.uid, s.patient.as_deref().unwrap_or(""), s.images.len());
+        }
+    }
+    run_dir.write_atomic("split.csv", split.as_bytes()).map_err(CoordinatorError::RunDir)?;
+    if !d.index.bad.is_empty() {
+        let first = &d.index.bad[0];
+        let message = format!(
+            "{} unusable files in {} (first: {}: {}); the full list is in {}",
+            d.index.bad.len(),
+            prepared.root.display(),
+            first.path.display(),
+            first.reason,
+            run_dir.path().join("data_issues.csv").display()
+        );
+        match data.on_bad_file {
+            OnBadFile::Skip => tracing::warn!("{message}; skipped (data.on_bad_file = \"skip\")"),
+            OnBadFile::Fail => return Err(CoordinatorError::Data(format!("{message} (data.on_bad_file = \"fail\")"))),
+        }
+    }
+    Ok(())
+}
