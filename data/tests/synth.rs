@@ -98,8 +98,12 @@ fn every_file_decodes_bright_spine_dark_lungs_whatever_its_encoding() {
         let right_lung = mean_box(img, 64, (0.68, 0.78), (0.3, 0.5));
         // Large patients fill the detector's width; the corners are always air, the darkest.
         let corner = mean_box(img, 64, (0.0, 0.05), (0.0, 0.05));
-        assert!(spine > left_lung + 0.1 && spine > right_lung + 0.1, "spine {spine} lungs {left_lung} {right_lung}");
-        assert!(corner < left_lung, "air outside the body must be darkest: {corner} vs {left_lung}");
+        let path = loaded.paths[k].display();
+        assert!(
+            spine > left_lung + 0.1 && spine > right_lung + 0.1,
+            "{path}: spine {spine} lungs {left_lung} {right_lung}"
+        );
+        assert!(corner < left_lung, "{path}: air outside the body must be darkest: {corner} vs {left_lung}");
     }
 }
 
