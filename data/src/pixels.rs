@@ -115,11 +115,10 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
     if slope == 0.0 || !slope.is_finite() || !intercept.is_finite() {
         return Err(DecodeError::Attribute("RescaleSlope/RescaleIntercept"));
     }
-    let modality: Vec<f64> = stored.iter().map(|&v| slope * v as f64 + intercept).collect();
     let voi = voi_of(obj)?;
     let inverse =
         photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
-    let pixels = apply_voi(&modality, &voi).into_iter().map(|y| if inverse { 1.0 - y } else { y } as f32).collect();
+    let pixels = present(&stored, slope, intercept, &voi, inverse);
     Ok(DecodedImage { rows, cols, pixels, frames })
 }
 
@@ -185,50 +184,67 @@ fn voi_of(obj: &DefaultDicomObject) -> Result<Voi, DecodeError> {
     Ok(Voi::ImageRange)
 }
 
-/// VOI to [0, 1] (PS3.3 C.11.2.1.2 for windows).
-fn apply_voi(values: &[f64], voi: &Voi) -> Vec<f64> {
+/// Modality LUT, VOI and inversion of every stored value, in that order. Stored values span a small
+/// range (16 bits at most in radiographs), so the chain runs once per distinct value into a table, and
+/// the pixels are a table lookup.
+fn present(stored: &[i64], slope: f64, intercept: f64, voi: &Voi, inverse: bool) -> Vec<f32> {
+    let (lo, hi) = stored.iter().fold((i64::MAX, i64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    if stored.is_empty() {
+        return Vec::new();
+    }
+    // The modality LUT is affine, so the image's modality range comes from its stored extremes.
+    let (a, b) = (slope * lo as f64 + intercept, slope * hi as f64 + intercept);
+    let range = (a.min(b), a.max(b));
+    let one = |sv: i64| {
+        let y = voi_value(slope * sv as f64 + intercept, voi, range);
+        (if inverse { 1.0 - y } else { y }) as f32
+    };
+    let span = (hi - lo) as usize + 1;
+    if span <= (1 << 20) && span <= stored.len().saturating_mul(4) {
+        let table: Vec<f32> = (lo..=hi).map(one).collect();
+        stored.iter().map(|&v| table[(v - lo) as usize]).collect()
+    } else {
+        stored.iter().map(|&v| one(v)).collect()
+    }
+}
+
+/// VOI of one modality value to [0, 1] (PS3.3 C.11.2.1.2 for windows); `range` is the image's own
+/// modality range, used when there is neither a window nor a VOI LUT.
+fn voi_value(x: f64, voi: &Voi, range: (f64, f64)) -> f64 {
     match voi {
-        Voi::Window { center, width, function } => values
-            .iter()
-            .map(|&x| match function {
-                VoiFunction::Linear => {
-                    let (c, w) = (center - 0.5, width - 1.0);
-                    if x <= c - w / 2.0 {
-                        0.0
-                    } else if x > c + w / 2.0 {
-                        1.0
-                    } else {
-                        (x - c) / w + 0.5
-                    }
+        Voi::Window { center, width, function } => match function {
+            VoiFunction::Linear => {
+                let (c, w) = (center - 0.5, width - 1.0);
+                if x <= c - w / 2.0 {
+                    0.0
+                } else if x > c + w / 2.0 {
+                    1.0
+                } else {
+                    (x - c) / w + 0.5
                 }
-                VoiFunction::LinearExact => {
-                    if x <= center - width / 2.0 {
-                        0.0
-                    } else if x > center + width / 2.0 {
-                        1.0
-                    } else {
-                        (x - center) / width + 0.5
-                    }
+            }
+            VoiFunction::LinearExact => {
+                if x <= center - width / 2.0 {
+                    0.0
+                } else if x > center + width / 2.0 {
+                    1.0
+                } else {
+                    (x - center) / width + 0.5
                 }
-                VoiFunction::Sigmoid => 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
-            })
-            .collect(),
+            }
+            VoiFunction::Sigmoid => 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
+        },
         Voi::Lut { first_mapped, bits, data } => {
             let top = ((1u32 << bits) - 1) as f64;
-            values
-                .iter()
-                .map(|&x| {
-                    let i = (x - first_mapped).round().clamp(0.0, (data.len() - 1) as f64) as usize;
-                    (data[i] as f64 / top).clamp(0.0, 1.0)
-                })
-                .collect()
+            let i = (x - first_mapped).round().clamp(0.0, (data.len() - 1) as f64) as usize;
+            (data[i] as f64 / top).clamp(0.0, 1.0)
         }
         Voi::ImageRange => {
-            let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            let (lo, hi) = range;
             if hi > lo {
-                values.iter().map(|&v| (v - lo) / (hi - lo)).collect()
+                (x - lo) / (hi - lo)
             } else {
-                vec![0.0; values.len()]
+                0.0
             }
         }
     }
