@@ -47,7 +47,8 @@ mod tests {
         let d: Vec<Duration> = (0..5).map(|_| b.next_delay().unwrap()).collect();
         // 10, 20, 40, 40, 40 ms, each with at most 25% jitter.
         for (delay, base) in d.iter().zip([10u64, 20, 40, 40, 40]) {
-            assert!(*delay >= Duration::from_millis(base) && *delay <= Duration::from_millis(base * 5 / 4));
+            let base = Duration::from_millis(base);
+            assert!(*delay >= base && *delay <= base.mul_f64(1.25), "{delay:?} for a base of {base:?}");
         }
         assert_eq!(b.attempts(), 6);
         let mut expired = Backoff::new(Duration::from_millis(10), Duration::from_millis(40), Duration::ZERO);

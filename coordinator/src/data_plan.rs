@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use simclr_common::config::{DataSection, OnBadFile};
+use simclr_data::cache_dir;
 use simclr_data::dataset::{epoch_shards, split_studies, Dataset, StudySplit};
 use simclr_data::index::index_tree;
 use simclr_data::labels::LabelTable;
@@ -16,20 +17,6 @@ use simclr_data::synth::{ensure_synthetic, SynthOptions};
 
 use crate::error::CoordinatorError;
 use crate::run_dir::RunDir;
-
-/// Environment variable naming the cache directory (synthetic datasets, later decode caches).
-pub const CACHE_DIR_ENV: &str = "SIMCLR_CACHE_DIR";
-
-/// `$SIMCLR_CACHE_DIR`, else `$XDG_CACHE_HOME/simclr-cluster`, else `~/.cache/simclr-cluster`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(CACHE_DIR_ENV).filter(|d| !d.is_empty()) {
-        return dir.into();
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("simclr-cluster");
-    }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into()).join(".cache/simclr-cluster")
-}
 
 /// A dataset ready for the job.
 pub struct PreparedData {

@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, WorkerIdentity, PHASES};
+use simclr_data::dataset::epoch_shards;
 use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
 use simclr_proto::wire;
 use tokio::sync::{broadcast, watch};
 use tonic::Status;
 
+use crate::data_plan::PreparedData;
 use crate::rendezvous::{Registration, Rendezvous, RendezvousError};
 use crate::run_dir::RunDir;
 
@@ -57,9 +59,10 @@ pub struct JobOutcome {
 struct State {
     rendezvous: Rendezvous,
     members: Vec<Member>,
-    phase_index: usize,
     /// phase -> rank -> metric -> value
     results: BTreeMap<String, BTreeMap<u32, BTreeMap<String, f64>>>,
+    /// Files the workers could not use: (phase, rank, path, reason).
+    file_issues: Vec<(String, u32, String, String)>,
     outcome: Option<(StopNotice, ExitStatus)>,
 }
 
@@ -74,11 +77,17 @@ pub struct Job {
     changed: watch::Sender<()>,
     events: broadcast::Sender<JobEvent>,
     worker_clients: OnceLock<Vec<WorkerClient>>,
+    data: Option<PreparedData>,
 }
 
 impl Job {
     /// `config` must be validated and carry the final job id.
-    pub fn new(config: JobConfig, token: Option<&str>, run_dir: RunDir) -> Result<Arc<Job>, Status> {
+    pub fn new(
+        config: JobConfig,
+        token: Option<&str>,
+        run_dir: RunDir,
+        data: Option<PreparedData>,
+    ) -> Result<Arc<Job>, Status> {
         let job_id = config.job.id.clone();
         let world_size = config.cluster.world_size;
         let (changed, _) = watch::channel(());
@@ -91,13 +100,14 @@ impl Job {
             state: Mutex::new(State {
                 rendezvous: Rendezvous::new(job_id.clone(), world_size, simclr_common::VERSION),
                 members: Vec::new(),
-                phase_index: 0,
                 results: BTreeMap::new(),
+                file_issues: Vec::new(),
                 outcome: None,
             }),
             changed,
             events,
             worker_clients: OnceLock::new(),
+            data,
             job_id,
             config,
         }))
@@ -362,6 +372,10 @@ impl Job {
             m.step = req.step;
             m.total = req.total;
         }
+        for issue in &req.issues {
+            tracing::warn!(rank = req.rank, phase = %req.phase, path = %issue.path, reason = %issue.reason, "unusable file");
+            state.file_issues.push((req.phase.clone(), req.rank, issue.path.clone(), issue.reason.clone()));
+        }
         if !req.error.is_empty() {
             tracing::error!(rank = req.rank, phase = %req.phase, error = %req.error, "phase failed on a worker");
             let message = format!("rank {} failed in phase {}: {}", req.rank, req.phase, req.error);
@@ -376,13 +390,17 @@ impl Job {
             tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
             return Ok(());
         }
-        let current = PHASES.get(state.phase_index).copied();
-        if current != Some(req.phase.as_str()) {
+        // Ranks move through the phases at their own pace; each reports them in order. A phase is
+        // complete once every rank has reported it, the job once every phase is.
+        let Some(position) = PHASES.iter().position(|p| *p == req.phase) else {
+            return Err(Status::invalid_argument(format!("rank {} reported unknown phase '{}'", req.rank, req.phase)));
+        };
+        if let Some(missing) =
+            PHASES[..position].iter().find(|p| !state.results.get(**p).is_some_and(|r| r.contains_key(&req.rank)))
+        {
             return Err(Status::failed_precondition(format!(
-                "rank {} finished phase '{}' but the job is in phase '{}'",
-                req.rank,
-                req.phase,
-                current.unwrap_or("none")
+                "rank {} finished phase '{}' before phase '{missing}'",
+                req.rank, req.phase
             )));
         }
         let world_size = state.members.len();
@@ -391,9 +409,8 @@ impl Job {
         if phase_results.len() < world_size {
             return Ok(());
         }
-        state.phase_index += 1;
         tracing::info!(job = %self.job_id, phase = %req.phase, "phase complete on every rank");
-        let finished = state.phase_index == PHASES.len();
+        let finished = PHASES.iter().all(|p| state.results.get(*p).is_some_and(|r| r.len() == world_size));
         let notice = if finished {
             let message = format!("all {world_size} ranks finished: {}", PHASES.join(", "));
             self.set_outcome(&mut state, StopReason::Completed, message, ExitStatus::Success)
@@ -480,6 +497,42 @@ impl Job {
         }
     }
 
+    // ---- data assignment ----------------------------------------------------------------------------
+
+    /// `rank`'s images for `epoch`: its shard of the training studies (the same shards every process
+    /// would compute from the seed and epoch) and every world-size-th test image.
+    pub fn assignment(&self, rank: u32, instance_id: &str, epoch: u64) -> Result<wire::GetAssignmentResponse, Status> {
+        let world_size = {
+            let state = self.lock();
+            self.member_index(&state, rank, instance_id)?;
+            state.members.len()
+        };
+        let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
+        let d = &data.dataset;
+        let image_ref = |i: usize| {
+            let img = &d.index.images[i];
+            wire::ImageRef {
+                path: img.path.display().to_string(),
+                sop_uid: img.sop_uid.clone(),
+                file_size: img.file_size,
+                modified_ns: u64::try_from(img.modified_ns).unwrap_or(u64::MAX),
+            }
+        };
+        let train_studies: Vec<_> = data.split.train.iter().map(|&i| &d.studies[i]).collect();
+        let shards =
+            epoch_shards(&train_studies, world_size, self.config.job.seed, epoch, self.config.data.shard_policy)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mut test_images: Vec<usize> =
+            data.split.test.iter().flat_map(|&i| d.studies[i].images.iter().copied()).collect();
+        test_images.sort_unstable();
+        Ok(wire::GetAssignmentResponse {
+            data_root: data.root.display().to_string(),
+            image_size: self.config.data.image_size,
+            train: shards[rank as usize].iter().map(|&i| image_ref(i)).collect(),
+            test: test_images.into_iter().skip(rank as usize).step_by(world_size).map(image_ref).collect(),
+        })
+    }
+
     // ---- the driver -------------------------------------------------------------------------------
 
     /// Runs the job to its end: waits for the rendezvous (up to its timeout), watches heartbeats until a
@@ -536,11 +589,17 @@ impl Job {
             }
         }
 
-        let (outcome, members, results) = {
+        let (outcome, members, results, issues) = {
             let state = self.lock();
             let (notice, status) = state.outcome.clone().expect("the job stops only once an outcome is set");
-            (JobOutcome { status, message: notice.message }, state.members.clone(), state.results.clone())
+            let outcome = JobOutcome { status, message: notice.message };
+            (outcome, state.members.clone(), state.results.clone(), state.file_issues.clone())
         };
+        if !issues.is_empty() {
+            if let Err(e) = self.run_dir.write_file_issues("worker_file_issues.csv", &issues) {
+                tracing::warn!(error = %e, "cannot write worker_file_issues.csv");
+            }
+        }
         for (phase, per_rank) in &results {
             if let Err(e) = self.run_dir.write_phase_results(phase, per_rank) {
                 tracing::warn!(error = %e, phase, "cannot write phase results");

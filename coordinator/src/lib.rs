@@ -41,17 +41,20 @@ const LINGER: Duration = Duration::from_millis(300);
 impl Coordinator {
     /// Starts serving on `listener` and driving the job. `config` must be validated, with its job id set
     /// (see `finalize_config`).
+    /// `data`: the prepared dataset (`data_plan::prepare`), or `None` for a job without one.
     pub fn start(
         config: JobConfig,
         listener: TcpListener,
         token: Option<&str>,
+        data: Option<data_plan::PreparedData>,
     ) -> Result<Coordinator, CoordinatorError> {
         let addr = listener
             .local_addr()
             .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
         let run_dir = RunDir::create(&run_dir_path(&config)).map_err(CoordinatorError::RunDir)?;
         run_dir.write_config(&config.to_toml()).map_err(CoordinatorError::RunDir)?;
-        let job = Job::new(config, token, run_dir).map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
+        let job =
+            Job::new(config, token, run_dir, data).map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
         let shutdown = CancellationToken::new();
         let service = CoordinatorServer::with_interceptor(
             service::CoordinatorService { job: Arc::clone(&job) },

@@ -100,6 +100,22 @@ impl RunDir {
         self.write_json("summary.json", &doc)
     }
 
+    /// `(phase, rank, path, reason)` rows as CSV.
+    pub fn write_file_issues(&self, name: &str, issues: &[(String, u32, String, String)]) -> std::io::Result<()> {
+        let field = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
+        let mut text = String::from("phase,rank,path,reason\n");
+        for (phase, rank, path, reason) in issues {
+            text += &format!("{phase},{rank},{},{}\n", field(path), field(reason));
+        }
+        self.write_atomic(name, text.as_bytes())
+    }
+
     fn write_json(&self, name: &str, doc: &serde_json::Value) -> std::io::Result<()> {
         let mut text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
         text.push('\n');

@@ -65,6 +65,14 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(wire::ReportPeerFailureResponse { declared_lost }))
     }
 
+    async fn get_assignment(
+        &self,
+        request: Request<wire::GetAssignmentRequest>,
+    ) -> Result<Response<wire::GetAssignmentResponse>, Status> {
+        let req = request.into_inner();
+        self.job.assignment(req.rank, &req.instance_id, req.epoch).map(Response::new)
+    }
+
     #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
     async fn deregister(
         &self,

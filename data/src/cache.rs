@@ -149,7 +149,8 @@ mod tests {
         };
         let stored: Vec<u16> = (0..32 * 32).map(|i| (i * 4) as u16).collect();
         write_image(&dir.path().join("a.dcm"), &header, 32, 32, &stored).unwrap();
-        let key = CacheKey { path: "a.dcm".into(), sop_uid: "2.25.3".into(), file_size: 1, modified_ns: 2, image_size: 16 };
+        let key =
+            CacheKey { path: "a.dcm".into(), sop_uid: "2.25.3".into(), file_size: 1, modified_ns: 2, image_size: 16 };
         (dir, key)
     }
 

@@ -107,7 +107,7 @@ impl TestCluster {
         config.job.run_dir = Some(run_dir.path().to_path_buf());
         config.validate()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let coordinator = Coordinator::start(config, listener, token)?;
+        let coordinator = Coordinator::start(config, listener, token, None)?;
         Ok(TestCluster {
             addr: coordinator.addr,
             job: Arc::clone(&coordinator.job),

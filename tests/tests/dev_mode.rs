@@ -9,7 +9,7 @@ use simclr_tests::{binaries_dir, eventually, exit_code};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-const GENEROUS: Duration = Duration::from_secs(60);
+const GENEROUS: Duration = Duration::from_secs(120);
 
 /// A small synthetic dataset keeps each test to a few seconds.
 const SMALL_DATA: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n";
@@ -94,6 +94,11 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let split = &dataset["split"];
     assert_eq!(split["train"]["studies"].as_u64().unwrap() + split["test"]["studies"].as_u64().unwrap(), 24);
     assert_eq!(dataset["epoch0_shard_sizes"].as_array().map(Vec::len), Some(3));
+    // Every rank decoded its shard and its share of the test images into the cache.
+    let decode: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("decode.json"))?)?;
+    let decoded: f64 = (0..3).map(|r| decode["ranks"][r.to_string()]["images"].as_f64().unwrap()).sum();
+    let shards: u64 = dataset["epoch0_shard_sizes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(decoded as u64, shards + split["test"]["images"].as_u64().unwrap(), "{decode}");
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }
@@ -171,6 +176,11 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(status.success());
     let broken = data.join("train").join("broken.dcm");
     std::fs::write(&broken, b"DICM? no: a file cut short by a failed copy")?;
+    // A real file whose pixel data was cut short: its header indexes, its pixels do not decode.
+    let victim = simclr_data::index::list_files(&data)?.into_iter().find(|p| p != &broken).unwrap();
+    let bytes = std::fs::read(&victim)?;
+    std::fs::write(&victim, &bytes[..bytes.len() - 500])?;
+    let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
     let data_arg = data.display().to_string();
 
     let run_dir = dir.path().join("skip");
@@ -182,6 +192,8 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(issues.contains("train/broken.dcm") && issues.contains("not a readable DICOM file"), "{issues}");
     let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
     assert_eq!(dataset["unusable_files"], 1);
+    let worker_issues = std::fs::read_to_string(run_dir.join("worker_file_issues.csv"))?;
+    assert!(worker_issues.contains(&victim_name) && worker_issues.contains("decode"), "{worker_issues}");
 
     let run_dir = dir.path().join("fail");
     let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n")?;

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::device::Device;
 use crate::error::WorkerError;
 use crate::peer::{Control, PeerService};
-use crate::preflight;
+use crate::{decode, preflight};
 
 /// Everything the command line (or a launcher's environment) decides.
 #[derive(Debug, Clone)]
@@ -80,6 +80,14 @@ impl PhaseContext {
             tracing::debug!(error = %e.message(), "progress report failed");
         }
     }
+}
+
+/// What a phase hands back: its metrics for the run directory, and the files it could not use.
+#[derive(Debug, Default)]
+pub struct PhaseOutput {
+    pub metrics: BTreeMap<String, f64>,
+    /// (path, reason)
+    pub issues: Vec<(String, String)>,
 }
 
 /// How a wait ended.
@@ -183,10 +191,17 @@ async fn session(
     for &phase in PHASES {
         let outcome = watch(&control, &interrupt, &coordinator_lost, run_phase(phase, &ctx)).await;
         match outcome {
-            Ok(Ok(metrics)) => report_phase(&ctx, phase, metrics, String::new()).await,
+            Ok(Ok(output)) => {
+                // A phase end the coordinator refuses would leave the job waiting for this rank
+                // forever: report it as this rank's failure instead.
+                if let Err(refused) = report_phase(&ctx, phase, output, String::new()).await {
+                    report_phase(&ctx, phase, PhaseOutput::default(), refused).await.ok();
+                    break;
+                }
+            }
             Ok(Err(error)) => {
                 tracing::error!(phase, %error, "phase failed");
-                report_phase(&ctx, phase, BTreeMap::new(), error).await;
+                report_phase(&ctx, phase, PhaseOutput::default(), error).await.ok();
                 break;
             }
             Err(why) => {
@@ -252,26 +267,31 @@ async fn watch<T>(
     }
 }
 
-async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<BTreeMap<String, f64>, String> {
+async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     match phase {
-        "preflight" => preflight::run(ctx).await,
+        "preflight" => preflight::run(ctx).await.map(|metrics| PhaseOutput { metrics, issues: Vec::new() }),
+        "decode" => decode::run(ctx).await,
         other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION)),
     }
 }
 
-async fn report_phase(ctx: &PhaseContext, phase: &str, metrics: BTreeMap<String, f64>, error: String) {
+/// Reports the end of a phase (or its failure, when `error` is set); the error says why the coordinator
+/// did not take it.
+async fn report_phase(ctx: &PhaseContext, phase: &str, output: PhaseOutput, error: String) -> Result<(), String> {
     let request = wire::ReportProgressRequest {
         rank: ctx.rank,
         instance_id: ctx.instance_id.clone(),
         phase: phase.into(),
         phase_done: error.is_empty(),
-        metrics: metrics.into_iter().collect(),
+        metrics: output.metrics.into_iter().collect(),
         error,
+        issues: output.issues.into_iter().map(|(path, reason)| wire::FileIssue { path, reason }).collect(),
         ..Default::default()
     };
-    if let Err(e) = ctx.coordinator.clone().report_progress(request).await {
-        tracing::warn!(phase, error = %e.message(), "could not report the end of the phase");
-    }
+    ctx.coordinator.clone().report_progress(request).await.map(|_| ()).map_err(|e| {
+        tracing::error!(phase, error = %e.message(), "the coordinator did not take the end of the phase");
+        format!("the coordinator did not take the end of phase '{phase}': {}", e.message())
+    })
 }
 
 struct Registered {

@@ -149,12 +149,12 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
     }
     config.validate()?;
     let config = finalize_config(config);
-    prepare_data(&config)?;
+    let data = prepare_data(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
         .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
     let mut signals = Signals::new()?;
-    let coordinator = Coordinator::start(config, listener, token().as_deref())?;
+    let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
     let job = coordinator.job.clone();
     let mut wait = Box::pin(coordinator.wait());
     let outcome = loop {
@@ -183,7 +183,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     config.cluster.listen = "127.0.0.1:0".into();
     config.validate()?;
     let config = finalize_config(config);
-    prepare_data(&config)?;
+    let data = prepare_data(&config)?;
     let worker_binary = launcher::find_worker_binary()?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
@@ -191,7 +191,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let grace = std::time::Duration::from_millis(config.cluster.shutdown_grace_ms);
     let workers = config.cluster.world_size;
     let mut signals = Signals::new()?;
-    let coordinator = Coordinator::start(config, listener, token().as_deref())?;
+    let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
     let job = coordinator.job.clone();
     let options = LaunchOptions {
         worker_binary,
@@ -265,7 +265,7 @@ fn cancel(job: &simclr_coordinator::Job, signal: i32) {
 }
 
 /// Finds (or generates), indexes and splits the dataset, and writes its reports into the run directory.
-fn prepare_data(config: &JobConfig) -> Result<(), CoordinatorError> {
+fn prepare_data(config: &JobConfig) -> Result<data_plan::PreparedData, CoordinatorError> {
     let prepared = data_plan::prepare(&config.data, config.job.seed, config.cluster.world_size as usize)?;
     let run_dir = RunDir::create(&run_dir_path(config)).map_err(CoordinatorError::RunDir)?;
     data_plan::write_reports(&prepared, &config.data, &run_dir)?;
@@ -278,7 +278,7 @@ fn prepare_data(config: &JobConfig) -> Result<(), CoordinatorError> {
         test_studies = split.test.len(),
         "dataset split at patient and study level"
     );
-    Ok(())
+    Ok(prepared)
 }
 
 fn synth(args: SynthArgs) -> Result<ExitStatus, CoordinatorError> {
