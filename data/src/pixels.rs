@@ -55,7 +55,9 @@ enum VoiFunction {
 }
 
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
-    let obj = OpenFileOptions::new().open_file(path).map_err(|e| DecodeError::NotDicom(e.to_string()))?;
+    let obj = std::panic::catch_unwind(|| OpenFileOptions::new().open_file(path))
+        .map_err(|panic| DecodeError::NotDicom(format!("parser failed on corrupt data: {}", panic_message(&panic))))?
+        .map_err(|e| DecodeError::NotDicom(e.to_string()))?;
     decode_object(&obj)
 }
 
@@ -98,7 +100,11 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         return Err(DecodeError::Attribute("Rows/Columns"));
     }
     let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
-    let decoded = obj.decode_pixel_data_frame(0).map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    // Decoders are third-party code fed untrusted bytes; a panic in one (dicom-rs 0.10's RLE decoder
+    // indexes out of bounds on some corrupt segments) becomes this file's error, not the process's end.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
+        .map_err(|panic| DecodeError::Pixels(format!("decoder failed on corrupt data: {}", panic_message(&panic))))?
+        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
     let bytes = decoded.data();
     let n = rows as usize * cols as usize;
     let width = bits_allocated as usize / 8;
@@ -120,6 +126,15 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
     let pixels = present(&stored, slope, intercept, &voi, inverse);
     Ok(DecodedImage { rows, cols, pixels, frames })
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// Stored values from native little-endian pixel bytes: the `bits_stored` bits ending at `high_bit`,
