@@ -175,8 +175,7 @@ fn transfer_syntax_name(uid: &str) -> String {
 /// Every unusable file, label row without image and image without label, one per line.
 pub fn issues_csv(d: &Dataset) -> String {
     let mut out = String::from("kind,item,reason\n");
-    let field =
-        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let field = crate::run_dir::csv_field;
     for bad in &d.index.bad {
         out += &format!("unusable_file,{},{}\n", field(&bad.path.display().to_string()), field(&bad.reason));
     }

@@ -102,13 +102,7 @@ impl RunDir {
 
     /// `(phase, rank, path, reason)` rows as CSV.
     pub fn write_file_issues(&self, name: &str, issues: &[(String, u32, String, String)]) -> std::io::Result<()> {
-        let field = |s: &str| {
-            if s.contains([',', '"', '\n']) {
-                format!("\"{}\"", s.replace('"', "\"\""))
-            } else {
-                s.to_string()
-            }
-        };
+        let field = csv_field;
         let mut text = String::from("phase,rank,path,reason\n");
         for (phase, rank, path, reason) in issues {
             text += &format!("{phase},{rank},{},{}\n", field(path), field(reason));
@@ -120,6 +114,15 @@ impl RunDir {
         let mut text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
         text.push('\n');
         self.write_atomic(name, text.as_bytes())
+    }
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
 }
 

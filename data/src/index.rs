@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_object::OpenFileOptions;
 use rayon::prelude::*;
 use serde::Serialize;
+
+use crate::pixels::string;
 
 /// One usable image file, as its header describes it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -160,8 +162,4 @@ fn read_header(path: &Path, relative: PathBuf) -> Result<ImageRecord, String> {
         file_size: meta.len(),
         modified_ns,
     })
-}
-
-fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
-    obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| s.trim().trim_end_matches('\0').to_string())
 }

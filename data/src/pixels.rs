@@ -265,7 +265,8 @@ fn voi_value(x: f64, voi: &Voi, range: (f64, f64)) -> f64 {
     }
 }
 
-fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+/// A string attribute, trimmed of padding.
+pub(crate) fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
     obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| s.trim().trim_end_matches('\0').to_string())
 }
 
