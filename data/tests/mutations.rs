@@ -48,10 +48,11 @@ fn mutate(rng: &mut impl Rng, bytes: &[u8]) -> Vec<u8> {
                 b.truncate(len.max(1));
             }
             3 => {
-                // Overwrite a 4-byte length-sized field with an extreme value.
+                // Overwrite a 4-byte, length-sized field with a length far past the end of the file
+                // (16 MiB: multi-gigabyte ones cost seconds each, see CASES).
                 if b.len() > 8 {
                     let i = rng.gen_range(0..b.len() - 4);
-                    b[i..i + 4].copy_from_slice(&[0xff, 0xff, 0xff, 0xfe]);
+                    b[i..i + 4].copy_from_slice(&[0xff, 0xff, 0xff, 0x00]);
                 }
             }
             _ => {
@@ -66,9 +67,9 @@ fn mutate(rng: &mut impl Rng, bytes: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Some cases declare multi-gigabyte element lengths, which dicom-rs 0.10 allocates before it finds the
-/// file too short; that costs seconds, so the case count stays modest.
-const CASES: usize = 200;
+/// Mutated length fields make dicom-rs 0.10 allocate and zero the declared length before it finds the
+/// file too short (up to gigabytes, about a second each on this machine), so the case count stays small.
+const CASES: usize = 80;
 
 #[test]
 fn mutated_files_give_errors_or_images_never_panics() {
