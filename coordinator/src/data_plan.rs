@@ -16,7 +16,7 @@ use simclr_data::labels::LabelTable;
 use simclr_data::synth::{ensure_synthetic, SynthOptions};
 
 use crate::error::CoordinatorError;
-use crate::run_dir::RunDir;
+use crate::run_dir::{csv_field, RunDir};
 
 /// A dataset ready for the job.
 pub struct PreparedData {
@@ -175,19 +175,18 @@ fn transfer_syntax_name(uid: &str) -> String {
 /// Every unusable file, label row without image and image without label, one per line.
 pub fn issues_csv(d: &Dataset) -> String {
     let mut out = String::from("kind,item,reason\n");
-    let field = crate::run_dir::csv_field;
     for bad in &d.index.bad {
-        out += &format!("unusable_file,{},{}\n", field(&bad.path.display().to_string()), field(&bad.reason));
+        out += &format!("unusable_file,{},{}\n", csv_field(&bad.path.display().to_string()), csv_field(&bad.reason));
     }
     for row in &d.orphan_label_rows {
-        out += &format!("label_without_image,{},no image of this study or path in the tree\n", field(row));
+        out += &format!("label_without_image,{},no image of this study or path in the tree\n", csv_field(row));
     }
     for s in d.studies.iter().filter(|s| s.labels.is_none() && !d.label_columns.is_empty()) {
         for &i in &s.images {
             let path = d.index.images[i].path.display().to_string();
             out += &format!(
                 "image_without_label,{},study {} has no label row (usable for pretraining only)\n",
-                field(&path),
+                csv_field(&path),
                 s.uid
             );
         }

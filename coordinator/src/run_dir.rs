@@ -102,10 +102,9 @@ impl RunDir {
 
     /// `(phase, rank, path, reason)` rows as CSV.
     pub fn write_file_issues(&self, name: &str, issues: &[(String, u32, String, String)]) -> std::io::Result<()> {
-        let field = csv_field;
         let mut text = String::from("phase,rank,path,reason\n");
         for (phase, rank, path, reason) in issues {
-            text += &format!("{phase},{rank},{},{}\n", field(path), field(reason));
+            text += &format!("{phase},{rank},{},{}\n", csv_field(path), csv_field(reason));
         }
         self.write_atomic(name, text.as_bytes())
     }

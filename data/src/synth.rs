@@ -23,12 +23,6 @@ pub struct SynthOptions {
     pub image_size: usize,
 }
 
-impl Default for SynthOptions {
-    fn default() -> Self {
-        SynthOptions { studies: 400, seed: 0, image_size: 256 }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
     #[error("cannot write {path}: {source}")]
