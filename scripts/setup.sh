@@ -28,6 +28,19 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# CharLS (the JPEG-LS codec behind dicom-pixeldata's `charls` feature) is C++ built with CMake.
+if ! command -v cmake >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing cmake (builds CharLS, the JPEG-LS decoder)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake >/dev/null; }
+  else
+    echo "setup: cmake not found; install it (Debian/Ubuntu: apt-get install cmake; it builds CharLS," \
+         "the JPEG-LS decoder)" >&2
+    exit 1
+  fi
+fi
+
 check_libtorch() { # $1 = a libtorch directory (with lib/ and include/)
   [ -f "$1/lib/libtorch_cpu.so" ] && [ -d "$1/include/torch" ]
 }

@@ -80,7 +80,11 @@ impl DecodeCache {
             },
             Err(_) => CacheOutcome::Miss,
         };
-        let pixels = resize(&decode_file(&root.join(&key.path))?, key.image_size);
+        let decoded = decode_file(&root.join(&key.path))?;
+        if decoded.frames > 1 {
+            tracing::info!(image = %key.path.display(), frames = decoded.frames, "multi-frame file: using its first frame");
+        }
+        let pixels = resize(&decoded, key.image_size);
         if let Err(e) = self.store(&entry, key, &pixels) {
             // A cache that cannot be written costs time, not correctness.
             tracing::warn!(entry = %entry.display(), error = %e, "cannot write decode-cache entry");

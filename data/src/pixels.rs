@@ -9,6 +9,7 @@ use std::path::Path;
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
@@ -55,10 +56,21 @@ enum VoiFunction {
 }
 
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
-    let obj = std::panic::catch_unwind(|| OpenFileOptions::new().open_file(path))
+    decode_object(&parse_guarded(|| OpenFileOptions::new().open_file(path))?)
+}
+
+/// The pipeline on a file's bytes (with or without the 128-byte preamble); the fuzz target's entry.
+pub fn decode_bytes(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
+    decode_object(&parse_guarded(|| OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes))?)
+}
+
+/// The parser is third-party code fed untrusted bytes: its panics become this file's error.
+fn parse_guarded(
+    parse: impl FnOnce() -> Result<DefaultDicomObject, dicom_object::ReadError> + std::panic::UnwindSafe,
+) -> Result<DefaultDicomObject, DecodeError> {
+    std::panic::catch_unwind(parse)
         .map_err(|panic| DecodeError::NotDicom(format!("parser failed on corrupt data: {}", panic_message(&panic))))?
-        .map_err(|e| DecodeError::NotDicom(e.to_string()))?;
-    decode_object(&obj)
+        .map_err(|e| DecodeError::NotDicom(e.to_string()))
 }
 
 pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeError> {
