@@ -132,6 +132,8 @@ pub fn index_tree(root: &Path, progress: &(dyn Fn(usize, usize) + Sync)) -> Resu
 
 fn read_header(path: &Path, relative: PathBuf) -> Result<ImageRecord, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot stat: {e}"))?;
+    crate::guard::check_file(path, crate::guard::Extent::UntilPixelData)
+        .map_err(|e| format!("not a readable DICOM file: {e}"))?;
     let obj = std::panic::catch_unwind(|| OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path))
         .map_err(|panic| format!("not a readable DICOM file: parser failed: {}", crate::pixels::panic_message(&panic)))?
         .map_err(|e| format!("not a readable DICOM file: {e}"))?;

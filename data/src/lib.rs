@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod dataset;
 pub mod dicom_writer;
+pub mod guard;
 pub mod index;
 pub mod labels;
 pub mod phantom;

@@ -14,6 +14,8 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
+use crate::guard;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
     #[error("not a readable DICOM file: {0}")]
@@ -56,11 +58,13 @@ enum VoiFunction {
 }
 
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
+    guard::check_file(path, guard::Extent::Everything).map_err(DecodeError::NotDicom)?;
     decode_object(&parse_guarded(|| OpenFileOptions::new().open_file(path))?)
 }
 
 /// The pipeline on a file's bytes (with or without the 128-byte preamble); the fuzz target's entry.
 pub fn decode_bytes(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
+    guard::check_bytes(bytes, guard::Extent::Everything).map_err(DecodeError::NotDicom)?;
     decode_object(&parse_guarded(|| OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes))?)
 }
 
