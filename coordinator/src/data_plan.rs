@@ -4,6 +4,7 @@
 //! (every study's side) and `data_issues.csv` (every file or label row that cannot be used, with why).
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub struct PreparedData {
     pub synthetic: bool,
     pub dataset: Dataset,
     pub split: StudySplit,
+    /// The label columns the probes learn: one (`data.target`), every column (`data.multi_label`), or
+    /// none (an unlabelled dataset: pretraining only).
+    pub targets: Vec<usize>,
     pub summary: serde_json::Value,
 }
 
@@ -54,39 +58,60 @@ pub fn prepare(data: &DataSection, seed: u64, world_size: usize) -> Result<Prepa
             dataset.index.bad.len()
         )));
     }
-    let target = if data.multi_label || dataset.label_columns.is_empty() {
-        None
+    let targets = if data.multi_label || dataset.label_columns.is_empty() {
+        (0..dataset.label_columns.len()).collect()
     } else {
-        Some(dataset.label_columns.iter().position(|c| *c == data.target).ok_or_else(|| {
+        vec![dataset.label_columns.iter().position(|c| *c == data.target).ok_or_else(|| {
             CoordinatorError::Data(format!(
                 "data.target '{}' is not a label column (columns: {})",
                 data.target,
                 dataset.label_columns.join(", ")
             ))
-        })?)
+        })?]
     };
     let split =
         split_studies(&dataset.studies, data.test_fraction, seed).map_err(|e| CoordinatorError::Data(e.to_string()))?;
     let train: Vec<_> = split.train.iter().map(|&i| &dataset.studies[i]).collect();
     let shards = epoch_shards(&train, world_size, seed, 0, data.shard_policy)
         .map_err(|e| CoordinatorError::Data(e.to_string()))?;
-    let summary = summarize(&root, synthetic, &dataset, Some(&split), target, Some(&shards));
-    Ok(PreparedData { root, synthetic, dataset, split, summary })
+    let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, Some(&shards));
+    Ok(PreparedData { root, synthetic, dataset, split, targets, summary })
 }
 
 /// Indexes `root` (headers only, all threads) and joins its labels.
 pub fn load(root: &Path) -> Result<Dataset, CoordinatorError> {
     let started = Instant::now();
+    // On a terminal a progress bar; in a log (a batch job, a pod) a line every 2 s.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "indexing DICOM headers {bar:40} {pos}/{len} files ({per_sec}, {eta} left)",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
     let last = std::sync::Mutex::new(Instant::now());
-    let progress = |done: usize, total: usize| {
-        if let Ok(mut last) = last.lock() {
-            if last.elapsed() >= Duration::from_secs(2) || done == total {
-                *last = Instant::now();
-                tracing::info!(done, total, percent = 100 * done / total.max(1), "indexing DICOM headers");
+    let progress = |done: usize, total: usize| match &bar {
+        Some(bar) => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        None => {
+            if let Ok(mut last) = last.lock() {
+                if last.elapsed() >= Duration::from_secs(2) || done == total {
+                    *last = Instant::now();
+                    tracing::info!(done, total, percent = 100 * done / total.max(1), "indexing DICOM headers");
+                }
             }
         }
     };
-    let index = index_tree(root, &progress).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let index = index_tree(root, &progress);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let index = index.map_err(|e| CoordinatorError::Data(e.to_string()))?;
     let labels = LabelTable::load(root).map_err(|e| CoordinatorError::Data(e.to_string()))?;
     let dataset = Dataset::assemble(index, &labels).map_err(|e| CoordinatorError::Data(e.to_string()))?;
     tracing::info!(
@@ -113,7 +138,7 @@ pub fn summarize(
     synthetic: bool,
     d: &Dataset,
     split: Option<&StudySplit>,
-    target: Option<usize>,
+    targets: &[usize],
     shards: Option<&[Vec<usize>]>,
 ) -> serde_json::Value {
     let images = &d.index.images;
@@ -129,16 +154,21 @@ pub fn summarize(
     let unlabelled_images: usize = d.studies.iter().filter(|s| s.labels.is_none()).map(|s| s.images.len()).sum();
     let side = |studies: &[usize]| {
         let n_images: usize = studies.iter().map(|&i| d.studies[i].images.len()).sum();
-        let positive = target.map(|t| {
-            let labelled: Vec<f32> =
-                studies.iter().filter_map(|&i| d.studies[i].labels.as_ref().map(|l| l[t])).collect();
-            if labelled.is_empty() {
-                0.0
-            } else {
-                labelled.iter().map(|&v| f64::from(v)).sum::<f64>() / labelled.len() as f64
-            }
-        });
-        json!({"studies": studies.len(), "images": n_images, "target_positive_rate": positive})
+        // Per target column: the share of this side's labelled studies that are positive.
+        let positive: BTreeMap<&str, f64> = targets
+            .iter()
+            .map(|&t| {
+                let labelled: Vec<f32> =
+                    studies.iter().filter_map(|&i| d.studies[i].labels.as_ref().map(|l| l[t])).collect();
+                let rate = if labelled.is_empty() {
+                    0.0
+                } else {
+                    labelled.iter().map(|&v| f64::from(v)).sum::<f64>() / labelled.len() as f64
+                };
+                (d.label_columns[t].as_str(), rate)
+            })
+            .collect();
+        json!({"studies": studies.len(), "images": n_images, "positive_rate": positive})
     };
     json!({
         "root": root.display().to_string(),
@@ -153,7 +183,12 @@ pub fn summarize(
         "label_rows_without_image": d.orphan_label_rows.len(),
         "label_columns": d.label_columns,
         "positives_per_column": positives,
-        "target": target.map(|t| d.label_columns[t].clone()),
+        "task": match targets.len() {
+            0 => "unlabelled (pretraining only)",
+            1 => "binary",
+            _ => "multi-label",
+        },
+        "targets": targets.iter().map(|&t| d.label_columns[t].as_str()).collect::<Vec<_>>(),
         "transfer_syntaxes": count(images.iter().map(|i| transfer_syntax_name(&i.transfer_syntax))),
         "photometric": count(images.iter().map(|i| i.photometric.clone())),
         "bits_stored": count(images.iter().map(|i| i.bits_stored.to_string())),
@@ -225,4 +260,52 @@ pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunD
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simclr_data::synth::write_dataset;
+
+    fn prepared(root: &Path, target: &str, multi_label: bool) -> Result<PreparedData, CoordinatorError> {
+        let data = DataSection {
+            path: Some(root.to_path_buf()),
+            target: target.into(),
+            multi_label,
+            ..DataSection::default()
+        };
+        prepare(&data, 3, 2)
+    }
+
+    #[test]
+    fn one_target_or_every_siim_class() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(dir.path(), &SynthOptions { studies: 30, seed: 5, image_size: 32 }).unwrap();
+
+        let binary = prepared(dir.path(), "Typical Appearance", false).unwrap();
+        assert_eq!(binary.targets.len(), 1);
+        assert_eq!(binary.dataset.label_columns[binary.targets[0]], "Typical Appearance");
+        assert_eq!(binary.summary["task"], "binary");
+
+        let multi = prepared(dir.path(), "Typical Appearance", true).unwrap();
+        assert_eq!(multi.targets, vec![0, 1, 2, 3]);
+        assert_eq!(multi.summary["task"], "multi-label");
+        // The four SIIM study classes are one-hot: on each side the positive rates add up to one.
+        for side in ["train", "test"] {
+            let rates = multi.summary["split"][side]["positive_rate"].as_object().unwrap();
+            assert_eq!(rates.len(), 4, "{side}: {rates:?}");
+            let total: f64 = rates.values().map(|v| v.as_f64().unwrap()).sum();
+            assert!((total - 1.0).abs() < 1e-9, "{side}: {rates:?}");
+        }
+        // The binary rate is the same column's rate in the multi-label summary.
+        assert_eq!(
+            binary.summary["split"]["train"]["positive_rate"]["Typical Appearance"],
+            multi.summary["split"]["train"]["positive_rate"]["Typical Appearance"]
+        );
+
+        let Err(CoordinatorError::Data(message)) = prepared(dir.path(), "Typical", false) else {
+            panic!("an unknown target column was accepted");
+        };
+        assert!(message.contains("data.target 'Typical'") && message.contains("Typical Appearance"), "{message}");
+    }
 }

@@ -56,7 +56,7 @@ fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<(), Strin
     };
     r.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
     let mut src = Seekable { r, pos: start, len };
-    let syntax = meta_group(&mut src)?;
+    let Some(syntax) = meta_group(&mut src)? else { return Ok(()) };
     let encoding = Encoding { explicit: syntax != "1.2.840.10008.1.2", big_endian: syntax == "1.2.840.10008.1.2.2" };
     if syntax == DEFLATED {
         let rest = src.r.seek(SeekFrom::Start(src.pos)).map(|_| src.r).map_err(|e| e.to_string())?;
@@ -188,19 +188,50 @@ fn header(src: &mut impl Source, enc: Encoding) -> Result<Option<Header>, String
     }
     let tag = (enc.u16([t[0], t[1]]), enc.u16([t[2], t[3]]));
     // Items and delimiters have no VR in any encoding.
-    if tag.0 == 0xFFFE || !enc.explicit {
+    if tag.0 == 0xFFFE {
         let len = enc.u32(exact(src, "an element length")?);
         return Ok(Some(Header { tag, vr: None, len, at }));
     }
+    if !enc.explicit {
+        // As dicom-encoding resolves implicit VRs: OW for pixel and overlay data, else the dictionary.
+        let len = enc.u32(exact(src, "an element length")?);
+        let vr = if tag == PIXEL_DATA || (tag.0 >> 8 == 0x60 && tag.1 == 0x3000) {
+            VR::OW
+        } else {
+            StandardDataDictionary.by_tag(Tag(tag.0, tag.1)).map(|e| e.vr().relaxed()).unwrap_or(VR::UN)
+        };
+        return Ok(Some(Header { tag, vr: Some(vr), len, at }));
+    }
+    // As dicom-encoding reads it: bytes that name no VR mean UN; the VRs of PS3.5 table 7.1-2 have a
+    // 16-bit length, every other one a reserved field and a 32-bit length.
     let v = exact::<2>(src, "a VR")?;
-    let vr = std::str::from_utf8(&v).ok().and_then(|s| s.parse::<VR>().ok());
-    let long = match vr {
-        Some(VR::OB | VR::OD | VR::OF | VR::OL | VR::OV | VR::OW | VR::SQ | VR::SV | VR::UC | VR::UN | VR::UR)
-        | Some(VR::UT | VR::UV) => true,
-        Some(_) => false,
-        None => return Err(format!("element ({:04X},{:04X}) at byte {at} has an invalid VR {v:?}", tag.0, tag.1)),
-    };
-    let len = if long {
+    let vr = std::str::from_utf8(&v).ok().and_then(|s| s.parse::<VR>().ok()).unwrap_or(VR::UN);
+    let short = matches!(
+        vr,
+        VR::AE
+            | VR::AS
+            | VR::AT
+            | VR::CS
+            | VR::DA
+            | VR::DS
+            | VR::DT
+            | VR::FL
+            | VR::FD
+            | VR::IS
+            | VR::LO
+            | VR::LT
+            | VR::PN
+            | VR::SH
+            | VR::SL
+            | VR::SS
+            | VR::ST
+            | VR::TM
+            | VR::UI
+            | VR::UL
+            | VR::US
+    );
+    let vr = Some(vr);
+    let len = if !short {
         exact::<2>(src, "a reserved field")?;
         enc.u32(exact(src, "an element length")?)
     } else {
@@ -216,19 +247,23 @@ fn too_long(h: &Header, left: u64) -> String {
     )
 }
 
-/// The file meta group; returns the transfer syntax UID.
-fn meta_group(src: &mut Seekable<impl Read + Seek>) -> Result<String, String> {
+/// The file meta group, framed as dicom-object frames it: (0002,0000) first, then elements until its
+/// group length is consumed. Returns the transfer syntax UID, or None where the parser will reject
+/// the file on its own.
+fn meta_group(src: &mut Seekable<impl Read + Seek>) -> Result<Option<String>, String> {
+    let Some(first) = header(src, Encoding::META)? else { return Ok(None) };
+    if first.tag != (0x0002, 0x0000) || first.len != 4 {
+        return Ok(None);
+    }
+    let group_length = u64::from(Encoding::META.u32(exact(src, "the file meta group length")?));
+    let start = src.pos;
     let mut syntax = None;
-    loop {
-        // Peek at the group: the data set, in its own encoding, begins after the last group 2 element.
-        let mut group = [0u8; 2];
-        let n = read_up_to(&mut src.r, &mut group).map_err(|e| e.to_string())?;
-        src.r.seek(SeekFrom::Current(-(n as i64))).map_err(|e| e.to_string())?;
-        if n < 2 || u16::from_le_bytes(group) != 0x0002 {
-            break;
+    while src.pos - start < group_length {
+        let Some(h) = header(src, Encoding::META)? else { return Ok(None) };
+        if h.len == UNDEFINED {
+            return Ok(None);
         }
-        let Some(h) = header(src, Encoding::META)? else { break };
-        if h.len == UNDEFINED || h.len > MAX_META_VALUE {
+        if h.len > MAX_META_VALUE {
             return Err(format!("file meta {}", too_long(&h, src.len.saturating_sub(src.pos))));
         }
         if h.tag == (0x0002, 0x0010) {
@@ -241,8 +276,7 @@ fn meta_group(src: &mut Seekable<impl Read + Seek>) -> Result<String, String> {
             src.skip(u64::from(h.len)).map_err(|left| too_long(&h, left))?;
         }
     }
-    // Without a transfer syntax the parser stops on its own.
-    Ok(syntax.unwrap_or_default())
+    Ok(syntax)
 }
 
 /// How a walk ended.
@@ -274,13 +308,7 @@ fn walk(src: &mut impl Source, enc: Encoding, limit: Option<u64>, depth: usize, 
         if h.tag == PIXEL_DATA && depth == 0 && extent == Extent::UntilPixelData {
             return Ok(End::PixelData);
         }
-        let is_sequence = match h.vr {
-            Some(vr) => vr == VR::SQ,
-            None => {
-                h.tag != ITEM
-                    && StandardDataDictionary.by_tag(Tag(h.tag.0, h.tag.1)).is_some_and(|e| e.vr().relaxed() == VR::SQ)
-            }
-        };
+        let is_sequence = h.vr == Some(VR::SQ);
         if h.len == UNDEFINED {
             if h.tag == PIXEL_DATA {
                 fragments(src, enc, &h)?;
@@ -293,8 +321,21 @@ fn walk(src: &mut impl Source, enc: Encoding, limit: Option<u64>, depth: usize, 
             let end = src.pos() + u64::from(h.len);
             items(src, enc, Some(end), depth, extent)?;
         } else {
-            src.skip(u64::from(h.len)).map_err(|left| too_long(&h, left))?;
+            // dicom-parser reads whole numbers of a numeric VR's values and leaves the rest of the
+            // declared length in the stream, where it becomes the next header: so must we.
+            let width = h.vr.map_or(1, value_width);
+            src.skip(u64::from(h.len - h.len % width)).map_err(|left| too_long(&h, left))?;
         }
+    }
+}
+
+/// Bytes per value of a VR, as dicom-parser 0.10 reads values.
+fn value_width(vr: VR) -> u32 {
+    match vr {
+        VR::US | VR::OW | VR::SS => 2,
+        VR::AT | VR::FL | VR::OF | VR::SL | VR::UL | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::OV | VR::UV => 8,
+        _ => 1,
     }
 }
 

@@ -318,7 +318,12 @@ fn inspect(args: InspectArgs) -> Result<ExitStatus, CoordinatorError> {
         dataset = simclr_data::dataset::Dataset::assemble(dataset.index, &labels)
             .map_err(|e| CoordinatorError::Data(e.to_string()))?;
     }
-    let mut summary = data_plan::summarize(&args.data, false, &dataset, None, None, None);
+    let mut summary = data_plan::summarize(&args.data, false, &dataset, None, &[], None);
+    // The task comes from a job's configuration, which inspect does not have.
+    if let Some(fields) = summary.as_object_mut() {
+        fields.remove("task");
+        fields.remove("targets");
+    }
     summary["decoded"] = serde_json::Value::Bool(args.decode);
     println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
     for bad in &dataset.index.bad {
