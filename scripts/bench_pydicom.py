@@ -1,7 +1,10 @@
 """pydicom side of the decode benchmark: the same files, the same pipeline (modality LUT -> window ->
-MONOCHROME1 inversion -> [0, 1] -> 64x64), the way a user of the Python stack would write it.
+MONOCHROME1 inversion -> [0, 1] -> 64x64), the way a user of the Python stack would write it. pydicom
+decodes the JPEG family through its plugins: pylibjpeg (libjpeg, OpenJPEG), pyjpegls (CharLS) and GDCM.
 
-    python scripts/bench_pydicom.py DIR SIDE
+    python scripts/bench_pydicom.py DIR SIDE              times every syntax directory present
+    python scripts/bench_pydicom.py --transcode DIR SIDE  writes the JPEG-family directories from the
+                                                          ExplicitVrLittleEndian phantoms, with GDCM
 """
 import os
 import sys
@@ -15,6 +18,36 @@ from pydicom.pixels import apply_modality_lut
 
 SYNTAXES = ["ExplicitVrLittleEndian", "ImplicitVrLittleEndian", "ExplicitVrBigEndian",
             "DeflatedExplicitVrLittleEndian", "RleLossless"]
+# Directory name -> GDCM transfer syntax (all lossless: the phantoms are 12-bit, and GDCM 3.2.6 writes
+# 12-bit lossy JPEG with an invalid frame precision).
+TRANSCODED = {"JpegLosslessSv1": "JPEGLosslessProcess14_1", "JpegLsLossless": "JPEGLSLossless",
+              "Jpeg2000Lossless": "JPEG2000Lossless"}
+
+
+def transcode(root, side):
+    import gdcm  # imported only here: its bundled zlib clashes with pydicom's deflate in one process
+
+    src_dir = os.path.join(root, f"ExplicitVrLittleEndian-{side}")
+    for name, syntax in TRANSCODED.items():
+        out = os.path.join(root, f"{name}-{side}")
+        os.makedirs(out, exist_ok=True)
+        for f in sorted(os.listdir(src_dir)):
+            dst = os.path.join(out, f)
+            if os.path.exists(dst):
+                continue
+            reader = gdcm.ImageReader()
+            reader.SetFileName(os.path.join(src_dir, f))
+            assert reader.Read(), f
+            change = gdcm.ImageChangeTransferSyntax()
+            change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+            change.SetInput(reader.GetImage())
+            assert change.Change(), (f, syntax)
+            writer = gdcm.ImageWriter()
+            writer.SetFileName(dst + ".tmp")
+            writer.SetFile(reader.GetFile())
+            writer.SetImage(change.GetOutput())
+            assert writer.Write(), dst
+            os.replace(dst + ".tmp", dst)
 
 
 def preprocess(path):
@@ -43,11 +76,14 @@ def rate(paths, processes):
 
 
 def main():
+    if sys.argv[1] == "--transcode":
+        transcode(sys.argv[2], sys.argv[3])
+        return
     root, side = sys.argv[1], sys.argv[2]
     cores = os.cpu_count()
     print(f"| transfer syntax | images | {side}x{side} -> 64x64, 1 process (img/s) | {cores} processes (img/s) |")
     print("|---|---|---|---|")
-    for syntax in SYNTAXES:
+    for syntax in SYNTAXES + [name for name in TRANSCODED if os.path.isdir(os.path.join(root, f"{name}-{side}"))]:
         d = os.path.join(root, f"{syntax}-{side}")
         paths = sorted(os.path.join(d, f) for f in os.listdir(d))
         print(f"| {syntax} | {len(paths)} | {rate(paths, 1):.0f} | {rate(paths, cores):.0f} |")

@@ -14,21 +14,45 @@ use simclr_data::pixels::{decode_file, resize};
 use simclr_data::synth::to_stored;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let dir = PathBuf::from(args.first().cloned().unwrap_or_else(|| "target/bench-decode".into()));
+    let all_args: Vec<String> = std::env::args().skip(1).collect();
+    let write_only = all_args.iter().any(|a| a == "--write-only");
+    let args: Vec<&String> = all_args.iter().filter(|a| !a.starts_with("--")).collect();
+    let dir = PathBuf::from(args.first().map(|s| s.as_str()).unwrap_or("target/bench-decode"));
     let per_syntax: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100);
     let side: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let mut sets: Vec<(String, Vec<PathBuf>)> =
+        Encoding::ALL.iter().map(|&e| (format!("{e:?}"), ensure_files(&dir, e, per_syntax, side))).collect();
+    if write_only {
+        return;
+    }
+    // Syntaxes our writer has no encoder for, transcoded from the same phantoms by GDCM
+    // (scripts/bench_pydicom.py --transcode), when present.
+    let suffix = format!("-{side}");
+    let mut extra: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    extra.retain(|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name.ends_with(&suffix) && !sets.iter().any(|(s, _)| format!("{s}{suffix}") == name)
+    });
+    extra.sort();
+    for sub in extra {
+        let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or("").trim_end_matches(&suffix).to_string();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&sub).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        sets.push((name, files));
+    }
     let threads = rayon::current_num_threads();
     println!("| transfer syntax | images | {side}x{side} -> 64x64, 1 thread (img/s) | {threads} threads (img/s) |");
     println!("|---|---|---|---|");
-    for encoding in Encoding::ALL {
-        let files = ensure_files(&dir, encoding, per_syntax, side);
+    for (name, files) in sets {
         let run = |paths: &[PathBuf]| {
             let start = Instant::now();
             let checksum: f64 = paths
                 .par_iter()
                 .map(|p| {
-                    resize(&decode_file(p).expect("bench file decodes"), 64).iter().map(|&v| v as f64).sum::<f64>()
+                    let img = decode_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    resize(&img, 64).iter().map(|&v| v as f64).sum::<f64>()
                 })
                 .sum();
             assert!(checksum.is_finite());
@@ -36,7 +60,7 @@ fn main() {
         };
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run(&files));
         let all = run(&files);
-        println!("| {encoding:?} | {} | {one:.0} | {all:.0} |", files.len());
+        println!("| {name} | {} | {one:.0} | {all:.0} |", files.len());
     }
 }
 

@@ -19,7 +19,7 @@ const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
-/// Deeper nesting than any real file has; the parser recurses per level.
+/// Deeper nesting than any real file has; the object builder recurses per level.
 const MAX_DEPTH: usize = 32;
 /// The file meta group's values are read (the transfer syntax is one of them); none is this large.
 const MAX_META_VALUE: u32 = 1 << 16;
@@ -61,9 +61,9 @@ fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<(), Strin
     if syntax == DEFLATED {
         let rest = src.r.seek(SeekFrom::Start(src.pos)).map(|_| src.r).map_err(|e| e.to_string())?;
         let mut inflated = Streamed { r: flate2::read::DeflateDecoder::new(rest), pos: 0 };
-        return walk(&mut inflated, encoding, None, 0, extent).map(drop);
+        return walk(&mut inflated, encoding, extent);
     }
-    walk(&mut src, encoding, None, 0, extent).map(drop)
+    walk(&mut src, encoding, extent)
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -279,47 +279,58 @@ fn meta_group(src: &mut Seekable<impl Read + Seek>) -> Result<Option<String>, St
     Ok(syntax)
 }
 
-/// How a walk ended.
-#[derive(Debug, PartialEq)]
-enum End {
-    Stream,
-    Limit,
-    ItemDelimiter,
-    SequenceDelimiter,
-    PixelData,
-}
-
-/// Walks elements until the stream ends, `limit` (a defined-length item's end) is reached, or a
-/// delimiter comes.
-fn walk(src: &mut impl Source, enc: Encoding, limit: Option<u64>, depth: usize, extent: Extent) -> Result<End, String> {
-    if depth > MAX_DEPTH {
-        return Err(format!("sequences nested deeper than {MAX_DEPTH} at byte {}", src.pos()));
-    }
+/// Walks the data set's element headers in the order dicom-parser's flat token reader meets them,
+/// skipping each value it would read and checking that value's length against what remains.
+/// Sequences and items are entered, not skipped (their contents are headers too); the open ones are
+/// counted, because the object builder recurses once per level.
+fn walk(src: &mut impl Source, enc: Encoding, extent: Extent) -> Result<(), String> {
+    // Ends of the open containers: Some(byte) for a defined length, None until a delimiter.
+    let mut open: Vec<Option<u64>> = Vec::new();
+    let mut in_fragments = false;
     loop {
-        if limit.is_some_and(|end| src.pos() >= end) {
-            return Ok(End::Limit);
+        while open.last().is_some_and(|end| end.is_some_and(|end| src.pos() >= end)) {
+            open.pop();
         }
-        let Some(h) = header(src, enc)? else { return Ok(End::Stream) };
+        if open.len() > MAX_DEPTH {
+            return Err(format!("sequences nested deeper than {MAX_DEPTH} at byte {}", src.pos()));
+        }
+        let Some(h) = header(src, enc)? else { return Ok(()) };
+        if in_fragments {
+            match h.tag {
+                SEQUENCE_END => in_fragments = false,
+                ITEM if h.len != UNDEFINED => src.skip(u64::from(h.len)).map_err(|left| too_long(&h, left))?,
+                (g, e) => {
+                    return Err(format!("expected a pixel data fragment at byte {}, found ({g:04X},{e:04X})", h.at))
+                }
+            }
+            continue;
+        }
         match h.tag {
-            ITEM_END => return Ok(End::ItemDelimiter),
-            SEQUENCE_END => return Ok(End::SequenceDelimiter),
+            ITEM_END | SEQUENCE_END => {
+                // The innermost container of undefined length ends (a stray delimiter is ignored).
+                if let Some(i) = open.iter().rposition(Option::is_none) {
+                    open.truncate(i);
+                }
+                continue;
+            }
+            ITEM => {
+                open.push((h.len != UNDEFINED).then(|| src.pos() + u64::from(h.len)));
+                continue;
+            }
             _ => {}
         }
-        if h.tag == PIXEL_DATA && depth == 0 && extent == Extent::UntilPixelData {
-            return Ok(End::PixelData);
+        if h.tag == PIXEL_DATA && open.is_empty() && extent == Extent::UntilPixelData {
+            return Ok(());
         }
-        let is_sequence = h.vr == Some(VR::SQ);
         if h.len == UNDEFINED {
             if h.tag == PIXEL_DATA {
-                fragments(src, enc, &h)?;
+                in_fragments = true;
             } else {
-                // A sequence (SQ, or UN / implicit VR of undefined length, whose items are implicit VR LE).
-                let inner = if is_sequence { enc } else { Encoding { explicit: false, big_endian: false } };
-                items(src, inner, None, depth, extent)?;
+                // SQ, or any other element of undefined length: read as a sequence.
+                open.push(None);
             }
-        } else if is_sequence {
-            let end = src.pos() + u64::from(h.len);
-            items(src, enc, Some(end), depth, extent)?;
+        } else if h.vr == Some(VR::SQ) {
+            open.push(Some(src.pos() + u64::from(h.len)));
         } else {
             // dicom-parser reads whole numbers of a numeric VR's values and leaves the rest of the
             // declared length in the stream, where it becomes the next header: so must we.
@@ -339,42 +350,100 @@ fn value_width(vr: VR) -> u32 {
     }
 }
 
-/// The items of a sequence, up to its delimiter or its defined end.
-fn items(src: &mut impl Source, enc: Encoding, end: Option<u64>, depth: usize, extent: Extent) -> Result<(), String> {
-    loop {
-        if end.is_some_and(|end| src.pos() >= end) {
-            return Ok(());
-        }
-        let Some(h) = header(src, Encoding { explicit: false, ..enc })? else {
-            return Err(format!("file ends inside a sequence at byte {}", src.pos()));
-        };
-        match h.tag {
-            SEQUENCE_END => return Ok(()),
-            ITEM if h.len == UNDEFINED => {
-                if walk(src, enc, None, depth + 1, extent)? != End::ItemDelimiter {
-                    return Err(format!("item at byte {} has no item delimiter", h.at));
-                }
-            }
-            ITEM => {
-                // Its elements are checked one by one as the walk meets them.
-                let item_end = src.pos() + u64::from(h.len);
-                walk(src, enc, Some(item_end), depth + 1, extent)?;
-            }
-            (g, e) => return Err(format!("expected an item in a sequence at byte {}, found ({g:04X},{e:04X})", h.at)),
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Encapsulated pixel data: items (offset table, fragments) of defined length, then the delimiter.
-fn fragments(src: &mut impl Source, enc: Encoding, pixel: &Header) -> Result<(), String> {
-    loop {
-        let Some(h) = header(src, Encoding { explicit: false, ..enc })? else {
-            return Err(format!("file ends inside the encapsulated pixel data that starts at byte {}", pixel.at));
-        };
-        match h.tag {
-            SEQUENCE_END => return Ok(()),
-            ITEM if h.len != UNDEFINED => src.skip(u64::from(h.len)).map_err(|left| too_long(&h, left))?,
-            (g, e) => return Err(format!("expected a pixel data fragment at byte {}, found ({g:04X},{e:04X})", h.at)),
+    /// A file with the preamble and a meta group declaring `syntax`, then `body`.
+    fn file(syntax: &str, body: &[u8]) -> Vec<u8> {
+        let mut uid = syntax.as_bytes().to_vec();
+        if uid.len() % 2 == 1 {
+            uid.push(0);
         }
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
+        meta.extend_from_slice(&(uid.len() as u16).to_le_bytes());
+        meta.extend_from_slice(&uid);
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn explicit(tag: (u16, u16), vr: &[u8; 2], value_len: u32, long: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(vr);
+        if long {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&value_len.to_le_bytes());
+        } else {
+            out.extend_from_slice(&(value_len as u16).to_le_bytes());
+        }
+        out
+    }
+
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+    #[test]
+    fn a_length_past_the_end_is_named() {
+        let mut body = explicit((0x0010, 0x0020), b"LO", 4, false);
+        body.extend_from_slice(b"P1  ");
+        body.extend(explicit((0x0009, 0x1001), b"OB", 0xF000_0000, true));
+        body.extend_from_slice(&[0u8; 16]);
+        let err = check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything).unwrap_err();
+        assert!(err.contains("(0009,1001)") && err.contains("declares 4026531840 bytes but only 16 remain"), "{err}");
+        // Indexing stops at the pixel data header; this element comes before it, so it is checked too.
+        assert!(check_bytes(&file(EXPLICIT_LE, &body), Extent::UntilPixelData).is_err());
+    }
+
+    #[test]
+    fn values_are_skipped_and_nested_items_checked() {
+        // SQ (undefined) > item (undefined) > US, then the delimiters, then a well-formed OB.
+        let mut body = explicit((0x0028, 0x3010), b"SQ", UNDEFINED, true);
+        body.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        body.extend(explicit((0x0028, 0x3002), b"US", 6, false));
+        body.extend_from_slice(&[0, 1, 0, 0, 16, 0]);
+        body.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        body.extend(explicit((0x0009, 0x1001), b"OB", 4, true));
+        body.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything), Ok(()));
+        // The same item's US declaring more than there is (its length field follows SQ 12 + item 8
+        // + tag and VR 6 bytes).
+        body[26..28].copy_from_slice(&0xFFFEu16.to_le_bytes());
+        let err = check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything).unwrap_err();
+        assert!(err.contains("(0028,3002)") && err.contains("declares 65534 bytes"), "{err}");
+    }
+
+    #[test]
+    fn nesting_bombs_are_refused() {
+        let mut body = Vec::new();
+        for _ in 0..10_000 {
+            body.extend(explicit((0x0040, 0xA730), b"SQ", UNDEFINED, true));
+            body.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        let err = check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+    }
+
+    #[test]
+    fn deflated_data_sets_are_checked_after_inflating() {
+        use std::io::Write;
+        let mut plain = explicit((0x0009, 0x1001), b"OB", 0x8000_0000, true);
+        plain.extend_from_slice(&[7u8; 32]);
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&plain).unwrap();
+        let err = check_bytes(&file(DEFLATED, &z.finish().unwrap()), Extent::Everything).unwrap_err();
+        assert!(err.contains("(0009,1001)") && err.contains("only 32 remain"), "{err}");
+    }
+
+    #[test]
+    fn non_dicom_bytes_are_left_to_the_parser() {
+        assert_eq!(check_bytes(b"not a dicom file at all", Extent::Everything), Ok(()));
+        assert_eq!(check_bytes(&[], Extent::Everything), Ok(()));
     }
 }
