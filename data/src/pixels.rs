@@ -116,6 +116,9 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         return Err(DecodeError::Attribute("Rows/Columns"));
     }
     let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
+    if ts_uid == dicom_dictionary_std::uids::RLE_LOSSLESS {
+        check_rle_header(obj)?;
+    }
     // Decoders are third-party code fed untrusted bytes; a panic in one (dicom-rs 0.10's RLE decoder
     // indexes out of bounds on some corrupt segments) becomes this file's error, not the process's end.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
@@ -142,6 +145,36 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
     let pixels = present(&stored, slope, intercept, &voi, inverse);
     Ok(DecodedImage { rows, cols, pixels, frames })
+}
+
+/// The RLE header of the first frame (PS3.5 G.5: 16 little-endian u32, the segment count then up to
+/// 15 segment offsets, ascending, inside the fragment). dicom-rs 0.10 allocates the count it reads
+/// before any check (a corrupt count asked for 6.6 GB, found by the fuzz target).
+fn check_rle_header(obj: &DefaultDicomObject) -> Result<(), DecodeError> {
+    let fragment = obj
+        .get(tags::PIXEL_DATA)
+        .and_then(|e| e.fragments())
+        .and_then(|f| f.first())
+        .ok_or_else(|| DecodeError::Pixels("RLE pixel data has no fragment".into()))?;
+    let bad = |why: String| Err(DecodeError::Pixels(format!("invalid RLE header: {why}")));
+    if fragment.len() < 64 {
+        return bad(format!("the first fragment has {} bytes, fewer than the 64-byte header", fragment.len()));
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([fragment[4 * i], fragment[4 * i + 1], fragment[4 * i + 2], fragment[4 * i + 3]]);
+    let segments = word(0) as usize;
+    if !(1..=15).contains(&segments) {
+        return bad(format!("{segments} segments (1 to 15 allowed)"));
+    }
+    let mut previous = 64;
+    for i in 1..=segments {
+        let offset = word(i) as usize;
+        if offset < previous || offset > fragment.len() {
+            return bad(format!("segment {i} starts at byte {offset} of a {}-byte fragment", fragment.len()));
+        }
+        previous = offset;
+    }
+    Ok(())
 }
 
 /// The message of a caught panic.
