@@ -12,6 +12,6 @@ shift || true
 [ "${1:-}" = "--" ] && shift
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 mkdir -p corpus/decode
-# rss 2 GiB, single allocations 1 GiB: a 10 KB file that asks for gigabytes is a finding.
+# rss 4 GiB, single allocations 2 GiB (under ASan): a 10 KB file that asks for gigabytes is a finding.
 RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode ../tests/fixtures/codecs -- \
-  -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 "$@"
+  -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=4096 -malloc_limit_mb=2048 -timeout=10 "$@"

@@ -115,6 +115,10 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
     if rows == 0 || cols == 0 {
         return Err(DecodeError::Attribute("Rows/Columns"));
     }
+    if u64::from(rows) * u64::from(cols) > MAX_PIXELS {
+        return Err(DecodeError::Unsupported(format!("{rows}x{cols} pixels (at most {MAX_PIXELS} are decoded)")));
+    }
+    check_codestream(obj, rows, cols)?;
     let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
     if ts_uid == dicom_dictionary_std::uids::RLE_LOSSLESS {
         check_rle_header(obj)?;
@@ -145,6 +149,72 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
     let pixels = present(&stored, slope, intercept, &voi, inverse);
     Ok(DecodedImage { rows, cols, pixels, frames })
+}
+
+/// The largest image decoded (about 6300 x 6300; chest radiographs are at most about 4300 x 4300):
+/// decoders allocate for the size a header declares, whatever the file holds.
+pub const MAX_PIXELS: u64 = 40_000_000;
+
+/// The image size inside a compressed frame's own header (JPEG and JPEG-LS frame header, JPEG 2000
+/// SIZ marker) must be the DICOM Rows and Columns: decoders allocate for the size their codestream
+/// declares (a 2 KB file declaring a 3.7-gigapixel JPEG 2000 image made openjp2 allocate gigabytes,
+/// found by the fuzz target).
+fn check_codestream(obj: &DefaultDicomObject, rows: u32, cols: u32) -> Result<(), DecodeError> {
+    let Some(fragment) = obj.get(tags::PIXEL_DATA).and_then(|e| e.fragments()).and_then(|f| f.first()) else {
+        return Ok(());
+    };
+    let declared = if fragment.starts_with(&[0xFF, 0xD8]) {
+        jpeg_frame_size(fragment)
+    } else if let Some(at) = find(fragment, &[0xFF, 0x4F, 0xFF, 0x51]) {
+        j2k_image_size(&fragment[at..])
+    } else {
+        // RLE (checked on its own) or a codec whose header is not read here.
+        return Ok(());
+    };
+    match declared {
+        Some((h, w)) if (h, w) == (rows, cols) => Ok(()),
+        Some((h, w)) => Err(DecodeError::Pixels(format!(
+            "the compressed frame declares {h}x{w} pixels, Rows/Columns say {rows}x{cols}"
+        ))),
+        None => Err(DecodeError::Pixels("the compressed frame has no readable image header".into())),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).take(4096).position(|w| w == needle)
+}
+
+/// (height, width) from the first start-of-frame marker (SOF0-SOF15 but DHT, JPG and DAC; JPEG-LS SOF55).
+fn jpeg_frame_size(data: &[u8]) -> Option<(u32, u32)> {
+    let mut at = 2;
+    while at + 4 <= data.len() {
+        if data[at] != 0xFF {
+            return None;
+        }
+        let marker = data[at + 1];
+        if marker == 0xFF {
+            at += 1; // fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([data[at + 2], data[at + 3]]) as usize;
+        let sof = matches!(marker, 0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC)) || marker == 0xF7;
+        if sof {
+            let b = data.get(at + 4..at + 9)?;
+            return Some((u32::from(u16::from_be_bytes([b[1], b[2]])), u32::from(u16::from_be_bytes([b[3], b[4]]))));
+        }
+        if marker == 0xDA || len < 2 {
+            return None; // scan data before any frame header
+        }
+        at += 2 + len;
+    }
+    None
+}
+
+/// (height, width) from a JPEG 2000 codestream's SIZ marker, which follows SOC.
+fn j2k_image_size(data: &[u8]) -> Option<(u32, u32)> {
+    let word = |i: usize| data.get(i..i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let (x, y, x0, y0) = (word(8)?, word(12)?, word(16)?, word(20)?);
+    Some((y.checked_sub(y0)?, x.checked_sub(x0)?))
 }
 
 /// The RLE header of the first frame (PS3.5 G.5: 16 little-endian u32, the segment count then up to
