@@ -7,6 +7,7 @@ pub mod decode;
 pub mod device;
 pub mod error;
 pub mod loss;
+pub mod model;
 pub mod optim;
 pub mod peer;
 pub mod preflight;
