@@ -5,6 +5,10 @@
 #   scripts/setup.sh          CPU hosts: torch with --no-deps plus the two CUDA runtime libraries that
 #                             libtorch_cpu links even on CPU (cudart, cupti). About 1.3 GB.
 #   scripts/setup.sh --cuda   GPU hosts: torch with its full dependency set (cuBLAS, cuDNN, NCCL, ...).
+#   --python (with either)    also makes `import torch, torchvision` work in the environment, for the
+#                             interoperability tests (PyTorch reading our checkpoints): torch's full
+#                             dependency set (its CUDA wheels load even on CPU hosts; about 1.7 GB more),
+#                             torchvision 0.26.0 with --no-deps, safetensors. scripts/test.sh uses it.
 #
 # A second run with the same options is a no-op. A user whose LIBTORCH already points at libtorch 2.11
 # skips the download entirely (cargo then uses that LIBTORCH instead of .venv/libtorch).
@@ -17,12 +21,15 @@ CUDA_PACKAGES=("torch==${TORCH_VERSION}")
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${SIMCLR_VENV:-$root/.venv}"
 mode=cpu
+python_interop=0
+PYTHON_PACKAGES=("torchvision==0.26.0" "safetensors==0.6.2" "packaging==25.0" "numpy==2.2.6" "pillow==11.3.0")
 
-usage() { echo "usage: scripts/setup.sh [--cuda]" >&2; exit 2; }
+usage() { echo "usage: scripts/setup.sh [--cuda] [--python]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --cuda) mode=cuda ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --python) python_interop=1 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "setup: unknown option '$1'" >&2; usage ;;
   esac
   shift
@@ -45,41 +52,67 @@ check_libtorch() { # $1 = a libtorch directory (with lib/ and include/)
   [ -f "$1/lib/libtorch_cpu.so" ] && [ -d "$1/include/torch" ]
 }
 
-if [ -n "${LIBTORCH:-}" ]; then
-  if check_libtorch "$LIBTORCH"; then
-    echo "setup: using LIBTORCH=$LIBTORCH (no download)"
-    exit 0
-  fi
-  echo "setup: LIBTORCH=$LIBTORCH does not hold libtorch (expected lib/libtorch_cpu.so and include/torch);" \
-       "unset it to install libtorch into $venv" >&2
-  exit 2
-fi
-
-if [ "$mode" = cuda ]; then packages=("${CUDA_PACKAGES[@]}"); else packages=("${CPU_PACKAGES[@]}"); fi
-stamp="$venv/.simclr-setup"
-want="$mode ${packages[*]}"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && check_libtorch "$venv/libtorch"; then
-  echo "setup: $venv is up to date ($mode, torch $TORCH_VERSION)"
-  exit 0
-fi
-
-python=${PYTHON:-python3}
-command -v "$python" >/dev/null || { echo "setup: $python not found; install Python 3.10+ or set PYTHON" >&2; exit 1; }
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
-  || { echo "setup: $python is older than 3.10, which torch $TORCH_VERSION needs" >&2; exit 1; }
-
-echo "setup: installing torch $TORCH_VERSION ($mode) into $venv"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip_args=(--disable-pip-version-check --no-input --quiet)
-if [ "$mode" = cuda ]; then
-  "$venv/bin/pip" install "${pip_args[@]}" "${packages[@]}"
-else
-  "$venv/bin/pip" install "${pip_args[@]}" --no-deps "${packages[@]}"
-fi
+make_venv() {
+  local python=${PYTHON:-python3}
+  [ -x "$venv/bin/python" ] && return 0
+  command -v "$python" >/dev/null || { echo "setup: $python not found; install Python 3.10+ or set PYTHON" >&2; exit 1; }
+  "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+    || { echo "setup: $python is older than 3.10, which torch $TORCH_VERSION needs" >&2; exit 1; }
+  "$python" -m venv "$venv"
+}
 
-site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# A relative link, so that the environment can be moved with the checkout.
-ln -sfn "$(realpath --relative-to="$venv" "$site/torch")" "$venv/libtorch"
-check_libtorch "$venv/libtorch" || { echo "setup: $site/torch does not hold libtorch after install" >&2; exit 1; }
-echo "$want" > "$stamp"
-echo "setup: done; LIBTORCH=$venv/libtorch ($(du -sh "$venv" | cut -f1))"
+setup_libtorch() {
+  if [ -n "${LIBTORCH:-}" ]; then
+    if check_libtorch "$LIBTORCH"; then
+      echo "setup: using LIBTORCH=$LIBTORCH (no download)"
+      return 0
+    fi
+    echo "setup: LIBTORCH=$LIBTORCH does not hold libtorch (expected lib/libtorch_cpu.so and include/torch);" \
+         "unset it to install libtorch into $venv" >&2
+    exit 2
+  fi
+  local packages
+  if [ "$mode" = cuda ]; then packages=("${CUDA_PACKAGES[@]}"); else packages=("${CPU_PACKAGES[@]}"); fi
+  local stamp="$venv/.simclr-setup" want="$mode ${packages[*]}"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && check_libtorch "$venv/libtorch"; then
+    echo "setup: $venv is up to date ($mode, torch $TORCH_VERSION)"
+    return 0
+  fi
+  echo "setup: installing torch $TORCH_VERSION ($mode) into $venv"
+  make_venv
+  if [ "$mode" = cuda ]; then
+    "$venv/bin/pip" install "${pip_args[@]}" "${packages[@]}"
+  else
+    "$venv/bin/pip" install "${pip_args[@]}" --no-deps "${packages[@]}"
+  fi
+  local site
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # A relative link, so that the environment can be moved with the checkout.
+  ln -sfn "$(realpath --relative-to="$venv" "$site/torch")" "$venv/libtorch"
+  check_libtorch "$venv/libtorch" || { echo "setup: $site/torch does not hold libtorch after install" >&2; exit 1; }
+  echo "$want" > "$stamp"
+  echo "setup: done; LIBTORCH=$venv/libtorch ($(du -sh "$venv" | cut -f1))"
+}
+
+setup_python() {
+  local stamp="$venv/.simclr-python" want="torch==$TORCH_VERSION ${PYTHON_PACKAGES[*]}"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+     && "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch' 2>/dev/null; then
+    echo "setup: $venv imports torch and torchvision"
+    return 0
+  fi
+  echo "setup: installing torch's Python dependencies and torchvision into $venv (interoperability tests)"
+  make_venv
+  # torch with its dependencies (already there: only what `import torch` still lacks is fetched), then
+  # torchvision without its own (it would pull another torch).
+  "$venv/bin/pip" install "${pip_args[@]}" "torch==$TORCH_VERSION"
+  "$venv/bin/pip" install "${pip_args[@]}" --no-deps "${PYTHON_PACKAGES[@]}"
+  "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch' \
+    || { echo "setup: torch or torchvision does not import after install" >&2; exit 1; }
+  echo "$want" > "$stamp"
+  echo "setup: $venv imports torch $TORCH_VERSION and torchvision ($(du -sh "$venv" | cut -f1))"
+}
+
+setup_libtorch
+if [ "$python_interop" = 1 ]; then setup_python; fi

@@ -3,6 +3,6 @@
 # suite (unit tests of every crate, then the loopback cluster tests with real worker processes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/setup.sh
+scripts/setup.sh --python
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked "$@"

@@ -1,0 +1,76 @@
+//! PyTorch reads what we save and we read what PyTorch saves: our ResNet-18 and ResNet-50 encoders
+//! load into torchvision 0.26's models with `strict=True` and give the same features (within 1e-4),
+//! and torchvision's own weights (classifier included) load into ours with the same result.
+//!
+//! Needs a Python with torch 2.11 and torchvision: `scripts/setup.sh --python` puts them into .venv
+//! (scripts/test.sh does); SIMCLR_PYTHON names another interpreter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use simclr_worker::model::{load_encoder, save_encoder, Arch, Encoder, EncoderConfig, Stem};
+use tch::{nn, Device, Kind, Tensor};
+
+fn python() -> PathBuf {
+    match std::env::var_os("SIMCLR_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
+    }
+}
+
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(1.0);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+fn check(arch: Arch, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let ours_path = dir.path().join("ours.safetensors");
+    let io_path = dir.path().join("io.safetensors");
+
+    tch::manual_seed(7);
+    let config = EncoderConfig { arch, width: 1, stem: Stem::Repeat3 };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let encoder = Encoder::new(&vs.root(), config);
+    // A training-mode pass first, so that the saved running statistics are not the initial ones.
+    let _ = encoder.forward(&Tensor::rand([4, 1, 64, 64], (Kind::Float, Device::Cpu)), true);
+    save_encoder(&vs, &encoder, &ours_path).unwrap();
+    let images = Tensor::rand([3, 1, 64, 64], (Kind::Float, Device::Cpu));
+    let features = tch::no_grad(|| encoder.forward(&images, false));
+    Tensor::write_safetensors(&[("images", &images), ("features", &features)], &io_path).unwrap();
+
+    let python = python();
+    let output = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/torchvision_interop.py"))
+        .args([name, ours_path.to_str().unwrap(), io_path.to_str().unwrap(), dir.path().to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/setup.sh --python", python.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{name}: PyTorch side failed ({}):\n{stdout}\n{}\n(scripts/setup.sh --python installs torch and torchvision)",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{stdout}");
+
+    // torchvision's weights into a fresh encoder of ours: the same features as torchvision's.
+    tch::manual_seed(8);
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    let encoder2 = Encoder::new(&vs2.root(), config);
+    load_encoder(&mut vs2, &encoder2, &dir.path().join("torchvision.safetensors")).unwrap();
+    let theirs = Tensor::read_safetensors(dir.path().join("torchvision_features.safetensors")).unwrap();
+    let ours = tch::no_grad(|| encoder2.forward(&images, false));
+    let error = relative_error(&ours, &theirs[0].1);
+    assert!(error <= 1e-4, "{name}: torchvision weights in our encoder differ by {error}");
+}
+
+#[test]
+fn resnet18_round_trips_through_torchvision() {
+    check(Arch::Resnet18, "resnet18");
+}
+
+#[test]
+fn resnet50_round_trips_through_torchvision() {
+    check(Arch::Resnet50, "resnet50");
+}
