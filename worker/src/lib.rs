@@ -3,6 +3,7 @@
 //! stages land, everything that touches tensors: DICOM decode, augmentations, models, losses,
 //! optimisers and collectives.
 
+pub mod augment;
 pub mod decode;
 pub mod device;
 pub mod error;
