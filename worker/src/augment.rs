@@ -260,8 +260,7 @@ mod tests {
     use tch::{Device, Kind};
 
     fn images(n: i64, side: i64) -> Tensor {
-        tch::manual_seed(1);
-        Tensor::rand([n, 1, side, side], (Kind::Double, Device::Cpu))
+        crate::model::with_torch_seed(1, || Tensor::rand([n, 1, side, side], (Kind::Double, Device::Cpu)))
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

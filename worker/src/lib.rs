@@ -13,6 +13,7 @@ pub mod optim;
 pub mod peer;
 pub mod preflight;
 pub mod session;
+pub mod train;
 
 pub use device::Device;
 pub use error::WorkerError;

@@ -76,8 +76,7 @@ mod tests {
     use tch::Device;
 
     fn random(rows: i64, dim: i64, seed: i64) -> Tensor {
-        tch::manual_seed(seed);
-        Tensor::randn([rows, dim], (Kind::Double, Device::Cpu))
+        crate::model::with_torch_seed(seed as u64, || Tensor::randn([rows, dim], (Kind::Double, Device::Cpu)))
     }
 
     fn values(t: &Tensor) -> Vec<f64> {

@@ -285,6 +285,16 @@ impl ProjectionHead {
     }
 }
 
+/// Runs `f` with libtorch's global generator seeded with `seed`, holding a process-wide lock, so that
+/// weights initialised (or tensors drawn) inside are a function of the seed even while other threads
+/// draw too (tests run in parallel; so could several trainers).
+pub fn with_torch_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = TORCH_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed as i64);
+    f()
+}
+
 /// The number of elements of every trainable variable in `vs` whose name starts with `prefix`.
 pub fn parameter_count(vs: &nn::VarStore, prefix: &str) -> i64 {
     vs.variables()
@@ -376,10 +386,11 @@ mod tests {
     use tch::Device;
 
     fn build(config: EncoderConfig) -> (nn::VarStore, Encoder) {
-        tch::manual_seed(0);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let encoder = Encoder::new(&vs.root(), config);
-        (vs, encoder)
+        with_torch_seed(0, || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let encoder = Encoder::new(&vs.root(), config);
+            (vs, encoder)
+        })
     }
 
     #[test]
@@ -455,9 +466,11 @@ mod tests {
         save_encoder(&vs, &encoder, &path).unwrap();
         let want = encoder.forward(&images, false);
 
-        tch::manual_seed(99);
-        let mut vs2 = nn::VarStore::new(Device::Cpu);
-        let encoder2 = Encoder::new(&vs2.root(), EncoderConfig::tiny());
+        let (mut vs2, encoder2) = with_torch_seed(99, || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let encoder = Encoder::new(&vs.root(), EncoderConfig::tiny());
+            (vs, encoder)
+        });
         assert!(!encoder2.forward(&images, false).allclose(&want, 1e-6, 1e-6, false));
         load_encoder(&mut vs2, &encoder2, &path).unwrap();
         assert!(encoder2.forward(&images, false).allclose(&want, 0.0, 0.0, false));

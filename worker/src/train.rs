@@ -1,0 +1,511 @@
+//! SimCLR pretraining on one worker: the step (two views, encoder, head, NT-Xent, optimiser), the
+//! online monitor (loss, contrastive accuracy, learning rate, images/s) and checkpoints that resume
+//! exactly. The distributed engine reuses the step with gathered keys.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` holding `encoder.safetensors` (torchvision names: it
+//! loads into torchvision as it is), `head.safetensors`, `optimizer.safetensors` and `state.json`
+//! (step, epoch, position in the epoch, the effective configuration). It is written into a temporary
+//! directory and renamed into place, and `latest` (the name of the newest) is replaced atomically, so a
+//! crash leaves the previous checkpoint intact. The augmentations' randomness derives from (seed,
+//! sample, epoch, view) and the epoch order from (seed, epoch), so nothing else needs saving.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::augment::{two_views, AugmentConfig};
+use crate::loss::{cosine_similarity, nt_xent_from_similarity, AnchorRows};
+use crate::model::{
+    load_encoder, save_encoder, with_torch_seed, Arch, Encoder, EncoderConfig, HeadConfig, ProjectionHead, Stem,
+    HEAD_PREFIX,
+};
+use crate::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub arch: Arch,
+    pub width: i64,
+    pub stem: Stem,
+    pub head_layers: usize,
+    /// Hidden width of the head; 0: the encoder's feature width (as SimCLR).
+    pub head_hidden: i64,
+    pub head_out: i64,
+    pub head_batch_norm: bool,
+    /// Images per step on this worker (two views each).
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Stop after this many steps in all (a debugging limit); 0: no limit.
+    pub max_steps: u64,
+    pub temperature: f64,
+    pub optimizer: OptimizerName,
+    pub base_lr: f64,
+    pub lr_scaling: LrScalingName,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub warmup_epochs: f64,
+    /// Side of the model input; the cached images are resampled to it by the crop.
+    pub input_size: i64,
+    pub augment: AugmentConfig,
+    pub seed: u64,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Lars,
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScalingName {
+    Linear,
+    Sqrt,
+    None,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            arch: Arch::Resnet50,
+            width: 1,
+            stem: Stem::Repeat3,
+            head_layers: 2,
+            head_hidden: 0,
+            head_out: 128,
+            head_batch_norm: false,
+            batch_size: 256,
+            epochs: 100,
+            max_steps: 0,
+            temperature: 0.5,
+            optimizer: OptimizerName::Lars,
+            base_lr: 0.3,
+            lr_scaling: LrScalingName::Linear,
+            weight_decay: 1e-6,
+            momentum: 0.9,
+            warmup_epochs: 10.0,
+            input_size: 224,
+            augment: AugmentConfig::cxr(),
+            seed: 0,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("non-finite loss {loss} at step {step}; last good checkpoint: {}", last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()))]
+    NonFinite { step: u64, loss: f64, last_checkpoint: Option<PathBuf> },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    /// Share of anchors whose most similar key (itself excluded) is their positive.
+    pub contrastive_accuracy: f64,
+    pub lr: f64,
+    pub images_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SavedState {
+    step: u64,
+    epoch: u64,
+    position: usize,
+    config: PretrainConfig,
+}
+
+/// A model, its optimiser and where training stands.
+pub struct Trainer {
+    pub config: PretrainConfig,
+    pub vs: nn::VarStore,
+    pub encoder: Encoder,
+    pub head: ProjectionHead,
+    optimizer: Optimizer,
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of the current epoch already done.
+    pub position: usize,
+    steps_per_epoch: u64,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl Trainer {
+    /// A freshly initialised model (weights from `seed`) for a dataset of `dataset_len` images.
+    pub fn new(config: PretrainConfig, dataset_len: usize, device: Device) -> Result<Trainer, TrainError> {
+        if config.batch_size < 2 || dataset_len < config.batch_size {
+            return Err(TrainError::Config(format!(
+                "batch size {} with {dataset_len} images: need at least 2 images per batch and one full batch",
+                config.batch_size
+            )));
+        }
+        let (vs, encoder, head) = with_torch_seed(config.seed, || {
+            let vs = nn::VarStore::new(device);
+            let encoder =
+                Encoder::new(&vs.root(), EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
+            let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
+            let head = ProjectionHead::new(
+                &(vs.root() / HEAD_PREFIX),
+                encoder.feature_dim,
+                HeadConfig {
+                    layers: config.head_layers,
+                    hidden,
+                    out: config.head_out,
+                    batch_norm: config.head_batch_norm,
+                },
+            );
+            (vs, encoder, head)
+        });
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = named.into_iter().map(|(name, t)| Param::new(name, t)).collect();
+        let algorithm = match config.optimizer {
+            OptimizerName::Lars => Algorithm::Lars {
+                momentum: config.momentum,
+                trust_coefficient: 0.001,
+                weight_decay: config.weight_decay,
+            },
+            OptimizerName::Sgd => {
+                Algorithm::Sgd { momentum: config.momentum, nesterov: false, weight_decay: config.weight_decay }
+            }
+            OptimizerName::Adamw => {
+                Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
+            }
+        };
+        let steps_per_epoch = (dataset_len / config.batch_size) as u64;
+        Ok(Trainer {
+            optimizer: Optimizer::new(algorithm, params),
+            config,
+            vs,
+            encoder,
+            head,
+            step: 0,
+            epoch: 0,
+            position: 0,
+            steps_per_epoch,
+            last_checkpoint: None,
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        let all = self.steps_per_epoch * self.config.epochs;
+        if self.config.max_steps > 0 {
+            all.min(self.config.max_steps)
+        } else {
+            all
+        }
+    }
+
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let scaling = match self.config.lr_scaling {
+            LrScalingName::Linear => LrScaling::Linear,
+            LrScalingName::Sqrt => LrScaling::Sqrt,
+            LrScalingName::None => LrScaling::None,
+        };
+        let peak = scaled_lr(self.config.base_lr, self.config.batch_size, scaling);
+        let warmup = (self.config.warmup_epochs * self.steps_per_epoch as f64).round() as u64;
+        warmup_cosine(peak, step, warmup, self.steps_per_epoch * self.config.epochs)
+    }
+
+    /// The order of the dataset's images in `epoch`, from (seed, epoch).
+    pub fn epoch_order(&self, dataset_len: usize, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..dataset_len).collect();
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        order
+    }
+
+    /// One optimisation step on a batch: `images` B x 1 x S x S in [0, 1] with their sample ids.
+    pub fn train_step(&mut self, images: &Tensor, samples: &[u64]) -> Result<StepStats, TrainError> {
+        let started = Instant::now();
+        let n = samples.len() as i64;
+        let images = images.to_device(self.vs.device());
+        let (v0, v1) =
+            two_views(&self.config.augment, &images, samples, self.config.seed, self.epoch, self.config.input_size);
+        let views = Tensor::cat(&[v0, v1], 0).to_kind(Kind::Float);
+        let z = self.head.forward(&self.encoder.forward(&views, true), true);
+        let similarity = cosine_similarity(&z, &z);
+        let rows = AnchorRows::whole_batch(n);
+        let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n);
+        let loss_value = loss.double_value(&[]);
+        if !loss_value.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: self.step,
+                loss: loss_value,
+                last_checkpoint: self.last_checkpoint.clone(),
+            });
+        }
+        let accuracy = contrastive_accuracy(&similarity.detach(), &rows);
+        let lr = self.lr_at(self.step);
+        self.optimizer.zero_grad();
+        loss.backward();
+        self.optimizer.step(lr);
+        self.step += 1;
+        self.position += 1;
+        let stats = StepStats {
+            step: self.step,
+            epoch: self.epoch,
+            loss: loss_value,
+            contrastive_accuracy: accuracy,
+            lr,
+            images_per_second: n as f64 / started.elapsed().as_secs_f64(),
+        };
+        if self.position as u64 >= self.steps_per_epoch {
+            self.epoch += 1;
+            self.position = 0;
+        }
+        Ok(stats)
+    }
+
+    /// Trains over `images` (N x 1 x S x S, sample id = row) until the configured end, checkpointing
+    /// into `checkpoints` when given; `monitor` sees every step.
+    pub fn fit(
+        &mut self,
+        images: &Tensor,
+        checkpoints: Option<&Path>,
+        mut monitor: impl FnMut(&StepStats),
+    ) -> Result<(), TrainError> {
+        let n = images.size()[0] as usize;
+        let total = self.total_steps();
+        while self.step < total {
+            let order = self.epoch_order(n, self.epoch);
+            let start = self.position * self.config.batch_size;
+            let batch: Vec<usize> = order[start..start + self.config.batch_size].to_vec();
+            let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let stats =
+                self.train_step(&images.index_select(0, &index), &batch.iter().map(|&i| i as u64).collect::<Vec<_>>())?;
+            monitor(&stats);
+            if let Some(dir) = checkpoints {
+                let every = self.config.checkpoint_every;
+                if (every > 0 && self.step % every == 0) || self.step == total {
+                    self.save_checkpoint(dir)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf, TrainError> {
+        let fail = |path: &Path, message: String| TrainError::Checkpoint { path: path.to_path_buf(), message };
+        std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
+        let name = format!("step-{:08}", self.step);
+        let final_dir = dir.join(&name);
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| fail(&tmp, e.to_string()))?;
+        save_encoder(&self.vs, &self.encoder, &tmp.join("encoder.safetensors")).map_err(|e| fail(&tmp, e))?;
+        let head: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(HEAD_PREFIX))
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&head, tmp.join("head.safetensors")).map_err(|e| fail(&tmp, e.to_string()))?;
+        let opt: Vec<(String, Tensor)> =
+            self.optimizer.state().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous())).collect();
+        Tensor::write_safetensors(&opt, tmp.join("optimizer.safetensors")).map_err(|e| fail(&tmp, e.to_string()))?;
+        let state =
+            SavedState { step: self.step, epoch: self.epoch, position: self.position, config: self.config.clone() };
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
+            .map_err(|e| fail(&tmp, e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| fail(&final_dir, e.to_string()))?;
+        let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
+        std::fs::write(&latest_tmp, &name).map_err(|e| fail(&latest_tmp, e.to_string()))?;
+        std::fs::rename(&latest_tmp, dir.join("latest")).map_err(|e| fail(dir, e.to_string()))?;
+        self.last_checkpoint = Some(final_dir.clone());
+        Ok(final_dir)
+    }
+
+    /// Restores a checkpoint directory (or, given the checkpoints directory, the one `latest` names).
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), TrainError> {
+        let dir = if path.join("latest").is_file() {
+            let name = std::fs::read_to_string(path.join("latest"))
+                .map_err(|e| TrainError::Checkpoint { path: path.join("latest"), message: e.to_string() })?;
+            path.join(name.trim())
+        } else {
+            path.to_path_buf()
+        };
+        let fail = |message: String| TrainError::Checkpoint { path: dir.clone(), message };
+        let state: SavedState =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| fail(e.to_string()))?)
+                .map_err(|e| fail(format!("state.json: {e}")))?;
+        if state.config.arch != self.config.arch
+            || state.config.width != self.config.width
+            || state.config.stem != self.config.stem
+        {
+            return Err(fail(format!(
+                "saved for {:?} width {} ({:?} stem), this run is {:?} width {} ({:?} stem)",
+                state.config.arch,
+                state.config.width,
+                state.config.stem,
+                self.config.arch,
+                self.config.width,
+                self.config.stem
+            )));
+        }
+        load_encoder(&mut self.vs, &self.encoder, &dir.join("encoder.safetensors")).map_err(fail)?;
+        let head = Tensor::read_safetensors(dir.join("head.safetensors")).map_err(|e| fail(e.to_string()))?;
+        let mut vars = self.vs.variables();
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (name, value) in &head {
+                let target = vars.get_mut(name).ok_or_else(|| fail(format!("head.safetensors: unknown '{name}'")))?;
+                if target.size() != value.size() {
+                    return Err(fail(format!("head.safetensors: '{name}' has shape {:?}", value.size())));
+                }
+                target.copy_(value);
+            }
+            Ok(())
+        })?;
+        let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors")).map_err(|e| fail(e.to_string()))?;
+        self.optimizer.load_state(&opt).map_err(fail)?;
+        self.step = state.step;
+        self.epoch = state.epoch;
+        self.position = state.position;
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+}
+
+/// Share of anchors whose most similar other view is their positive.
+pub fn contrastive_accuracy(similarity: &Tensor, rows: &AnchorRows) -> f64 {
+    let n = rows.own.len() as i64;
+    let own = Tensor::from_slice(&rows.own);
+    let positive = Tensor::from_slice(&rows.positive);
+    let masked = similarity.to_device(Device::Cpu).index_put(
+        &[Some(Tensor::arange(n, (Kind::Int64, Device::Cpu))), Some(own)],
+        &Tensor::from(f64::NEG_INFINITY).to_kind(similarity.kind()),
+        false,
+    );
+    let best = masked.argmax(1, false);
+    best.eq_tensor(&positive).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(batch_size: usize, epochs: u64) -> PretrainConfig {
+        PretrainConfig {
+            arch: Arch::Tiny,
+            head_out: 8,
+            batch_size,
+            epochs,
+            input_size: 32,
+            base_lr: 1.0,
+            warmup_epochs: 1.0,
+            seed: 3,
+            ..PretrainConfig::default()
+        }
+    }
+
+    fn dataset(n: i64) -> Tensor {
+        // Smooth blobs, so that crops of one image resemble each other more than other images.
+        let base = with_torch_seed(42, || Tensor::rand([n, 1, 4, 4], (Kind::Float, Device::Cpu)));
+        base.upsample_bilinear2d([32, 32], false, None, None)
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = t.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn a_resumed_run_ends_with_the_same_weights() {
+        tch::set_num_threads(1);
+        let data = dataset(16);
+        let mut whole = Trainer::new(tiny(4, 2), 16, Device::Cpu).unwrap();
+        whole.fit(&data, None, |_| {}).unwrap();
+        assert_eq!(whole.step, 8);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(PretrainConfig { max_steps: 5, ..tiny(4, 2) }, 16, Device::Cpu).unwrap();
+        first.fit(&data, Some(dir.path()), |_| {}).unwrap();
+        assert_eq!((first.step, first.epoch, first.position), (5, 1, 1));
+        assert!(dir.path().join("step-00000005/encoder.safetensors").is_file());
+        assert_eq!(std::fs::read_to_string(dir.path().join("latest")).unwrap(), "step-00000005");
+
+        // A new process: other initial weights, then the checkpoint.
+        let mut resumed = Trainer::new(PretrainConfig { seed: 1000, ..tiny(4, 2) }, 16, Device::Cpu).unwrap();
+        resumed.config.seed = 3; // the run's seed (augmentations, order); the weights come from the checkpoint
+        resumed.load_checkpoint(dir.path()).unwrap();
+        resumed.fit(&data, None, |_| {}).unwrap();
+        for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed).iter()) {
+            assert!(a.equal(b), "{name} differs after resuming");
+        }
+    }
+
+    #[test]
+    fn the_loss_falls_and_the_monitor_reports_every_step() {
+        let data = dataset(32);
+        // Mild augmentations, so that a model of a few thousand parameters learns in a few steps.
+        let augment = AugmentConfig {
+            crop_scale: (0.7, 1.0),
+            rotation_degrees: 0.0,
+            blur_p: 0.0,
+            jitter_strength: 0.2,
+            ..AugmentConfig::simclr()
+        };
+        let config = PretrainConfig {
+            optimizer: OptimizerName::Adamw,
+            base_lr: 0.01,
+            lr_scaling: LrScalingName::None,
+            warmup_epochs: 0.0,
+            augment,
+            ..tiny(16, 15)
+        };
+        let mut trainer = Trainer::new(config, 32, Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        trainer.fit(&data, None, |s| seen.push(*s)).unwrap();
+        assert_eq!(seen.len(), 30);
+        assert!(seen.iter().all(|s| s.loss.is_finite() && (0.0..=1.0).contains(&s.contrastive_accuracy)));
+        let mean = |s: &[StepStats]| s.iter().map(|x| x.loss).sum::<f64>() / s.len() as f64;
+        let (early, late) = (mean(&seen[..10]), mean(&seen[20..]));
+        assert!(late < early - 0.05, "loss {early} -> {late}");
+    }
+
+    #[test]
+    fn a_non_finite_loss_names_the_step_and_the_last_checkpoint() {
+        let data = dataset(8);
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = Trainer::new(PretrainConfig { max_steps: 1, ..tiny(4, 5) }, 8, Device::Cpu).unwrap();
+        trainer.fit(&data, Some(dir.path()), |_| {}).unwrap();
+        let poisoned = data.narrow(0, 0, 4).fill_(f64::NAN);
+        let err = trainer.train_step(&poisoned, &[0, 1, 2, 3]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("at step 1") && text.contains("step-00000001"), "{text}");
+    }
+
+    #[test]
+    fn contrastive_accuracy_counts_top_matches() {
+        // Anchor 0's best other key is 2 (its positive), anchor 1's is 0 (not its positive 3).
+        let sim = Tensor::from_slice(&[
+            1.0, 0.2, 0.9, 0.1, //
+            0.8, 1.0, 0.1, 0.3, //
+            0.9, 0.1, 1.0, 0.2, //
+            0.1, 0.7, 0.2, 1.0,
+        ])
+        .view([4, 4]);
+        let acc = contrastive_accuracy(&sim, &AnchorRows::whole_batch(2));
+        assert!((acc - 0.75).abs() < 1e-12, "{acc}");
+    }
+}
