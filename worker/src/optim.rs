@@ -107,8 +107,12 @@ impl Optimizer {
                     } else {
                         (grad.shallow_clone(), lr)
                     };
+                    // In place: v = m * v + scaled * d, w = w - v.
                     let v = match self.first[i].take() {
-                        Some(v) => v * momentum + d * scaled,
+                        Some(mut v) => {
+                            let _ = v.g_mul_scalar_(momentum).g_add_(&(d * scaled));
+                            v
+                        }
                         None => d * scaled,
                     };
                     let _ = w.g_sub_(&v);
@@ -121,7 +125,10 @@ impl Optimizer {
                         d
                     } else {
                         let b = match self.first[i].take() {
-                            Some(b) => b * momentum + &d,
+                            Some(mut b) => {
+                                let _ = b.g_mul_scalar_(momentum).g_add_(&d);
+                                b
+                            }
                             None => d.copy(),
                         };
                         let update = if nesterov { &d + &b * momentum } else { b.shallow_clone() };

@@ -74,3 +74,59 @@ fn resnet18_round_trips_through_torchvision() {
 fn resnet50_round_trips_through_torchvision() {
     check(Arch::Resnet50, "resnet50");
 }
+
+/// One whole training step (forward in training mode with batch statistics, NT-Xent, backward, SGD
+/// with momentum) against the same step in PyTorch from the same weights: the loss and every weight
+/// and running statistic after the step agree within 1e-5.
+#[test]
+fn one_step_matches_pytorch() {
+    use simclr_worker::augment::AugmentConfig;
+    use simclr_worker::train::{LrScalingName, OptimizerName, PretrainConfig, Trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig {
+        arch: Arch::Resnet18,
+        head_out: 16,
+        batch_size: 4,
+        epochs: 10,
+        input_size: 32,
+        augment: AugmentConfig::disabled(),
+        optimizer: OptimizerName::Sgd,
+        base_lr: 0.1,
+        lr_scaling: LrScalingName::None,
+        weight_decay: 0.0,
+        warmup_epochs: 0.0,
+        temperature: 0.5,
+        seed: 11,
+        ..PretrainConfig::default()
+    };
+    let mut trainer = Trainer::new(config.clone(), 4, Device::Cpu).unwrap();
+    let before = trainer.save_checkpoint(&dir.path().join("before")).unwrap();
+    let images = simclr_worker::model::with_torch_seed(5, || Tensor::rand([4, 1, 32, 32], (Kind::Float, Device::Cpu)));
+    let stats = trainer.train_step(&images, &[0, 1, 2, 3]).unwrap();
+    let after = trainer.save_checkpoint(&dir.path().join("after")).unwrap();
+    let io_path = dir.path().join("io.safetensors");
+    Tensor::write_safetensors(
+        &[
+            ("images", images.shallow_clone()),
+            ("lr", Tensor::from(stats.lr)),
+            ("tau", Tensor::from(config.temperature)),
+            ("loss", Tensor::from(stats.loss)),
+        ],
+        &io_path,
+    )
+    .unwrap();
+    let python = python();
+    let output = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/one_step.py"))
+        .args([before.to_str().unwrap(), after.to_str().unwrap(), io_path.to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/setup.sh --python", python.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the step differs from PyTorch's ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,71 @@
+"""PyTorch side of the SimCLR step benchmark (worker/benches/simclr_step.rs): the same step as a user of
+the Python stack would write it. torchvision's ResNet (classifier replaced by the projection head: a
+2-layer MLP to 128), grayscale repeated to 3 channels, NT-Xent (tau 0.5) over both views, backward,
+and LARS (momentum 0.9, trust coefficient 0.001, weight decay 1e-6, biases and BN excluded), with the
+views equal to the inputs (augmentations off), at a fixed thread count.
+
+    python scripts/bench_step_pytorch.py [THREADS] [STEPS]
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+torch.set_num_threads(threads)
+
+
+def nt_xent(z, tau):
+    z = F.normalize(z, dim=1)
+    n2 = z.shape[0]
+    n = n2 // 2
+    sim = z @ z.t() / tau
+    sim = sim.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    targets = torch.cat([torch.arange(n, n2), torch.arange(0, n)])
+    return F.cross_entropy(sim, targets)
+
+
+@torch.no_grad()
+def lars_step(params, buffers, lr, momentum=0.9, eta=0.001, wd=1e-6):
+    for p, buf in zip(params, buffers):
+        if p.grad is None:
+            continue
+        d = p.grad
+        scaled = lr
+        if p.ndim > 1:
+            d = d + wd * p
+            w_norm, d_norm = p.norm(), d.norm()
+            if w_norm > 0 and d_norm > 0:
+                scaled = lr * (eta * w_norm / d_norm)
+        buf.mul_(momentum).add_(d * scaled)
+        p.sub_(buf)
+
+
+print(f"| model | input | batch (images) | step time (s) | images/s |")
+print("|---|---|---|---|---|")
+for arch, name, size, batch in [("resnet18", "ResNet-18", 64, 64), ("resnet18", "ResNet-18", 224, 16),
+                                ("resnet50", "ResNet-50", 64, 32), ("resnet50", "ResNet-50", 224, 8)]:
+    model = getattr(torchvision.models, arch)()
+    features = model.fc.in_features
+    model.fc = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, 128))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [torch.zeros_like(p) for p in params]
+    images = torch.rand(batch, 1, size, size)
+
+    def step():
+        views = torch.cat([images, images]).repeat(1, 3, 1, 1)
+        loss = nt_xent(model(views), 0.5)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        lars_step(params, buffers, 0.3 * batch / 256)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_step = (time.perf_counter() - start) / steps
+    print(f"| {name} | {size}x{size} | {batch} | {per_step:.3f} | {batch / per_step:.1f} |")

@@ -1,0 +1,48 @@
+//! One SimCLR training step (two views of a batch, encoder, projection head, NT-Xent, backward, LARS)
+//! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224. `scripts/bench_step.sh`
+//! runs it beside the same step in PyTorch at the same thread count.
+//!
+//! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS]
+
+use std::time::Instant;
+
+use simclr_worker::augment::AugmentConfig;
+use simclr_worker::model::Arch;
+use simclr_worker::train::{PretrainConfig, Trainer};
+use tch::{Device, Kind, Tensor};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let threads: i32 = args.first().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let steps: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    tch::set_num_threads(threads);
+    println!("| model | input | batch (images) | step time (s) | images/s |");
+    println!("|---|---|---|---|---|");
+    for (arch, name, size, batch) in [
+        (Arch::Resnet18, "ResNet-18", 64, 64),
+        (Arch::Resnet18, "ResNet-18", 224, 16),
+        (Arch::Resnet50, "ResNet-50", 64, 32),
+        (Arch::Resnet50, "ResNet-50", 224, 8),
+    ] {
+        let config = PretrainConfig {
+            arch,
+            batch_size: batch,
+            input_size: size,
+            // Views equal to the inputs: the step itself is measured (the PyTorch side has no augmentations).
+            augment: AugmentConfig::disabled(),
+            epochs: 1000,
+            warmup_epochs: 0.0,
+            ..PretrainConfig::default()
+        };
+        let mut trainer = Trainer::new(config, batch, Device::Cpu).expect("trainer");
+        let images = Tensor::rand([batch as i64, 1, size, size], (Kind::Float, Device::Cpu));
+        let ids: Vec<u64> = (0..batch as u64).collect();
+        trainer.train_step(&images, &ids).expect("warm-up step");
+        let start = Instant::now();
+        for _ in 0..steps {
+            trainer.train_step(&images, &ids).expect("step");
+        }
+        let per_step = start.elapsed().as_secs_f64() / steps as f64;
+        println!("| {name} | {size}x{size} | {batch} | {per_step:.3} | {:.1} |", batch as f64 / per_step);
+    }
+}
