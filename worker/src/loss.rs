@@ -176,7 +176,7 @@ mod tests {
         let mut sum = Tensor::zeros([], (Kind::Double, Device::Cpu));
         for r in 0..world {
             let anchors = keys.narrow(0, r * 2 * n, 2 * n);
-            sum = sum + nt_xent(&anchors, &keys, &AnchorRows::rank_block(n, r), tau, total);
+            sum += nt_xent(&anchors, &keys, &AnchorRows::rank_block(n, r), tau, total);
         }
         sum.backward();
         let distributed_grad = keys.grad().copy();

@@ -250,7 +250,7 @@ impl ProjectionHead {
                 &layer_path / "linear",
                 width,
                 out,
-                nn::LinearConfig { bias: !(config.batch_norm && !last), ..Default::default() },
+                nn::LinearConfig { bias: !config.batch_norm || last, ..Default::default() },
             );
             let norm = (config.batch_norm && !last).then(|| {
                 nn::batch_norm1d(

@@ -286,7 +286,7 @@ mod tests {
         opt.step(lr);
         // Weight: adapted.
         let mut w = W.to_vec();
-        let mut v = vec![0.0; 6];
+        let mut v = [0.0; 6];
         for _ in 0..2 {
             let d: Vec<f64> = G.iter().zip(&w).map(|(g, w)| g + wd * w).collect();
             let trust = eta * norm(&w) / norm(&d);
@@ -298,7 +298,7 @@ mod tests {
         close(&to_f64(&opt.params()[0].tensor), &w);
         // Bias: excluded, so plain momentum with no decay and trust 1.
         let mut b = W[..3].to_vec();
-        let mut vb = vec![0.0; 3];
+        let mut vb = [0.0; 3];
         for _ in 0..2 {
             for k in 0..3 {
                 vb[k] = m * vb[k] + lr * G[k];

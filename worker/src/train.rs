@@ -293,7 +293,7 @@ impl Trainer {
             monitor(&stats);
             if let Some(dir) = checkpoints {
                 let every = self.config.checkpoint_every;
-                if (every > 0 && self.step % every == 0) || self.step == total {
+                if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
                     self.save_checkpoint(dir)?;
                 }
             }
