@@ -1,12 +1,13 @@
 //! One SimCLR training step (two views of a batch, encoder, projection head, NT-Xent, backward, LARS)
-//! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224. `scripts/bench_step.sh`
+//! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224, and the augmentations alone.
+//! `scripts/bench_step.sh`
 //! runs it beside the same step in PyTorch at the same thread count.
 //!
 //! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS]
 
 use std::time::Instant;
 
-use simclr_worker::augment::AugmentConfig;
+use simclr_worker::augment::{two_views, AugmentConfig};
 use simclr_worker::model::Arch;
 use simclr_worker::train::{PretrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
@@ -16,6 +17,8 @@ fn main() {
     let threads: i32 = args.first().and_then(|s| s.parse().ok()).unwrap_or(2);
     let steps: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     tch::set_num_threads(threads);
+    augmentation_throughput(steps);
+    println!();
     println!("| model | input | batch (images) | step time (s) | images/s |");
     println!("|---|---|---|---|---|");
     for (arch, name, size, batch) in [
@@ -44,5 +47,24 @@ fn main() {
         }
         let per_step = start.elapsed().as_secs_f64() / steps as f64;
         println!("| {name} | {size}x{size} | {batch} | {per_step:.3} | {:.1} |", batch as f64 / per_step);
+    }
+}
+
+/// Both views of a batch with the `cxr` preset (crop, flip, rotation, jitter, gamma, blur), from the
+/// cached 64x64 images to the model input size.
+fn augmentation_throughput(repeats: u32) {
+    println!("| augmentation (cxr preset, both views) | batch (images) | images/s |");
+    println!("|---|---|---|");
+    for (out, batch) in [(64, 256), (224, 64)] {
+        let images = Tensor::rand([batch, 1, 64, 64], (Kind::Float, Device::Cpu));
+        let ids: Vec<u64> = (0..batch as u64).collect();
+        let config = AugmentConfig::cxr();
+        let _ = two_views(&config, &images, &ids, 1, 0, out);
+        let start = Instant::now();
+        for epoch in 0..repeats as u64 {
+            let _ = two_views(&config, &images, &ids, 1, epoch, out);
+        }
+        let rate = batch as f64 * repeats as f64 / start.elapsed().as_secs_f64();
+        println!("| 64x64 -> {out}x{out} | {batch} | {rate:.0} |");
     }
 }
