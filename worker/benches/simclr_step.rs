@@ -1,7 +1,6 @@
 //! One SimCLR training step (two views of a batch, encoder, projection head, NT-Xent, backward, LARS)
-//! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224, and the augmentations alone.
-//! `scripts/bench_step.sh`
-//! runs it beside the same step in PyTorch at the same thread count.
+//! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224, and the augmentations
+//! alone. `scripts/bench_step.sh` runs it beside the same step in PyTorch at the same thread count.
 //!
 //! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS]
 
