@@ -233,11 +233,16 @@ impl Trainer {
 
     /// One optimisation step on a batch: `images` B x 1 x S x S in [0, 1] with their sample ids.
     pub fn train_step(&mut self, images: &Tensor, samples: &[u64]) -> Result<StepStats, TrainError> {
-        let started = Instant::now();
-        let n = samples.len() as i64;
         let images = images.to_device(self.vs.device());
-        let (v0, v1) =
+        let views =
             two_views(&self.config.augment, &images, samples, self.config.seed, self.epoch, self.config.input_size);
+        self.step_on_views(views, samples.len())
+    }
+
+    /// The step on the batch's two views (each n x 1 x input x input), computed ahead by [`Trainer::fit`].
+    fn step_on_views(&mut self, (v0, v1): (Tensor, Tensor), n: usize) -> Result<StepStats, TrainError> {
+        let started = Instant::now();
+        let n = n as i64;
         let views = Tensor::cat(&[v0, v1], 0).to_kind(Kind::Float);
         let z = self.head.forward(&self.encoder.forward(&views, true), true);
         let similarity = cosine_similarity(&z, &z);
@@ -283,13 +288,24 @@ impl Trainer {
     ) -> Result<(), TrainError> {
         let n = images.size()[0] as usize;
         let total = self.total_steps();
+        // The views of the next batch are computed on another thread while this step runs.
+        let mut ahead: Option<std::thread::JoinHandle<(Tensor, Tensor)>> = None;
         while self.step < total {
-            let order = self.epoch_order(n, self.epoch);
-            let start = self.position * self.config.batch_size;
-            let batch: Vec<usize> = order[start..start + self.config.batch_size].to_vec();
-            let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
-            let stats =
-                self.train_step(&images.index_select(0, &index), &batch.iter().map(|&i| i as u64).collect::<Vec<_>>())?;
+            let views = match ahead.take() {
+                Some(handle) => handle.join().expect("the augmentation thread panicked"),
+                None => self.batch_views(images, n, self.epoch, self.position),
+            };
+            if self.step + 1 < total {
+                let (epoch, position) = if self.position as u64 + 1 >= self.steps_per_epoch {
+                    (self.epoch + 1, 0)
+                } else {
+                    (self.epoch, self.position + 1)
+                };
+                let (batch, ids) = self.batch_at(images, n, epoch, position);
+                let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
+                ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
+            }
+            let stats = self.step_on_views(views, self.config.batch_size)?;
             monitor(&stats);
             if let Some(dir) = checkpoints {
                 let every = self.config.checkpoint_every;
@@ -299,6 +315,20 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+
+    /// The images and sample ids of batch `position` of `epoch`, on the model's device.
+    fn batch_at(&self, images: &Tensor, n: usize, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
+        let order = self.epoch_order(n, epoch);
+        let start = position * self.config.batch_size;
+        let batch = &order[start..start + self.config.batch_size];
+        let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        (images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| i as u64).collect())
+    }
+
+    fn batch_views(&self, images: &Tensor, n: usize, epoch: u64, position: usize) -> (Tensor, Tensor) {
+        let (batch, ids) = self.batch_at(images, n, epoch, position);
+        two_views(&self.config.augment, &batch, &ids, self.config.seed, epoch, self.config.input_size)
     }
 
     /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it.
@@ -451,6 +481,25 @@ mod tests {
         resumed.fit(&data, None, |_| {}).unwrap();
         for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed).iter()) {
             assert!(a.equal(b), "{name} differs after resuming");
+        }
+    }
+
+    #[test]
+    fn fit_with_views_prefetched_equals_plain_steps() {
+        let data = dataset(12);
+        let mut fitted = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
+        fitted.fit(&data, None, |_| {}).unwrap();
+        let mut stepped = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
+        while stepped.step < stepped.total_steps() {
+            let order = stepped.epoch_order(12, stepped.epoch);
+            let batch: Vec<i64> =
+                order[stepped.position * 4..stepped.position * 4 + 4].iter().map(|&i| i as i64).collect();
+            let ids: Vec<u64> = batch.iter().map(|&i| i as u64).collect();
+            stepped.train_step(&data.index_select(0, &Tensor::from_slice(&batch)), &ids).unwrap();
+        }
+        assert_eq!(fitted.step, 6);
+        for ((name, a), (_, b)) in weights(&fitted).iter().zip(weights(&stepped).iter()) {
+            assert!(a.equal(b), "{name} differs");
         }
     }
 
