@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One SimCLR training step, ours (tch) against PyTorch (Python), same machine, same thread count, same run.
-#   scripts/bench_step.sh [THREADS] [STEPS]
+#   scripts/bench_step.sh [THREADS] [STEPS]   (the augmentations alone first, then the step)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 threads=${1:-2}

@@ -44,6 +44,35 @@ def lars_step(params, buffers, lr, momentum=0.9, eta=0.001, wd=1e-6):
         p.sub_(buf)
 
 
+def augmentation_throughput(repeats):
+    """The cxr preset with torchvision.transforms.v2, per image (as a Dataset's __getitem__ applies it)."""
+    from torchvision.transforms import v2
+
+    print("| augmentation (cxr preset, both views) | batch (images) | images/s |")
+    print("|---|---|---|")
+    for out, batch in [(64, 256), (224, 64)]:
+        kernel = max(3, int(out * 0.1) // 2 * 2 + 1)
+        transform = v2.Compose([
+            v2.RandomResizedCrop(out, scale=(0.3, 1.0), antialias=False),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(10),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8),
+            v2.RandomApply([v2.Lambda(lambda x: v2.functional.adjust_gamma(x, float(torch.empty(1).uniform_(0.7, 1.4))))], p=0.5),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        ])
+        images = torch.rand(batch, 1, 64, 64)
+        for image in images:
+            transform(image)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for image in images:
+                transform(image), transform(image)
+        rate = batch * repeats / (time.perf_counter() - start)
+        print(f"| 64x64 -> {out}x{out} | {batch} | {rate:.0f} |")
+
+
+augmentation_throughput(steps)
+print()
 print(f"| model | input | batch (images) | step time (s) | images/s |")
 print("|---|---|---|---|---|")
 for arch, name, size, batch in [("resnet18", "ResNet-18", 64, 64), ("resnet18", "ResNet-18", 224, 16),
