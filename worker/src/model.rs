@@ -120,18 +120,20 @@ impl Block {
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let last = self.convs.len() - 1;
+        // ReLU and the residual sum in place, as torchvision does (less memory traffic; autograd allows
+        // it: BatchNorm's backward does not need its output).
         let mut y = x.shallow_clone();
         for (i, (c, b)) in self.convs.iter().enumerate() {
             y = b.forward_t(&y.apply(c), train);
             if i < last {
-                y = y.relu();
+                y = y.relu_();
             }
         }
         let shortcut = match &self.downsample {
             Some((c, b)) => b.forward_t(&x.apply(c), train),
             None => x.shallow_clone(),
         };
-        (y + shortcut).relu()
+        y.g_add_(&shortcut).relu_()
     }
 }
 
@@ -197,7 +199,7 @@ impl Encoder {
             self.batches_tracked.set(self.batches_tracked.get() + 1);
         }
         let mut x =
-            self.bn1.forward_t(&x.apply(&self.conv1), train).relu().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+            self.bn1.forward_t(&x.apply(&self.conv1), train).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for layer in &self.layers {
             for block in layer {
                 x = block.forward(&x, train);
