@@ -77,6 +77,9 @@ def save(ds, name):
 
 
 def gdcm_transcode(src, dst, syntax, lossy_quality=None):
+    """Rewrites DICOM file `src` as `dst` in the gdcm.TransferSyntax named `syntax`, with GDCM (also
+    used by scripts/bench_pydicom.py). Imported here only: python-gdcm 3.2.6 brings its own zlib, and
+    pydicom's deflate afterwards aborts the process (double free)."""
     import gdcm
 
     reader = gdcm.ImageReader()
@@ -84,7 +87,7 @@ def gdcm_transcode(src, dst, syntax, lossy_quality=None):
     if not reader.Read():
         sys.exit(f"gdcm cannot read {src}")
     change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(syntax))
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
     if lossy_quality is not None:
         codec = gdcm.JPEGCodec()
         codec.SetLossless(False)
@@ -94,7 +97,7 @@ def gdcm_transcode(src, dst, syntax, lossy_quality=None):
     if not change.Change():
         sys.exit(f"gdcm cannot transcode {src} to {syntax}")
     writer = gdcm.ImageWriter()
-    writer.SetFileName(os.path.join(OUT, dst))
+    writer.SetFileName(dst)
     writer.SetFile(reader.GetFile())
     writer.SetImage(change.GetOutput())
     if not writer.Write():
@@ -149,22 +152,21 @@ def main():
     ds.VOILUTSequence = [item]
     save(ds, "voi_lut_sequence_12bit.dcm")
 
-    # GDCM (its IJG libjpeg 8/12/16, CharLS and OpenJPEG builds), imported last: python-gdcm 3.2.6
-    # brings its own zlib, and pydicom's deflate afterwards aborts the process (double free).
-    import gdcm
+    # GDCM (its IJG libjpeg 8/12/16, CharLS and OpenJPEG builds), last (see gdcm_transcode).
+    def T(name, syntax, **kw):
+        gdcm_transcode(tmp, os.path.join(OUT, name), syntax, **kw)
 
-    T = gdcm.TransferSyntax
     save(dataset(smooth(8), 8, window=True), "_source.dcm")
-    gdcm_transcode(tmp, "jpeg_baseline_8bit.dcm", T.JPEGBaselineProcess1, lossy_quality=95)
+    T("jpeg_baseline_8bit.dcm", "JPEGBaselineProcess1", lossy_quality=95)
     # JPEG extended at 8 bits: for 12 bits GDCM 3.2.6 writes a lossy frame of precision 16, which the
     # standard forbids and no decoder (pylibjpeg, jpeg-decoder) reads.
-    gdcm_transcode(tmp, "jpeg_extended_8bit.dcm", T.JPEGExtendedProcess2_4, lossy_quality=90)
+    T("jpeg_extended_8bit.dcm", "JPEGExtendedProcess2_4", lossy_quality=90)
     save(dataset(textured(12), 12), "_source.dcm")
-    gdcm_transcode(tmp, "jpeg_lossless_p14_12bit.dcm", T.JPEGLosslessProcess14)
-    gdcm_transcode(tmp, "jpegls_lossless_12bit.dcm", T.JPEGLSLossless)
+    T("jpeg_lossless_p14_12bit.dcm", "JPEGLosslessProcess14")
+    T("jpegls_lossless_12bit.dcm", "JPEGLSLossless")
     save(dataset(textured(16), 16, monochrome1=True), "_source.dcm")
-    gdcm_transcode(tmp, "jpeg_lossless_sv1_16bit_mono1.dcm", T.JPEGLosslessProcess14_1)
-    gdcm_transcode(tmp, "j2k_lossless_16bit_mono1.dcm", T.JPEG2000Lossless)
+    T("jpeg_lossless_sv1_16bit_mono1.dcm", "JPEGLosslessProcess14_1")
+    T("j2k_lossless_16bit_mono1.dcm", "JPEG2000Lossless")
     os.remove(tmp)
 
     for name in sorted(os.listdir(OUT)):

@@ -57,9 +57,10 @@ enum VoiFunction {
     Sigmoid,
 }
 
+/// The pipeline on a file. The file is read once into memory (the parser holds every value, pixel data
+/// included, in memory anyway), so the length guard and the parser do not read it twice.
 pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
-    guard::check_file(path, guard::Extent::Everything).map_err(DecodeError::NotDicom)?;
-    decode_object(&parse_guarded(|| OpenFileOptions::new().open_file(path))?)
+    decode_bytes(&std::fs::read(path).map_err(|e| DecodeError::NotDicom(format!("cannot read: {e}")))?)
 }
 
 /// The pipeline on a file's bytes (with or without the 128-byte preamble); the fuzz target's entry.
@@ -118,11 +119,8 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
     if u64::from(rows) * u64::from(cols) > MAX_PIXELS {
         return Err(DecodeError::Unsupported(format!("{rows}x{cols} pixels (at most {MAX_PIXELS} are decoded)")));
     }
-    check_codestream(obj, rows, cols)?;
+    check_frame_header(obj, &ts_uid, rows, cols)?;
     let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
-    if ts_uid == dicom_dictionary_std::uids::RLE_LOSSLESS {
-        check_rle_header(obj)?;
-    }
     // Decoders are third-party code fed untrusted bytes; a panic in one (dicom-rs 0.10's RLE decoder
     // indexes out of bounds on some corrupt segments) becomes this file's error, not the process's end.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
@@ -155,20 +153,23 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
 /// decoders allocate for the size a header declares, whatever the file holds.
 pub const MAX_PIXELS: u64 = 40_000_000;
 
-/// The image size inside a compressed frame's own header (JPEG and JPEG-LS frame header, JPEG 2000
-/// SIZ marker) must be the DICOM Rows and Columns: decoders allocate for the size their codestream
-/// declares (a 2 KB file declaring a 3.7-gigapixel JPEG 2000 image made openjp2 allocate gigabytes,
-/// found by the fuzz target).
-fn check_codestream(obj: &DefaultDicomObject, rows: u32, cols: u32) -> Result<(), DecodeError> {
-    let Some(fragment) = obj.get(tags::PIXEL_DATA).and_then(|e| e.fragments()).and_then(|f| f.first()) else {
-        return Ok(());
-    };
+/// The first compressed frame's own header, read before any decoder allocates for what it declares
+/// (both checks were found necessary by the fuzz target): an RLE header (see [`check_rle_header`]), or
+/// the image size in a JPEG / JPEG-LS frame header or JPEG 2000 SIZ marker, which must be the DICOM
+/// Rows and Columns (a 2 KB file declaring a 3.7-gigapixel JPEG 2000 image made openjp2 allocate
+/// gigabytes). Native (unencapsulated) pixel data has no frame header.
+fn check_frame_header(obj: &DefaultDicomObject, ts_uid: &str, rows: u32, cols: u32) -> Result<(), DecodeError> {
+    let fragment = obj.get(tags::PIXEL_DATA).and_then(|e| e.fragments()).and_then(|f| f.first());
+    if ts_uid == dicom_dictionary_std::uids::RLE_LOSSLESS {
+        return check_rle_header(fragment.ok_or_else(|| DecodeError::Pixels("RLE pixel data has no fragment".into()))?);
+    }
+    let Some(fragment) = fragment else { return Ok(()) };
     let declared = if fragment.starts_with(&[0xFF, 0xD8]) {
         jpeg_frame_size(fragment)
     } else if let Some(at) = find(fragment, &[0xFF, 0x4F, 0xFF, 0x51]) {
         j2k_image_size(&fragment[at..])
     } else {
-        // RLE (checked on its own) or a codec whose header is not read here.
+        // A codec whose header is not read here.
         return Ok(());
     };
     match declared {
@@ -219,13 +220,8 @@ fn j2k_image_size(data: &[u8]) -> Option<(u32, u32)> {
 
 /// The RLE header of the first frame (PS3.5 G.5: 16 little-endian u32, the segment count then up to
 /// 15 segment offsets, ascending, inside the fragment). dicom-rs 0.10 allocates the count it reads
-/// before any check (a corrupt count asked for 6.6 GB, found by the fuzz target).
-fn check_rle_header(obj: &DefaultDicomObject) -> Result<(), DecodeError> {
-    let fragment = obj
-        .get(tags::PIXEL_DATA)
-        .and_then(|e| e.fragments())
-        .and_then(|f| f.first())
-        .ok_or_else(|| DecodeError::Pixels("RLE pixel data has no fragment".into()))?;
+/// before any check (a corrupt count asked for 6.6 GB).
+fn check_rle_header(fragment: &[u8]) -> Result<(), DecodeError> {
     let bad = |why: String| Err(DecodeError::Pixels(format!("invalid RLE header: {why}")));
     if fragment.len() < 64 {
         return bad(format!("the first fragment has {} bytes, fewer than the 64-byte header", fragment.len()));
@@ -346,28 +342,21 @@ fn present(stored: &[i64], slope: f64, intercept: f64, voi: &Voi, inverse: bool)
 /// modality range, used when there is neither a window nor a VOI LUT.
 fn voi_value(x: f64, voi: &Voi, range: (f64, f64)) -> f64 {
     match voi {
-        Voi::Window { center, width, function } => match function {
-            VoiFunction::Linear => {
-                let (c, w) = (center - 0.5, width - 1.0);
-                if x <= c - w / 2.0 {
-                    0.0
-                } else if x > c + w / 2.0 {
-                    1.0
-                } else {
-                    (x - c) / w + 0.5
-                }
+        Voi::Window { center, width, function } => {
+            // LINEAR is LINEAR_EXACT with the center moved down by 0.5 and the width narrowed by 1.
+            let (c, w) = match function {
+                VoiFunction::Linear => (center - 0.5, width - 1.0),
+                VoiFunction::LinearExact => (*center, *width),
+                VoiFunction::Sigmoid => return 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
+            };
+            if x <= c - w / 2.0 {
+                0.0
+            } else if x > c + w / 2.0 {
+                1.0
+            } else {
+                (x - c) / w + 0.5
             }
-            VoiFunction::LinearExact => {
-                if x <= center - width / 2.0 {
-                    0.0
-                } else if x > center + width / 2.0 {
-                    1.0
-                } else {
-                    (x - center) / width + 0.5
-                }
-            }
-            VoiFunction::Sigmoid => 1.0 / (1.0 + (-4.0 * (x - center) / width).exp()),
-        },
+        }
         Voi::Lut { first_mapped, bits, data } => {
             let top = ((1u32 << bits) - 1) as f64;
             let i = (x - first_mapped).round().clamp(0.0, (data.len() - 1) as f64) as usize;

@@ -47,6 +47,16 @@ impl AnchorRows {
     }
 }
 
+/// The similarity matrix with each anchor's own entry set to -inf (`masked_fill`: that entry gets
+/// exactly zero gradient), so that neither the softmax nor an argmax can pick it.
+pub fn mask_own(similarity: &Tensor, rows: &AnchorRows) -> Tensor {
+    let m = similarity.size()[1];
+    let device = similarity.device();
+    let own = Tensor::from_slice(&rows.own).to_device(device);
+    let self_mask = Tensor::arange(m, (Kind::Int64, device)).unsqueeze(0).eq_tensor(&own.unsqueeze(1));
+    similarity.masked_fill(&self_mask, f64::NEG_INFINITY)
+}
+
 /// NT-Xent of `anchors` against `keys` (their rows named by `rows`), summed over the anchors and
 /// divided by `denominator` (the number of anchors in the whole global batch).
 pub fn nt_xent(anchors: &Tensor, keys: &Tensor, rows: &AnchorRows, tau: f64, denominator: i64) -> Tensor {
@@ -56,15 +66,12 @@ pub fn nt_xent(anchors: &Tensor, keys: &Tensor, rows: &AnchorRows, tau: f64, den
 /// The loss from the anchors' similarity matrix (n x m). Each anchor's own entry is replaced by -inf
 /// before the softmax (`masked_fill`), so it takes no part in the loss and gets exactly zero gradient.
 pub fn nt_xent_from_similarity(similarity: &Tensor, rows: &AnchorRows, tau: f64, denominator: i64) -> Tensor {
-    let (n, m) = similarity.size2().expect("a similarity matrix");
+    let (n, _) = similarity.size2().expect("a similarity matrix");
     assert_eq!(rows.own.len() as i64, n, "one own row per anchor");
     assert_eq!(rows.positive.len() as i64, n, "one positive row per anchor");
     assert!(tau > 0.0, "temperature must be positive");
-    let device = similarity.device();
-    let own = Tensor::from_slice(&rows.own).to_device(device);
-    let positive = Tensor::from_slice(&rows.positive).to_device(device);
-    let self_mask = Tensor::arange(m, (Kind::Int64, device)).unsqueeze(0).eq_tensor(&own.unsqueeze(1));
-    let logits = (similarity / tau).masked_fill(&self_mask, f64::NEG_INFINITY);
+    let positive = Tensor::from_slice(&rows.positive).to_device(similarity.device());
+    let logits = mask_own(similarity, rows) / tau;
     let positives = logits.gather(1, &positive.unsqueeze(1), false).squeeze_dim(1);
     let per_anchor = logits.logsumexp([1i64].as_slice(), false) - positives;
     per_anchor.sum(similarity.kind()) / denominator as f64
@@ -79,9 +86,7 @@ mod tests {
         crate::model::with_torch_seed(seed as u64, || Tensor::randn([rows, dim], (Kind::Double, Device::Cpu)))
     }
 
-    fn values(t: &Tensor) -> Vec<f64> {
-        Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
-    }
+    use crate::optim::to_f64 as values;
 
     /// Equation 1 of the paper, in f64 loops: l(i, j) = -log(exp(s_ij/t) / sum_{k != i} exp(s_ik/t)),
     /// averaged over every anchor i with its partner j.

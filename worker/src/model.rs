@@ -306,11 +306,6 @@ pub fn parameter_count(vs: &nn::VarStore, prefix: &str) -> i64 {
         .sum()
 }
 
-/// Rows of a tensor as f32 values, for reports and tests.
-pub fn to_f32(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
-}
-
 /// The encoder's weights by torchvision name: every variable of `vs` outside the projection head, plus
 /// BatchNorm's `num_batches_tracked`, sorted by name.
 pub fn encoder_state(vs: &nn::VarStore, encoder: &Encoder) -> Vec<(String, Tensor)> {

@@ -11,7 +11,7 @@
 //! Every update runs on the parameters' own device without autograd. The state (momentum buffers,
 //! moments, step) is exposed by name, for checkpoints that resume exactly.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// One trainable tensor and whether weight decay and LARS adaptation apply to it.
 #[derive(Debug)]
@@ -235,15 +235,16 @@ pub fn warmup_cosine(peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// The gradient-free copy of a tensor's values, for tests and reports.
-pub fn to_f64(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap_or_default()
+/// A tensor's values as f64, for the tests' formulas.
+#[cfg(test)]
+pub(crate) fn to_f64(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.detach().to_kind(tch::Kind::Double).flatten(0, -1)).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     const W: [f64; 6] = [0.5, -1.0, 2.0, 0.25, -0.75, 1.5];
     const G: [f64; 6] = [0.1, 0.2, -0.3, 0.05, -0.15, 0.4];

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::augment::{two_views, AugmentConfig};
-use crate::loss::{cosine_similarity, nt_xent_from_similarity, AnchorRows};
+use crate::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::model::{
     load_encoder, save_encoder, with_torch_seed, Arch, Encoder, EncoderConfig, HeadConfig, ProjectionHead, Stem,
     HEAD_PREFIX,
@@ -417,15 +417,8 @@ impl Trainer {
 
 /// Share of anchors whose most similar other view is their positive.
 pub fn contrastive_accuracy(similarity: &Tensor, rows: &AnchorRows) -> f64 {
-    let n = rows.own.len() as i64;
-    let own = Tensor::from_slice(&rows.own);
-    let positive = Tensor::from_slice(&rows.positive);
-    let masked = similarity.to_device(Device::Cpu).index_put(
-        &[Some(Tensor::arange(n, (Kind::Int64, Device::Cpu))), Some(own)],
-        &Tensor::from(f64::NEG_INFINITY).to_kind(similarity.kind()),
-        false,
-    );
-    let best = masked.argmax(1, false);
+    let positive = Tensor::from_slice(&rows.positive).to_device(similarity.device());
+    let best = mask_own(similarity, rows).argmax(1, false);
     best.eq_tensor(&positive).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
 }
 
