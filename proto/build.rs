@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
-    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    tonic_prost_build::configure()
+        // Collective payloads decode as `Bytes` (reference-counted slices of the receive buffer, no copy).
+        .bytes(".simclr.cluster.v1.TransferChunk.data")
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

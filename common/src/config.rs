@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::pretrain::PretrainSection;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -32,6 +34,7 @@ pub struct JobConfig {
     pub cluster: ClusterSection,
     pub preflight: PreflightSection,
     pub data: DataSection,
+    pub pretrain: PretrainSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -169,8 +172,9 @@ impl JobConfig {
 
     /// Parses and validates; `origin` names the source in errors (a file path, "from the coordinator").
     pub fn from_toml(text: &str, origin: &str) -> Result<JobConfig, ConfigError> {
-        let config: JobConfig = toml::from_str(text)
+        let mut config: JobConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string() })?;
+        config.pretrain.seed = config.job.seed;
         config.validate()?;
         Ok(config)
     }
@@ -236,11 +240,11 @@ impl JobConfig {
                 "expected at most 64 MiB".into(),
             ));
         }
-        Ok(())
+        self.pretrain.validate(c.world_size)
     }
 }
 
-fn invalid(key: &'static str, value: impl std::fmt::Display, expected: String) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, value: impl std::fmt::Display, expected: String) -> ConfigError {
     ConfigError::Invalid { key, value: value.to_string(), expected }
 }
 

@@ -87,6 +87,26 @@ pub fn lazy_channel(addr: &str, connect_timeout: Duration, call_timeout: Option<
     Ok(endpoint.connect_lazy())
 }
 
+/// HTTP/2 flow-control windows of the links that carry collectives: large enough that a multi-megabyte
+/// transfer streams without waiting for window updates on every few frames.
+pub const DATA_STREAM_WINDOW: u32 = 8 << 20;
+pub const DATA_CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// A channel for collective traffic to a peer: large flow-control windows, a connect deadline, no
+/// per-call deadline (the collective applies its own).
+pub fn data_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Status> {
+    Ok(Endpoint::from_shared(endpoint_uri(addr))
+        .map_err(|e| Status::invalid_argument(format!("bad address '{addr}': {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(DATA_STREAM_WINDOW)
+        .initial_connection_window_size(DATA_CONNECTION_WINDOW)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
 pub fn coordinator_client(channel: Channel, token: AttachToken) -> CoordinatorClient {
     wire::coordinator_client::CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20)
 }

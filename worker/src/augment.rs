@@ -13,75 +13,9 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AugmentConfig {
-    /// False: every view is the plain resized image (a debugging switch, to compare one step with an
-    /// outside reference).
-    pub enabled: bool,
-    /// Crop area as a fraction of the image.
-    pub crop_scale: (f64, f64),
-    /// Crop aspect ratio (width / height), sampled log-uniformly.
-    pub crop_ratio: (f64, f64),
-    pub flip_p: f64,
-    /// Colour-jitter strength s: brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s].
-    pub jitter_strength: f64,
-    pub jitter_p: f64,
-    /// Gamma exponent range, applied with probability `gamma_p`.
-    pub gamma: (f64, f64),
-    pub gamma_p: f64,
-    pub blur_p: f64,
-    pub blur_sigma: (f64, f64),
-    /// Rotation in degrees, uniform in [-max, max].
-    pub rotation_degrees: f64,
-}
-
-impl AugmentConfig {
-    /// SimCLR's recipe (Chen et al. 2020, appendix A) without the colour-only parts.
-    pub fn simclr() -> AugmentConfig {
-        AugmentConfig {
-            enabled: true,
-            crop_scale: (0.08, 1.0),
-            crop_ratio: (3.0 / 4.0, 4.0 / 3.0),
-            flip_p: 0.5,
-            jitter_strength: 1.0,
-            jitter_p: 0.8,
-            gamma: (1.0, 1.0),
-            gamma_p: 0.0,
-            blur_p: 0.5,
-            blur_sigma: (0.1, 2.0),
-            rotation_degrees: 0.0,
-        }
-    }
-
-    /// Chest radiographs: gentler crops (a lung field, not a rib), milder jitter, gamma for exposure,
-    /// and small rotations (about +-10 degrees, as chest-radiograph contrastive work uses).
-    pub fn cxr() -> AugmentConfig {
-        AugmentConfig {
-            crop_scale: (0.3, 1.0),
-            jitter_strength: 0.5,
-            gamma: (0.7, 1.4),
-            gamma_p: 0.5,
-            rotation_degrees: 10.0,
-            ..AugmentConfig::simclr()
-        }
-    }
-
-    pub fn preset(name: &str) -> Option<AugmentConfig> {
-        match name {
-            "simclr" => Some(AugmentConfig::simclr()),
-            "cxr" => Some(AugmentConfig::cxr()),
-            _ => None,
-        }
-    }
-
-    pub fn disabled() -> AugmentConfig {
-        AugmentConfig { enabled: false, ..AugmentConfig::simclr() }
-    }
-}
+pub use simclr_common::pretrain::{AugmentConfig, AugmentPreset};
 
 /// The random choices of one view.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -4,6 +4,7 @@
 //! optimisers and collectives.
 
 pub mod augment;
+pub mod collective;
 pub mod decode;
 pub mod device;
 pub mod error;

@@ -19,43 +19,26 @@ use std::cell::Cell;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    Resnet18,
-    Resnet34,
-    Resnet50,
-    /// BasicBlocks, one per stage, 2 base channels: a few thousand parameters, for tests.
-    Tiny,
-}
+pub use simclr_common::pretrain::{Arch, Stem};
 
-impl Arch {
-    fn blocks(self) -> [i64; 4] {
-        match self {
-            Arch::Resnet18 => [2, 2, 2, 2],
-            Arch::Resnet34 | Arch::Resnet50 => [3, 4, 6, 3],
-            Arch::Tiny => [1, 1, 1, 1],
-        }
-    }
-    fn bottleneck(self) -> bool {
-        self == Arch::Resnet50
-    }
-    fn base_channels(self) -> i64 {
-        if self == Arch::Tiny {
-            2
-        } else {
-            64
-        }
+fn blocks(arch: Arch) -> [i64; 4] {
+    match arch {
+        Arch::Resnet18 => [2, 2, 2, 2],
+        Arch::Resnet34 | Arch::Resnet50 => [3, 4, 6, 3],
+        Arch::Tiny => [1, 1, 1, 1],
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stem {
-    /// The grayscale channel repeated three times into torchvision's stem (ImageNet-format weights load).
-    Repeat3,
-    /// A 1-channel stem (a third of the stem's weights; torchvision weights do not load into it).
-    Native1,
+fn bottleneck(arch: Arch) -> bool {
+    arch == Arch::Resnet50
+}
+
+fn base_channels(arch: Arch) -> i64 {
+    if arch == Arch::Tiny {
+        2
+    } else {
+        64
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,14 +137,14 @@ impl Encoder {
     /// Builds the encoder under `p`; with the VarStore's root as `p`, names are torchvision's.
     pub fn new(p: &nn::Path, config: EncoderConfig) -> Encoder {
         assert!(matches!(config.width, 1 | 2 | 4), "width multiplier 1, 2 or 4");
-        let base = config.arch.base_channels() * config.width;
+        let base = base_channels(config.arch) * config.width;
         let cin = if config.stem == Stem::Repeat3 { 3 } else { 1 };
         let conv1 = conv(p / "conv1", cin, base, 7, 2, 3);
         let bn1 = bn(p / "bn1", base);
         let mut bn_prefixes = vec!["bn1".to_string()];
         let mut channels = base;
         let mut layers = Vec::new();
-        for (stage, &n) in config.arch.blocks().iter().enumerate() {
+        for (stage, &n) in blocks(config.arch).iter().enumerate() {
             let planes = base << stage;
             let stride = if stage == 0 { 1 } else { 2 };
             let layer = p / format!("layer{}", stage + 1);
@@ -172,7 +155,7 @@ impl Encoder {
                     channels,
                     planes,
                     if i == 0 { stride } else { 1 },
-                    config.arch.bottleneck(),
+                    bottleneck(config.arch),
                 );
                 let prefix = format!("layer{}.{i}", stage + 1);
                 for k in 1..=block.convs.len() {

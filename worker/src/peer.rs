@@ -4,9 +4,15 @@
 use std::sync::Arc;
 
 use simclr_common::StopNotice;
-use simclr_proto::wire::{self, worker_server::Worker};
+use simclr_proto::client::{RequireToken, DATA_CONNECTION_WINDOW, DATA_STREAM_WINDOW};
+use simclr_proto::wire::{self, worker_server::Worker, worker_server::WorkerServer};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::collective::Mailbox;
 
 /// State the server shares with the worker's main task.
 pub struct Control {
@@ -72,6 +78,31 @@ impl Control {
 
 pub struct PeerService {
     pub control: Arc<Control>,
+    pub mailbox: Arc<Mailbox>,
+}
+
+/// Serves the worker endpoint on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    control: Arc<Control>,
+    mailbox: Arc<Mailbox>,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(DATA_STREAM_WINDOW)
+        .initial_connection_window_size(DATA_CONNECTION_WINDOW)
+        .add_service(
+            tonic::service::interceptor::InterceptedService::new(
+                WorkerServer::new(PeerService { control, mailbox })
+                    .max_decoding_message_size(65 << 20)
+                    .max_encoding_message_size(65 << 20),
+                RequireToken::new(token.as_deref()),
+            ),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
 }
 
 #[tonic::async_trait]
@@ -89,5 +120,13 @@ impl Worker for PeerService {
         tracing::info!(rank = ?self.control.rank.borrow().as_ref(), %notice, "stop notice from the coordinator");
         self.control.notify_stop(notice);
         Ok(Response::new(wire::StopResponse {}))
+    }
+
+    async fn transfer(
+        &self,
+        request: Request<Streaming<wire::TransferChunk>>,
+    ) -> Result<Response<wire::TransferAck>, Status> {
+        self.mailbox.receive(request.into_inner()).await?;
+        Ok(Response::new(wire::TransferAck {}))
     }
 }

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use simclr_common::retry::Backoff;
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, WorkerIdentity, PHASES};
-use simclr_proto::client::{coordinator_client, lazy_channel, AttachToken, CoordinatorClient, RequireToken};
-use simclr_proto::wire::{self, worker_server::WorkerServer};
+use simclr_proto::client::{coordinator_client, lazy_channel, AttachToken, CoordinatorClient};
+use simclr_proto::wire;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::device::Device;
 use crate::error::WorkerError;
-use crate::peer::{Control, PeerService};
+use crate::collective::Mailbox;
+use crate::peer::{self, Control};
 use crate::{decode, preflight};
 
 /// Everything the command line (or a launcher's environment) decides.
@@ -63,6 +64,11 @@ pub struct PhaseContext {
     pub config: JobConfig,
     pub token: AttachToken,
     pub coordinator: CoordinatorClient,
+    /// Where the peer server files collective messages for this worker.
+    pub mailbox: Arc<Mailbox>,
+    pub device: tch::Device,
+    /// Fires when the worker is told to stop; long computations check it between steps.
+    pub interrupt: CancellationToken,
 }
 
 impl PhaseContext {
@@ -123,20 +129,16 @@ pub async fn run(opts: WorkerOptions, interrupt: Interrupt) -> Result<ExitStatus
     let span = tracing::info_span!("worker", rank = tracing::field::Empty, job = tracing::field::Empty);
     let control = Control::new();
     let server_shutdown = CancellationToken::new();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(WorkerServer::with_interceptor(
-                PeerService { control: Arc::clone(&control) },
-                RequireToken::new(opts.token.as_deref()),
-            ))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                server_shutdown.clone().cancelled_owned(),
-            ),
-    );
+    let mailbox = Arc::new(Mailbox::default());
+    let server = tokio::spawn(peer::serve(
+        listener,
+        Arc::clone(&control),
+        Arc::clone(&mailbox),
+        opts.token.clone(),
+        server_shutdown.clone(),
+    ));
     tracing::info!(parent: &span, worker = %identity, ?device, coordinator = %opts.coordinator, "worker starting");
-    let result = session(&opts, identity, control, interrupt).instrument(span).await;
+    let result = session(&opts, identity, control, mailbox, device, interrupt).instrument(span).await;
     server_shutdown.cancel();
     let _ = server.await;
     result
@@ -146,6 +148,8 @@ async fn session(
     opts: &WorkerOptions,
     identity: WorkerIdentity,
     control: Arc<Control>,
+    mailbox: Arc<Mailbox>,
+    device: tch::Device,
     interrupt: Interrupt,
 ) -> Result<ExitStatus, WorkerError> {
     let token = AttachToken::new(opts.token.as_deref())
@@ -184,7 +188,32 @@ async fn session(
         )
         .in_current_span(),
     );
-    let ctx = PhaseContext { rank, instance_id: identity.instance_id.clone(), table, config, token, coordinator };
+    // Fires on anything that ends the session, so that computations running off the async runtime
+    // (the training loop) stop between steps instead of running on after their phase was abandoned.
+    let cancel = CancellationToken::new();
+    tokio::spawn({
+        let (cancel, control, interrupt, lost) =
+            (cancel.clone(), Arc::clone(&control), interrupt.clone(), coordinator_lost.clone());
+        async move {
+            tokio::select! {
+                _ = control.stopped() => {}
+                _ = interrupt.token.cancelled() => {}
+                _ = lost.cancelled() => {}
+            }
+            cancel.cancel();
+        }
+    });
+    let ctx = PhaseContext {
+        rank,
+        instance_id: identity.instance_id.clone(),
+        table,
+        config,
+        token,
+        coordinator,
+        mailbox,
+        device,
+        interrupt: cancel.clone(),
+    };
     let lost_message = || lost_reason.lock().map(|s| s.clone()).unwrap_or_default();
 
     let mut ended = None;

@@ -17,88 +17,15 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::augment::{two_views, AugmentConfig};
+use crate::augment::two_views;
 use crate::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::model::{
-    load_encoder, save_encoder, with_torch_seed, Arch, Encoder, EncoderConfig, HeadConfig, ProjectionHead, Stem,
+    load_encoder, save_encoder, with_torch_seed, Encoder, EncoderConfig, HeadConfig, ProjectionHead,
     HEAD_PREFIX,
 };
 use crate::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PretrainConfig {
-    pub arch: Arch,
-    pub width: i64,
-    pub stem: Stem,
-    pub head_layers: usize,
-    /// Hidden width of the head; 0: the encoder's feature width (as SimCLR).
-    pub head_hidden: i64,
-    pub head_out: i64,
-    pub head_batch_norm: bool,
-    /// Images per step on this worker (two views each).
-    pub batch_size: usize,
-    pub epochs: u64,
-    /// Stop after this many steps in all (a debugging limit); 0: no limit.
-    pub max_steps: u64,
-    pub temperature: f64,
-    pub optimizer: OptimizerName,
-    pub base_lr: f64,
-    pub lr_scaling: LrScalingName,
-    pub weight_decay: f64,
-    pub momentum: f64,
-    pub warmup_epochs: f64,
-    /// Side of the model input; the cached images are resampled to it by the crop.
-    pub input_size: i64,
-    pub augment: AugmentConfig,
-    pub seed: u64,
-    /// Steps between checkpoints (0: only at the end).
-    pub checkpoint_every: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerName {
-    Lars,
-    Sgd,
-    Adamw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LrScalingName {
-    Linear,
-    Sqrt,
-    None,
-}
-
-impl Default for PretrainConfig {
-    fn default() -> Self {
-        PretrainConfig {
-            arch: Arch::Resnet50,
-            width: 1,
-            stem: Stem::Repeat3,
-            head_layers: 2,
-            head_hidden: 0,
-            head_out: 128,
-            head_batch_norm: false,
-            batch_size: 256,
-            epochs: 100,
-            max_steps: 0,
-            temperature: 0.5,
-            optimizer: OptimizerName::Lars,
-            base_lr: 0.3,
-            lr_scaling: LrScalingName::Linear,
-            weight_decay: 1e-6,
-            momentum: 0.9,
-            warmup_epochs: 10.0,
-            input_size: 224,
-            augment: AugmentConfig::cxr(),
-            seed: 0,
-            checkpoint_every: 0,
-        }
-    }
-}
+pub use simclr_common::pretrain::{LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -425,6 +352,8 @@ pub fn contrastive_accuracy(similarity: &Tensor, rows: &AnchorRows) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::augment::AugmentConfig;
+    use crate::model::Arch;
 
     fn tiny(batch_size: usize, epochs: u64) -> PretrainConfig {
         PretrainConfig {

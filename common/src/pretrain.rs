@@ -1,0 +1,377 @@
+//! The `[pretrain]` section: the SimCLR model, its augmentations, loss and optimiser. Pure data, so the
+//! coordinator (which never links libtorch) validates it and the workers read the same types.
+//!
+//! `batch_size` is the global batch: every optimiser step sees `batch_size` images (2 x `batch_size`
+//! views) spread over the ranks, `batch_size / world_size` on each, and the learning rate scales with it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{invalid, ConfigError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
+    /// BasicBlocks, one per stage, 2 base channels: a few thousand parameters, for tests.
+    Tiny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    /// The grayscale channel repeated three times into torchvision's stem (ImageNet-format weights load).
+    Repeat3,
+    /// A 1-channel stem (a third of the stem's weights; torchvision weights do not load into it).
+    Native1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Lars,
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScalingName {
+    Linear,
+    Sqrt,
+    None,
+}
+
+/// BatchNorm statistics during pretraining with more than one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BnMode {
+    /// Statistics over the global batch (SimCLR's global BN): world-size invariant.
+    Sync,
+    /// Each worker's own statistics (faster; a view can find its partner through them).
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AugmentPreset {
+    Simclr,
+    Cxr,
+}
+
+/// SimCLR's augmentations for grayscale radiographs. In TOML, `preset` picks the defaults of every
+/// other key and any key given overrides its preset value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "AugmentToml", into = "AugmentToml")]
+pub struct AugmentConfig {
+    pub preset: AugmentPreset,
+    /// False: every view is the plain resized image (a debugging switch, to compare one step with an
+    /// outside reference).
+    pub enabled: bool,
+    /// Crop area as a fraction of the image.
+    pub crop_scale: (f64, f64),
+    /// Crop aspect ratio (width / height), sampled log-uniformly.
+    pub crop_ratio: (f64, f64),
+    pub flip_p: f64,
+    /// Colour-jitter strength s: brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s].
+    pub jitter_strength: f64,
+    pub jitter_p: f64,
+    /// Gamma exponent range, applied with probability `gamma_p`.
+    pub gamma: (f64, f64),
+    pub gamma_p: f64,
+    pub blur_p: f64,
+    pub blur_sigma: (f64, f64),
+    /// Rotation in degrees, uniform in [-max, max].
+    pub rotation_degrees: f64,
+}
+
+impl AugmentConfig {
+    /// SimCLR's recipe (Chen et al. 2020, appendix A) without the colour-only parts.
+    pub fn simclr() -> AugmentConfig {
+        AugmentConfig {
+            preset: AugmentPreset::Simclr,
+            enabled: true,
+            crop_scale: (0.08, 1.0),
+            crop_ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip_p: 0.5,
+            jitter_strength: 1.0,
+            jitter_p: 0.8,
+            gamma: (1.0, 1.0),
+            gamma_p: 0.0,
+            blur_p: 0.5,
+            blur_sigma: (0.1, 2.0),
+            rotation_degrees: 0.0,
+        }
+    }
+
+    /// Chest radiographs: gentler crops (a lung field, not a rib), milder jitter, gamma for exposure,
+    /// and small rotations (about +-10 degrees, as chest-radiograph contrastive work uses).
+    pub fn cxr() -> AugmentConfig {
+        AugmentConfig {
+            preset: AugmentPreset::Cxr,
+            crop_scale: (0.3, 1.0),
+            jitter_strength: 0.5,
+            gamma: (0.7, 1.4),
+            gamma_p: 0.5,
+            rotation_degrees: 10.0,
+            ..AugmentConfig::simclr()
+        }
+    }
+
+    pub fn preset(preset: AugmentPreset) -> AugmentConfig {
+        match preset {
+            AugmentPreset::Simclr => AugmentConfig::simclr(),
+            AugmentPreset::Cxr => AugmentConfig::cxr(),
+        }
+    }
+
+    pub fn disabled() -> AugmentConfig {
+        AugmentConfig { enabled: false, ..AugmentConfig::simclr() }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let probability = |key: &'static str, p: f64| {
+            if (0.0..=1.0).contains(&p) {
+                Ok(())
+            } else {
+                Err(invalid(key, p, "expected a probability in [0, 1]".into()))
+            }
+        };
+        probability("pretrain.augment.flip_p", self.flip_p)?;
+        probability("pretrain.augment.jitter_p", self.jitter_p)?;
+        probability("pretrain.augment.gamma_p", self.gamma_p)?;
+        probability("pretrain.augment.blur_p", self.blur_p)?;
+        let range = |key: &'static str, (lo, hi): (f64, f64), min: f64, max: f64| {
+            if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max {
+                Ok(())
+            } else {
+                Err(invalid(key, format!("[{lo}, {hi}]"), format!("expected [low, high] with {min} <= low <= high <= {max}")))
+            }
+        };
+        range("pretrain.augment.crop_scale", self.crop_scale, 1e-3, 1.0)?;
+        range("pretrain.augment.crop_ratio", self.crop_ratio, 0.1, 10.0)?;
+        range("pretrain.augment.gamma", self.gamma, 0.1, 10.0)?;
+        range("pretrain.augment.blur_sigma", self.blur_sigma, 1e-3, 50.0)?;
+        if !(0.0..=1.0).contains(&self.jitter_strength) {
+            return Err(invalid("pretrain.augment.jitter_strength", self.jitter_strength, "expected 0..=1".into()));
+        }
+        if !(0.0..=180.0).contains(&self.rotation_degrees) {
+            return Err(invalid("pretrain.augment.rotation_degrees", self.rotation_degrees, "expected 0..=180".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The TOML form: a preset and optional overrides.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AugmentToml {
+    #[serde(default = "default_preset")]
+    preset: AugmentPreset,
+    enabled: Option<bool>,
+    crop_scale: Option<(f64, f64)>,
+    crop_ratio: Option<(f64, f64)>,
+    flip_p: Option<f64>,
+    jitter_strength: Option<f64>,
+    jitter_p: Option<f64>,
+    gamma: Option<(f64, f64)>,
+    gamma_p: Option<f64>,
+    blur_p: Option<f64>,
+    blur_sigma: Option<(f64, f64)>,
+    rotation_degrees: Option<f64>,
+}
+
+fn default_preset() -> AugmentPreset {
+    AugmentPreset::Cxr
+}
+
+impl TryFrom<AugmentToml> for AugmentConfig {
+    type Error = String;
+    fn try_from(t: AugmentToml) -> Result<AugmentConfig, String> {
+        let p = AugmentConfig::preset(t.preset);
+        Ok(AugmentConfig {
+            preset: t.preset,
+            enabled: t.enabled.unwrap_or(p.enabled),
+            crop_scale: t.crop_scale.unwrap_or(p.crop_scale),
+            crop_ratio: t.crop_ratio.unwrap_or(p.crop_ratio),
+            flip_p: t.flip_p.unwrap_or(p.flip_p),
+            jitter_strength: t.jitter_strength.unwrap_or(p.jitter_strength),
+            jitter_p: t.jitter_p.unwrap_or(p.jitter_p),
+            gamma: t.gamma.unwrap_or(p.gamma),
+            gamma_p: t.gamma_p.unwrap_or(p.gamma_p),
+            blur_p: t.blur_p.unwrap_or(p.blur_p),
+            blur_sigma: t.blur_sigma.unwrap_or(p.blur_sigma),
+            rotation_degrees: t.rotation_degrees.unwrap_or(p.rotation_degrees),
+        })
+    }
+}
+
+impl From<AugmentConfig> for AugmentToml {
+    fn from(c: AugmentConfig) -> AugmentToml {
+        AugmentToml {
+            preset: c.preset,
+            enabled: Some(c.enabled),
+            crop_scale: Some(c.crop_scale),
+            crop_ratio: Some(c.crop_ratio),
+            flip_p: Some(c.flip_p),
+            jitter_strength: Some(c.jitter_strength),
+            jitter_p: Some(c.jitter_p),
+            gamma: Some(c.gamma),
+            gamma_p: Some(c.gamma_p),
+            blur_p: Some(c.blur_p),
+            blur_sigma: Some(c.blur_sigma),
+            rotation_degrees: Some(c.rotation_degrees),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainSection {
+    /// False: no pretraining; the encoder comes from `init_weights` (or stays randomly initialised).
+    pub enabled: bool,
+    pub arch: Arch,
+    /// 1, 2 or 4, as SimCLR's ResNet-50 (1x), (2x), (4x).
+    pub width: i64,
+    pub stem: Stem,
+    /// torchvision-format encoder weights (safetensors) to start from; the projection head starts fresh.
+    pub init_weights: Option<PathBuf>,
+    pub head_layers: usize,
+    /// Hidden width of the head; 0: the encoder's feature width (as SimCLR).
+    pub head_hidden: i64,
+    pub head_out: i64,
+    pub head_batch_norm: bool,
+    /// Images per optimiser step over all workers (two views each); a multiple of the world size.
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Stop after this many steps in all (a debugging limit); 0: no limit.
+    pub max_steps: u64,
+    pub temperature: f64,
+    pub optimizer: OptimizerName,
+    pub base_lr: f64,
+    pub lr_scaling: LrScalingName,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub warmup_epochs: f64,
+    /// Side of the model input; the cached images are resampled to it by the crop.
+    pub input_size: i64,
+    pub augment: AugmentConfig,
+    /// BatchNorm statistics with more than one worker.
+    pub bn: BnMode,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Seed of the weights, the epoch order and the augmentations: always `job.seed`.
+    #[serde(skip)]
+    pub seed: u64,
+}
+
+impl Default for PretrainSection {
+    fn default() -> Self {
+        PretrainSection {
+            enabled: true,
+            arch: Arch::Resnet50,
+            width: 1,
+            stem: Stem::Repeat3,
+            init_weights: None,
+            head_layers: 2,
+            head_hidden: 0,
+            head_out: 128,
+            head_batch_norm: false,
+            batch_size: 256,
+            epochs: 100,
+            max_steps: 0,
+            temperature: 0.5,
+            optimizer: OptimizerName::Lars,
+            base_lr: 0.3,
+            lr_scaling: LrScalingName::Linear,
+            weight_decay: 1e-6,
+            momentum: 0.9,
+            warmup_epochs: 10.0,
+            input_size: 224,
+            augment: AugmentConfig::cxr(),
+            bn: BnMode::Sync,
+            checkpoint_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl PretrainSection {
+    pub fn validate(&self, world_size: u32) -> Result<(), ConfigError> {
+        if !matches!(self.width, 1 | 2 | 4) {
+            return Err(invalid("pretrain.width", self.width, "expected 1, 2 or 4".into()));
+        }
+        if !(1..=4).contains(&self.head_layers) {
+            return Err(invalid("pretrain.head_layers", self.head_layers, "expected 1..=4".into()));
+        }
+        if self.head_out < 1 || self.head_hidden < 0 {
+            return Err(invalid("pretrain.head_out", self.head_out, "expected a positive width".into()));
+        }
+        let ws = world_size as usize;
+        if self.batch_size < 2 * ws || !self.batch_size.is_multiple_of(ws) {
+            return Err(invalid(
+                "pretrain.batch_size",
+                self.batch_size,
+                format!("expected a multiple of cluster.world_size ({ws}) with at least 2 images per worker"),
+            ));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(invalid("pretrain.temperature", self.temperature, "expected a positive number".into()));
+        }
+        for (key, value) in [
+            ("pretrain.base_lr", self.base_lr),
+            ("pretrain.weight_decay", self.weight_decay),
+            ("pretrain.warmup_epochs", self.warmup_epochs),
+        ] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(invalid(key, value, "expected a non-negative number".into()));
+            }
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(invalid("pretrain.momentum", self.momentum, "expected 0 <= momentum < 1".into()));
+        }
+        if !(16..=1024).contains(&self.input_size) {
+            return Err(invalid("pretrain.input_size", self.input_size, "expected 16..=1024 pixels".into()));
+        }
+        if self.enabled && self.epochs == 0 && self.max_steps == 0 {
+            return Err(invalid("pretrain.epochs", 0, "expected at least 1 (or pretrain.enabled = false)".into()));
+        }
+        self.augment.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augment_preset_with_overrides() {
+        let c: PretrainSection = toml::from_str("[augment]\npreset = \"simclr\"\nblur_p = 0.2\n").unwrap();
+        assert_eq!(c.augment, AugmentConfig { blur_p: 0.2, ..AugmentConfig::simclr() });
+        let c: PretrainSection = toml::from_str("").unwrap();
+        assert_eq!(c.augment, AugmentConfig::cxr());
+        // The effective config spells out every value and reads back the same.
+        let text = toml::to_string(&PretrainSection { augment: c.augment, ..Default::default() }).unwrap();
+        assert!(text.contains("rotation_degrees = 10.0"), "{text}");
+        assert_eq!(toml::from_str::<PretrainSection>(&text).unwrap().augment, AugmentConfig::cxr());
+        let err = toml::from_str::<PretrainSection>("[augment]\nhue = 0.1\n").unwrap_err();
+        assert!(err.to_string().contains("hue"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let bad = PretrainSection { batch_size: 10, ..Default::default() };
+        assert!(bad.validate(4).unwrap_err().to_string().contains("pretrain.batch_size"));
+        bad.validate(2).unwrap();
+        let bad = PretrainSection { augment: AugmentConfig { blur_p: 1.5, ..AugmentConfig::cxr() }, ..Default::default() };
+        assert!(bad.validate(1).unwrap_err().to_string().contains("pretrain.augment.blur_p"));
+        let bad = PretrainSection {
+            augment: AugmentConfig { crop_scale: (0.9, 0.2), ..AugmentConfig::cxr() },
+            ..Default::default()
+        };
+        assert!(bad.validate(1).unwrap_err().to_string().contains("crop_scale"));
+    }
+}

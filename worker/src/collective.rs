@@ -1,0 +1,619 @@
+//! Collectives between the workers of a job: all-gather, all-reduce (sum), reduce-scatter (sum),
+//! broadcast and barrier, each bounded by a timeout, so a dead or stalled peer becomes an error on every
+//! other rank instead of a hang.
+//!
+//! [`Solo`] is the world of one. [`GrpcCollective`] is the CPU backend: peer to peer over the workers'
+//! own gRPC endpoints (never through the coordinator), ring algorithms (each rank sends to rank + 1 and
+//! receives from rank - 1, so every link carries 2 (W - 1) / W of the data once), messages streamed in
+//! bounded chunks into a mailbox keyed by (sender, collective number, ring step).
+//!
+//! Every rank issues the same collectives in the same order, so a per-rank counter names each one
+//! consistently across ranks. Results are bitwise identical on every rank: each element of an
+//! all-reduce is summed once, by one rank, in a fixed order, and then copied to the others, which keeps
+//! the replicas' weights identical step after step.
+//!
+//! The calls block the calling thread (a training thread, never an async task) on the worker's tokio
+//! runtime.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use simclr_proto::client::{data_channel, worker_client, AttachToken, WorkerClient};
+use simclr_proto::wire;
+use tch::{Kind, Tensor};
+use tokio::sync::oneshot;
+use tonic::codegen::Bytes;
+use tonic::Status;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("{op}: no message from rank {peer} ({addr}) within {timeout_ms} ms (cluster.collective_timeout_ms)")]
+    Timeout { op: &'static str, peer: usize, addr: String, timeout_ms: u64 },
+    #[error("{op}: sending to rank {peer} ({addr}) failed: {message}")]
+    Send { op: &'static str, peer: usize, addr: String, message: String },
+    #[error("{op}: {message}")]
+    Invalid { op: &'static str, message: String },
+}
+
+/// The operations the training and probe loops need. Tensors are float32; results come back on the
+/// input's device.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The element-wise sum over ranks, the same on every rank.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// Every rank's tensor (all of one shape) concatenated along dimension 0 in rank order.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// `t`'s dimension 0 holds world-size equal blocks; returns block `rank` summed over ranks.
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// Rank `root`'s tensor on every rank (`t` gives the shape elsewhere).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError>;
+    fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// The world of one: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+// ---- the mailbox: what peers sent, waiting for the collective that expects it ----------------------
+
+type Key = (u32, u64, u32);
+
+enum Slot {
+    /// The collective asked first and waits.
+    Waiting(oneshot::Sender<Vec<u8>>),
+    /// The message came first.
+    Arrived(Vec<u8>),
+}
+
+/// Messages from peers, delivered by the peer server's `Transfer` handler.
+pub struct Mailbox {
+    slots: Mutex<HashMap<Key, Slot>>,
+    /// Largest message accepted (the gRPC limits bound each chunk, this bounds the whole).
+    pub max_message_bytes: u64,
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox { slots: Mutex::new(HashMap::new()), max_message_bytes: 4 << 30 }
+    }
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deliver(&self, key: Key, data: Vec<u8>) -> Result<(), Status> {
+        let mut slots = self.lock();
+        match slots.remove(&key) {
+            Some(Slot::Waiting(tx)) => {
+                // A collective that gave up (timed out) has dropped its receiver: nothing to do.
+                let _ = tx.send(data);
+                Ok(())
+            }
+            Some(arrived @ Slot::Arrived(_)) => {
+                slots.insert(key, arrived);
+                Err(Status::already_exists(format!(
+                    "duplicate transfer from rank {} for collective {} step {}",
+                    key.0, key.1, key.2
+                )))
+            }
+            None => {
+                slots.insert(key, Slot::Arrived(data));
+                Ok(())
+            }
+        }
+    }
+
+    fn expect(&self, key: Key) -> Result<Vec<u8>, oneshot::Receiver<Vec<u8>>> {
+        let mut slots = self.lock();
+        match slots.remove(&key) {
+            Some(Slot::Arrived(data)) => Ok(data),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                slots.insert(key, Slot::Waiting(tx));
+                Err(rx)
+            }
+        }
+    }
+
+    /// Reads one streamed transfer and files it. Chunks must agree on the header and add up to exactly
+    /// `total_bytes`.
+    pub async fn receive(&self, mut stream: tonic::Streaming<wire::TransferChunk>) -> Result<(), Status> {
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("empty transfer"));
+        };
+        let key = (first.from_rank, first.op, first.step);
+        if first.total_bytes > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "transfer of {} bytes exceeds the limit of {} bytes",
+                first.total_bytes, self.max_message_bytes
+            )));
+        }
+        let total = first.total_bytes as usize;
+        let mut data = Vec::with_capacity(total);
+        let mut chunk = Some(first);
+        while let Some(c) = chunk {
+            if (c.from_rank, c.op, c.step) != key || c.total_bytes as usize != total {
+                return Err(Status::invalid_argument("transfer chunks disagree on their header"));
+            }
+            if data.len() + c.data.len() > total {
+                return Err(Status::invalid_argument(format!("transfer longer than its declared {total} bytes")));
+            }
+            data.extend_from_slice(&c.data);
+            chunk = stream.message().await?;
+        }
+        if data.len() != total {
+            return Err(Status::invalid_argument(format!(
+                "transfer ended after {} of its declared {total} bytes",
+                data.len()
+            )));
+        }
+        self.deliver(key, data)
+    }
+}
+
+// ---- the gRPC backend -----------------------------------------------------------------------------
+
+/// Bytes per streamed chunk: well under the gRPC message limit, large enough to keep per-message
+/// overhead small.
+const CHUNK_BYTES: usize = 1 << 20;
+
+pub struct GrpcCollective {
+    rank: usize,
+    /// (address, client) of every rank; this rank's own entry is never dialled.
+    peers: Vec<(String, WorkerClient)>,
+    mailbox: Arc<Mailbox>,
+    next_op: AtomicU64,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcCollective {
+    /// `peer_addrs` are every rank's peer endpoints in rank order; `mailbox` is the one this worker's
+    /// peer server delivers into. Connections are made on first use.
+    pub fn new(
+        rank: usize,
+        peer_addrs: &[String],
+        mailbox: Arc<Mailbox>,
+        token: AttachToken,
+        timeout: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<GrpcCollective, CollectiveError> {
+        if rank >= peer_addrs.len() {
+            return Err(CollectiveError::Invalid {
+                op: "setup",
+                message: format!("rank {rank} outside a world of {}", peer_addrs.len()),
+            });
+        }
+        let peers = peer_addrs
+            .iter()
+            .map(|addr| {
+                let channel = data_channel(addr, timeout).map_err(|e| CollectiveError::Invalid {
+                    op: "setup",
+                    message: format!("peer address {addr}: {}", e.message()),
+                })?;
+                Ok((addr.clone(), worker_client(channel, token.clone())))
+            })
+            .collect::<Result<Vec<_>, CollectiveError>>()?;
+        Ok(GrpcCollective { rank, peers, mailbox, next_op: AtomicU64::new(0), timeout, runtime })
+    }
+
+    fn world(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn right(&self) -> usize {
+        (self.rank + 1) % self.world()
+    }
+
+    fn left(&self) -> usize {
+        (self.rank + self.world() - 1) % self.world()
+    }
+
+    async fn send(&self, op_name: &'static str, to: usize, op: u64, step: u32, data: Bytes) -> Result<(), CollectiveError> {
+        let (addr, client) = &self.peers[to];
+        let total = data.len();
+        let from_rank = self.rank as u32;
+        let chunks: Vec<wire::TransferChunk> = (0..total.div_ceil(CHUNK_BYTES).max(1))
+            .map(|i| wire::TransferChunk {
+                from_rank,
+                op,
+                step,
+                total_bytes: total as u64,
+                data: data.slice(i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(total)),
+            })
+            .collect();
+        let mut client = client.clone();
+        let fail = |message: String| CollectiveError::Send { op: op_name, peer: to, addr: addr.clone(), message };
+        match tokio::time::timeout(self.timeout, client.transfer(tokio_stream::iter(chunks))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(fail(status.message().to_string())),
+            Err(_) => Err(fail(format!("no acknowledgement within {} ms", self.timeout.as_millis()))),
+        }
+    }
+
+    async fn recv(&self, op_name: &'static str, from: usize, op: u64, step: u32) -> Result<Vec<u8>, CollectiveError> {
+        let rx = match self.mailbox.expect((from as u32, op, step)) {
+            Ok(data) => return Ok(data),
+            Err(rx) => rx,
+        };
+        let timeout = || CollectiveError::Timeout {
+            op: op_name,
+            peer: from,
+            addr: self.peers[from].0.clone(),
+            timeout_ms: self.timeout.as_millis() as u64,
+        };
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(data)) => Ok(data),
+            _ => Err(timeout()),
+        }
+    }
+
+    /// One ring step: send `data` to the right neighbour while receiving from the left one.
+    async fn ring_step(&self, name: &'static str, op: u64, step: u32, data: Bytes) -> Result<Vec<u8>, CollectiveError> {
+        let (sent, received) =
+            tokio::join!(self.send(name, self.right(), op, step, data), self.recv(name, self.left(), op, step));
+        sent?;
+        received
+    }
+
+    fn op(&self) -> u64 {
+        self.next_op.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Ring all-reduce in place: a reduce-scatter (after W - 1 steps rank r holds the full sum of
+    /// chunk r + 1) then an all-gather of the summed chunks.
+    async fn all_reduce_vec(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let w = self.world();
+        let n = data.len();
+        let bounds = |c: usize| (c * n / w, (c + 1) * n / w);
+        let op = self.op();
+        let r = self.rank;
+        for s in 0..w - 1 {
+            let (a, b) = bounds((r + w - s) % w);
+            let got = self.ring_step("all-reduce", op, s as u32, Bytes::from(f32_bytes(&data[a..b]))).await?;
+            let (a, b) = bounds((r + 2 * w - s - 1) % w);
+            add_le_f32(&mut data[a..b], &got, "all-reduce")?;
+        }
+        for s in 0..w - 1 {
+            let (a, b) = bounds((r + 1 + w - s) % w);
+            let step = (w - 1 + s) as u32;
+            let got = self.ring_step("all-reduce", op, step, Bytes::from(f32_bytes(&data[a..b]))).await?;
+            let (a, b) = bounds((r + w - s) % w);
+            copy_le_f32(&mut data[a..b], &got, "all-reduce")?;
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter: `data` holds W equal blocks; returns block `rank` summed over ranks.
+    async fn reduce_scatter_vec(&self, mut data: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
+        let w = self.world();
+        let block = data.len() / w;
+        let op = self.op();
+        let r = self.rank;
+        for s in 0..w - 1 {
+            let c = (r + 2 * w - s - 1) % w;
+            let got = self
+                .ring_step("reduce-scatter", op, s as u32, Bytes::from(f32_bytes(&data[c * block..(c + 1) * block])))
+                .await?;
+            let c = (r + 2 * w - s - 2) % w;
+            add_le_f32(&mut data[c * block..(c + 1) * block], &got, "reduce-scatter")?;
+        }
+        Ok(data[r * block..(r + 1) * block].to_vec())
+    }
+
+    /// Ring all-gather of equal blocks into rank order.
+    async fn all_gather_vec(&self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
+        let w = self.world();
+        let block = local.len();
+        let mut out = vec![0f32; block * w];
+        let r = self.rank;
+        out[r * block..(r + 1) * block].copy_from_slice(local);
+        let op = self.op();
+        for s in 0..w - 1 {
+            let c = (r + w - s) % w;
+            let got = self
+                .ring_step("all-gather", op, s as u32, Bytes::from(f32_bytes(&out[c * block..(c + 1) * block])))
+                .await?;
+            let c = (r + 2 * w - s - 1) % w;
+            copy_le_f32(&mut out[c * block..(c + 1) * block], &got, "all-gather")?;
+        }
+        Ok(out)
+    }
+
+    /// Broadcast along the ring from `root`: each rank receives from its left and forwards to its right
+    /// unless the right is the root.
+    async fn broadcast_vec(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        let op = self.op();
+        if self.rank != root {
+            let got = self.recv("broadcast", self.left(), op, 0).await?;
+            copy_le_f32(data, &got, "broadcast")?;
+        }
+        if self.right() != root {
+            self.send("broadcast", self.right(), op, 0, Bytes::from(f32_bytes(data))).await?;
+        }
+        Ok(())
+    }
+
+    fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(f)
+    }
+}
+
+impl Collective for GrpcCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world()
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let mut data = to_vec(t, "all-reduce")?;
+        if self.world() > 1 {
+            self.block(self.all_reduce_vec(&mut data))?;
+        }
+        Ok(from_vec(&data, &t.size(), t.device()))
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let data = to_vec(t, "all-gather")?;
+        let out = if self.world() > 1 { self.block(self.all_gather_vec(&data))? } else { data };
+        let mut shape = t.size();
+        if shape.is_empty() {
+            shape = vec![self.world() as i64];
+        } else {
+            shape[0] *= self.world() as i64;
+        }
+        Ok(from_vec(&out, &shape, t.device()))
+    }
+
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let w = self.world() as i64;
+        let mut shape = t.size();
+        if shape.is_empty() || shape[0] % w != 0 {
+            return Err(CollectiveError::Invalid {
+                op: "reduce-scatter",
+                message: format!("shape {shape:?}: dimension 0 must be a multiple of the world size {w}"),
+            });
+        }
+        let data = to_vec(t, "reduce-scatter")?;
+        let out = if w > 1 { self.block(self.reduce_scatter_vec(data))? } else { data };
+        shape[0] /= w;
+        Ok(from_vec(&out, &shape, t.device()))
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+        if root >= self.world() {
+            return Err(CollectiveError::Invalid {
+                op: "broadcast",
+                message: format!("root {root} outside a world of {}", self.world()),
+            });
+        }
+        let mut data = to_vec(t, "broadcast")?;
+        if self.world() > 1 {
+            self.block(self.broadcast_vec(&mut data, root))?;
+        }
+        Ok(from_vec(&data, &t.size(), t.device()))
+    }
+
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(&Tensor::from_slice(&[1f32])).map(|_| ())
+    }
+}
+
+fn to_vec(t: &Tensor, op: &'static str) -> Result<Vec<f32>, CollectiveError> {
+    if t.kind() != Kind::Float {
+        return Err(CollectiveError::Invalid { op, message: format!("expected float32, got {:?}", t.kind()) });
+    }
+    let flat = t.detach().to_device(tch::Device::Cpu).contiguous().view([-1]);
+    Vec::<f32>::try_from(&flat).map_err(|e| CollectiveError::Invalid { op, message: e.to_string() })
+}
+
+fn from_vec(data: &[f32], shape: &[i64], device: tch::Device) -> Tensor {
+    Tensor::from_slice(data).view(shape).to_device(device)
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("the gRPC collective sends float32 in memory order and assumes little-endian hosts");
+
+/// The bytes of `v` in memory (little-endian) order.
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    // SAFETY: f32 has no padding and no invalid bit patterns as bytes; u8 has alignment 1; the length
+    // is exactly the slice's size in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }.to_vec()
+}
+
+fn check_len(dst: &[f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
+    if src.len() != dst.len() * 4 {
+        return Err(CollectiveError::Invalid {
+            op,
+            message: format!("a peer sent {} bytes where {} were expected (mismatched tensor shapes?)", src.len(), dst.len() * 4),
+        });
+    }
+    Ok(())
+}
+
+fn add_le_f32(dst: &mut [f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
+    check_len(dst, src, op)?;
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+        *d += f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    }
+    Ok(())
+}
+
+fn copy_le_f32(dst: &mut [f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
+    check_len(dst, src, op)?;
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+        *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    }
+    Ok(())
+}
+
+/// A group of gRPC collectives on loopback in this process, each with its own peer server: the
+/// collectives' tests and the world-size invariance tests use it.
+#[doc(hidden)]
+pub mod loopback {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    pub struct Group {
+        pub members: Vec<Arc<GrpcCollective>>,
+        shutdown: CancellationToken,
+        // Dropped last: the servers run on it.
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    impl Drop for Group {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    /// `world` ranks; `silent` ranks get a server but never take part (a dead peer).
+    pub fn group(world: usize, timeout: Duration) -> Group {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let shutdown = CancellationToken::new();
+        let mut addrs = Vec::new();
+        let mut mailboxes = Vec::new();
+        for _ in 0..world {
+            let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+            addrs.push(listener.local_addr().unwrap().to_string());
+            let mailbox = Arc::new(Mailbox::default());
+            mailboxes.push(Arc::clone(&mailbox));
+            let control = crate::peer::Control::new();
+            runtime.spawn(crate::peer::serve(listener, control, mailbox, None, shutdown.clone()));
+        }
+        let _context = runtime.enter();
+        let members = mailboxes
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mailbox)| {
+                let c = GrpcCollective::new(rank, &addrs, mailbox, AttachToken::default(), timeout, runtime.handle().clone());
+                Arc::new(c.unwrap())
+            })
+            .collect();
+        Group { members, shutdown, _runtime: runtime }
+    }
+
+    /// Runs `f(rank, collective)` on one thread per rank and returns the results in rank order.
+    pub fn run<T: Send>(group: &Group, f: impl Fn(usize, &GrpcCollective) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> =
+                group.members.iter().enumerate().map(|(r, c)| s.spawn({ let f = &f; move || f(r, c) })).collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::to_f64;
+
+    fn rank_data(rank: usize, n: usize) -> Vec<f32> {
+        (0..n).map(|i| (rank * 1000 + i) as f32 * 0.5 - 3.0).collect()
+    }
+
+    #[test]
+    fn ring_collectives_match_their_definitions() {
+        for world in [2usize, 3, 4] {
+            let group = loopback::group(world, Duration::from_secs(20));
+            let n = 10; // not a multiple of 3 or 4: uneven chunks
+            let results = loopback::run(&group, |rank, c| {
+                let t = Tensor::from_slice(&rank_data(rank, n));
+                let sum = to_f64(&c.all_reduce_sum(&t).unwrap());
+                let gathered = c.all_gather(&t.view([1, n as i64])).unwrap();
+                assert_eq!(gathered.size(), [world as i64, n as i64]);
+                let blocks = Tensor::from_slice(&rank_data(rank, 2 * world)).view([world as i64, 2]);
+                let scattered = to_f64(&c.reduce_scatter_sum(&blocks).unwrap());
+                let root = world - 1;
+                let b = to_f64(&c.broadcast(&Tensor::from_slice(&rank_data(rank, 5)), root).unwrap());
+                c.barrier().unwrap();
+                (sum, to_f64(&gathered), scattered, b)
+            });
+            for (rank, (sum, gathered, scattered, b)) in results.into_iter().enumerate() {
+                let want: Vec<f64> =
+                    (0..n).map(|i| (0..world).map(|r| f64::from(rank_data(r, n)[i])).sum()).collect();
+                assert_eq!(sum, want, "all-reduce, world {world}, rank {rank}");
+                let want: Vec<f64> = (0..world).flat_map(|r| rank_data(r, n)).map(f64::from).collect();
+                assert_eq!(gathered, want, "all-gather, world {world}");
+                let want: Vec<f64> = (0..2)
+                    .map(|j| (0..world).map(|r| f64::from(rank_data(r, 2 * world)[rank * 2 + j])).sum())
+                    .collect();
+                assert_eq!(scattered, want, "reduce-scatter, world {world}, rank {rank}");
+                let want: Vec<f64> = rank_data(world - 1, 5).into_iter().map(f64::from).collect();
+                assert_eq!(b, want, "broadcast, world {world}, rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_messages_stream_in_chunks() {
+        let group = loopback::group(2, Duration::from_secs(30));
+        let n = 3 * CHUNK_BYTES / 4 * 3 + 7; // several chunks per ring step
+        let results = loopback::run(&group, |rank, c| {
+            let t = Tensor::from_slice(&rank_data(rank, n));
+            Vec::<f32>::try_from(&c.all_reduce_sum(&t).unwrap()).unwrap()
+        });
+        let (a, b) = (rank_data(0, n), rank_data(1, n));
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(results[0], want);
+        assert_eq!(results[1], want);
+    }
+
+    #[test]
+    fn a_silent_peer_is_an_error_naming_it_within_the_timeout() {
+        let group = loopback::group(3, Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        // Rank 2 never calls: ranks 0 and 1 must fail, not hang.
+        let results = loopback::run(&group, |rank, c| {
+            if rank == 2 {
+                return None;
+            }
+            Some(c.all_reduce_sum(&Tensor::from_slice(&[1f32, 2.0, 3.0])).map(|_| ()))
+        });
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        let err = results[0].clone().unwrap().unwrap_err().to_string();
+        assert!(err.contains("rank 2") && err.contains("cluster.collective_timeout_ms"), "{err}");
+        assert!(results[1].clone().unwrap().is_err());
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let group = loopback::group(2, Duration::from_secs(5));
+        let results = loopback::run(&group, |rank, c| {
+            c.all_reduce_sum(&Tensor::from_slice(&rank_data(rank, 4 + rank))).map(|_| ()).map_err(|e| e.to_string())
+        });
+        assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("bytes"))), "{results:?}");
+    }
+}
