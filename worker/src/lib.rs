@@ -14,6 +14,7 @@ pub mod optim;
 pub mod peer;
 pub mod preflight;
 pub mod session;
+pub mod syncbn;
 pub mod train;
 
 pub use device::Device;

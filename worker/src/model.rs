@@ -101,22 +101,47 @@ impl Block {
         (Block { convs, downsample }, cout)
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, pass: &mut dyn NormPass) -> Tensor {
         let last = self.convs.len() - 1;
         // ReLU and the residual sum in place, as torchvision does (less memory traffic; autograd allows
         // it: BatchNorm's backward does not need its output).
         let mut y = x.shallow_clone();
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = b.forward_t(&y.apply(c), train);
+            y = pass.norm(b, &y.apply(c));
             if i < last {
                 y = y.relu_();
             }
         }
         let shortcut = match &self.downsample {
-            Some((c, b)) => b.forward_t(&x.apply(c), train),
+            Some((c, b)) => pass.norm(b, &x.apply(c)),
             None => x.shallow_clone(),
         };
-        y.g_add_(&shortcut).relu_()
+        pass.cut(y.g_add_(&shortcut).relu_())
+    }
+}
+
+/// How the BatchNorm layers of one forward pass compute their statistics.
+pub trait NormPass {
+    fn train(&self) -> bool;
+    fn norm(&mut self, bn: &nn::BatchNorm, x: &Tensor) -> Tensor;
+    /// A tensor every later computation depends on through it alone (a residual block's output): a
+    /// place where a pass that splits the backward may cut the graph. The identity otherwise.
+    fn cut(&mut self, x: Tensor) -> Tensor {
+        x
+    }
+}
+
+/// Each process's own batch statistics in training, running statistics in evaluation: plain BatchNorm.
+pub struct LocalNorm {
+    pub train: bool,
+}
+
+impl NormPass for LocalNorm {
+    fn train(&self) -> bool {
+        self.train
+    }
+    fn norm(&mut self, bn: &nn::BatchNorm, x: &Tensor) -> Tensor {
+        bn.forward_t(x, self.train)
     }
 }
 
@@ -173,19 +198,23 @@ impl Encoder {
     }
 
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        self.forward_with(images, &mut LocalNorm { train })
+    }
+
+    pub fn forward_with(&self, images: &Tensor, pass: &mut dyn NormPass) -> Tensor {
         let x = if self.config.stem == Stem::Repeat3 && images.size()[1] == 1 {
             images.repeat([1, 3, 1, 1])
         } else {
             images.shallow_clone()
         };
-        if train {
+        if pass.train() {
             self.batches_tracked.set(self.batches_tracked.get() + 1);
         }
-        let mut x =
-            self.bn1.forward_t(&x.apply(&self.conv1), train).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let x = pass.norm(&self.bn1, &x.apply(&self.conv1)).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut x = pass.cut(x);
         for layer in &self.layers {
             for block in layer {
-                x = block.forward(&x, train);
+                x = block.forward(&x, pass);
             }
         }
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
@@ -255,12 +284,16 @@ impl ProjectionHead {
     }
 
     pub fn forward(&self, h: &Tensor, train: bool) -> Tensor {
+        self.forward_with(h, &mut LocalNorm { train })
+    }
+
+    pub fn forward_with(&self, h: &Tensor, pass: &mut dyn NormPass) -> Tensor {
         let last = self.layers.len() - 1;
         let mut x = h.shallow_clone();
         for (i, (linear, norm)) in self.layers.iter().enumerate() {
             x = x.apply(linear);
             if let Some(norm) = norm {
-                x = norm.forward_t(&x, train);
+                x = pass.norm(norm, &x);
             }
             if i < last {
                 x = x.relu();

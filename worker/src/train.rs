@@ -10,6 +10,7 @@
 //! sample, epoch, view) and the epoch order from (seed, epoch), so nothing else needs saving.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
@@ -18,14 +19,17 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::augment::two_views;
+use crate::collective::{Collective, CollectiveError, Solo};
+use crate::syncbn::SyncNorm;
 use crate::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::model::{
-    load_encoder, save_encoder, with_torch_seed, Encoder, EncoderConfig, HeadConfig, ProjectionHead,
+    load_encoder, save_encoder, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm, NormPass,
+    ProjectionHead,
     HEAD_PREFIX,
 };
 use crate::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
 
-pub use simclr_common::pretrain::{LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
+pub use simclr_common::pretrain::{BnMode, LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -35,6 +39,8 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 /// What one step reports.
@@ -70,16 +76,45 @@ pub struct Trainer {
     pub position: usize,
     steps_per_epoch: u64,
     last_checkpoint: Option<PathBuf>,
+    collective: Arc<dyn Collective>,
+    /// Images per step on this rank: the global batch divided by the world size.
+    local_batch: usize,
+    /// Test-only sabotage: keep only this rank's own share of the key gradients (no reduce-scatter), the
+    /// bug the world-size invariance test must catch.
+    #[doc(hidden)]
+    pub sabotage_drop_gather_backward: bool,
 }
 
 impl Trainer {
     /// A freshly initialised model (weights from `seed`) for a dataset of `dataset_len` images.
     pub fn new(config: PretrainConfig, dataset_len: usize, device: Device) -> Result<Trainer, TrainError> {
-        if config.batch_size < 2 || dataset_len < config.batch_size {
+        Trainer::distributed(config, dataset_len, device, Arc::new(Solo))
+    }
+
+    /// A replica of the model on one rank of `collective`'s world, for a shard of `dataset_len` images
+    /// per epoch (the same length on every rank). Every rank draws the same initial weights from the seed.
+    pub fn distributed(
+        config: PretrainConfig,
+        dataset_len: usize,
+        device: Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Trainer, TrainError> {
+        let world = collective.world_size();
+        if !config.batch_size.is_multiple_of(world) {
             return Err(TrainError::Config(format!(
-                "batch size {} with {dataset_len} images: need at least 2 images per batch and one full batch",
+                "pretrain.batch_size {} is not a multiple of the world size {world}",
                 config.batch_size
             )));
+        }
+        let local_batch = config.batch_size / world;
+        if local_batch == 0 || dataset_len < local_batch {
+            return Err(TrainError::Config(format!(
+                "batch size {} ({local_batch} per rank) with {dataset_len} images per rank: need one full batch",
+                config.batch_size
+            )));
+        }
+        if config.batch_size < 2 {
+            return Err(TrainError::Config("pretrain.batch_size: need at least 2 images per batch".into()));
         }
         let (vs, encoder, head) = with_torch_seed(config.seed, || {
             let vs = nn::VarStore::new(device);
@@ -100,6 +135,10 @@ impl Trainer {
         });
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
+        // Every gradient exists from the start (zeros), so that each rank contributes a value for every
+        // parameter to the gradient all-reduce.
+        let zero: Tensor = named.iter().map(|(_, t)| (t * 0.0).sum(Kind::Float)).sum();
+        zero.backward();
         let params = named.into_iter().map(|(name, t)| Param::new(name, t)).collect();
         let algorithm = match config.optimizer {
             OptimizerName::Lars => Algorithm::Lars {
@@ -114,8 +153,11 @@ impl Trainer {
                 Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
             }
         };
-        let steps_per_epoch = (dataset_len / config.batch_size) as u64;
+        let steps_per_epoch = (dataset_len / local_batch) as u64;
         Ok(Trainer {
+            collective,
+            local_batch,
+            sabotage_drop_gather_backward: false,
             optimizer: Optimizer::new(algorithm, params),
             config,
             vs,
@@ -166,43 +208,102 @@ impl Trainer {
         self.step_on_views(views, samples.len())
     }
 
-    /// The step on the batch's two views (each n x 1 x input x input), computed ahead by [`Trainer::fit`].
+    /// The step on the batch's two views (each n x 1 x input x input, n = this rank's images),
+    /// computed ahead by [`Trainer::fit`].
+    ///
+    /// With more than one rank: the projections z of every rank are all-gathered (rank-major, so this
+    /// rank's 2n rows start at rank x 2n); this rank's loss is that of its own anchors against every key,
+    /// divided by the global anchor count, so the ranks' losses add up to the single-process loss. Its
+    /// backward gives a gradient for every gathered key; those are summed back to the rank that owns
+    /// each key (reduce-scatter) and continue into its encoder. Parameter gradients are then summed over
+    /// the ranks (all-reduce), never rescaled: every replica applies the same update.
     fn step_on_views(&mut self, (v0, v1): (Tensor, Tensor), n: usize) -> Result<StepStats, TrainError> {
         let started = Instant::now();
         let n = n as i64;
+        let world = self.collective.world_size() as i64;
+        let rank = self.collective.rank() as i64;
         let views = Tensor::cat(&[v0, v1], 0).to_kind(Kind::Float);
-        let z = self.head.forward(&self.encoder.forward(&views, true), true);
-        let similarity = cosine_similarity(&z, &z);
-        let rows = AnchorRows::whole_batch(n);
-        let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n);
-        let loss_value = loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: self.step,
-                loss: loss_value,
-                last_checkpoint: self.last_checkpoint.clone(),
-            });
-        }
-        let accuracy = contrastive_accuracy(&similarity.detach(), &rows);
-        let lr = self.lr_at(self.step);
+        let sync_bn = world > 1 && self.config.bn == BnMode::Sync;
+        let collective = Arc::clone(&self.collective);
+        let mut sync = SyncNorm::new(&*collective);
+        let mut local = LocalNorm { train: true };
+        let pass: &mut dyn NormPass = if sync_bn { &mut sync } else { &mut local };
+        let z = self.head.forward_with(&self.encoder.forward_with(&views, pass), pass);
         self.optimizer.zero_grad();
-        loss.backward();
+        let rows = AnchorRows::rank_block(n, rank);
+        let (loss, correct) = if world == 1 {
+            let similarity = cosine_similarity(&z, &z);
+            let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n);
+            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
+            let value = loss.double_value(&[]);
+            if value.is_finite() {
+                loss.backward();
+            }
+            (value, correct)
+        } else {
+            let keys = collective.all_gather(&z.detach())?.set_requires_grad(true);
+            let anchors = keys.narrow(0, rank * 2 * n, 2 * n);
+            let similarity = cosine_similarity(&anchors, &keys);
+            let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n * world);
+            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
+            loss.backward();
+            let key_grads = keys.grad();
+            let own = if self.sabotage_drop_gather_backward {
+                key_grads.narrow(0, rank * 2 * n, 2 * n)
+            } else {
+                collective.reduce_scatter_sum(&key_grads)?
+            };
+            if sync_bn {
+                sync.backward(&z, &own)?;
+            } else {
+                (&z * own).sum(Kind::Float).backward();
+            }
+            self.all_reduce_gradients()?;
+            let totals = collective.all_reduce_sum(&Tensor::from_slice(&[loss.double_value(&[]) as f32, correct as f32]))?;
+            (totals.double_value(&[0]), totals.double_value(&[1]))
+        };
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { step: self.step, loss, last_checkpoint: self.last_checkpoint.clone() });
+        }
+        let lr = self.lr_at(self.step);
         self.optimizer.step(lr);
         self.step += 1;
         self.position += 1;
         let stats = StepStats {
             step: self.step,
             epoch: self.epoch,
-            loss: loss_value,
-            contrastive_accuracy: accuracy,
+            loss,
+            contrastive_accuracy: correct / (2 * n * world) as f64,
             lr,
-            images_per_second: n as f64 / started.elapsed().as_secs_f64(),
+            images_per_second: (n * world) as f64 / started.elapsed().as_secs_f64(),
         };
         if self.position as u64 >= self.steps_per_epoch {
             self.epoch += 1;
             self.position = 0;
         }
         Ok(stats)
+    }
+
+    /// Sums every parameter gradient over the ranks, in one flat buffer.
+    fn all_reduce_gradients(&mut self) -> Result<(), TrainError> {
+        let grads: Vec<Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|p| p.tensor.grad())
+            .collect();
+        let flat = Tensor::cat(&grads.iter().map(|g| g.detach().to_kind(Kind::Float).view([-1])).collect::<Vec<_>>(), 0);
+        let summed = self.collective.all_reduce_sum(&flat)?;
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for (p, g) in self.optimizer.params().iter().zip(&grads) {
+                let numel = g.numel() as i64;
+                let value = summed.narrow(0, offset, numel).view(g.size().as_slice()).to_kind(g.kind());
+                offset += numel;
+                p.tensor.grad().copy_(&value);
+            }
+        });
+        Ok(())
     }
 
     /// Trains over `images` (N x 1 x S x S, sample id = row) until the configured end, checkpointing
@@ -232,7 +333,7 @@ impl Trainer {
                 let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
                 ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
             }
-            let stats = self.step_on_views(views, self.config.batch_size)?;
+            let stats = self.step_on_views(views, self.local_batch)?;
             monitor(&stats);
             if let Some(dir) = checkpoints {
                 let every = self.config.checkpoint_every;
@@ -247,8 +348,8 @@ impl Trainer {
     /// The images and sample ids of batch `position` of `epoch`, on the model's device.
     fn batch_at(&self, images: &Tensor, n: usize, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
         let order = self.epoch_order(n, epoch);
-        let start = position * self.config.batch_size;
-        let batch = &order[start..start + self.config.batch_size];
+        let start = position * self.local_batch;
+        let batch = &order[start..start + self.local_batch];
         let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
         (images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| i as u64).collect())
     }

@@ -1,0 +1,158 @@
+//! The gate of distributed pretraining: from the same initial weights and seed, with augmentation on,
+//! one optimiser step over the same global batch gives the same loss and the same updated weights (and
+//! BatchNorm running statistics) with 1, 2 and 4 workers, each rank holding different images, in any
+//! rank order. The workers are loopback gRPC peers in this process (real servers, real ring
+//! collectives). A trainer that drops the gather's backward must fail the same comparison.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use simclr_worker::collective::{loopback, Collective};
+use simclr_worker::loss::{nt_xent, AnchorRows};
+use simclr_worker::model::{with_torch_seed, Arch};
+use simclr_worker::train::{BnMode, LrScalingName, OptimizerName, PretrainConfig, Trainer};
+use tch::{Device, Kind, Tensor};
+
+const GLOBAL_BATCH: usize = 8;
+
+fn config() -> PretrainConfig {
+    PretrainConfig {
+        arch: Arch::Tiny,
+        head_out: 8,
+        head_batch_norm: true,
+        head_layers: 3,
+        batch_size: GLOBAL_BATCH,
+        epochs: 1,
+        optimizer: OptimizerName::Lars,
+        base_lr: 2.0,
+        lr_scaling: LrScalingName::None,
+        warmup_epochs: 0.0,
+        weight_decay: 1e-4,
+        input_size: 32,
+        bn: BnMode::Sync,
+        seed: 3,
+        ..PretrainConfig::default()
+    }
+}
+
+fn images() -> Tensor {
+    with_torch_seed(21, || Tensor::rand([GLOBAL_BATCH as i64, 1, 40, 40], (Kind::Float, Device::Cpu)))
+}
+
+type Weights = BTreeMap<String, Vec<f64>>;
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+fn weights(trainer: &Trainer) -> Weights {
+    trainer.vs.variables().into_iter().map(|(name, t)| (name, values(&t))).collect()
+}
+
+/// One step with the global batch split over `order.len()` ranks, rank r holding block `order[r]`.
+fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode) -> Vec<(f64, Weights)> {
+    let world = order.len();
+    let group = loopback::group(world, Duration::from_secs(60));
+    let per = GLOBAL_BATCH / world;
+    loopback::run(&group, |rank, collective| {
+        assert_eq!(collective.rank(), rank);
+        let mut trainer =
+            Trainer::distributed(PretrainConfig { bn, ..config() }, per, Device::Cpu, std::sync::Arc::clone(&group.members[rank]) as _).unwrap();
+        trainer.sabotage_drop_gather_backward = sabotage;
+        let start = order[rank] * per;
+        let ids: Vec<u64> = (start..start + per).map(|i| i as u64).collect();
+        let local = images().narrow(0, start as i64, per as i64);
+        let stats = trainer.train_step(&local, &ids).unwrap();
+        (stats.loss, weights(&trainer))
+    })
+}
+
+fn single_step() -> (f64, Weights, Weights) {
+    let mut trainer = Trainer::new(config(), GLOBAL_BATCH, Device::Cpu).unwrap();
+    let before = weights(&trainer);
+    let ids: Vec<u64> = (0..GLOBAL_BATCH as u64).collect();
+    let stats = trainer.train_step(&images(), &ids).unwrap();
+    (stats.loss, before, weights(&trainer))
+}
+
+/// The worst relative difference between two runs' updates (after - before) over every variable,
+/// relative to the largest update of that variable; and the worst relative difference of the weights.
+fn differences(before: &Weights, want: &Weights, got: &Weights) -> (f64, f64, String) {
+    let (mut worst_update, mut worst_weight, mut which) = (0.0f64, 0.0f64, String::new());
+    for (name, w) in want {
+        let g = &got[name];
+        let b = &before[name];
+        let scale = w.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        let wscale = w.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-6);
+        for i in 0..w.len() {
+            let du = ((g[i] - b[i]) - (w[i] - b[i])).abs();
+            if scale > 1e-9 && du / scale > worst_update {
+                worst_update = du / scale;
+                which = name.clone();
+            }
+            worst_weight = worst_weight.max((g[i] - w[i]).abs() / wscale);
+        }
+    }
+    (worst_update, worst_weight, which)
+}
+
+#[test]
+fn one_step_is_the_same_for_1_2_and_4_workers() {
+    let (loss, before, want) = single_step();
+    assert!(loss.is_finite());
+    for order in [vec![0, 1], vec![1, 0], vec![0, 1, 2, 3], vec![2, 0, 3, 1]] {
+        let ranks = distributed_step(&order, false, BnMode::Sync);
+        for (rank, (got_loss, got)) in ranks.iter().enumerate() {
+            assert!(
+                (got_loss - loss).abs() <= 1e-5 * loss.abs(),
+                "ranks {order:?}, rank {rank}: loss {got_loss} vs single-process {loss}"
+            );
+            let (update, weight, which) = differences(&before, &want, got);
+            eprintln!("ranks {order:?} rank {rank}: loss {got_loss} vs {loss}; update {update:e} ({which}); weight {weight:e}");
+            assert!(weight <= 1e-4, "ranks {order:?}, rank {rank}: weights differ by {weight:e} (relative)");
+            assert!(update <= 1e-3, "ranks {order:?}, rank {rank}: update of {which} differs by {update:e} of its size");
+        }
+        // Every replica holds bitwise the same weights.
+        for (rank, (_, got)) in ranks.iter().enumerate().skip(1) {
+            assert!(got == &ranks[0].1, "ranks {order:?}: rank {rank}'s weights differ from rank 0's");
+        }
+    }
+}
+
+#[test]
+fn dropping_the_gathers_backward_is_caught() {
+    let (_, before, want) = single_step();
+    let ranks = distributed_step(&[0, 1], true, BnMode::Sync);
+    let (update, _, which) = differences(&before, &want, &ranks[0].1);
+    eprintln!("sabotaged: update difference {update:e} ({which})");
+    assert!(update > 1e-2, "the sabotaged step should differ, but its worst update difference is {update:e} ({which})");
+}
+
+#[test]
+fn per_worker_batchnorm_is_not_world_size_invariant() {
+    // `bn = "local"` (each worker's own statistics) is a different model than one process holding the
+    // global batch: the comparison that passes with synchronised BN must see it.
+    let (_, before, want) = single_step();
+    let ranks = distributed_step(&[0, 1], false, BnMode::Local);
+    let (update, _, which) = differences(&before, &want, &ranks[0].1);
+    assert!(update > 1e-2, "local BN should differ, but its worst update difference is {update:e} ({which})");
+}
+
+#[test]
+fn random_embeddings_give_ln_2n_minus_1_on_every_rank() {
+    let world = 4;
+    let per_rank = 64i64; // images per rank: 128 views; global 2N = 512
+    let group = loopback::group(world, Duration::from_secs(60));
+    let losses = loopback::run(&group, |rank, c| {
+        let z = with_torch_seed(100 + rank as u64, || Tensor::randn([2 * per_rank, 128], (Kind::Float, Device::Cpu)));
+        let keys = c.all_gather(&z).unwrap();
+        let rows = AnchorRows::rank_block(per_rank, rank as i64);
+        let local = nt_xent(&z, &keys, &rows, 1.0, 2 * per_rank * world as i64);
+        c.all_reduce_sum(&local.view([1])).unwrap().double_value(&[0])
+    });
+    let want = ((2 * per_rank * world as i64 - 1) as f64).ln();
+    for (rank, loss) in losses.iter().enumerate() {
+        assert!((loss - want).abs() < 0.05 * want, "rank {rank}: {loss} vs ln(2N - 1) = {want}");
+        assert_eq!(*loss, losses[0]);
+    }
+}
