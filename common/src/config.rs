@@ -65,6 +65,9 @@ pub struct ClusterSection {
     pub peer_timeout_ms: u64,
     /// After a stop notice, how long the coordinator waits for workers to deregister.
     pub shutdown_grace_ms: u64,
+    /// How long a collective (all-reduce, all-gather, ...) waits for a peer before failing the step.
+    /// Generous: a peer may be writing a checkpoint or loading an epoch's images.
+    pub collective_timeout_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -77,6 +80,7 @@ impl Default for ClusterSection {
             heartbeat_timeout_ms: 10_000,
             peer_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            collective_timeout_ms: 120_000,
         }
     }
 }
@@ -195,6 +199,7 @@ impl JobConfig {
             ("cluster.rendezvous_timeout_ms", c.rendezvous_timeout_ms),
             ("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms),
             ("cluster.peer_timeout_ms", c.peer_timeout_ms),
+            ("cluster.collective_timeout_ms", c.collective_timeout_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, value, "expected a positive number of milliseconds".into()));

@@ -386,8 +386,21 @@ impl Job {
             }
             return Ok(());
         }
+        if !req.checkpoint.is_empty() {
+            tracing::info!(rank = req.rank, phase = %req.phase, step = req.step, path = %req.checkpoint, "checkpoint written");
+            if let Err(e) = self.run_dir.write_checkpoint(&req.phase, req.rank, req.step, &req.checkpoint) {
+                tracing::warn!(error = %e, "cannot record the checkpoint");
+            }
+        }
         if !req.phase_done {
-            tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
+            if req.rank == 0 && !req.metrics.is_empty() {
+                let mut metrics: Vec<(&String, &f64)> = req.metrics.iter().collect();
+                metrics.sort_by(|a, b| a.0.cmp(b.0));
+                let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", format_metric(**v))).collect();
+                tracing::info!(phase = %req.phase, step = req.step, total = req.total, "{}", text.join(" "));
+            } else {
+                tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
+            }
             return Ok(());
         }
         // Ranks move through the phases at their own pace; each reports them in order. A phase is
@@ -609,6 +622,15 @@ impl Job {
             tracing::warn!(error = %e, "cannot write summary.json");
         }
         outcome
+    }
+}
+
+/// A metric for a log line: 4 significant digits.
+fn format_metric(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
+        format!("{v:.3e}")
+    } else {
+        format!("{}", (v * 1e4).round() / 1e4)
     }
 }
 

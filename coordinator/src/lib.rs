@@ -103,5 +103,9 @@ pub fn finalize_config(mut config: JobConfig) -> JobConfig {
         let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
         config.job.id = format!("job-{}-{}", &digits[..8], &digits[8..14]);
     }
+    // Workers write checkpoints and the final encoder there too: give them a path that does not
+    // depend on their working directory.
+    let run_dir = run_dir_path(&config);
+    config.job.run_dir = Some(std::path::absolute(&run_dir).unwrap_or(run_dir));
     config
 }

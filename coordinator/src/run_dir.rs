@@ -109,6 +109,14 @@ impl RunDir {
         self.write_atomic(name, text.as_bytes())
     }
 
+    /// Records the newest checkpoint of the job (`checkpoint.json`): where it is, its step, who wrote it.
+    pub fn write_checkpoint(&self, phase: &str, rank: u32, step: u64, path: &str) -> std::io::Result<()> {
+        self.write_json(
+            "checkpoint.json",
+            &serde_json::json!({ "phase": phase, "step": step, "rank": rank, "path": path }),
+        )
+    }
+
     fn write_json(&self, name: &str, doc: &serde_json::Value) -> std::io::Result<()> {
         let mut text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
         text.push('\n');

@@ -51,7 +51,7 @@ pub struct DecodeCache {
 }
 
 /// FNV-1a, 64 bits: file names and checksums (integrity against truncation and bit rot, not attack).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 

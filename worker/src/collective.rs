@@ -81,6 +81,54 @@ impl Collective for Solo {
     }
 }
 
+/// A collective that adds up the time spent in its calls (the communication share of a step).
+pub struct Timed {
+    inner: Arc<dyn Collective>,
+    nanos: AtomicU64,
+}
+
+impl Timed {
+    pub fn new(inner: Arc<dyn Collective>) -> Timed {
+        Timed { inner, nanos: AtomicU64::new(0) }
+    }
+
+    /// Seconds spent in collectives so far.
+    pub fn seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn time<T>(&self, f: impl FnOnce(&dyn Collective) -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = f(&*self.inner);
+        self.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.all_reduce_sum(t))
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.all_gather(t))
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.reduce_scatter_sum(t))
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.broadcast(t, root))
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.time(|c| c.barrier())
+    }
+}
+
 // ---- the mailbox: what peers sent, waiting for the collective that expects it ----------------------
 
 type Key = (u32, u64, u32);

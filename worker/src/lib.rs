@@ -13,6 +13,7 @@ pub mod model;
 pub mod optim;
 pub mod peer;
 pub mod preflight;
+pub mod pretrain;
 pub mod session;
 pub mod syncbn;
 pub mod train;

@@ -20,7 +20,7 @@ use crate::device::Device;
 use crate::error::WorkerError;
 use crate::collective::Mailbox;
 use crate::peer::{self, Control};
-use crate::{decode, preflight};
+use crate::{decode, preflight, pretrain};
 
 /// Everything the command line (or a launcher's environment) decides.
 #[derive(Debug, Clone)]
@@ -300,6 +300,7 @@ async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, Strin
     match phase {
         "preflight" => preflight::run(ctx).await.map(|metrics| PhaseOutput { metrics, issues: Vec::new() }),
         "decode" => decode::run(ctx).await,
+        "pretrain" => pretrain::run(ctx).await,
         other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION)),
     }
 }

@@ -41,6 +41,15 @@ pub enum TrainError {
     Config(String),
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    #[error("stopped: {0}")]
+    Interrupted(String),
+}
+
+/// One epoch's images on this rank (N x 1 x S x S in [0, 1]) and each image's sample id (what its
+/// augmentations derive from, so it must name the image the same way whatever the world size).
+pub struct EpochData {
+    pub images: Tensor,
+    pub ids: Vec<u64>,
 }
 
 /// What one step reports.
@@ -314,14 +323,54 @@ impl Trainer {
         checkpoints: Option<&Path>,
         mut monitor: impl FnMut(&StepStats),
     ) -> Result<(), TrainError> {
-        let n = images.size()[0] as usize;
+        let ids: Vec<u64> = (0..images.size()[0] as u64).collect();
+        self.fit_epochs(
+            |_| Ok(EpochData { images: images.shallow_clone(), ids: ids.clone() }),
+            checkpoints,
+            |stats| {
+                monitor(stats);
+                Ok(())
+            },
+        )
+    }
+
+    /// Trains until the configured end on this rank's data of each epoch (`data(epoch)`, asked once
+    /// per epoch, the next epoch's while the last step of the current one is prepared); `monitor` sees
+    /// every step and may stop the run with an error.
+    pub fn fit_epochs(
+        &mut self,
+        mut data: impl FnMut(u64) -> Result<EpochData, TrainError>,
+        checkpoints: Option<&Path>,
+        mut monitor: impl FnMut(&StepStats) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
         let total = self.total_steps();
+        let mut loaded: Vec<(u64, EpochData)> = Vec::new();
+        let needed = self.steps_per_epoch * self.local_batch as u64;
+        let mut load = |epoch: u64, loaded: &mut Vec<(u64, EpochData)>| -> Result<usize, TrainError> {
+            if let Some(i) = loaded.iter().position(|(e, _)| *e == epoch) {
+                return Ok(i);
+            }
+            let d = data(epoch)?;
+            if d.ids.len() != d.images.size()[0] as usize || (d.ids.len() as u64) < needed {
+                return Err(TrainError::Config(format!(
+                    "epoch {epoch}: {} images with {} ids, but this run needs {needed} per epoch",
+                    d.images.size()[0],
+                    d.ids.len(),
+                )));
+            }
+            loaded.push((epoch, d));
+            Ok(loaded.len() - 1)
+        };
         // The views of the next batch are computed on another thread while this step runs.
         let mut ahead: Option<std::thread::JoinHandle<(Tensor, Tensor)>> = None;
         while self.step < total {
             let views = match ahead.take() {
                 Some(handle) => handle.join().expect("the augmentation thread panicked"),
-                None => self.batch_views(images, n, self.epoch, self.position),
+                None => {
+                    let i = load(self.epoch, &mut loaded)?;
+                    let (batch, ids) = self.batch_at(&loaded[i].1, self.epoch, self.position);
+                    two_views(&self.config.augment, &batch, &ids, self.config.seed, self.epoch, self.config.input_size)
+                }
             };
             if self.step + 1 < total {
                 let (epoch, position) = if self.position as u64 + 1 >= self.steps_per_epoch {
@@ -329,12 +378,14 @@ impl Trainer {
                 } else {
                     (self.epoch, self.position + 1)
                 };
-                let (batch, ids) = self.batch_at(images, n, epoch, position);
+                let i = load(epoch, &mut loaded)?;
+                let (batch, ids) = self.batch_at(&loaded[i].1, epoch, position);
                 let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
                 ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
             }
             let stats = self.step_on_views(views, self.local_batch)?;
-            monitor(&stats);
+            loaded.retain(|(e, _)| *e >= self.epoch);
+            monitor(&stats)?;
             if let Some(dir) = checkpoints {
                 let every = self.config.checkpoint_every;
                 if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
@@ -346,17 +397,12 @@ impl Trainer {
     }
 
     /// The images and sample ids of batch `position` of `epoch`, on the model's device.
-    fn batch_at(&self, images: &Tensor, n: usize, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
-        let order = self.epoch_order(n, epoch);
+    fn batch_at(&self, data: &EpochData, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
+        let order = self.epoch_order(data.ids.len(), epoch);
         let start = position * self.local_batch;
         let batch = &order[start..start + self.local_batch];
         let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        (images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| i as u64).collect())
-    }
-
-    fn batch_views(&self, images: &Tensor, n: usize, epoch: u64, position: usize) -> (Tensor, Tensor) {
-        let (batch, ids) = self.batch_at(images, n, epoch, position);
-        two_views(&self.config.augment, &batch, &ids, self.config.seed, epoch, self.config.input_size)
+        (data.images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| data.ids[i]).collect())
     }
 
     /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it.

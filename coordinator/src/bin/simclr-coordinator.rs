@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use simclr_common::logging::{self, LogFormat};
+use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{data_plan, finalize_config, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir};
@@ -82,6 +83,45 @@ struct DevArgs {
     /// Seed (overrides job.seed).
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    pretrain: PretrainOverrides,
+}
+
+/// Pretraining options every launcher can override on the command line (each is also a config key).
+#[derive(Args)]
+struct PretrainOverrides {
+    /// Stop pretraining after this many steps in all (pretrain.max_steps; a debugging limit).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Start the encoder from these torchvision-format safetensors weights (pretrain.init_weights).
+    #[arg(long)]
+    init_weights: Option<PathBuf>,
+    /// Turn augmentation off: every view is the plain resized image (pretrain.augment.enabled = false;
+    /// a debugging switch to compare a step with an outside reference).
+    #[arg(long)]
+    no_augment: bool,
+    /// BatchNorm statistics with several workers: sync (global batch) or local (pretrain.bn).
+    #[arg(long, value_parser = ["sync", "local"])]
+    bn: Option<String>,
+}
+
+impl PretrainOverrides {
+    fn apply(&self, config: &mut JobConfig) {
+        if let Some(n) = self.max_steps {
+            config.pretrain.max_steps = n;
+        }
+        if let Some(path) = &self.init_weights {
+            config.pretrain.init_weights = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+        }
+        if self.no_augment {
+            config.pretrain.augment.enabled = false;
+        }
+        match self.bn.as_deref() {
+            Some("local") => config.pretrain.bn = BnMode::Local,
+            Some("sync") => config.pretrain.bn = BnMode::Sync,
+            _ => {}
+        }
+    }
 }
 
 #[derive(Args)]
@@ -98,6 +138,8 @@ struct RunArgs {
     /// Run directory (overrides job.run_dir).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pretrain: PretrainOverrides,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +189,7 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
     if args.data.is_some() {
         config.data.path = args.data;
     }
+    args.pretrain.apply(&mut config);
     config.validate()?;
     let config = finalize_config(config);
     let data = prepare_data(&config)?;
@@ -180,6 +223,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if args.data.is_some() {
         config.data.path = args.data;
     }
+    args.pretrain.apply(&mut config);
     config.cluster.listen = "127.0.0.1:0".into();
     config.validate()?;
     let config = finalize_config(config);
