@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cargo build --workspace --bins --locked
-[ $# -gt 0 ] || set -- --workers 2 --run-dir runs/demo
+[ $# -gt 0 ] || set -- --workers 2 --config configs/demo.toml --run-dir runs/demo
 exec target/debug/simclr-coordinator dev "$@"

@@ -148,7 +148,11 @@ impl AugmentConfig {
             if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max {
                 Ok(())
             } else {
-                Err(invalid(key, format!("[{lo}, {hi}]"), format!("expected [low, high] with {min} <= low <= high <= {max}")))
+                Err(invalid(
+                    key,
+                    format!("[{lo}, {hi}]"),
+                    format!("expected [low, high] with {min} <= low <= high <= {max}"),
+                ))
             }
         };
         range("pretrain.augment.crop_scale", self.crop_scale, 1e-3, 1.0)?;
@@ -311,7 +315,7 @@ impl PretrainSection {
             return Err(invalid("pretrain.head_out", self.head_out, "expected a positive width".into()));
         }
         let ws = world_size as usize;
-        if self.batch_size < 2 * ws || !self.batch_size.is_multiple_of(ws) {
+        if self.enabled && (self.batch_size < 2 * ws || !self.batch_size.is_multiple_of(ws)) {
             return Err(invalid(
                 "pretrain.batch_size",
                 self.batch_size,
@@ -366,7 +370,8 @@ mod tests {
         let bad = PretrainSection { batch_size: 10, ..Default::default() };
         assert!(bad.validate(4).unwrap_err().to_string().contains("pretrain.batch_size"));
         bad.validate(2).unwrap();
-        let bad = PretrainSection { augment: AugmentConfig { blur_p: 1.5, ..AugmentConfig::cxr() }, ..Default::default() };
+        let bad =
+            PretrainSection { augment: AugmentConfig { blur_p: 1.5, ..AugmentConfig::cxr() }, ..Default::default() };
         assert!(bad.validate(1).unwrap_err().to_string().contains("pretrain.augment.blur_p"));
         let bad = PretrainSection {
             augment: AugmentConfig { crop_scale: (0.9, 0.2), ..AugmentConfig::cxr() },

@@ -113,6 +113,12 @@ fn spawn_one(coordinator: SocketAddr, rank: u32, opts: &LaunchOptions) -> Result
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    // The workers share this machine's cores: each gets its share for libtorch's intra-op threads,
+    // unless the user chose (SIMCLR_THREADS in the environment).
+    if std::env::var_os("SIMCLR_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        cmd.env("SIMCLR_THREADS", (cores / opts.workers.max(1) as usize).max(1).to_string());
+    }
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {

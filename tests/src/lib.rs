@@ -54,6 +54,8 @@ pub fn test_config(world_size: u32) -> JobConfig {
     config.cluster.peer_timeout_ms = 500;
     config.cluster.shutdown_grace_ms = 5_000;
     config.preflight.rounds = 3;
+    // These jobs test membership and phases without a dataset: nothing to pretrain.
+    config.pretrain.enabled = false;
     config
 }
 

@@ -11,8 +11,12 @@ use tokio::process::Command;
 
 const GENEROUS: Duration = Duration::from_secs(120);
 
-/// A small synthetic dataset keeps each test to a few seconds.
+/// A small synthetic dataset and a tiny encoder keep each test to a few seconds.
 const SMALL_DATA: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n";
+/// Pretraining sized for tests: a few thousand parameters, 32x32 inputs, 6 images per step (a
+/// multiple of 2 and 3 workers), checkpoints every 2 steps.
+const TINY_PRETRAIN: &str =
+    "[pretrain]\narch = \"tiny\"\nhead_out = 8\ninput_size = 32\nbatch_size = 6\nepochs = 2\ncheckpoint_every = 2\n";
 
 fn dev_command(run_dir: &Path, extra: &[&str]) -> anyhow::Result<Command> {
     let mut cmd = Command::new(binaries_dir()?.join("simclr-coordinator"));
@@ -37,7 +41,7 @@ fn write_config(dir: &Path, body: &str) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
-const FAST_AND_LONG: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\npeer_timeout_ms = 500\nshutdown_grace_ms = 3000\n[preflight]\nrounds = 1000000\ninterval_ms = 20\n";
+const FAST_AND_LONG: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\npeer_timeout_ms = 500\nshutdown_grace_ms = 3000\n[preflight]\nrounds = 1000000\ninterval_ms = 20\n[pretrain]\nenabled = false\n";
 
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
@@ -67,7 +71,7 @@ async fn finish(mut child: tokio::process::Child) -> anyhow::Result<(i32, String
 async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let run_dir = dir.path().join("run");
-    let config = write_config(dir.path(), SMALL_DATA)?;
+    let config = write_config(dir.path(), &format!("{SMALL_DATA}{TINY_PRETRAIN}"))?;
     let child = dev_command(&run_dir, &["--workers", "3", "--seed", "11", "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");
@@ -82,6 +86,9 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
         "dataset.json",
         "split.csv",
         "data_issues.csv",
+        "pretrain.json",
+        "checkpoint.json",
+        "encoder.safetensors",
     ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
@@ -99,6 +106,22 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let decoded: f64 = (0..3).map(|r| decode["ranks"][r.to_string()]["images"].as_f64().unwrap()).sum();
     let shards: u64 = dataset["epoch0_shard_sizes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(decoded as u64, shards + split["test"]["images"].as_u64().unwrap(), "{decode}");
+    // Every rank pretrained in lockstep to the same end; rank 0 checkpointed, the coordinator recorded it.
+    let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
+    let rank0 = &pretrain["ranks"]["0"];
+    let steps = rank0["steps"].as_f64().unwrap();
+    assert!(steps >= 2.0, "{pretrain}");
+    for r in 0..3 {
+        let ranks = &pretrain["ranks"][r.to_string()];
+        assert_eq!(ranks["steps"].as_f64(), Some(steps), "{pretrain}");
+        assert_eq!(ranks["final_loss"], rank0["final_loss"], "ranks disagree on the global loss: {pretrain}");
+        assert_eq!(ranks["world_size"].as_f64(), Some(3.0));
+    }
+    let checkpoint: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("checkpoint.json"))?)?;
+    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest"))?;
+    assert!(checkpoint["path"].as_str().unwrap().ends_with(latest.trim()), "{checkpoint} vs {latest}");
+    assert!(run_dir.join("checkpoints").join(latest.trim()).join("encoder.safetensors").is_file());
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }
@@ -184,7 +207,7 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     let data_arg = data.display().to_string();
 
     let run_dir = dir.path().join("skip");
-    let config = write_config(dir.path(), "")?;
+    let config = write_config(dir.path(), &TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4"))?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");

@@ -286,7 +286,14 @@ impl GrpcCollective {
         (self.rank + self.world() - 1) % self.world()
     }
 
-    async fn send(&self, op_name: &'static str, to: usize, op: u64, step: u32, data: Bytes) -> Result<(), CollectiveError> {
+    async fn send(
+        &self,
+        op_name: &'static str,
+        to: usize,
+        op: u64,
+        step: u32,
+        data: Bytes,
+    ) -> Result<(), CollectiveError> {
         let (addr, client) = &self.peers[to];
         let total = data.len();
         let from_rank = self.rank as u32;
@@ -505,7 +512,11 @@ fn check_len(dst: &[f32], src: &[u8], op: &'static str) -> Result<(), Collective
     if src.len() != dst.len() * 4 {
         return Err(CollectiveError::Invalid {
             op,
-            message: format!("a peer sent {} bytes where {} were expected (mismatched tensor shapes?)", src.len(), dst.len() * 4),
+            message: format!(
+                "a peer sent {} bytes where {} were expected (mismatched tensor shapes?)",
+                src.len(),
+                dst.len() * 4
+            ),
         });
     }
     Ok(())
@@ -566,7 +577,14 @@ pub mod loopback {
             .into_iter()
             .enumerate()
             .map(|(rank, mailbox)| {
-                let c = GrpcCollective::new(rank, &addrs, mailbox, AttachToken::default(), timeout, runtime.handle().clone());
+                let c = GrpcCollective::new(
+                    rank,
+                    &addrs,
+                    mailbox,
+                    AttachToken::default(),
+                    timeout,
+                    runtime.handle().clone(),
+                );
                 Arc::new(c.unwrap())
             })
             .collect();
@@ -576,8 +594,17 @@ pub mod loopback {
     /// Runs `f(rank, collective)` on one thread per rank and returns the results in rank order.
     pub fn run<T: Send>(group: &Group, f: impl Fn(usize, &GrpcCollective) -> T + Sync) -> Vec<T> {
         std::thread::scope(|s| {
-            let handles: Vec<_> =
-                group.members.iter().enumerate().map(|(r, c)| s.spawn({ let f = &f; move || f(r, c) })).collect();
+            let handles: Vec<_> = group
+                .members
+                .iter()
+                .enumerate()
+                .map(|(r, c)| {
+                    s.spawn({
+                        let f = &f;
+                        move || f(r, c)
+                    })
+                })
+                .collect();
             handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
         })
     }
@@ -610,8 +637,7 @@ mod tests {
                 (sum, to_f64(&gathered), scattered, b)
             });
             for (rank, (sum, gathered, scattered, b)) in results.into_iter().enumerate() {
-                let want: Vec<f64> =
-                    (0..n).map(|i| (0..world).map(|r| f64::from(rank_data(r, n)[i])).sum()).collect();
+                let want: Vec<f64> = (0..n).map(|i| (0..world).map(|r| f64::from(rank_data(r, n)[i])).sum()).collect();
                 assert_eq!(sum, want, "all-reduce, world {world}, rank {rank}");
                 let want: Vec<f64> = (0..world).flat_map(|r| rank_data(r, n)).map(f64::from).collect();
                 assert_eq!(gathered, want, "all-gather, world {world}");

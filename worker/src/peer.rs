@@ -93,14 +93,12 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(DATA_STREAM_WINDOW)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW)
-        .add_service(
-            tonic::service::interceptor::InterceptedService::new(
-                WorkerServer::new(PeerService { control, mailbox })
-                    .max_decoding_message_size(65 << 20)
-                    .max_encoding_message_size(65 << 20),
-                RequireToken::new(token.as_deref()),
-            ),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            WorkerServer::new(PeerService { control, mailbox })
+                .max_decoding_message_size(65 << 20)
+                .max_encoding_message_size(65 << 20),
+            RequireToken::new(token.as_deref()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await
 }

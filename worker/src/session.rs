@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::collective::Mailbox;
 use crate::device::Device;
 use crate::error::WorkerError;
-use crate::collective::Mailbox;
 use crate::peer::{self, Control};
 use crate::{decode, preflight, pretrain};
 

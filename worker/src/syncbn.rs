@@ -81,7 +81,8 @@ impl<'c> SyncNorm<'c> {
                     let both = Tensor::cat(&[gm, gv], 0);
                     let both = if world > 1 { self.collective.all_reduce_sum(&both)? } else { both };
                     let c = s.mean.size()[0];
-                    let (gm, gv) = (both.narrow(0, 0, c).view(s.shape.as_slice()), both.narrow(0, c, c).view(s.shape.as_slice()));
+                    let (gm, gv) =
+                        (both.narrow(0, 0, c).view(s.shape.as_slice()), both.narrow(0, c, c).view(s.shape.as_slice()));
                     let centered = cut.leaf.detach() - s.mean.detach().view(s.shape.as_slice());
                     g + gm / s.count + gv * centered * (2.0 / s.count)
                 }
@@ -116,7 +117,11 @@ impl NormPass for SyncNorm<'_> {
         let local_count = (x.numel() as i64 / c) as f64;
         let (var, mean) = x.detach().var_mean_correction(dims.as_slice(), 0, false);
         let local = Tensor::cat(
-            &[Tensor::from_slice(&[local_count as f32]).to_device(x.device()), mean.to_kind(Kind::Float), var.to_kind(Kind::Float)],
+            &[
+                Tensor::from_slice(&[local_count as f32]).to_device(x.device()),
+                mean.to_kind(Kind::Float),
+                var.to_kind(Kind::Float),
+            ],
             0,
         )
         .view([1, 1 + 2 * c]);
@@ -151,10 +156,10 @@ impl NormPass for SyncNorm<'_> {
         let leaf = x.detach().set_requires_grad(true);
         let mut y = (&leaf - mean.view(shape.as_slice())) * (var.view(shape.as_slice()) + EPS).rsqrt();
         if let Some(w) = &bn.ws {
-            y = y * w.view(shape.as_slice());
+            y = y.g_mul(&w.view(shape.as_slice()));
         }
         if let Some(b) = &bn.bs {
-            y = y + b.view(shape.as_slice());
+            y = y.g_add(&b.view(shape.as_slice()));
         }
         self.cuts.push(Cut { source: x.shallow_clone(), leaf, stats: Some(Stats { mean, var, count, shape }) });
         y

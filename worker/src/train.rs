@@ -20,14 +20,13 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::augment::two_views;
 use crate::collective::{Collective, CollectiveError, Solo};
-use crate::syncbn::SyncNorm;
 use crate::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::model::{
     load_encoder, save_encoder, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm, NormPass,
-    ProjectionHead,
-    HEAD_PREFIX,
+    ProjectionHead, HEAD_PREFIX,
 };
 use crate::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
+use crate::syncbn::SyncNorm;
 
 pub use simclr_common::pretrain::{BnMode, LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
 
@@ -268,7 +267,8 @@ impl Trainer {
                 (&z * own).sum(Kind::Float).backward();
             }
             self.all_reduce_gradients()?;
-            let totals = collective.all_reduce_sum(&Tensor::from_slice(&[loss.double_value(&[]) as f32, correct as f32]))?;
+            let totals =
+                collective.all_reduce_sum(&Tensor::from_slice(&[loss.double_value(&[]) as f32, correct as f32]))?;
             (totals.double_value(&[0]), totals.double_value(&[1]))
         };
         if !loss.is_finite() {
@@ -295,13 +295,9 @@ impl Trainer {
 
     /// Sums every parameter gradient over the ranks, in one flat buffer.
     fn all_reduce_gradients(&mut self) -> Result<(), TrainError> {
-        let grads: Vec<Tensor> = self
-            .optimizer
-            .params()
-            .iter()
-            .map(|p| p.tensor.grad())
-            .collect();
-        let flat = Tensor::cat(&grads.iter().map(|g| g.detach().to_kind(Kind::Float).view([-1])).collect::<Vec<_>>(), 0);
+        let grads: Vec<Tensor> = self.optimizer.params().iter().map(|p| p.tensor.grad()).collect();
+        let flat =
+            Tensor::cat(&grads.iter().map(|g| g.detach().to_kind(Kind::Float).view([-1])).collect::<Vec<_>>(), 0);
         let summed = self.collective.all_reduce_sum(&flat)?;
         let mut offset = 0;
         tch::no_grad(|| {

@@ -56,8 +56,13 @@ fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode) -> Vec<(f64, We
     let per = GLOBAL_BATCH / world;
     loopback::run(&group, |rank, collective| {
         assert_eq!(collective.rank(), rank);
-        let mut trainer =
-            Trainer::distributed(PretrainConfig { bn, ..config() }, per, Device::Cpu, std::sync::Arc::clone(&group.members[rank]) as _).unwrap();
+        let mut trainer = Trainer::distributed(
+            PretrainConfig { bn, ..config() },
+            per,
+            Device::Cpu,
+            std::sync::Arc::clone(&group.members[rank]) as _,
+        )
+        .unwrap();
         trainer.sabotage_drop_gather_backward = sabotage;
         let start = order[rank] * per;
         let ids: Vec<u64> = (start..start + per).map(|i| i as u64).collect();
@@ -110,7 +115,10 @@ fn one_step_is_the_same_for_1_2_and_4_workers() {
             let (update, weight, which) = differences(&before, &want, got);
             eprintln!("ranks {order:?} rank {rank}: loss {got_loss} vs {loss}; update {update:e} ({which}); weight {weight:e}");
             assert!(weight <= 1e-4, "ranks {order:?}, rank {rank}: weights differ by {weight:e} (relative)");
-            assert!(update <= 1e-3, "ranks {order:?}, rank {rank}: update of {which} differs by {update:e} of its size");
+            assert!(
+                update <= 1e-3,
+                "ranks {order:?}, rank {rank}: update of {which} differs by {update:e} of its size"
+            );
         }
         // Every replica holds bitwise the same weights.
         for (rank, (_, got)) in ranks.iter().enumerate().skip(1) {

@@ -41,6 +41,10 @@ struct Cli {
     /// How long to keep retrying an unreachable coordinator before giving up (exit 4).
     #[arg(long, default_value_t = 60_000)]
     connect_timeout_ms: u64,
+    /// libtorch intra-op threads (0: libtorch's default, one per core). Dev mode gives each worker
+    /// its share of the cores.
+    #[arg(long, default_value_t = 0, env = "SIMCLR_THREADS")]
+    threads: i32,
     /// Log format: text or json (one object per line). Filter with RUST_LOG.
     #[arg(long, default_value = "text", env = "SIMCLR_LOG_FORMAT")]
     log_format: LogFormat,
@@ -49,6 +53,9 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    if cli.threads > 0 {
+        tch::set_num_threads(cli.threads);
+    }
     let status = match options(&cli) {
         Ok(opts) => run(opts),
         Err(e) => Err(e),
