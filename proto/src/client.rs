@@ -91,6 +91,9 @@ pub fn lazy_channel(addr: &str, connect_timeout: Duration, call_timeout: Option<
 /// transfer streams without waiting for window updates on every few frames.
 pub const DATA_STREAM_WINDOW: u32 = 8 << 20;
 pub const DATA_CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame on those links (the protocol's default is 16 KiB: a megabyte chunk would take
+/// 64 frames, each a separate write).
+pub const DATA_FRAME_SIZE: u32 = 1 << 20;
 
 /// A channel for collective traffic to a peer: large flow-control windows, a connect deadline, no
 /// per-call deadline (the collective applies its own).
@@ -101,6 +104,7 @@ pub fn data_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, St
         .tcp_nodelay(true)
         .initial_stream_window_size(DATA_STREAM_WINDOW)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW)
+        .max_frame_size(DATA_FRAME_SIZE)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)

@@ -235,3 +235,37 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(String::from_utf8_lossy(&out.stdout).contains("unusable: train/broken.dcm"));
     Ok(())
 }
+
+/// A job stopped after a few steps and started again on the same run directory resumes from its last
+/// checkpoint and ends with exactly the weights of a run that was never stopped (2 workers, synchronised
+/// BatchNorm, augmentation on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pretraining_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        &format!("{SMALL_DATA}{}", TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4").replace("epochs = 2", "epochs = 3")),
+    )?;
+    let whole = dir.path().join("whole");
+    let (code, log) = finish(dev_command(&whole, &["--workers", "2", "--config", &config])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    let resumed = dir.path().join("resumed");
+    let (code, log) =
+        finish(dev_command(&resumed, &["--workers", "2", "--config", &config, "--max-steps", "3"])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    let first: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(resumed.join("pretrain.json"))?)?;
+    assert_eq!(first["ranks"]["0"]["steps"].as_f64(), Some(3.0), "{first}");
+    let (code, log) = finish(dev_command(&resumed, &["--workers", "2", "--config", &config])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("resuming from the latest checkpoint"), "{log}");
+    let whole_stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(whole.join("pretrain.json"))?)?;
+    let second: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(resumed.join("pretrain.json"))?)?;
+    let total = whole_stats["ranks"]["0"]["steps"].as_f64().unwrap();
+    assert!(total > 3.0, "{whole_stats}");
+    assert_eq!(second["ranks"]["0"]["steps"].as_f64(), Some(total), "{second}");
+    assert_eq!(second["ranks"]["0"]["steps_this_run"].as_f64(), Some(total - 3.0), "{second}");
+    let a = std::fs::read(whole.join("encoder.safetensors"))?;
+    let b = std::fs::read(resumed.join("encoder.safetensors"))?;
+    assert!(a == b, "the resumed run's encoder differs from the uninterrupted run's");
+    Ok(())
+}

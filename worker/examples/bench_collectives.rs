@@ -4,64 +4,18 @@
 //!
 //! Usage: bench_collectives [ITERATIONS]. The process re-executes itself as rank 1.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use simclr_proto::client::AttachToken;
-use simclr_worker::collective::{Collective, GrpcCollective, Mailbox};
-use simclr_worker::peer::{serve, Control};
+use simclr_worker::collective::Collective;
 use tch::{Kind, Tensor};
+
+#[path = "pair/mod.rs"]
+mod pair;
 
 fn main() {
     let iterations: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mut child = None;
-    let (rank, addrs, listener) = match std::env::var("BENCH_RANK") {
-        Ok(r) => {
-            let addrs: Vec<String> = std::env::var("BENCH_ADDRS").unwrap().split(',').map(str::to_string).collect();
-            let rank: usize = r.parse().unwrap();
-            let listener = runtime.block_on(tokio::net::TcpListener::bind(&addrs[rank])).unwrap();
-            (rank, addrs, listener)
-        }
-        Err(_) => {
-            let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-            let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addrs = vec![listener.local_addr().unwrap().to_string(), other.local_addr().unwrap().to_string()];
-            drop(other);
-            child = Some(
-                std::process::Command::new(std::env::current_exe().unwrap())
-                    .arg(iterations.to_string())
-                    .env("BENCH_RANK", "1")
-                    .env("BENCH_ADDRS", addrs.join(","))
-                    .spawn()
-                    .unwrap(),
-            );
-            (0, addrs, listener)
-        }
-    };
-    let mailbox = Arc::new(Mailbox::default());
-    let _server = runtime.spawn(serve(
-        listener,
-        Control::new(),
-        Arc::clone(&mailbox),
-        None,
-        tokio_util::sync::CancellationToken::new(),
-    ));
-    let _context = runtime.enter();
-    let c = GrpcCollective::new(
-        rank,
-        &addrs,
-        mailbox,
-        AttachToken::default(),
-        Duration::from_secs(60),
-        runtime.handle().clone(),
-    )
-    .unwrap();
-    // The peer's server may still be starting: retry the first barrier.
-    let started = Instant::now();
-    while c.barrier().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "peer never answered");
-    }
+    let pair = pair::Pair::start();
+    let (rank, c) = (pair.rank, &pair.collective);
     let cases: [(&str, Tensor, bool); 3] = [
         (
             "all-reduce 11.2M float32 (ResNet-18 gradients)",
@@ -92,7 +46,7 @@ fn main() {
             let ms = start.elapsed().as_secs_f64() * 1e3;
             if i == 0 {
                 let want = if *reduce { 2.0 } else { 1.0 };
-                assert_eq!(out.double_value(&[0]), want, "wrong result");
+                assert_eq!(out.flatten(0, -1).double_value(&[0]), want, "wrong result");
             }
             if i >= 2 {
                 times.push(ms);
@@ -103,8 +57,5 @@ fn main() {
             println!("| {name} | {:.1} | {:.1} |", times[times.len() / 2], times[0]);
         }
     }
-    c.barrier().unwrap();
-    if let Some(mut child) = child {
-        let _ = child.wait();
-    }
+    pair.finish();
 }

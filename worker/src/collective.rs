@@ -133,11 +133,14 @@ impl Collective for Timed {
 
 type Key = (u32, u64, u32);
 
+/// One received message: its chunks as they arrived (slices of the receive buffers, not copied again).
+type Message = Vec<Bytes>;
+
 enum Slot {
     /// The collective asked first and waits.
-    Waiting(oneshot::Sender<Vec<u8>>),
+    Waiting(oneshot::Sender<Message>),
     /// The message came first.
-    Arrived(Vec<u8>),
+    Arrived(Message),
 }
 
 /// Messages from peers, delivered by the peer server's `Transfer` handler.
@@ -158,12 +161,12 @@ impl Mailbox {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn deliver(&self, key: Key, data: Vec<u8>) -> Result<(), Status> {
+    fn deliver(&self, key: Key, message: Message) -> Result<(), Status> {
         let mut slots = self.lock();
         match slots.remove(&key) {
             Some(Slot::Waiting(tx)) => {
                 // A collective that gave up (timed out) has dropped its receiver: nothing to do.
-                let _ = tx.send(data);
+                let _ = tx.send(message);
                 Ok(())
             }
             Some(arrived @ Slot::Arrived(_)) => {
@@ -174,16 +177,16 @@ impl Mailbox {
                 )))
             }
             None => {
-                slots.insert(key, Slot::Arrived(data));
+                slots.insert(key, Slot::Arrived(message));
                 Ok(())
             }
         }
     }
 
-    fn expect(&self, key: Key) -> Result<Vec<u8>, oneshot::Receiver<Vec<u8>>> {
+    fn expect(&self, key: Key) -> Result<Message, oneshot::Receiver<Message>> {
         let mut slots = self.lock();
         match slots.remove(&key) {
-            Some(Slot::Arrived(data)) => Ok(data),
+            Some(Slot::Arrived(message)) => Ok(message),
             _ => {
                 let (tx, rx) = oneshot::channel();
                 slots.insert(key, Slot::Waiting(tx));
@@ -205,26 +208,27 @@ impl Mailbox {
                 first.total_bytes, self.max_message_bytes
             )));
         }
-        let total = first.total_bytes as usize;
-        let mut data = Vec::with_capacity(total);
+        let total = first.total_bytes;
+        let mut received = 0u64;
+        let mut chunks = Vec::with_capacity((total as usize).div_ceil(CHUNK_BYTES).max(1));
         let mut chunk = Some(first);
         while let Some(c) = chunk {
-            if (c.from_rank, c.op, c.step) != key || c.total_bytes as usize != total {
+            if (c.from_rank, c.op, c.step) != key || c.total_bytes != total {
                 return Err(Status::invalid_argument("transfer chunks disagree on their header"));
             }
-            if data.len() + c.data.len() > total {
+            received += c.data.len() as u64;
+            if received > total {
                 return Err(Status::invalid_argument(format!("transfer longer than its declared {total} bytes")));
             }
-            data.extend_from_slice(&c.data);
+            chunks.push(c.data);
             chunk = stream.message().await?;
         }
-        if data.len() != total {
+        if received != total {
             return Err(Status::invalid_argument(format!(
-                "transfer ended after {} of its declared {total} bytes",
-                data.len()
+                "transfer ended after {received} of its declared {total} bytes"
             )));
         }
-        self.deliver(key, data)
+        self.deliver(key, chunks)
     }
 }
 
@@ -233,6 +237,108 @@ impl Mailbox {
 /// Bytes per streamed chunk: well under the gRPC message limit, large enough to keep per-message
 /// overhead small.
 const CHUNK_BYTES: usize = 1 << 20;
+
+#[cfg(target_endian = "big")]
+compile_error!("the gRPC collective sends float32 in memory order and assumes little-endian hosts");
+
+/// The float32 CPU tensor a collective works on in place. Its chunks go out as `Bytes` that borrow the
+/// tensor's memory (keeping the tensor alive) instead of copies: a chunk is only written after the
+/// transfer that read it has been acknowledged, i.e. fully consumed by the sender.
+struct Buffer {
+    tensor: Tensor,
+    ptr: *mut f32,
+    len: usize,
+}
+
+/// A read-only view of part of a tensor's memory, owning a reference to the tensor.
+struct TensorBytes {
+    _tensor: Tensor,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the tensor keeps the memory alive; the bytes are only read, and never written while a
+// transfer that reads them is in flight (see `Buffer`).
+unsafe impl Send for TensorBytes {}
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len lies inside the tensor's contiguous storage, alive as long as `_tensor`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Buffer {
+    /// A contiguous float32 CPU copy of `t` (the collective's result is built in it).
+    fn copy_of(t: &Tensor, op: &'static str) -> Result<Buffer, CollectiveError> {
+        if t.kind() != Kind::Float {
+            return Err(CollectiveError::Invalid { op, message: format!("expected float32, got {:?}", t.kind()) });
+        }
+        Ok(Buffer::wrap(t.detach().to_device(tch::Device::Cpu).contiguous().copy()))
+    }
+
+    fn zeros(len: usize) -> Buffer {
+        Buffer::wrap(Tensor::zeros([len as i64], (Kind::Float, tch::Device::Cpu)))
+    }
+
+    fn wrap(tensor: Tensor) -> Buffer {
+        let len = tensor.numel();
+        let ptr = tensor.data_ptr() as *mut f32;
+        Buffer { tensor, ptr, len }
+    }
+
+    /// Elements a..b as bytes, sharing the memory.
+    fn bytes(&self, a: usize, b: usize) -> Bytes {
+        assert!(a <= b && b <= self.len);
+        Bytes::from_owner(TensorBytes {
+            _tensor: self.tensor.shallow_clone(),
+            // SAFETY: a <= len, inside the allocation.
+            ptr: unsafe { self.ptr.add(a) }.cast::<u8>(),
+            len: (b - a) * 4,
+        })
+    }
+
+    fn slice_mut(&mut self, a: usize, b: usize) -> &mut [f32] {
+        assert!(a <= b && b <= self.len);
+        // SAFETY: inside the tensor's contiguous float32 storage, which this buffer owns; no transfer
+        // reads this range while it is written (see the type's comment).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(a), b - a) }
+    }
+
+    fn into_tensor(self, shape: &[i64], device: tch::Device) -> Tensor {
+        self.tensor.view(shape).to_device(device)
+    }
+}
+
+/// Folds a received message into `dst` element by element (`add`: sum, else copy).
+fn absorb(dst: &mut [f32], message: &Message, add: bool, op: &'static str) -> Result<(), CollectiveError> {
+    let total: usize = message.iter().map(Bytes::len).sum();
+    if total != dst.len() * 4 || message.iter().any(|c| c.len() % 4 != 0) {
+        return Err(CollectiveError::Invalid {
+            op,
+            message: format!(
+                "a peer sent {total} bytes where {} were expected (mismatched tensor shapes?)",
+                dst.len() * 4
+            ),
+        });
+    }
+    let mut at = 0;
+    for chunk in message {
+        let n = chunk.len() / 4;
+        let out = &mut dst[at..at + n];
+        if add {
+            for (d, s) in out.iter_mut().zip(chunk.chunks_exact(4)) {
+                *d += f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        } else {
+            for (d, s) in out.iter_mut().zip(chunk.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+        at += n;
+    }
+    Ok(())
+}
 
 pub struct GrpcCollective {
     rank: usize,
@@ -315,25 +421,24 @@ impl GrpcCollective {
         }
     }
 
-    async fn recv(&self, op_name: &'static str, from: usize, op: u64, step: u32) -> Result<Vec<u8>, CollectiveError> {
+    async fn recv(&self, op_name: &'static str, from: usize, op: u64, step: u32) -> Result<Message, CollectiveError> {
         let rx = match self.mailbox.expect((from as u32, op, step)) {
-            Ok(data) => return Ok(data),
+            Ok(message) => return Ok(message),
             Err(rx) => rx,
         };
-        let timeout = || CollectiveError::Timeout {
-            op: op_name,
-            peer: from,
-            addr: self.peers[from].0.clone(),
-            timeout_ms: self.timeout.as_millis() as u64,
-        };
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(data)) => Ok(data),
-            _ => Err(timeout()),
+            Ok(Ok(message)) => Ok(message),
+            _ => Err(CollectiveError::Timeout {
+                op: op_name,
+                peer: from,
+                addr: self.peers[from].0.clone(),
+                timeout_ms: self.timeout.as_millis() as u64,
+            }),
         }
     }
 
     /// One ring step: send `data` to the right neighbour while receiving from the left one.
-    async fn ring_step(&self, name: &'static str, op: u64, step: u32, data: Bytes) -> Result<Vec<u8>, CollectiveError> {
+    async fn ring_step(&self, name: &'static str, op: u64, step: u32, data: Bytes) -> Result<Message, CollectiveError> {
         let (sent, received) =
             tokio::join!(self.send(name, self.right(), op, step, data), self.recv(name, self.left(), op, step));
         sent?;
@@ -346,74 +451,69 @@ impl GrpcCollective {
 
     /// Ring all-reduce in place: a reduce-scatter (after W - 1 steps rank r holds the full sum of
     /// chunk r + 1) then an all-gather of the summed chunks.
-    async fn all_reduce_vec(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+    async fn all_reduce_buffer(&self, data: &mut Buffer) -> Result<(), CollectiveError> {
         let w = self.world();
-        let n = data.len();
+        let n = data.len;
         let bounds = |c: usize| (c * n / w, (c + 1) * n / w);
         let op = self.op();
         let r = self.rank;
         for s in 0..w - 1 {
             let (a, b) = bounds((r + w - s) % w);
-            let got = self.ring_step("all-reduce", op, s as u32, Bytes::from(f32_bytes(&data[a..b]))).await?;
+            let got = self.ring_step("all-reduce", op, s as u32, data.bytes(a, b)).await?;
             let (a, b) = bounds((r + 2 * w - s - 1) % w);
-            add_le_f32(&mut data[a..b], &got, "all-reduce")?;
+            absorb(data.slice_mut(a, b), &got, true, "all-reduce")?;
         }
         for s in 0..w - 1 {
             let (a, b) = bounds((r + 1 + w - s) % w);
             let step = (w - 1 + s) as u32;
-            let got = self.ring_step("all-reduce", op, step, Bytes::from(f32_bytes(&data[a..b]))).await?;
+            let got = self.ring_step("all-reduce", op, step, data.bytes(a, b)).await?;
             let (a, b) = bounds((r + w - s) % w);
-            copy_le_f32(&mut data[a..b], &got, "all-reduce")?;
+            absorb(data.slice_mut(a, b), &got, false, "all-reduce")?;
         }
         Ok(())
     }
 
-    /// Ring reduce-scatter: `data` holds W equal blocks; returns block `rank` summed over ranks.
-    async fn reduce_scatter_vec(&self, mut data: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
+    /// Ring reduce-scatter: `data` holds W equal blocks; afterwards block `rank` holds its sum.
+    async fn reduce_scatter_buffer(&self, data: &mut Buffer) -> Result<(), CollectiveError> {
         let w = self.world();
-        let block = data.len() / w;
+        let block = data.len / w;
         let op = self.op();
         let r = self.rank;
         for s in 0..w - 1 {
             let c = (r + 2 * w - s - 1) % w;
-            let got = self
-                .ring_step("reduce-scatter", op, s as u32, Bytes::from(f32_bytes(&data[c * block..(c + 1) * block])))
-                .await?;
+            let got = self.ring_step("reduce-scatter", op, s as u32, data.bytes(c * block, (c + 1) * block)).await?;
             let c = (r + 2 * w - s - 2) % w;
-            add_le_f32(&mut data[c * block..(c + 1) * block], &got, "reduce-scatter")?;
+            absorb(data.slice_mut(c * block, (c + 1) * block), &got, true, "reduce-scatter")?;
         }
-        Ok(data[r * block..(r + 1) * block].to_vec())
+        Ok(())
     }
 
-    /// Ring all-gather of equal blocks into rank order.
-    async fn all_gather_vec(&self, local: &[f32]) -> Result<Vec<f32>, CollectiveError> {
+    /// Ring all-gather of equal blocks into rank order; `out` holds this rank's block already.
+    async fn all_gather_buffer(&self, out: &mut Buffer) -> Result<(), CollectiveError> {
         let w = self.world();
-        let block = local.len();
-        let mut out = vec![0f32; block * w];
+        let block = out.len / w;
         let r = self.rank;
-        out[r * block..(r + 1) * block].copy_from_slice(local);
         let op = self.op();
         for s in 0..w - 1 {
             let c = (r + w - s) % w;
-            let got = self
-                .ring_step("all-gather", op, s as u32, Bytes::from(f32_bytes(&out[c * block..(c + 1) * block])))
-                .await?;
+            let got = self.ring_step("all-gather", op, s as u32, out.bytes(c * block, (c + 1) * block)).await?;
             let c = (r + 2 * w - s - 1) % w;
-            copy_le_f32(&mut out[c * block..(c + 1) * block], &got, "all-gather")?;
+            absorb(out.slice_mut(c * block, (c + 1) * block), &got, false, "all-gather")?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Broadcast along the ring from `root`: each rank receives from its left and forwards to its right
     /// unless the right is the root.
-    async fn broadcast_vec(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+    async fn broadcast_buffer(&self, data: &mut Buffer, root: usize) -> Result<(), CollectiveError> {
         let op = self.op();
         if self.rank != root {
             let got = self.recv("broadcast", self.left(), op, 0).await?;
-            copy_le_f32(data, &got, "broadcast")?;
+            let n = data.len;
+            absorb(data.slice_mut(0, n), &got, false, "broadcast")?;
         }
         if self.right() != root {
-            self.send("broadcast", self.right(), op, 0, Bytes::from(f32_bytes(data))).await?;
+            self.send("broadcast", self.right(), op, 0, data.bytes(0, data.len)).await?;
         }
         Ok(())
     }
@@ -433,23 +533,32 @@ impl Collective for GrpcCollective {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let mut data = to_vec(t, "all-reduce")?;
+        let mut data = Buffer::copy_of(t, "all-reduce")?;
         if self.world() > 1 {
-            self.block(self.all_reduce_vec(&mut data))?;
+            self.block(self.all_reduce_buffer(&mut data))?;
         }
-        Ok(from_vec(&data, &t.size(), t.device()))
+        Ok(data.into_tensor(&t.size(), t.device()))
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let data = to_vec(t, "all-gather")?;
-        let out = if self.world() > 1 { self.block(self.all_gather_vec(&data))? } else { data };
+        let local = Buffer::copy_of(t, "all-gather")?;
+        let w = self.world();
         let mut shape = t.size();
         if shape.is_empty() {
-            shape = vec![self.world() as i64];
+            shape = vec![w as i64];
         } else {
-            shape[0] *= self.world() as i64;
+            shape[0] *= w as i64;
         }
-        Ok(from_vec(&out, &shape, t.device()))
+        if w == 1 {
+            return Ok(local.into_tensor(&shape, t.device()));
+        }
+        let block = local.len;
+        let mut out = Buffer::zeros(block * w);
+        // SAFETY: `local` is a contiguous float32 buffer of `block` elements.
+        let own = unsafe { std::slice::from_raw_parts(local.ptr, block) };
+        out.slice_mut(self.rank * block, (self.rank + 1) * block).copy_from_slice(own);
+        self.block(self.all_gather_buffer(&mut out))?;
+        Ok(out.into_tensor(&shape, t.device()))
     }
 
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
@@ -461,10 +570,14 @@ impl Collective for GrpcCollective {
                 message: format!("shape {shape:?}: dimension 0 must be a multiple of the world size {w}"),
             });
         }
-        let data = to_vec(t, "reduce-scatter")?;
-        let out = if w > 1 { self.block(self.reduce_scatter_vec(data))? } else { data };
+        let mut data = Buffer::copy_of(t, "reduce-scatter")?;
+        if w > 1 {
+            self.block(self.reduce_scatter_buffer(&mut data))?;
+        }
         shape[0] /= w;
-        Ok(from_vec(&out, &shape, t.device()))
+        let block = data.len as i64 / w;
+        let own = data.tensor.view([-1]).narrow(0, self.rank as i64 * block, block).copy().view(shape.as_slice());
+        Ok(own.to_device(t.device()))
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
@@ -474,68 +587,16 @@ impl Collective for GrpcCollective {
                 message: format!("root {root} outside a world of {}", self.world()),
             });
         }
-        let mut data = to_vec(t, "broadcast")?;
+        let mut data = Buffer::copy_of(t, "broadcast")?;
         if self.world() > 1 {
-            self.block(self.broadcast_vec(&mut data, root))?;
+            self.block(self.broadcast_buffer(&mut data, root))?;
         }
-        Ok(from_vec(&data, &t.size(), t.device()))
+        Ok(data.into_tensor(&t.size(), t.device()))
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_reduce_sum(&Tensor::from_slice(&[1f32])).map(|_| ())
     }
-}
-
-fn to_vec(t: &Tensor, op: &'static str) -> Result<Vec<f32>, CollectiveError> {
-    if t.kind() != Kind::Float {
-        return Err(CollectiveError::Invalid { op, message: format!("expected float32, got {:?}", t.kind()) });
-    }
-    let flat = t.detach().to_device(tch::Device::Cpu).contiguous().view([-1]);
-    Vec::<f32>::try_from(&flat).map_err(|e| CollectiveError::Invalid { op, message: e.to_string() })
-}
-
-fn from_vec(data: &[f32], shape: &[i64], device: tch::Device) -> Tensor {
-    Tensor::from_slice(data).view(shape).to_device(device)
-}
-
-#[cfg(target_endian = "big")]
-compile_error!("the gRPC collective sends float32 in memory order and assumes little-endian hosts");
-
-/// The bytes of `v` in memory (little-endian) order.
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    // SAFETY: f32 has no padding and no invalid bit patterns as bytes; u8 has alignment 1; the length
-    // is exactly the slice's size in bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }.to_vec()
-}
-
-fn check_len(dst: &[f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
-    if src.len() != dst.len() * 4 {
-        return Err(CollectiveError::Invalid {
-            op,
-            message: format!(
-                "a peer sent {} bytes where {} were expected (mismatched tensor shapes?)",
-                src.len(),
-                dst.len() * 4
-            ),
-        });
-    }
-    Ok(())
-}
-
-fn add_le_f32(dst: &mut [f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
-    check_len(dst, src, op)?;
-    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-        *d += f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-    }
-    Ok(())
-}
-
-fn copy_le_f32(dst: &mut [f32], src: &[u8], op: &'static str) -> Result<(), CollectiveError> {
-    check_len(dst, src, op)?;
-    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-        *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-    }
-    Ok(())
 }
 
 /// A group of gRPC collectives on loopback in this process, each with its own peer server: the

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use simclr_common::StopNotice;
-use simclr_proto::client::{RequireToken, DATA_CONNECTION_WINDOW, DATA_STREAM_WINDOW};
+use simclr_proto::client::{RequireToken, DATA_CONNECTION_WINDOW, DATA_FRAME_SIZE, DATA_STREAM_WINDOW};
 use simclr_proto::wire::{self, worker_server::Worker, worker_server::WorkerServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -93,6 +93,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(DATA_STREAM_WINDOW)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW)
+        .max_frame_size(DATA_FRAME_SIZE)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             WorkerServer::new(PeerService { control, mailbox })
                 .max_decoding_message_size(65 << 20)

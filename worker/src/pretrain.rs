@@ -290,17 +290,21 @@ impl TrainJob {
             .runtime
             .block_on(fetch_assignment(self.coordinator.clone(), self.rank, &self.instance_id, epoch))
             .map_err(TrainError::Config)?;
-        if a.train.len() != self.per_rank {
-            return Err(TrainError::Config(format!(
-                "epoch {epoch}: the coordinator assigned {} images to this rank, {} in epoch 0",
-                a.train.len(),
-                self.per_rank
-            )));
+        if a.train.is_empty() {
+            return Err(TrainError::Config(format!("epoch {epoch}: the coordinator assigned no images to this rank")));
+        }
+        // Shards are made of whole studies, so their length in images varies a little from epoch to
+        // epoch; every epoch has the steps of epoch 0. Extra images sit this epoch out (the epoch order
+        // takes the first ones of a shuffle); a short shard repeats its own first images.
+        let mut refs = a.train.clone();
+        let short = self.per_rank.saturating_sub(refs.len());
+        if short > 0 {
+            tracing::debug!(epoch, short, "shard shorter than epoch 0's: repeating some of its images");
+            refs.extend((0..short).map(|i| a.train[i % a.train.len()].clone()));
         }
         let root = PathBuf::from(&a.data_root);
         let side = a.image_size as i64;
-        let decoded: Vec<Result<Vec<f32>, String>> = a
-            .train
+        let decoded: Vec<Result<Vec<f32>, String>> = refs
             .par_iter()
             .map(|r| {
                 let key = CacheKey {
@@ -330,14 +334,14 @@ impl TrainJob {
                     self.issues
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push((a.train[i].path.clone(), format!("decode: {reason}")));
+                        .push((refs[i].path.clone(), format!("decode: {reason}")));
                     k += 1;
                     good[(k - 1) % good.len()]
                 }
             };
             let Ok(p) = &decoded[source] else { unreachable!("source is a decoded image") };
             pixels.extend_from_slice(p);
-            ids.push(fnv1a(a.train[source].sop_uid.as_bytes()));
+            ids.push(fnv1a(refs[source].sop_uid.as_bytes()));
         }
         let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
         Ok(EpochData { images, ids })

@@ -1,0 +1,78 @@
+//! Two processes on loopback for the distributed benchmarks: the first run spawns itself again as
+//! rank 1 (arguments passed on); both then hold a gRPC collective to each other.
+
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use simclr_proto::client::AttachToken;
+use simclr_worker::collective::{Collective, GrpcCollective, Mailbox};
+use simclr_worker::peer::{serve, Control};
+
+pub struct Pair {
+    pub collective: Arc<GrpcCollective>,
+    pub rank: usize,
+    child: Option<Child>,
+    // Dropped last: the peer server runs on it.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Pair {
+    pub fn start() -> Pair {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut child = None;
+        let (rank, addrs, listener) = match std::env::var("BENCH_RANK") {
+            Ok(r) => {
+                let addrs: Vec<String> = std::env::var("BENCH_ADDRS").unwrap().split(',').map(str::to_string).collect();
+                let rank: usize = r.parse().unwrap();
+                let listener = runtime.block_on(tokio::net::TcpListener::bind(&addrs[rank])).unwrap();
+                (rank, addrs, listener)
+            }
+            Err(_) => {
+                let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+                let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addrs = vec![listener.local_addr().unwrap().to_string(), other.local_addr().unwrap().to_string()];
+                drop(other);
+                child = Some(
+                    std::process::Command::new(std::env::current_exe().unwrap())
+                        .args(std::env::args().skip(1))
+                        .env("BENCH_RANK", "1")
+                        .env("BENCH_ADDRS", addrs.join(","))
+                        .spawn()
+                        .unwrap(),
+                );
+                (0, addrs, listener)
+            }
+        };
+        let mailbox = Arc::new(Mailbox::default());
+        runtime.spawn(serve(
+            listener,
+            Control::new(),
+            Arc::clone(&mailbox),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let collective = {
+            let _context = runtime.enter();
+            GrpcCollective::new(rank, &addrs, mailbox, AttachToken::default(), Duration::from_secs(60), runtime.handle().clone())
+                .unwrap()
+        };
+        // The peer's server may still be starting: wait until it accepts connections.
+        let started = Instant::now();
+        let peer = &addrs[1 - rank];
+        while std::net::TcpStream::connect(peer).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "peer {peer} never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        collective.barrier().unwrap();
+        Pair { collective: Arc::new(collective), rank, child, _runtime: runtime }
+    }
+
+    /// Waits for the other process (rank 0 only).
+    pub fn finish(mut self) {
+        self.collective.barrier().unwrap();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
