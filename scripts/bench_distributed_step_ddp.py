@@ -1,5 +1,6 @@
 """The peer of worker/examples/bench_distributed_step.rs: one SimCLR step with 2 processes in PyTorch,
-as a PyTorch user would write it on CPUs: DistributedDataParallel (gloo), SyncBatchNorm, the projections
+as a PyTorch user would write it on CPUs: DistributedDataParallel (gloo), per-process BatchNorm
+(torch.nn.SyncBatchNorm refuses CPU modules: "SyncBatchNorm layers only work with GPU modules"), the projections
 gathered with torch.distributed.nn.all_gather (autograd-aware), NT-Xent for the local anchors, SGD with
 momentum. Same model (torchvision ResNet + 2-layer head), input and global batch as ours.
 
@@ -30,7 +31,6 @@ def worker(rank, port, steps, threads, queue):
         features = encoder.fc.in_features
         encoder.fc = nn.Identity()
         model = nn.Sequential(encoder, nn.Linear(features, features), nn.ReLU(), nn.Linear(features, 128))
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
         per = batch // 2
@@ -73,10 +73,18 @@ def main():
     procs = [ctx.Process(target=worker, args=(r, port, steps, threads, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    rows = queue.get()
+    rows = None
+    while rows is None:
+        try:
+            rows = queue.get(timeout=5)
+        except Exception:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                sys.exit("a DDP worker failed")
     for p in procs:
         p.join()
-    print(f"| model | input | global batch | PyTorch {torch.__version__} DDP (gloo): s/step (median) | images/s |")
+    print(f"| model | input | global batch | PyTorch {torch.__version__} DDP (gloo, local BN): s/step (median) | images/s |")
     print("|---|---|---|---|---|")
     for name, size, batch, median in rows:
         print(f"| {name} | {size}x{size} | {batch} | {median:.3f} | {batch / median:.1f} |")

@@ -244,7 +244,10 @@ async fn a_pretraining_run_resumed_from_its_checkpoint_ends_with_the_uninterrupt
     let dir = tempfile::tempdir()?;
     let config = write_config(
         dir.path(),
-        &format!("{SMALL_DATA}{}", TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4").replace("epochs = 2", "epochs = 3")),
+        &format!(
+            "{SMALL_DATA}{}",
+            TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4").replace("epochs = 2", "epochs = 3")
+        ),
     )?;
     let whole = dir.path().join("whole");
     let (code, log) = finish(dev_command(&whole, &["--workers", "2", "--config", &config])?.spawn()?).await?;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use simclr_worker::augment::AugmentConfig;
 use simclr_worker::collective::Collective;
 use simclr_worker::model::{with_torch_seed, Arch};
-use simclr_worker::train::{OptimizerName, PretrainConfig, Trainer};
+use simclr_worker::train::{BnMode, OptimizerName, PretrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
 fn main() {
@@ -23,12 +23,17 @@ fn main() {
     let pair = pair::Pair::start();
     let world = pair.collective.world_size();
     if pair.rank == 0 {
-        println!("| model | input | global batch | ours: s/step (median) | images/s | of which communication |");
-        println!("|---|---|---|---|---|---|");
+        println!(
+            "| model | input | global batch | BatchNorm | ours: s/step (median) | images/s | of which in collectives |"
+        );
+        println!("|---|---|---|---|---|---|---|");
     }
-    for (arch, name, size, batch) in
-        [(Arch::Resnet18, "ResNet-18", 64i64, 64usize), (Arch::Resnet50, "ResNet-50", 64, 32)]
-    {
+    for (arch, name, size, batch, bn) in [
+        (Arch::Resnet18, "ResNet-18", 64i64, 64usize, BnMode::Sync),
+        (Arch::Resnet18, "ResNet-18", 64, 64, BnMode::Local),
+        (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Sync),
+        (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Local),
+    ] {
         let config = PretrainConfig {
             arch,
             input_size: size,
@@ -37,12 +42,15 @@ fn main() {
             optimizer: OptimizerName::Sgd,
             augment: AugmentConfig::disabled(),
             seed: 1,
+            bn,
             ..PretrainConfig::default()
         };
         let per = batch / world;
         let timed = Arc::new(simclr_worker::collective::Timed::new(Arc::clone(&pair.collective) as _));
-        let mut trainer = Trainer::distributed(config, per * (steps + 2), Device::Cpu, Arc::clone(&timed) as _).unwrap();
-        let images = with_torch_seed(pair.rank as u64, || Tensor::rand([per as i64, 1, size, size], (Kind::Float, Device::Cpu)));
+        let mut trainer =
+            Trainer::distributed(config, per * (steps + 2), Device::Cpu, Arc::clone(&timed) as _).unwrap();
+        let images =
+            with_torch_seed(pair.rank as u64, || Tensor::rand([per as i64, 1, size, size], (Kind::Float, Device::Cpu)));
         let ids: Vec<u64> = (0..per as u64).map(|i| i + (pair.rank * per) as u64).collect();
         let mut times = Vec::new();
         let mut comm = Vec::new();
@@ -61,7 +69,7 @@ fn main() {
         let median = times[times.len() / 2];
         if pair.rank == 0 {
             println!(
-                "| {name} | {size}x{size} | {batch} | {median:.3} | {:.1} | {:.3} s |",
+                "| {name} | {size}x{size} | {batch} | {bn:?} | {median:.3} | {:.1} | {:.3} s |",
                 batch as f64 / median,
                 comm[comm.len() / 2]
             );

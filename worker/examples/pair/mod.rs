@@ -54,8 +54,15 @@ impl Pair {
         ));
         let collective = {
             let _context = runtime.enter();
-            GrpcCollective::new(rank, &addrs, mailbox, AttachToken::default(), Duration::from_secs(60), runtime.handle().clone())
-                .unwrap()
+            GrpcCollective::new(
+                rank,
+                &addrs,
+                mailbox,
+                AttachToken::default(),
+                Duration::from_secs(60),
+                runtime.handle().clone(),
+            )
+            .unwrap()
         };
         // The peer's server may still be starting: wait until it accepts connections.
         let started = Instant::now();
