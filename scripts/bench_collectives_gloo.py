@@ -3,14 +3,13 @@ loopback with torch.distributed's gloo backend (what a PyTorch user would run on
 
 Usage: python scripts/bench_collectives_gloo.py [ITERATIONS]
 """
-import os
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from bench_pair import run_pair
 
 CASES = [
     ("all-reduce 11.2M float32 (ResNet-18 gradients)", 11_200_000, True),
@@ -19,9 +18,8 @@ CASES = [
 ]
 
 
-def worker(rank, port, iterations, queue):
+def worker(rank, iterations):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     results = []
     for name, shape, reduce in CASES:
         t = torch.ones(shape)
@@ -40,24 +38,12 @@ def worker(rank, port, iterations, queue):
                 times.append(ms)
         times.sort()
         results.append((name, times[len(times) // 2], times[0]))
-    if rank == 0:
-        queue.put(results)
-    dist.destroy_process_group()
+    return results
 
 
 def main():
     iterations = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, iterations, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = queue.get()
-    for p in procs:
-        p.join()
+    results = run_pair(worker, iterations)
     print(f"| operation | torch {torch.__version__} gloo, median ms | min ms |")
     print("|---|---|---|")
     for name, median, best in results:

@@ -6,24 +6,23 @@ momentum. Same model (torchvision ResNet + 2-layer head), input and global batch
 
 Usage: python scripts/bench_distributed_step_ddp.py [STEPS] [THREADS]
 """
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from bench_pair import run_pair
+
 CASES = [("ResNet-18", torchvision.models.resnet18, 64, 64), ("ResNet-50", torchvision.models.resnet50, 64, 32)]
 
 
-def worker(rank, port, steps, threads, queue):
+def worker(rank, steps, threads):
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     rows = []
     for name, ctor, size, batch in CASES:
         torch.manual_seed(1)
@@ -57,33 +56,13 @@ def worker(rank, port, steps, threads, queue):
                 times.append(time.perf_counter() - start)
         times.sort()
         rows.append((name, size, batch, times[len(times) // 2]))
-    if rank == 0:
-        queue.put(rows)
-    dist.destroy_process_group()
+    return rows
 
 
 def main():
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, steps, threads, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rows = None
-    while rows is None:
-        try:
-            rows = queue.get(timeout=5)
-        except Exception:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                sys.exit("a DDP worker failed")
-    for p in procs:
-        p.join()
+    rows = run_pair(worker, steps, threads)
     print(f"| model | input | global batch | PyTorch {torch.__version__} DDP (gloo, local BN): s/step (median) | images/s |")
     print("|---|---|---|---|---|")
     for name, size, batch, median in rows:

@@ -619,7 +619,7 @@ pub mod loopback {
         }
     }
 
-    /// `world` ranks; `silent` ranks get a server but never take part (a dead peer).
+    /// `world` ranks, each with its own peer server on 127.0.0.1, all alive until the group is dropped.
     pub fn group(world: usize, timeout: Duration) -> Group {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let shutdown = CancellationToken::new();

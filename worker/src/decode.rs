@@ -11,21 +11,41 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use simclr_common::config::OnBadFile;
 use simclr_data::cache::{CacheKey, CacheOutcome, DecodeCache};
+use simclr_proto::client::CoordinatorClient;
 use simclr_proto::wire;
 
 use crate::session::{PhaseContext, PhaseOutput};
 
 const PHASE: &str = "decode";
 
-pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
-    let request = wire::GetAssignmentRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone(), epoch: 0 };
-    let assignment = ctx
-        .coordinator
-        .clone()
+/// This rank's images for `epoch`, from the coordinator.
+pub(crate) async fn fetch_assignment(
+    mut client: CoordinatorClient,
+    rank: u32,
+    instance_id: &str,
+    epoch: u64,
+) -> Result<wire::GetAssignmentResponse, String> {
+    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch };
+    client
         .get_assignment(request)
         .await
-        .map_err(|e| format!("cannot get this rank's images: {}", e.message()))?
-        .into_inner();
+        .map(|r| r.into_inner())
+        .map_err(|e| format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))
+}
+
+/// The decode-cache key of an assigned image preprocessed to `image_size`.
+pub(crate) fn cache_key(r: &wire::ImageRef, image_size: u32) -> CacheKey {
+    CacheKey {
+        path: PathBuf::from(&r.path),
+        sop_uid: r.sop_uid.clone(),
+        file_size: r.file_size,
+        modified_ns: r.modified_ns,
+        image_size,
+    }
+}
+
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
+    let assignment = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0).await?;
     let mut output = PhaseOutput::default();
     if assignment.data_root.is_empty() {
         output.metrics.insert("images".into(), 0.0);
@@ -40,18 +60,8 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let cache_path = simclr_data::cache_dir().join("decoded");
     let cache = DecodeCache::open(&cache_path).map_err(|e| e.to_string())?;
-    let keys: Vec<CacheKey> = assignment
-        .train
-        .iter()
-        .chain(&assignment.test)
-        .map(|r| CacheKey {
-            path: PathBuf::from(&r.path),
-            sop_uid: r.sop_uid.clone(),
-            file_size: r.file_size,
-            modified_ns: r.modified_ns,
-            image_size: assignment.image_size,
-        })
-        .collect();
+    let keys: Vec<CacheKey> =
+        assignment.train.iter().chain(&assignment.test).map(|r| cache_key(r, assignment.image_size)).collect();
     let total = keys.len();
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

@@ -14,16 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use simclr_data::cache::{fnv1a, CacheKey, DecodeCache};
+use simclr_data::cache::{fnv1a, DecodeCache};
 use simclr_proto::wire;
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 
 use crate::collective::{Collective, GrpcCollective, Solo, Timed};
+use crate::decode::{cache_key, fetch_assignment};
 use crate::model::load_encoder;
 use crate::model::save_encoder;
 use crate::session::{PhaseContext, PhaseOutput};
-use crate::train::{EpochData, StepStats, TrainError, Trainer};
+use crate::train::{latest_checkpoint, EpochData, StepStats, TrainError, Trainer};
 
 const PHASE: &str = "pretrain";
 const REPORT_EVERY: Duration = Duration::from_secs(2);
@@ -44,7 +45,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let run_dir =
         ctx.config.job.run_dir.clone().ok_or("the coordinator sent no job.run_dir; checkpoints have nowhere to go")?;
-    let first = assignment(ctx, 0).await?;
+    let first = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0).await?;
     if first.data_root.is_empty() {
         // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
         tracing::info!("no dataset in this job: nothing to pretrain");
@@ -110,32 +111,20 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
             },
         }
     };
-    while let Ok(Event::Checkpoint { path, .. }) = rx.try_recv() {
-        if let Some(stats) = &latest {
-            report(ctx, stats, Some(&path)).await;
+    // Events still queued when the thread ended: the last steps and the final checkpoint.
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Step(stats) => latest = Some(stats),
+            Event::Checkpoint { path, .. } => {
+                if let Some(stats) = &latest {
+                    report(ctx, stats, Some(&path)).await;
+                }
+            }
         }
     }
     output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
     output.metrics = result.map_err(|e| e.to_string())?;
     Ok(output)
-}
-
-async fn assignment(ctx: &PhaseContext, epoch: u64) -> Result<wire::GetAssignmentResponse, String> {
-    fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, epoch).await
-}
-
-async fn fetch_assignment(
-    mut client: simclr_proto::client::CoordinatorClient,
-    rank: u32,
-    instance_id: &str,
-    epoch: u64,
-) -> Result<wire::GetAssignmentResponse, String> {
-    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch };
-    client
-        .get_assignment(request)
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|e| format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))
 }
 
 async fn report(ctx: &PhaseContext, stats: &StepStats, checkpoint: Option<&Path>) {
@@ -212,7 +201,7 @@ impl TrainJob {
         let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
             .map_err(|e| TrainError::Config(format!("decode cache: {e}")))?;
         let mut history: Vec<StepStats> = Vec::new();
-        let mut last_checkpoint_seen = trainer_checkpoint(&checkpoints);
+        let mut last_checkpoint_seen = latest_checkpoint(&checkpoints).ok();
         let rank0 = self.rank == 0;
         let first_step = trainer.step;
         trainer.fit_epochs(
@@ -274,7 +263,7 @@ impl TrainJob {
     }
 
     fn announce_checkpoint(&self, dir: &Path, step: u64, seen: &mut Option<PathBuf>) {
-        if let Some(latest) = trainer_checkpoint(dir) {
+        if let Ok(latest) = latest_checkpoint(dir) {
             if seen.as_ref() != Some(&latest) {
                 let _ = self.events.send(Event::Checkpoint { step, path: latest.clone() });
                 *seen = Some(latest);
@@ -307,13 +296,7 @@ impl TrainJob {
         let decoded: Vec<Result<Vec<f32>, String>> = refs
             .par_iter()
             .map(|r| {
-                let key = CacheKey {
-                    path: PathBuf::from(&r.path),
-                    sop_uid: r.sop_uid.clone(),
-                    file_size: r.file_size,
-                    modified_ns: r.modified_ns,
-                    image_size: a.image_size,
-                };
+                let key = cache_key(r, a.image_size);
                 cache.get_or_decode(&root, &key).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
             })
             .collect();
@@ -346,10 +329,4 @@ impl TrainJob {
         let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
         Ok(EpochData { images, ids })
     }
-}
-
-/// The checkpoint directory `dir/latest` names, if any.
-fn trainer_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(dir.join("latest")).ok()?;
-    Some(dir.join(name.trim()))
 }

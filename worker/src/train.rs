@@ -438,9 +438,8 @@ impl Trainer {
     /// Restores a checkpoint directory (or, given the checkpoints directory, the one `latest` names).
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), TrainError> {
         let dir = if path.join("latest").is_file() {
-            let name = std::fs::read_to_string(path.join("latest"))
-                .map_err(|e| TrainError::Checkpoint { path: path.join("latest"), message: e.to_string() })?;
-            path.join(name.trim())
+            latest_checkpoint(path)
+                .map_err(|e| TrainError::Checkpoint { path: path.join("latest"), message: e.to_string() })?
         } else {
             path.to_path_buf()
         };
@@ -483,6 +482,11 @@ impl Trainer {
         self.last_checkpoint = Some(dir);
         Ok(())
     }
+}
+
+/// The checkpoint directory that `dir/latest` names.
+pub fn latest_checkpoint(dir: &Path) -> std::io::Result<PathBuf> {
+    Ok(dir.join(std::fs::read_to_string(dir.join("latest"))?.trim()))
 }
 
 /// Share of anchors whose most similar other view is their positive.
