@@ -114,5 +114,20 @@ setup_python() {
   echo "setup: $venv imports torch $TORCH_VERSION and torchvision ($(du -sh "$venv" | cut -f1))"
 }
 
+# PyTorch's wheels ship NCCL as libnccl.so.2 only; the worker loads it (through cudarc) as libnccl.so,
+# from beside the wheel's copy (the worker's rpath names that directory). Runs whenever the wheel's NCCL
+# is there (--cuda, --python), a no-op otherwise.
+link_nccl() {
+  [ -x "$venv/bin/python" ] || return 0
+  local site dir
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  dir="$site/nvidia/nccl/lib"
+  if [ -f "$dir/libnccl.so.2" ] && [ ! -e "$dir/libnccl.so" ]; then
+    ln -s libnccl.so.2 "$dir/libnccl.so"
+    echo "setup: linked $dir/libnccl.so (NCCL for --collective nccl)"
+  fi
+}
+
 setup_libtorch
 if [ "$python_interop" = 1 ]; then setup_python; fi
+link_nccl

@@ -68,6 +68,48 @@ pub struct ClusterSection {
     /// How long a collective (all-reduce, all-gather, ...) waits for a peer before failing the step.
     /// Generous: a peer may be writing a checkpoint or loading an epoch's images.
     pub collective_timeout_ms: u64,
+    /// How the workers exchange tensors: `auto` picks NCCL when every worker runs on a CUDA device and
+    /// the gRPC peer-to-peer backend otherwise.
+    pub collective: CollectiveBackend,
+}
+
+/// The backend of the collectives (all-gather, all-reduce, ...) between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// NCCL if every worker's device is CUDA, gRPC otherwise.
+    #[default]
+    Auto,
+    /// Peer to peer over the workers' gRPC endpoints (CPU tensors; GPU tensors go through host memory).
+    Grpc,
+    /// NVIDIA's collectives library, GPU to GPU (every worker on a CUDA device).
+    Nccl,
+}
+
+impl CollectiveBackend {
+    /// The backend a job uses, given every rank's device ("cpu" or "cuda:K").
+    pub fn resolve<'a>(self, devices: impl IntoIterator<Item = &'a str>) -> CollectiveBackend {
+        match self {
+            CollectiveBackend::Auto => {
+                if devices.into_iter().all(|d| d.starts_with("cuda")) {
+                    CollectiveBackend::Nccl
+                } else {
+                    CollectiveBackend::Grpc
+                }
+            }
+            chosen => chosen,
+        }
+    }
+}
+
+impl std::fmt::Display for CollectiveBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CollectiveBackend::Auto => "auto",
+            CollectiveBackend::Grpc => "grpc",
+            CollectiveBackend::Nccl => "nccl",
+        })
+    }
 }
 
 impl Default for ClusterSection {
@@ -81,6 +123,7 @@ impl Default for ClusterSection {
             peer_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             collective_timeout_ms: 120_000,
+            collective: CollectiveBackend::Auto,
         }
     }
 }
@@ -256,6 +299,20 @@ pub(crate) fn invalid(key: &'static str, value: impl std::fmt::Display, expected
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_nccl_only_when_every_rank_has_a_gpu() {
+        use CollectiveBackend::*;
+        assert_eq!(Auto.resolve(["cuda:0", "cuda:1"]), Nccl);
+        assert_eq!(Auto.resolve(["cuda:0", "cpu"]), Grpc);
+        assert_eq!(Auto.resolve(["cpu"]), Grpc);
+        assert_eq!(Grpc.resolve(["cuda:0", "cuda:1"]), Grpc);
+        assert_eq!(Nccl.resolve(["cpu"]), Nccl);
+        let config = JobConfig::from_toml("[cluster]\ncollective = \"nccl\"\n", "test").unwrap();
+        assert_eq!(config.cluster.collective, Nccl);
+        let e = JobConfig::from_toml("[cluster]\ncollective = \"mpi\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("mpi"), "{e}");
+    }
 
     #[test]
     fn defaults_are_valid_and_round_trip_through_toml() {

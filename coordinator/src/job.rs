@@ -64,6 +64,8 @@ struct State {
     /// Files the workers could not use: (phase, rank, path, reason).
     file_issues: Vec<(String, u32, String, String)>,
     outcome: Option<(StopNotice, ExitStatus)>,
+    /// Values published by one rank for the others (`share_value`).
+    shared: BTreeMap<String, Vec<u8>>,
 }
 
 pub struct Job {
@@ -103,6 +105,7 @@ impl Job {
                 results: BTreeMap::new(),
                 file_issues: Vec::new(),
                 outcome: None,
+                shared: BTreeMap::new(),
             }),
             changed,
             events,
@@ -514,6 +517,54 @@ impl Job {
 
     /// `rank`'s images for `epoch`: its shard of the training studies (the same shards every process
     /// would compute from the seed and epoch) and every world-size-th test image.
+    /// Publishes `value` under `key` (a publisher) or waits until some rank has (a reader, `value`
+    /// None); returns the value. Publishing a different value under a key already taken is an error:
+    /// two ranks would otherwise join different NCCL communicators.
+    pub async fn share_value(
+        &self,
+        rank: u32,
+        instance_id: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, Status> {
+        const MAX_VALUE: usize = 64 << 10;
+        {
+            let mut state = self.lock();
+            self.member_index(&state, rank, instance_id)?;
+            if let Some(value) = value {
+                if value.len() > MAX_VALUE {
+                    return Err(Status::invalid_argument(format!(
+                        "shared value '{key}' is {} bytes; at most {MAX_VALUE}",
+                        value.len()
+                    )));
+                }
+                match state.shared.get(key) {
+                    Some(old) if *old != value => {
+                        return Err(Status::already_exists(format!(
+                            "shared value '{key}' was already published with different contents"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::debug!(rank, key, bytes = value.len(), "value published");
+                        state.shared.insert(key.to_string(), value);
+                        drop(state);
+                        self.changed.send_replace(());
+                    }
+                }
+            }
+        }
+        self.wait_for(|s| s.shared.contains_key(key) || s.outcome.is_some()).await;
+        let state = self.lock();
+        match (state.shared.get(key), &state.outcome) {
+            (Some(value), _) => Ok(value.clone()),
+            (None, Some((notice, _))) => {
+                Err(Status::aborted(format!("job {} stopped before '{key}' was published: {notice}", self.job_id)))
+            }
+            (None, None) => Err(Status::internal(format!("shared value '{key}' vanished"))),
+        }
+    }
+
     pub fn assignment(&self, rank: u32, instance_id: &str, epoch: u64) -> Result<wire::GetAssignmentResponse, Status> {
         let world_size = {
             let state = self.lock();
@@ -657,5 +708,72 @@ fn rendezvous_status(e: RendezvousError) -> Status {
         | RendezvousError::WorldSizeMismatch { .. }
         | RendezvousError::JobMismatch { .. } => Status::invalid_argument(message),
         RendezvousError::VersionMismatch { .. } | RendezvousError::Late { .. } => Status::failed_precondition(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn worker(n: u32) -> Registration {
+        Registration {
+            worker: WorkerIdentity {
+                instance_id: format!("w{n}"),
+                host: "localhost".into(),
+                peer_addr: format!("127.0.0.1:{}", 40000 + n),
+                device: "cpu".into(),
+                pid: n,
+                version: simclr_common::VERSION.into(),
+            },
+            requested_rank: Some(n),
+            expected_world_size: None,
+            expected_job_id: String::new(),
+        }
+    }
+
+    async fn two_member_job(dir: &Path) -> Arc<Job> {
+        let mut config = JobConfig::default();
+        config.job.id = "share-test".into();
+        config.cluster.world_size = 2;
+        let job = Job::new(config, None, RunDir::create(dir).unwrap(), None).unwrap();
+        let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+        assert_eq!((a.unwrap().0, b.unwrap().0), (0, 1));
+        job
+    }
+
+    /// The NCCL unique id's path: readers wait for the publisher, members only, one value per key,
+    /// and a job that stops releases the readers with an error instead of leaving them waiting.
+    #[tokio::test]
+    async fn a_shared_value_reaches_readers_that_asked_before_it_was_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = two_member_job(dir.path()).await;
+        let reader = {
+            let job = Arc::clone(&job);
+            tokio::spawn(async move { job.share_value(1, "w1", "nccl-unique-id/pretrain", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the reader did not wait for the value");
+        let id = vec![7u8; 128];
+        assert_eq!(job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(id.clone())).await.unwrap(), id);
+        assert_eq!(reader.await.unwrap().unwrap(), id);
+        // Publishing the same value again is harmless; a different one is refused.
+        assert!(job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(id.clone())).await.is_ok());
+        let e = job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(vec![1; 128])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        let e = job.share_value(1, "intruder", "nccl-unique-id/pretrain", None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let e = job.share_value(0, "w0", "big", Some(vec![0; 65 << 10])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+        let waiting = {
+            let job = Arc::clone(&job);
+            tokio::spawn(async move { job.share_value(1, "w1", "never", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        job.abort(StopReason::Aborted, "rank 0 failed".into(), ExitStatus::JobAborted);
+        let e = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+        assert!(e.message().contains("rank 0 failed"), "{e:?}");
     }
 }

@@ -74,6 +74,16 @@ impl Coordinator for CoordinatorService {
     }
 
     #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn share_value(
+        &self,
+        request: Request<wire::ShareValueRequest>,
+    ) -> Result<Response<wire::ShareValueResponse>, Status> {
+        let req = request.into_inner();
+        let value = self.job.share_value(req.rank, &req.instance_id, &req.key, req.value).await?;
+        Ok(Response::new(wire::ShareValueResponse { value }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
     async fn deregister(
         &self,
         request: Request<wire::DeregisterRequest>,

@@ -186,6 +186,23 @@ async fn a_bad_flag_or_config_key_exits_2_naming_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// NCCL asked for on CPU workers: the job stops with an error that names the backend and the device,
+/// it does not hang and nothing panics (on every host, with or without CUDA libraries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_on_cpu_workers_is_refused_by_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &format!("{SMALL_DATA}{TINY_PRETRAIN}"))?;
+    let run_dir = dir.path().join("run");
+    let child = dev_command(&run_dir, &["--workers", "2", "--config", &config, "--collective", "nccl"])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
+    assert!(log.contains("cluster.collective = nccl") && log.contains("runs on cpu"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let effective = std::fs::read_to_string(run_dir.join("config.toml"))?;
+    assert!(effective.contains("collective = \"nccl\""), "{effective}");
+    Ok(())
+}
+
 /// A dataset with a corrupt file: `skip` lists it and runs, `fail` stops before any worker starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod loss;
 pub mod model;
+pub mod nccl;
 pub mod optim;
 pub mod peer;
 pub mod preflight;

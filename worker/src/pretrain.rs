@@ -19,7 +19,7 @@ use simclr_proto::wire;
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 
-use crate::collective::{Collective, GrpcCollective, Solo, Timed};
+use crate::collective::{Collective, Timed};
 use crate::decode::{cache_key, fetch_assignment};
 use crate::model::load_encoder;
 use crate::model::save_encoder;
@@ -52,24 +52,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let world = ctx.table.world_size() as usize;
-    let collective: Arc<dyn Collective> = if world == 1 {
-        Arc::new(Solo)
-    } else {
-        let addrs: Vec<String> = ctx.table.workers.iter().map(|w| w.peer_addr.clone()).collect();
-        let timeout = Duration::from_millis(ctx.config.cluster.collective_timeout_ms);
-        Arc::new(
-            GrpcCollective::new(
-                ctx.rank as usize,
-                &addrs,
-                Arc::clone(&ctx.mailbox),
-                ctx.token.clone(),
-                timeout,
-                tokio::runtime::Handle::current(),
-            )
-            .map_err(|e| e.to_string())?,
-        )
-    };
+    let collective = ctx.collective(PHASE).await?;
     let timed = Arc::new(Timed::new(collective));
     let (events, mut rx) = mpsc::unbounded_channel();
     let job = TrainJob {

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use simclr_common::config::CollectiveBackend;
 use simclr_common::retry::Backoff;
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, WorkerIdentity, PHASES};
 use simclr_proto::client::{coordinator_client, lazy_channel, AttachToken, CoordinatorClient};
@@ -16,9 +17,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::collective::Mailbox;
+use crate::collective::{Collective, GrpcCollective, Mailbox, Solo};
 use crate::device::Device;
 use crate::error::WorkerError;
+use crate::nccl::NcclCollective;
 use crate::peer::{self, Control};
 use crate::{decode, preflight, pretrain};
 
@@ -85,6 +87,66 @@ impl PhaseContext {
         if let Err(e) = self.coordinator.clone().report_progress(request).await {
             tracing::debug!(error = %e.message(), "progress report failed");
         }
+    }
+}
+
+impl PhaseContext {
+    /// The collectives of `phase` (`cluster.collective`): NCCL when every rank runs on CUDA (or when
+    /// asked for), the gRPC peer-to-peer backend otherwise, nothing at all for a world of one (unless
+    /// NCCL is asked for explicitly, which checks that path on one GPU).
+    pub async fn collective(&self, phase: &str) -> Result<Arc<dyn Collective>, String> {
+        let world = self.table.world_size() as usize;
+        let timeout = Duration::from_millis(self.config.cluster.collective_timeout_ms);
+        let asked = self.config.cluster.collective;
+        let devices: Vec<&str> = self.table.workers.iter().map(|w| w.device.as_str()).collect();
+        let backend = asked.resolve(devices.iter().copied());
+        if backend == CollectiveBackend::Nccl && (world > 1 || asked == CollectiveBackend::Nccl) {
+            if let Some((rank, device)) = devices.iter().enumerate().find(|(_, d)| !d.starts_with("cuda")) {
+                return Err(format!(
+                    "cluster.collective = nccl (--collective) needs every worker on a CUDA device; rank {rank} runs on {device}"
+                ));
+            }
+            let tch::Device::Cuda(ordinal) = self.device else {
+                return Err(format!("cluster.collective = nccl: this worker's device is {:?}", self.device));
+            };
+            let (rank, coordinator, instance_id) = (self.rank, self.coordinator.clone(), self.instance_id.clone());
+            let key = format!("nccl-unique-id/{phase}");
+            let handle = tokio::runtime::Handle::current();
+            let share = move |value: Option<Vec<u8>>| {
+                let request = wire::ShareValueRequest { rank, instance_id, key: key.clone(), value };
+                let mut client = coordinator.clone();
+                let call = client.share_value(request);
+                match handle.block_on(tokio::time::timeout(timeout, call)) {
+                    Ok(Ok(response)) => Ok(response.into_inner().value),
+                    Ok(Err(status)) => Err(format!("sharing '{key}' through the coordinator: {}", status.message())),
+                    Err(_) => Err(format!(
+                        "rank 0 did not publish '{key}' within {} ms (cluster.collective_timeout_ms)",
+                        timeout.as_millis()
+                    )),
+                }
+            };
+            let nccl = tokio::task::spawn_blocking(move || {
+                NcclCollective::connect(rank as usize, world, ordinal as i64, timeout, share)
+            })
+            .await
+            .map_err(|e| format!("NCCL set-up thread failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+            return Ok(Arc::new(nccl));
+        }
+        if world == 1 {
+            return Ok(Arc::new(Solo));
+        }
+        let addrs: Vec<String> = self.table.workers.iter().map(|w| w.peer_addr.clone()).collect();
+        let grpc = GrpcCollective::new(
+            self.rank as usize,
+            &addrs,
+            Arc::clone(&self.mailbox),
+            self.token.clone(),
+            timeout,
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(grpc))
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use simclr_common::config::CollectiveBackend;
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
@@ -103,6 +104,10 @@ struct PretrainOverrides {
     /// BatchNorm statistics with several workers: sync (global batch) or local (pretrain.bn).
     #[arg(long, value_parser = ["sync", "local"])]
     bn: Option<String>,
+    /// Collectives backend: auto (NCCL when every worker is on a CUDA device, else gRPC), grpc or nccl
+    /// (cluster.collective).
+    #[arg(long, value_parser = ["auto", "grpc", "nccl"])]
+    collective: Option<String>,
 }
 
 impl PretrainOverrides {
@@ -119,6 +124,12 @@ impl PretrainOverrides {
         match self.bn.as_deref() {
             Some("local") => config.pretrain.bn = BnMode::Local,
             Some("sync") => config.pretrain.bn = BnMode::Sync,
+            _ => {}
+        }
+        match self.collective.as_deref() {
+            Some("auto") => config.cluster.collective = CollectiveBackend::Auto,
+            Some("grpc") => config.cluster.collective = CollectiveBackend::Grpc,
+            Some("nccl") => config.cluster.collective = CollectiveBackend::Nccl,
             _ => {}
         }
     }
