@@ -2,8 +2,9 @@
 //! `info`) writing to stderr, as text or as one JSON object per line. Ranks, job ids and steps travel as
 //! span fields, so every line can be traced to them.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
@@ -35,7 +36,7 @@ pub fn init(format: LogFormat) {
         },
         _ => (EnvFilter::new("info"), None),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| Stderr).with_target(false);
     let installed = match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
@@ -45,5 +46,46 @@ pub fn init(format: LogFormat) {
         if let Some(warning) = bad_filter {
             tracing::warn!("{warning}");
         }
+    }
+}
+
+/// Takes down whatever is drawn below the log on the terminal (the coordinator's progress bar), runs
+/// the closure (which writes lines), and draws it again.
+pub type Suspend = fn(&mut dyn FnMut());
+
+static SUSPEND: OnceLock<Suspend> = OnceLock::new();
+
+/// Installs the process's [`Suspend`] (once; later calls are ignored).
+pub fn set_suspend(suspend: Suspend) {
+    let _ = SUSPEND.set(suspend);
+}
+
+fn suspended(mut write: impl FnMut()) {
+    match SUSPEND.get() {
+        Some(suspend) => suspend(&mut write),
+        None => write(),
+    }
+}
+
+/// Writes one line to stderr above any progress bar (the launcher relays workers' lines with it).
+pub fn eprint_line(line: &str) {
+    suspended(|| {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{line}");
+    });
+}
+
+/// The log's writer: stderr, above any progress bar. tracing writes each event in one call.
+struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut result = Ok(buf.len());
+        suspended(|| result = std::io::stderr().write_all(buf).map(|()| buf.len()));
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }

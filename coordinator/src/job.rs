@@ -41,12 +41,34 @@ pub struct Member {
 /// What observers (the dev launcher, tests, logs) can follow as it happens.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
-    Registered { worker: String },
-    RendezvousComplete { table: PeerTable },
-    PhaseComplete { phase: String },
-    Lost { rank: u32, reason: String },
-    Left { rank: u32, success: bool, reason: String },
-    Stopping { notice: StopNotice },
+    Registered {
+        worker: String,
+    },
+    RendezvousComplete {
+        table: PeerTable,
+    },
+    PhaseComplete {
+        phase: String,
+    },
+    Lost {
+        rank: u32,
+        reason: String,
+    },
+    Left {
+        rank: u32,
+        success: bool,
+        reason: String,
+    },
+    Stopping {
+        notice: StopNotice,
+    },
+    /// Rank 0's progress within a phase (the step it has reached, of `total`; 0 when unknown).
+    Progress {
+        phase: String,
+        step: u64,
+        total: u64,
+        metrics: BTreeMap<String, f64>,
+    },
 }
 
 /// How the job ended: the exit status of the coordinator and a one-line reason.
@@ -401,6 +423,13 @@ impl Job {
                 metrics.sort_by(|a, b| a.0.cmp(b.0));
                 let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", format_metric(**v))).collect();
                 tracing::info!(phase = %req.phase, step = req.step, total = req.total, "{}", text.join(" "));
+                drop(state);
+                self.emit(JobEvent::Progress {
+                    phase: req.phase,
+                    step: req.step,
+                    total: req.total,
+                    metrics: req.metrics.into_iter().collect(),
+                });
             } else {
                 tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
             }

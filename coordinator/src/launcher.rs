@@ -143,7 +143,7 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, prefix: Option<String>, t
             None => line,
         };
         if to_stderr {
-            eprintln!("{line}");
+            simclr_common::logging::eprint_line(&line);
         } else {
             println!("{line}");
         }

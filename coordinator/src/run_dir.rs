@@ -65,7 +65,7 @@ impl RunDir {
         phase: &str,
         per_rank: &BTreeMap<u32, BTreeMap<String, f64>>,
     ) -> std::io::Result<()> {
-        let doc = json!({"phase": phase, "ranks": per_rank});
+        let doc = json!({"phase": phase, "ranks": per_rank, "cluster": cluster_summary(per_rank)});
         self.write_json(&format!("{phase}.json"), &doc)
     }
 
@@ -138,6 +138,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_cluster_summary_adds_throughputs_and_keeps_the_slowest_time() {
+        let rank = |ips: f64, secs: f64, loss: f64| -> BTreeMap<String, f64> {
+            [("images_per_s", ips), ("cluster_images_per_s", 2.0 * ips), ("seconds", secs), ("final_loss", loss)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        };
+        let per_rank = BTreeMap::from([(0, rank(10.0, 5.0, 4.0)), (1, rank(12.0, 6.0, 4.0))]);
+        let c = cluster_summary(&per_rank);
+        assert_eq!(c["images_per_s"], 22.0);
+        assert_eq!(c["cluster_images_per_s"], 22.0);
+        assert_eq!(c["seconds"], 6.0);
+        assert_eq!(c["final_loss"], 4.0);
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(&dir.path().join("a/b")).unwrap();
@@ -147,4 +163,26 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(run.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.txt")]);
     }
+}
+
+/// The cluster's view of a phase's per-rank metrics: throughputs (`*_per_s` measured per rank) add up,
+/// durations (`*seconds`) are the slowest rank's, everything else is the mean over ranks (the ranks of
+/// a synchronous phase report the same loss and step counts).
+fn cluster_summary(per_rank: &BTreeMap<u32, BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+    let mut keys: Vec<&String> = per_rank.values().flat_map(|m| m.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let values: Vec<f64> = per_rank.values().filter_map(|m| m.get(key).copied()).collect();
+        let value = if key.ends_with("_per_s") && !key.starts_with("cluster_") {
+            values.iter().sum()
+        } else if key.ends_with("seconds") {
+            values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        };
+        out.insert(key.clone(), value);
+    }
+    out
 }

@@ -31,8 +31,15 @@ const REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// What the training thread tells the async side.
 enum Event {
+    /// Training begins; `total` steps in all (including those of a run resumed from).
+    Start {
+        total: u64,
+    },
     Step(StepStats),
-    Checkpoint { step: u64, path: PathBuf },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
 }
 
 pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
@@ -73,20 +80,22 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     let mut work = tokio::task::spawn_blocking(move || job.train());
     let mut last_report = Instant::now() - REPORT_EVERY;
     let mut latest: Option<StepStats> = None;
+    let mut total = 0;
     let result = loop {
         tokio::select! {
             r = &mut work => break r.map_err(|e| format!("training thread failed: {e}"))?,
             Some(event) = rx.recv() => match event {
+                Event::Start { total: t } => total = t,
                 Event::Step(stats) => {
                     latest = Some(stats);
                     if last_report.elapsed() >= REPORT_EVERY {
                         last_report = Instant::now();
-                        report(ctx, &stats, None).await;
+                        report(ctx, &stats, total, None).await;
                     }
                 }
                 Event::Checkpoint { step, path } => {
                     if let Some(stats) = &latest {
-                        report(ctx, stats, Some(&path)).await;
+                        report(ctx, stats, total, Some(&path)).await;
                     } else {
                         tracing::info!(step, path = %path.display(), "checkpoint");
                     }
@@ -97,10 +106,11 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     // Events still queued when the thread ended: the last steps and the final checkpoint.
     while let Ok(event) = rx.try_recv() {
         match event {
+            Event::Start { total: t } => total = t,
             Event::Step(stats) => latest = Some(stats),
             Event::Checkpoint { path, .. } => {
                 if let Some(stats) = &latest {
-                    report(ctx, stats, Some(&path)).await;
+                    report(ctx, stats, total, Some(&path)).await;
                 }
             }
         }
@@ -110,7 +120,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     Ok(output)
 }
 
-async fn report(ctx: &PhaseContext, stats: &StepStats, checkpoint: Option<&Path>) {
+async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: Option<&Path>) {
     let metrics = [
         ("loss", stats.loss),
         ("contrastive_accuracy", stats.contrastive_accuracy),
@@ -123,7 +133,7 @@ async fn report(ctx: &PhaseContext, stats: &StepStats, checkpoint: Option<&Path>
         instance_id: ctx.instance_id.clone(),
         phase: PHASE.into(),
         step: stats.step,
-        total: 0,
+        total,
         metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         checkpoint: checkpoint.map(|p| p.display().to_string()).unwrap_or_default(),
         ..Default::default()
@@ -171,6 +181,7 @@ impl TrainJob {
             tracing::info!(path = %path.display(), "encoder initialised from pretrain.init_weights");
         }
         let total = trainer.total_steps();
+        let _ = self.events.send(Event::Start { total });
         tracing::info!(
             world_size = self.collective.world_size(),
             images_per_rank = self.per_rank,
@@ -234,7 +245,9 @@ impl TrainJob {
             ("final_loss", mean(|s| s.loss)),
             ("final_contrastive_accuracy", mean(|s| s.contrastive_accuracy)),
             ("first_loss", history.first().map(|s| s.loss).unwrap_or(f64::NAN)),
-            ("images_per_s", images / seconds.max(1e-9)),
+            // This rank's share of the global batch per second; the cluster's is their sum.
+            ("images_per_s", images / self.collective.world_size() as f64 / seconds.max(1e-9)),
+            ("cluster_images_per_s", images / seconds.max(1e-9)),
             ("seconds", seconds),
             ("data_seconds", data),
             ("communication_seconds", comm),

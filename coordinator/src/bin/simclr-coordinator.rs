@@ -9,7 +9,9 @@ use simclr_common::logging::{self, LogFormat};
 use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
 use simclr_coordinator::launcher::{self, LaunchOptions};
-use simclr_coordinator::{data_plan, finalize_config, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir};
+use simclr_coordinator::{
+    data_plan, finalize_config, progress, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir,
+};
 use simclr_data::pixels::check_decode;
 use simclr_data::synth::{write_dataset, SynthError, SynthOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -166,7 +168,7 @@ fn main() -> ExitCode {
     let status = runtime.block_on(async {
         match cli.command {
             Command::Dev(args) => dev(args, cli.log_format).await,
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(args, cli.log_format).await,
             Command::Synth(args) => synth(args),
             Command::Inspect(args) => inspect(args),
         }
@@ -189,7 +191,7 @@ fn token() -> Option<String> {
     std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty())
 }
 
-async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
+async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, CoordinatorError> {
     let mut config = load_config(Some(&args.config))?;
     if let Some(listen) = args.listen {
         config.cluster.listen = listen;
@@ -210,6 +212,7 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
     let mut signals = Signals::new()?;
     let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
     let job = coordinator.job.clone();
+    tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let mut wait = Box::pin(coordinator.wait());
     let outcome = loop {
         tokio::select! {
@@ -217,6 +220,7 @@ async fn run(args: RunArgs) -> Result<ExitStatus, CoordinatorError> {
             signal = signals.recv() => cancel(&job, signal),
         }
     };
+    progress::clear();
     Ok(report(outcome))
 }
 
@@ -248,6 +252,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let mut signals = Signals::new()?;
     let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
     let job = coordinator.job.clone();
+    tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let options = LaunchOptions {
         worker_binary,
         workers,
@@ -290,6 +295,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             tracing::warn!("worker {}", exit.describe());
         }
     }
+    progress::clear();
     Ok(report(outcome))
 }
 
