@@ -133,6 +133,28 @@ pub fn csv_field(s: &str) -> String {
     }
 }
 
+/// The cluster's view of a phase's per-rank metrics: throughputs (`*_per_s` measured per rank) add up,
+/// durations (`*seconds`) are the slowest rank's, everything else is the mean over ranks (the ranks of
+/// a synchronous phase report the same loss and step counts).
+fn cluster_summary(per_rank: &BTreeMap<u32, BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+    let mut keys: Vec<&String> = per_rank.values().flat_map(|m| m.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let values: Vec<f64> = per_rank.values().filter_map(|m| m.get(key).copied()).collect();
+        let value = if key.ends_with("_per_s") && !key.starts_with("cluster_") {
+            values.iter().sum()
+        } else if key.ends_with("seconds") {
+            values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        };
+        out.insert(key.clone(), value);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,26 +185,4 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(run.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.txt")]);
     }
-}
-
-/// The cluster's view of a phase's per-rank metrics: throughputs (`*_per_s` measured per rank) add up,
-/// durations (`*seconds`) are the slowest rank's, everything else is the mean over ranks (the ranks of
-/// a synchronous phase report the same loss and step counts).
-fn cluster_summary(per_rank: &BTreeMap<u32, BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
-    let mut keys: Vec<&String> = per_rank.values().flat_map(|m| m.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let values: Vec<f64> = per_rank.values().filter_map(|m| m.get(key).copied()).collect();
-        let value = if key.ends_with("_per_s") && !key.starts_with("cluster_") {
-            values.iter().sum()
-        } else if key.ends_with("seconds") {
-            values.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
-        } else {
-            values.iter().sum::<f64>() / values.len() as f64
-        };
-        out.insert(key.clone(), value);
-    }
-    out
 }
