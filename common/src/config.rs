@@ -69,7 +69,7 @@ pub struct ClusterSection {
     /// Generous: a peer may be writing a checkpoint or loading an epoch's images.
     pub collective_timeout_ms: u64,
     /// How the workers exchange tensors: `auto` picks NCCL when every worker runs on a CUDA device and
-    /// the gRPC peer-to-peer backend otherwise.
+    /// the TCP ring otherwise.
     pub collective: CollectiveBackend,
 }
 
@@ -77,10 +77,15 @@ pub struct ClusterSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CollectiveBackend {
-    /// NCCL if every worker's device is CUDA, gRPC otherwise.
+    /// NCCL if every worker's device is CUDA, the TCP ring otherwise.
     #[default]
     Auto,
-    /// Peer to peer over the workers' gRPC endpoints (CPU tensors; GPU tensors go through host memory).
+    /// A ring of plain TCP connections between the workers, set up through the coordinator and
+    /// authenticated with the cluster token (CPU tensors; GPU tensors go through host memory). The
+    /// fastest CPU backend; needs one more port per worker (ephemeral, on the peer interface).
+    Tcp,
+    /// Peer to peer over the workers' gRPC endpoints, the one port they already serve (slower: HTTP/2
+    /// framing and protobuf copies, see BENCHMARKS.md).
     Grpc,
     /// NVIDIA's collectives library, GPU to GPU (every worker on a CUDA device).
     Nccl,
@@ -94,7 +99,7 @@ impl CollectiveBackend {
                 if devices.into_iter().all(|d| d.starts_with("cuda")) {
                     CollectiveBackend::Nccl
                 } else {
-                    CollectiveBackend::Grpc
+                    CollectiveBackend::Tcp
                 }
             }
             chosen => chosen,
@@ -106,6 +111,7 @@ impl std::fmt::Display for CollectiveBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CollectiveBackend::Auto => "auto",
+            CollectiveBackend::Tcp => "tcp",
             CollectiveBackend::Grpc => "grpc",
             CollectiveBackend::Nccl => "nccl",
         })
@@ -304,8 +310,8 @@ mod tests {
     fn auto_picks_nccl_only_when_every_rank_has_a_gpu() {
         use CollectiveBackend::*;
         assert_eq!(Auto.resolve(["cuda:0", "cuda:1"]), Nccl);
-        assert_eq!(Auto.resolve(["cuda:0", "cpu"]), Grpc);
-        assert_eq!(Auto.resolve(["cpu"]), Grpc);
+        assert_eq!(Auto.resolve(["cuda:0", "cpu"]), Tcp);
+        assert_eq!(Auto.resolve(["cpu"]), Tcp);
         assert_eq!(Grpc.resolve(["cuda:0", "cuda:1"]), Grpc);
         assert_eq!(Nccl.resolve(["cpu"]), Nccl);
         let config = JobConfig::from_toml("[cluster]\ncollective = \"nccl\"\n", "test").unwrap();

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use simclr_worker::augment::AugmentConfig;
-use simclr_worker::collective::Collective;
 use simclr_worker::model::{with_torch_seed, Arch};
 use simclr_worker::train::{BnMode, OptimizerName, PretrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
@@ -21,19 +20,22 @@ fn main() {
     let threads: i32 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     tch::set_num_threads(threads);
     let pair = pair::Pair::start();
-    let world = pair.collective.world_size();
+    let world = pair.tcp.world_size();
     if pair.rank == 0 {
         println!(
-            "| model | input | global batch | BatchNorm | ours: s/step (median) | images/s | of which in collectives |"
+            "| model | input | global batch | BatchNorm | collectives | ours: s/step (median) | images/s | of which in collectives |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
     }
-    for (arch, name, size, batch, bn) in [
+    let cases = [
         (Arch::Resnet18, "ResNet-18", 64i64, 64usize, BnMode::Sync),
         (Arch::Resnet18, "ResNet-18", 64, 64, BnMode::Local),
         (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Sync),
         (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Local),
-    ] {
+    ];
+    for ((arch, name, size, batch, bn), (backend, collective)) in
+        cases.into_iter().flat_map(|case| pair.backends().map(|b| (case, b)))
+    {
         let config = PretrainConfig {
             arch,
             input_size: size,
@@ -46,7 +48,7 @@ fn main() {
             ..PretrainConfig::default()
         };
         let per = batch / world;
-        let timed = Arc::new(simclr_worker::collective::Timed::new(Arc::clone(&pair.collective) as _));
+        let timed = Arc::new(simclr_worker::collective::Timed::new(Arc::clone(&collective)));
         let mut trainer =
             Trainer::distributed(config, per * (steps + 2), Device::Cpu, Arc::clone(&timed) as _).unwrap();
         let images =
@@ -55,7 +57,7 @@ fn main() {
         let mut times = Vec::new();
         let mut comm = Vec::new();
         for i in 0..steps + 1 {
-            pair.collective.barrier().unwrap();
+            collective.barrier().unwrap();
             let before = timed.seconds();
             let start = Instant::now();
             trainer.train_step(&images, &ids).unwrap();
@@ -69,7 +71,7 @@ fn main() {
         let median = times[times.len() / 2];
         if pair.rank == 0 {
             println!(
-                "| {name} | {size}x{size} | {batch} | {bn:?} | {median:.3} | {:.1} | {:.3} s |",
+                "| {name} | {size}x{size} | {batch} | {bn:?} | {backend} | {median:.3} | {:.1} | {:.3} s |",
                 batch as f64 / median,
                 comm[comm.len() / 2]
             );

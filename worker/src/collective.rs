@@ -33,6 +33,8 @@ pub enum CollectiveError {
     Timeout { op: &'static str, peer: usize, addr: String, timeout_ms: u64 },
     #[error("{op}: sending to rank {peer} ({addr}) failed: {message}")]
     Send { op: &'static str, peer: usize, addr: String, message: String },
+    #[error("{op}: the connection with rank {peer} ({addr}) failed: {message}")]
+    Link { op: &'static str, peer: usize, addr: String, message: String },
     #[error("{op}: {message}")]
     Invalid { op: &'static str, message: String },
 }
@@ -44,6 +46,14 @@ pub trait Collective: Send + Sync {
     fn world_size(&self) -> usize;
     /// The element-wise sum over ranks, the same on every rank.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// The same sum written over `t`. Backends work in the tensor's own memory where they can (a
+    /// contiguous float32 tensor on their device), which saves allocating and copying a buffer of its
+    /// size: for gradients, tens of megabytes per step.
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let sum = self.all_reduce_sum(t)?;
+        t.copy_(&sum);
+        Ok(())
+    }
     /// Every rank's tensor (all of one shape) concatenated along dimension 0 in rank order.
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
     /// `t`'s dimension 0 holds world-size equal blocks; returns block `rank` summed over ranks.
@@ -66,6 +76,9 @@ impl Collective for Solo {
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         Ok(t.detach().copy())
+    }
+    fn all_reduce_sum_in_place(&self, _t: &mut Tensor) -> Result<(), CollectiveError> {
+        Ok(())
     }
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         Ok(t.detach().copy())
@@ -114,6 +127,9 @@ impl Collective for Timed {
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         self.time(|c| c.all_reduce_sum(t))
+    }
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.time(|c| c.all_reduce_sum_in_place(t))
     }
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         self.time(|c| c.all_gather(t))
@@ -244,7 +260,7 @@ compile_error!("the gRPC collective sends float32 in memory order and assumes li
 /// The float32 CPU tensor a collective works on in place. Its chunks go out as `Bytes` that borrow the
 /// tensor's memory (keeping the tensor alive) instead of copies: a chunk is only written after the
 /// transfer that read it has been acknowledged, i.e. fully consumed by the sender.
-struct Buffer {
+pub(crate) struct Buffer {
     tensor: Tensor,
     ptr: *mut f32,
     len: usize,
@@ -298,7 +314,14 @@ impl Buffer {
         })
     }
 
-    fn slice_mut(&mut self, a: usize, b: usize) -> &mut [f32] {
+    /// Elements from `a` to the end.
+    pub(crate) fn slice(&self, a: usize) -> &[f32] {
+        assert!(a <= self.len);
+        // SAFETY: inside the tensor's contiguous float32 storage.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(a), self.len - a) }
+    }
+
+    pub(crate) fn slice_mut(&mut self, a: usize, b: usize) -> &mut [f32] {
         assert!(a <= b && b <= self.len);
         // SAFETY: inside the tensor's contiguous float32 storage, which this buffer owns; no transfer
         // reads this range while it is written (see the type's comment).
@@ -339,6 +362,202 @@ fn absorb(dst: &mut [f32], message: &Message, add: bool, op: &'static str) -> Re
     }
     Ok(())
 }
+
+// ---- ring algorithms, as plans that every point-to-point backend executes -------------------------
+
+/// One step of a ring algorithm on a flat float32 buffer: send elements `send` to the right neighbour
+/// while receiving elements `recv` from the left one, added (`add`) or copied into place. The two
+/// ranges of a step never overlap.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RingStep {
+    pub send: Option<std::ops::Range<usize>>,
+    pub recv: Option<std::ops::Range<usize>>,
+    pub add: bool,
+}
+
+/// Chunk `c` of `n` elements split into `w` nearly equal parts.
+fn chunk(c: usize, n: usize, w: usize) -> std::ops::Range<usize> {
+    c * n / w..(c + 1) * n / w
+}
+
+/// Ring all-reduce in place: a reduce-scatter (after W - 1 steps rank r holds the full sum of chunk
+/// r + 1) then an all-gather of the summed chunks. Every link carries 2 (W - 1) / W of the buffer.
+pub(crate) fn all_reduce_plan(rank: usize, w: usize, n: usize) -> Vec<RingStep> {
+    let mut plan = Vec::with_capacity(2 * (w - 1));
+    for s in 0..w - 1 {
+        let send = chunk((rank + w - s) % w, n, w);
+        let recv = chunk((rank + 2 * w - s - 1) % w, n, w);
+        plan.push(RingStep { send: Some(send), recv: Some(recv), add: true });
+    }
+    for s in 0..w - 1 {
+        let send = chunk((rank + 1 + w - s) % w, n, w);
+        let recv = chunk((rank + w - s) % w, n, w);
+        plan.push(RingStep { send: Some(send), recv: Some(recv), add: false });
+    }
+    plan
+}
+
+/// Ring reduce-scatter of W equal blocks: afterwards block `rank` holds its sum over ranks.
+pub(crate) fn reduce_scatter_plan(rank: usize, w: usize, block: usize) -> Vec<RingStep> {
+    (0..w - 1)
+        .map(|s| {
+            let send = (rank + 2 * w - s - 1) % w;
+            let recv = (rank + 2 * w - s - 2) % w;
+            RingStep {
+                send: Some(send * block..(send + 1) * block),
+                recv: Some(recv * block..(recv + 1) * block),
+                add: true,
+            }
+        })
+        .collect()
+}
+
+/// Ring all-gather of equal blocks into rank order; the buffer holds this rank's block already.
+pub(crate) fn all_gather_plan(rank: usize, w: usize, block: usize) -> Vec<RingStep> {
+    (0..w - 1)
+        .map(|s| {
+            let send = (rank + w - s) % w;
+            let recv = (rank + 2 * w - s - 1) % w;
+            RingStep {
+                send: Some(send * block..(send + 1) * block),
+                recv: Some(recv * block..(recv + 1) * block),
+                add: false,
+            }
+        })
+        .collect()
+}
+
+/// Broadcast along the ring from `root`: each rank receives from its left, then forwards to its right
+/// unless the right is the root.
+pub(crate) fn broadcast_plan(rank: usize, w: usize, root: usize, n: usize) -> Vec<RingStep> {
+    let mut plan = Vec::new();
+    if rank != root {
+        plan.push(RingStep { send: None, recv: Some(0..n), add: false });
+    }
+    if (rank + 1) % w != root {
+        plan.push(RingStep { send: Some(0..n), recv: None, add: false });
+    }
+    plan
+}
+
+/// What every backend does around its plans: the copies in and out, the shapes, the checks.
+pub(crate) trait RingExecutor {
+    fn ring_rank(&self) -> usize;
+    fn ring_world(&self) -> usize;
+    /// Runs `plan` on `data` (a contiguous float32 CPU buffer).
+    fn execute(&self, name: &'static str, plan: &[RingStep], data: &mut Buffer) -> Result<(), CollectiveError>;
+
+    fn ring_all_reduce(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let mut data = Buffer::copy_of(t, "all-reduce")?;
+        let (r, w) = (self.ring_rank(), self.ring_world());
+        if w > 1 {
+            self.execute("all-reduce", &all_reduce_plan(r, w, data.len), &mut data)?;
+        }
+        Ok(data.into_tensor(&t.size(), t.device()))
+    }
+
+    fn ring_all_reduce_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let (r, w) = (self.ring_rank(), self.ring_world());
+        if t.device() != tch::Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
+            let sum = self.ring_all_reduce(t)?;
+            t.copy_(&sum);
+            return Ok(());
+        }
+        let mut data = Buffer::wrap(t.shallow_clone());
+        if w > 1 {
+            self.execute("all-reduce", &all_reduce_plan(r, w, data.len), &mut data)?;
+        }
+        Ok(())
+    }
+
+    fn ring_all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let local = Buffer::copy_of(t, "all-gather")?;
+        let (r, w) = (self.ring_rank(), self.ring_world());
+        let mut shape = t.size();
+        if shape.is_empty() {
+            shape = vec![w as i64];
+        } else {
+            shape[0] *= w as i64;
+        }
+        if w == 1 {
+            return Ok(local.into_tensor(&shape, t.device()));
+        }
+        let block = local.len;
+        let mut out = Buffer::zeros(block * w);
+        // SAFETY: `local` is a contiguous float32 buffer of `block` elements.
+        let own = unsafe { std::slice::from_raw_parts(local.ptr, block) };
+        out.slice_mut(r * block, (r + 1) * block).copy_from_slice(own);
+        self.execute("all-gather", &all_gather_plan(r, w, block), &mut out)?;
+        Ok(out.into_tensor(&shape, t.device()))
+    }
+
+    fn ring_reduce_scatter(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let (r, w) = (self.ring_rank(), self.ring_world());
+        let mut shape = t.size();
+        if shape.is_empty() || shape[0] % w as i64 != 0 {
+            return Err(CollectiveError::Invalid {
+                op: "reduce-scatter",
+                message: format!("shape {shape:?}: dimension 0 must be a multiple of the world size {w}"),
+            });
+        }
+        let mut data = Buffer::copy_of(t, "reduce-scatter")?;
+        let block = data.len / w;
+        if w > 1 {
+            self.execute("reduce-scatter", &reduce_scatter_plan(r, w, block), &mut data)?;
+        }
+        shape[0] /= w as i64;
+        let own = data.tensor.view([-1]).narrow(0, (r * block) as i64, block as i64).copy().view(shape.as_slice());
+        Ok(own.to_device(t.device()))
+    }
+
+    fn ring_broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+        let (r, w) = (self.ring_rank(), self.ring_world());
+        if root >= w {
+            return Err(CollectiveError::Invalid {
+                op: "broadcast",
+                message: format!("root {root} outside a world of {w}"),
+            });
+        }
+        let mut data = Buffer::copy_of(t, "broadcast")?;
+        if w > 1 {
+            self.execute("broadcast", &broadcast_plan(r, w, root, data.len), &mut data)?;
+        }
+        Ok(data.into_tensor(&t.size(), t.device()))
+    }
+}
+
+/// Implements [`Collective`] for a [`RingExecutor`].
+macro_rules! ring_collective {
+    ($t:ty) => {
+        impl $crate::collective::Collective for $t {
+            fn rank(&self) -> usize {
+                $crate::collective::RingExecutor::ring_rank(self)
+            }
+            fn world_size(&self) -> usize {
+                $crate::collective::RingExecutor::ring_world(self)
+            }
+            fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+                self.ring_all_reduce(t)
+            }
+            fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+                self.ring_all_reduce_in_place(t)
+            }
+            fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+                self.ring_all_gather(t)
+            }
+            fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+                self.ring_reduce_scatter(t)
+            }
+            fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+                self.ring_broadcast(t, root)
+            }
+            fn barrier(&self) -> Result<(), CollectiveError> {
+                self.ring_all_reduce(&Tensor::from_slice(&[1f32])).map(|_| ())
+            }
+        }
+    };
+}
+pub(crate) use ring_collective;
 
 pub struct GrpcCollective {
     rank: usize,
@@ -449,155 +668,51 @@ impl GrpcCollective {
         self.next_op.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// Ring all-reduce in place: a reduce-scatter (after W - 1 steps rank r holds the full sum of
-    /// chunk r + 1) then an all-gather of the summed chunks.
-    async fn all_reduce_buffer(&self, data: &mut Buffer) -> Result<(), CollectiveError> {
-        let w = self.world();
-        let n = data.len;
-        let bounds = |c: usize| (c * n / w, (c + 1) * n / w);
-        let op = self.op();
-        let r = self.rank;
-        for s in 0..w - 1 {
-            let (a, b) = bounds((r + w - s) % w);
-            let got = self.ring_step("all-reduce", op, s as u32, data.bytes(a, b)).await?;
-            let (a, b) = bounds((r + 2 * w - s - 1) % w);
-            absorb(data.slice_mut(a, b), &got, true, "all-reduce")?;
-        }
-        for s in 0..w - 1 {
-            let (a, b) = bounds((r + 1 + w - s) % w);
-            let step = (w - 1 + s) as u32;
-            let got = self.ring_step("all-reduce", op, step, data.bytes(a, b)).await?;
-            let (a, b) = bounds((r + w - s) % w);
-            absorb(data.slice_mut(a, b), &got, false, "all-reduce")?;
-        }
-        Ok(())
-    }
-
-    /// Ring reduce-scatter: `data` holds W equal blocks; afterwards block `rank` holds its sum.
-    async fn reduce_scatter_buffer(&self, data: &mut Buffer) -> Result<(), CollectiveError> {
-        let w = self.world();
-        let block = data.len / w;
-        let op = self.op();
-        let r = self.rank;
-        for s in 0..w - 1 {
-            let c = (r + 2 * w - s - 1) % w;
-            let got = self.ring_step("reduce-scatter", op, s as u32, data.bytes(c * block, (c + 1) * block)).await?;
-            let c = (r + 2 * w - s - 2) % w;
-            absorb(data.slice_mut(c * block, (c + 1) * block), &got, true, "reduce-scatter")?;
-        }
-        Ok(())
-    }
-
-    /// Ring all-gather of equal blocks into rank order; `out` holds this rank's block already.
-    async fn all_gather_buffer(&self, out: &mut Buffer) -> Result<(), CollectiveError> {
-        let w = self.world();
-        let block = out.len / w;
-        let r = self.rank;
-        let op = self.op();
-        for s in 0..w - 1 {
-            let c = (r + w - s) % w;
-            let got = self.ring_step("all-gather", op, s as u32, out.bytes(c * block, (c + 1) * block)).await?;
-            let c = (r + 2 * w - s - 1) % w;
-            absorb(out.slice_mut(c * block, (c + 1) * block), &got, false, "all-gather")?;
-        }
-        Ok(())
-    }
-
-    /// Broadcast along the ring from `root`: each rank receives from its left and forwards to its right
-    /// unless the right is the root.
-    async fn broadcast_buffer(&self, data: &mut Buffer, root: usize) -> Result<(), CollectiveError> {
-        let op = self.op();
-        if self.rank != root {
-            let got = self.recv("broadcast", self.left(), op, 0).await?;
-            let n = data.len;
-            absorb(data.slice_mut(0, n), &got, false, "broadcast")?;
-        }
-        if self.right() != root {
-            self.send("broadcast", self.right(), op, 0, data.bytes(0, data.len)).await?;
-        }
-        Ok(())
-    }
-
     fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         self.runtime.block_on(f)
     }
 }
 
-impl Collective for GrpcCollective {
-    fn rank(&self) -> usize {
+impl RingExecutor for GrpcCollective {
+    fn ring_rank(&self) -> usize {
         self.rank
     }
 
-    fn world_size(&self) -> usize {
+    fn ring_world(&self) -> usize {
         self.world()
     }
 
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let mut data = Buffer::copy_of(t, "all-reduce")?;
-        if self.world() > 1 {
-            self.block(self.all_reduce_buffer(&mut data))?;
-        }
-        Ok(data.into_tensor(&t.size(), t.device()))
-    }
-
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let local = Buffer::copy_of(t, "all-gather")?;
-        let w = self.world();
-        let mut shape = t.size();
-        if shape.is_empty() {
-            shape = vec![w as i64];
-        } else {
-            shape[0] *= w as i64;
-        }
-        if w == 1 {
-            return Ok(local.into_tensor(&shape, t.device()));
-        }
-        let block = local.len;
-        let mut out = Buffer::zeros(block * w);
-        // SAFETY: `local` is a contiguous float32 buffer of `block` elements.
-        let own = unsafe { std::slice::from_raw_parts(local.ptr, block) };
-        out.slice_mut(self.rank * block, (self.rank + 1) * block).copy_from_slice(own);
-        self.block(self.all_gather_buffer(&mut out))?;
-        Ok(out.into_tensor(&shape, t.device()))
-    }
-
-    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let w = self.world() as i64;
-        let mut shape = t.size();
-        if shape.is_empty() || shape[0] % w != 0 {
-            return Err(CollectiveError::Invalid {
-                op: "reduce-scatter",
-                message: format!("shape {shape:?}: dimension 0 must be a multiple of the world size {w}"),
-            });
-        }
-        let mut data = Buffer::copy_of(t, "reduce-scatter")?;
-        if w > 1 {
-            self.block(self.reduce_scatter_buffer(&mut data))?;
-        }
-        shape[0] /= w;
-        let block = data.len as i64 / w;
-        let own = data.tensor.view([-1]).narrow(0, self.rank as i64 * block, block).copy().view(shape.as_slice());
-        Ok(own.to_device(t.device()))
-    }
-
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
-        if root >= self.world() {
-            return Err(CollectiveError::Invalid {
-                op: "broadcast",
-                message: format!("root {root} outside a world of {}", self.world()),
-            });
-        }
-        let mut data = Buffer::copy_of(t, "broadcast")?;
-        if self.world() > 1 {
-            self.block(self.broadcast_buffer(&mut data, root))?;
-        }
-        Ok(data.into_tensor(&t.size(), t.device()))
-    }
-
-    fn barrier(&self) -> Result<(), CollectiveError> {
-        self.all_reduce_sum(&Tensor::from_slice(&[1f32])).map(|_| ())
+    fn execute(&self, name: &'static str, plan: &[RingStep], data: &mut Buffer) -> Result<(), CollectiveError> {
+        let op = self.op();
+        // Messages are numbered per link: the n-th message this rank sends to its right is the n-th
+        // its right neighbour receives from its left.
+        let (mut sent, mut received) = (0u32, 0u32);
+        self.block(async {
+            for step in plan {
+                let got = match (&step.send, &step.recv) {
+                    (Some(send), Some(_)) => {
+                        debug_assert_eq!(sent, received);
+                        Some(self.ring_step(name, op, sent, data.bytes(send.start, send.end)).await?)
+                    }
+                    (None, Some(_)) => Some(self.recv(name, self.left(), op, received).await?),
+                    (Some(send), None) => {
+                        self.send(name, self.right(), op, sent, data.bytes(send.start, send.end)).await?;
+                        None
+                    }
+                    (None, None) => None,
+                };
+                sent += u32::from(step.send.is_some());
+                received += u32::from(step.recv.is_some());
+                if let (Some(got), Some(recv)) = (got, &step.recv) {
+                    absorb(data.slice_mut(recv.start, recv.end), &got, step.add, name)?;
+                }
+            }
+            Ok(())
+        })
     }
 }
+
+ring_collective!(GrpcCollective);
 
 /// A group of gRPC collectives on loopback in this process, each with its own peer server: the
 /// collectives' tests and the world-size invariance tests use it.
@@ -607,10 +722,10 @@ pub mod loopback {
     use tokio_util::sync::CancellationToken;
 
     pub struct Group {
-        pub members: Vec<Arc<GrpcCollective>>,
+        pub members: Vec<Arc<dyn Collective>>,
         shutdown: CancellationToken,
         // Dropped last: the servers run on it.
-        _runtime: tokio::runtime::Runtime,
+        _runtime: Option<tokio::runtime::Runtime>,
     }
 
     impl Drop for Group {
@@ -619,7 +734,8 @@ pub mod loopback {
         }
     }
 
-    /// `world` ranks, each with its own peer server on 127.0.0.1, all alive until the group is dropped.
+    /// `world` gRPC ranks, each with its own peer server on 127.0.0.1, all alive until the group is
+    /// dropped.
     pub fn group(world: usize, timeout: Duration) -> Group {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let shutdown = CancellationToken::new();
@@ -633,27 +749,47 @@ pub mod loopback {
             let control = crate::peer::Control::new();
             runtime.spawn(crate::peer::serve(listener, control, mailbox, None, shutdown.clone()));
         }
-        let _context = runtime.enter();
-        let members = mailboxes
-            .into_iter()
-            .enumerate()
-            .map(|(rank, mailbox)| {
-                let c = GrpcCollective::new(
-                    rank,
-                    &addrs,
-                    mailbox,
-                    AttachToken::default(),
-                    timeout,
-                    runtime.handle().clone(),
-                );
-                Arc::new(c.unwrap())
-            })
-            .collect();
-        Group { members, shutdown, _runtime: runtime }
+        let members = {
+            let _context = runtime.enter();
+            mailboxes
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mailbox)| {
+                    let c = GrpcCollective::new(
+                        rank,
+                        &addrs,
+                        mailbox,
+                        AttachToken::default(),
+                        timeout,
+                        runtime.handle().clone(),
+                    );
+                    Arc::new(c.unwrap()) as Arc<dyn Collective>
+                })
+                .collect()
+        };
+        Group { members, shutdown, _runtime: Some(runtime) }
+    }
+
+    /// `world` TCP-ring ranks on 127.0.0.1.
+    pub fn tcp_group(world: usize, timeout: Duration) -> Group {
+        let listeners: Vec<_> = (0..world).map(|_| crate::tcp::listen("127.0.0.1".parse().unwrap()).unwrap()).collect();
+        let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let members = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addrs = &addrs;
+                    s.spawn(move || crate::tcp::TcpRing::connect(rank, listener, addrs, Some("t0ken"), timeout))
+                })
+                .collect();
+            handles.into_iter().map(|h| Arc::new(h.join().unwrap().unwrap()) as Arc<dyn Collective>).collect()
+        });
+        Group { members, shutdown: CancellationToken::new(), _runtime: None }
     }
 
     /// Runs `f(rank, collective)` on one thread per rank and returns the results in rank order.
-    pub fn run<T: Send>(group: &Group, f: impl Fn(usize, &GrpcCollective) -> T + Sync) -> Vec<T> {
+    pub fn run<T: Send>(group: &Group, f: impl Fn(usize, &dyn Collective) -> T + Sync) -> Vec<T> {
         std::thread::scope(|s| {
             let handles: Vec<_> = group
                 .members
@@ -662,7 +798,7 @@ pub mod loopback {
                 .map(|(r, c)| {
                     s.spawn({
                         let f = &f;
-                        move || f(r, c)
+                        move || f(r, &**c)
                     })
                 })
                 .collect();
@@ -680,10 +816,14 @@ mod tests {
         (0..n).map(|i| (rank * 1000 + i) as f32 * 0.5 - 3.0).collect()
     }
 
+    /// Both point-to-point backends: gRPC and the TCP ring.
+    type MakeGroup = fn(usize, Duration) -> loopback::Group;
+    const BACKENDS: [(&str, MakeGroup); 2] = [("grpc", loopback::group), ("tcp", loopback::tcp_group)];
+
     #[test]
     fn ring_collectives_match_their_definitions() {
-        for world in [2usize, 3, 4] {
-            let group = loopback::group(world, Duration::from_secs(20));
+        for (world, (backend, make)) in [2usize, 3, 4].into_iter().flat_map(|w| BACKENDS.map(|b| (w, b))) {
+            let group = make(world, Duration::from_secs(20));
             let n = 10; // not a multiple of 3 or 4: uneven chunks
             let results = loopback::run(&group, |rank, c| {
                 let t = Tensor::from_slice(&rank_data(rank, n));
@@ -699,56 +839,82 @@ mod tests {
             });
             for (rank, (sum, gathered, scattered, b)) in results.into_iter().enumerate() {
                 let want: Vec<f64> = (0..n).map(|i| (0..world).map(|r| f64::from(rank_data(r, n)[i])).sum()).collect();
-                assert_eq!(sum, want, "all-reduce, world {world}, rank {rank}");
+                assert_eq!(sum, want, "{backend} all-reduce, world {world}, rank {rank}");
                 let want: Vec<f64> = (0..world).flat_map(|r| rank_data(r, n)).map(f64::from).collect();
-                assert_eq!(gathered, want, "all-gather, world {world}");
+                assert_eq!(gathered, want, "{backend} all-gather, world {world}");
                 let want: Vec<f64> = (0..2)
                     .map(|j| (0..world).map(|r| f64::from(rank_data(r, 2 * world)[rank * 2 + j])).sum())
                     .collect();
-                assert_eq!(scattered, want, "reduce-scatter, world {world}, rank {rank}");
+                assert_eq!(scattered, want, "{backend} reduce-scatter, world {world}, rank {rank}");
                 let want: Vec<f64> = rank_data(world - 1, 5).into_iter().map(f64::from).collect();
-                assert_eq!(b, want, "broadcast, world {world}, rank {rank}");
+                assert_eq!(b, want, "{backend} broadcast, world {world}, rank {rank}");
             }
         }
     }
 
     #[test]
     fn large_messages_stream_in_chunks() {
-        let group = loopback::group(2, Duration::from_secs(30));
-        let n = 3 * CHUNK_BYTES / 4 * 3 + 7; // several chunks per ring step
-        let results = loopback::run(&group, |rank, c| {
-            let t = Tensor::from_slice(&rank_data(rank, n));
-            Vec::<f32>::try_from(&c.all_reduce_sum(&t).unwrap()).unwrap()
-        });
-        let (a, b) = (rank_data(0, n), rank_data(1, n));
-        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-        assert_eq!(results[0], want);
-        assert_eq!(results[1], want);
+        for (backend, make) in BACKENDS {
+            let group = make(2, Duration::from_secs(30));
+            let n = 3 * CHUNK_BYTES / 4 * 3 + 7; // several chunks per ring step
+            let results = loopback::run(&group, |rank, c| {
+                let t = Tensor::from_slice(&rank_data(rank, n));
+                Vec::<f32>::try_from(&c.all_reduce_sum(&t).unwrap()).unwrap()
+            });
+            let (a, b) = (rank_data(0, n), rank_data(1, n));
+            let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            assert_eq!(results[0], want, "{backend}");
+            assert_eq!(results[1], want, "{backend}");
+        }
     }
 
     #[test]
     fn a_silent_peer_is_an_error_naming_it_within_the_timeout() {
-        let group = loopback::group(3, Duration::from_millis(500));
-        let started = std::time::Instant::now();
-        // Rank 2 never calls: ranks 0 and 1 must fail, not hang.
-        let results = loopback::run(&group, |rank, c| {
-            if rank == 2 {
-                return None;
+        for (backend, make) in BACKENDS {
+            let group = make(3, Duration::from_millis(500));
+            let started = std::time::Instant::now();
+            // Rank 2 never calls: ranks 0 and 1 must fail, not hang.
+            let results = loopback::run(&group, |rank, c| {
+                if rank == 2 {
+                    return None;
+                }
+                Some(c.all_reduce_sum(&Tensor::from_slice(&[1f32, 2.0, 3.0])).map(|_| ()))
+            });
+            assert!(started.elapsed() < Duration::from_secs(5), "{backend} took {:?}", started.elapsed());
+            let err = results[0].clone().unwrap().unwrap_err().to_string();
+            assert!(err.contains("rank 2") && err.contains("cluster.collective_timeout_ms"), "{backend}: {err}");
+            assert!(results[1].clone().unwrap().is_err(), "{backend}");
+            if backend == "tcp" {
+                // The ring is broken for good: the next call fails at once, saying why.
+                let again = group.members[0].barrier().unwrap_err().to_string();
+                assert!(again.contains("earlier collective"), "{again}");
             }
-            Some(c.all_reduce_sum(&Tensor::from_slice(&[1f32, 2.0, 3.0])).map(|_| ()))
-        });
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-        let err = results[0].clone().unwrap().unwrap_err().to_string();
-        assert!(err.contains("rank 2") && err.contains("cluster.collective_timeout_ms"), "{err}");
-        assert!(results[1].clone().unwrap().is_err());
+        }
     }
 
     #[test]
     fn mismatched_shapes_are_an_error() {
-        let group = loopback::group(2, Duration::from_secs(5));
-        let results = loopback::run(&group, |rank, c| {
-            c.all_reduce_sum(&Tensor::from_slice(&rank_data(rank, 4 + rank))).map(|_| ()).map_err(|e| e.to_string())
-        });
-        assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("bytes"))), "{results:?}");
+        for (backend, make) in BACKENDS {
+            let group = make(2, Duration::from_secs(5));
+            let results = loopback::run(&group, |rank, c| {
+                c.all_reduce_sum(&Tensor::from_slice(&rank_data(rank, 4 + rank))).map(|_| ()).map_err(|e| e.to_string())
+            });
+            assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("bytes"))), "{backend}: {results:?}");
+        }
+    }
+
+    /// A peer process that dies mid-job: its neighbours fail at once, naming it, well before the
+    /// timeout (a closed connection is not a silence).
+    #[test]
+    fn a_peer_that_goes_away_is_named_at_once() {
+        let group = loopback::tcp_group(2, Duration::from_secs(30));
+        let mut members = group.members.clone();
+        let survivor = members.remove(0);
+        drop(members);
+        drop(group);
+        let started = std::time::Instant::now();
+        let err = survivor.all_reduce_sum(&Tensor::from_slice(&[1f32; 1000])).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(err.contains("rank 1"), "{err}");
     }
 }

@@ -17,6 +17,7 @@ pub mod preflight;
 pub mod pretrain;
 pub mod session;
 pub mod syncbn;
+pub mod tcp;
 pub mod train;
 
 pub use device::Device;

@@ -284,6 +284,28 @@ impl Collective for NcclCollective {
         Ok(buf.to_device(t.device()))
     }
 
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let on_device = t.device() == tch::Device::Cuda(self.device as usize);
+        if !on_device || t.kind() != Kind::Float || !t.is_contiguous() {
+            let sum = self.all_reduce_sum(t)?;
+            t.copy_(&sum);
+            return Ok(());
+        }
+        let n = t.numel();
+        // SAFETY: in place on the caller's contiguous float32 tensor on the communicator's device.
+        self.run("all-reduce", |comm| unsafe {
+            sys::ncclAllReduce(
+                ptr(t),
+                ptr(t),
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                comm,
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         const OP: &str = "all-gather";
         let input = self.on_device(t, OP)?;

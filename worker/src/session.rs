@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,10 @@ pub struct PhaseContext {
     pub device: tch::Device,
     /// Fires when the worker is told to stop; long computations check it between steps.
     pub interrupt: CancellationToken,
+    /// The interface the peer endpoint listens on; the TCP ring listens there too.
+    pub peer_listen: IpAddr,
+    /// The cluster token, which the TCP ring's connections carry.
+    pub cluster_token: Option<String>,
 }
 
 impl PhaseContext {
@@ -109,22 +113,11 @@ impl PhaseContext {
             let tch::Device::Cuda(ordinal) = self.device else {
                 return Err(format!("cluster.collective = nccl: this worker's device is {:?}", self.device));
             };
-            let (rank, coordinator, instance_id) = (self.rank, self.coordinator.clone(), self.instance_id.clone());
+            let rank = self.rank;
             let key = format!("nccl-unique-id/{phase}");
             let handle = tokio::runtime::Handle::current();
-            let share = move |value: Option<Vec<u8>>| {
-                let request = wire::ShareValueRequest { rank, instance_id, key: key.clone(), value };
-                let mut client = coordinator.clone();
-                let call = client.share_value(request);
-                match handle.block_on(tokio::time::timeout(timeout, call)) {
-                    Ok(Ok(response)) => Ok(response.into_inner().value),
-                    Ok(Err(status)) => Err(format!("sharing '{key}' through the coordinator: {}", status.message())),
-                    Err(_) => Err(format!(
-                        "rank 0 did not publish '{key}' within {} ms (cluster.collective_timeout_ms)",
-                        timeout.as_millis()
-                    )),
-                }
-            };
+            let sharer = self.sharer();
+            let share = move |value: Option<Vec<u8>>| handle.block_on(sharer.share(&key, value, timeout));
             let nccl = tokio::task::spawn_blocking(move || {
                 NcclCollective::connect(rank as usize, world, ordinal as i64, timeout, share)
             })
@@ -135,6 +128,9 @@ impl PhaseContext {
         }
         if world == 1 {
             return Ok(Arc::new(Solo));
+        }
+        if backend == CollectiveBackend::Tcp {
+            return self.tcp_ring(phase, timeout).await;
         }
         let addrs: Vec<String> = self.table.workers.iter().map(|w| w.peer_addr.clone()).collect();
         let grpc = GrpcCollective::new(
@@ -147,6 +143,64 @@ impl PhaseContext {
         )
         .map_err(|e| e.to_string())?;
         Ok(Arc::new(grpc))
+    }
+}
+
+impl PhaseContext {
+    /// Joins the TCP ring of `phase`: listens beside the peer endpoint, publishes the address through
+    /// the coordinator, learns every rank's, then connects (all within `timeout`).
+    async fn tcp_ring(&self, phase: &str, timeout: Duration) -> Result<Arc<dyn Collective>, String> {
+        let listener = crate::tcp::listen(self.peer_listen)
+            .map_err(|e| format!("TCP ring: cannot listen on {}: {e}", self.peer_listen))?;
+        let port = listener.local_addr().map_err(|e| format!("TCP ring listener: {e}"))?.port();
+        let me = &self.table.workers[self.rank as usize].peer_addr;
+        let host = me.rsplit_once(':').map_or(me.as_str(), |(host, _)| host);
+        let mine = format!("{host}:{port}");
+        let sharer = self.sharer();
+        sharer.share(&format!("tcp-ring/{phase}/{}", self.rank), Some(mine.into_bytes()), timeout).await?;
+        let mut addrs = Vec::new();
+        for rank in 0..self.table.world_size() {
+            let value = sharer.share(&format!("tcp-ring/{phase}/{rank}"), None, timeout).await?;
+            addrs.push(String::from_utf8(value).map_err(|_| format!("rank {rank}'s TCP ring address is not text"))?);
+        }
+        let (rank, token) = (self.rank as usize, self.cluster_token.clone());
+        let ring = tokio::task::spawn_blocking(move || {
+            crate::tcp::TcpRing::connect(rank, listener, &addrs, token.as_deref(), timeout)
+        })
+        .await
+        .map_err(|e| format!("TCP ring set-up thread failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        tracing::debug!(phase, "TCP ring connected");
+        Ok(Arc::new(ring))
+    }
+
+    fn sharer(&self) -> Sharer {
+        Sharer { rank: self.rank, instance_id: self.instance_id.clone(), coordinator: self.coordinator.clone() }
+    }
+}
+
+/// Publishes and reads values through the coordinator (`ShareValue`), for setting up collectives.
+#[derive(Clone)]
+struct Sharer {
+    rank: u32,
+    instance_id: String,
+    coordinator: CoordinatorClient,
+}
+
+impl Sharer {
+    /// Publishes `value` under `key` (Some) or waits for it (None), within `timeout`.
+    async fn share(&self, key: &str, value: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>, String> {
+        let request =
+            wire::ShareValueRequest { rank: self.rank, instance_id: self.instance_id.clone(), key: key.into(), value };
+        let mut client = self.coordinator.clone();
+        match tokio::time::timeout(timeout, client.share_value(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner().value),
+            Ok(Err(status)) => Err(format!("sharing '{key}' through the coordinator: {}", status.message())),
+            Err(_) => Err(format!(
+                "'{key}' was not published within {} ms (cluster.collective_timeout_ms)",
+                timeout.as_millis()
+            )),
+        }
     }
 }
 
@@ -275,6 +329,8 @@ async fn session(
         mailbox,
         device,
         interrupt: cancel.clone(),
+        peer_listen: opts.peer_listen.ip(),
+        cluster_token: opts.token.clone(),
     };
     let lost_message = || lost_reason.lock().map(|s| s.clone()).unwrap_or_default();
 

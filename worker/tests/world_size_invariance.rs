@@ -1,13 +1,13 @@
 //! The gate of distributed pretraining: from the same initial weights and seed, with augmentation on,
 //! one optimiser step over the same global batch gives the same loss and the same updated weights (and
 //! BatchNorm running statistics) with 1, 2 and 4 workers, each rank holding different images, in any
-//! rank order. The workers are loopback gRPC peers in this process (real servers, real ring
-//! collectives). A trainer that drops the gather's backward must fail the same comparison.
+//! rank order, over both CPU backends (loopback TCP-ring and gRPC peers in this process: real sockets,
+//! real ring collectives). A trainer that drops the gather's backward must fail the same comparison.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use simclr_worker::collective::{loopback, Collective};
+use simclr_worker::collective::loopback;
 use simclr_worker::loss::{nt_xent, AnchorRows};
 use simclr_worker::model::{with_torch_seed, Arch};
 use simclr_worker::train::{BnMode, LrScalingName, OptimizerName, PretrainConfig, Trainer};
@@ -49,10 +49,12 @@ fn weights(trainer: &Trainer) -> Weights {
     trainer.vs.variables().into_iter().map(|(name, t)| (name, values(&t))).collect()
 }
 
+type Backend = fn(usize, Duration) -> loopback::Group;
+
 /// One step with the global batch split over `order.len()` ranks, rank r holding block `order[r]`.
-fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode) -> Vec<(f64, Weights)> {
+fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode, backend: Backend) -> Vec<(f64, Weights)> {
     let world = order.len();
-    let group = loopback::group(world, Duration::from_secs(60));
+    let group = backend(world, Duration::from_secs(60));
     let per = GLOBAL_BATCH / world;
     loopback::run(&group, |rank, collective| {
         assert_eq!(collective.rank(), rank);
@@ -105,8 +107,12 @@ fn differences(before: &Weights, want: &Weights, got: &Weights) -> (f64, f64, St
 fn one_step_is_the_same_for_1_2_and_4_workers() {
     let (loss, before, want) = single_step();
     assert!(loss.is_finite());
-    for order in [vec![0, 1], vec![1, 0], vec![0, 1, 2, 3], vec![2, 0, 3, 1]] {
-        let ranks = distributed_step(&order, false, BnMode::Sync);
+    let backends: [(&str, Backend); 2] = [("tcp", loopback::tcp_group), ("grpc", loopback::group)];
+    for ((name, backend), order) in
+        backends.into_iter().flat_map(|b| [vec![0, 1], vec![1, 0], vec![0, 1, 2, 3], vec![2, 0, 3, 1]].map(|o| (b, o)))
+    {
+        eprintln!("backend {name}");
+        let ranks = distributed_step(&order, false, BnMode::Sync, backend);
         for (rank, (got_loss, got)) in ranks.iter().enumerate() {
             assert!(
                 (got_loss - loss).abs() <= 1e-5 * loss.abs(),
@@ -130,7 +136,7 @@ fn one_step_is_the_same_for_1_2_and_4_workers() {
 #[test]
 fn dropping_the_gathers_backward_is_caught() {
     let (_, before, want) = single_step();
-    let ranks = distributed_step(&[0, 1], true, BnMode::Sync);
+    let ranks = distributed_step(&[0, 1], true, BnMode::Sync, loopback::tcp_group);
     let (update, _, which) = differences(&before, &want, &ranks[0].1);
     eprintln!("sabotaged: update difference {update:e} ({which})");
     assert!(update > 1e-2, "the sabotaged step should differ, but its worst update difference is {update:e} ({which})");
@@ -141,7 +147,7 @@ fn per_worker_batchnorm_is_not_world_size_invariant() {
     // `bn = "local"` (each worker's own statistics) is a different model than one process holding the
     // global batch: the comparison that passes with synchronised BN must see it.
     let (_, before, want) = single_step();
-    let ranks = distributed_step(&[0, 1], false, BnMode::Local);
+    let ranks = distributed_step(&[0, 1], false, BnMode::Local, loopback::tcp_group);
     let (update, _, which) = differences(&before, &want, &ranks[0].1);
     assert!(update > 1e-2, "local BN should differ, but its worst update difference is {update:e} ({which})");
 }

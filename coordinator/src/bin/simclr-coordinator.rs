@@ -106,9 +106,9 @@ struct PretrainOverrides {
     /// BatchNorm statistics with several workers: sync (global batch) or local (pretrain.bn).
     #[arg(long, value_parser = ["sync", "local"])]
     bn: Option<String>,
-    /// Collectives backend: auto (NCCL when every worker is on a CUDA device, else gRPC), grpc or nccl
-    /// (cluster.collective).
-    #[arg(long, value_parser = ["auto", "grpc", "nccl"])]
+    /// Collectives backend: auto (NCCL when every worker is on a CUDA device, else the TCP ring), tcp,
+    /// grpc or nccl (cluster.collective).
+    #[arg(long, value_parser = ["auto", "tcp", "grpc", "nccl"])]
     collective: Option<String>,
 }
 
@@ -130,6 +130,7 @@ impl PretrainOverrides {
         }
         match self.collective.as_deref() {
             Some("auto") => config.cluster.collective = CollectiveBackend::Auto,
+            Some("tcp") => config.cluster.collective = CollectiveBackend::Tcp,
             Some("grpc") => config.cluster.collective = CollectiveBackend::Grpc,
             Some("nccl") => config.cluster.collective = CollectiveBackend::Nccl,
             _ => {}
