@@ -46,6 +46,19 @@ pub struct LaunchOptions {
     pub log_format: String,
     /// Extra arguments for every worker.
     pub extra_args: Vec<String>,
+    /// `cpu`, `cuda` (worker k on `cuda:k`, one per GPU) or `cuda:K` (every worker on that GPU).
+    pub device: String,
+}
+
+impl LaunchOptions {
+    /// The `--device` of the worker of `rank`.
+    pub fn worker_device(&self, rank: u32) -> String {
+        if self.device == "cuda" {
+            format!("cuda:{rank}")
+        } else {
+            self.device.clone()
+        }
+    }
 }
 
 /// How a spawned worker ended.
@@ -106,7 +119,7 @@ fn spawn_one(coordinator: SocketAddr, rank: u32, opts: &LaunchOptions) -> Result
     cmd.arg("--coordinator")
         .arg(format!("http://{coordinator}"))
         .args(["--rank", &rank.to_string(), "--world-size", &opts.workers.to_string()])
-        .args(["--device", "cpu", "--peer-listen", "127.0.0.1:0", "--log-format", &opts.log_format])
+        .args(["--device", &opts.worker_device(rank), "--peer-listen", "127.0.0.1:0", "--log-format", &opts.log_format])
         .args(&opts.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

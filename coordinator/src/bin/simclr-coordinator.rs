@@ -86,8 +86,20 @@ struct DevArgs {
     /// Seed (overrides job.seed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Where the workers compute: cpu, cuda (worker k on GPU k) or cuda:K (every worker on GPU K).
+    #[arg(long, default_value = "cpu", value_parser = parse_dev_device)]
+    device: String,
     #[command(flatten)]
     pretrain: PretrainOverrides,
+}
+
+fn parse_dev_device(spec: &str) -> Result<String, String> {
+    let gpu = spec.strip_prefix("cuda:").is_some_and(|k| k.parse::<u32>().is_ok());
+    if spec == "cpu" || spec == "cuda" || gpu {
+        Ok(spec.to_string())
+    } else {
+        Err(format!("'{spec}' is not a device (expected cpu, cuda or cuda:K)"))
+    }
 }
 
 /// Pretraining options every launcher can override on the command line (each is also a config key).
@@ -262,6 +274,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             LogFormat::Json => "json".into(),
         },
         extra_args: vec![],
+        device: args.device.clone(),
     };
     let mut launched = match launcher::spawn_workers(coordinator.addr, &options) {
         Ok(launched) => launched,

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The CUDA and NCCL paths on a GPU host, as one short prepared script (the `device` tool's lent
+# machines have PyTorch 2.11 but no Rust and no registry: carry target/release with prebuilt binaries,
+# `cargo build --release --bins`). libtorch and NCCL come from the host's PyTorch. Everything it
+# learns goes under $OUT (or ./gpu-check): nvidia-smi, torch's view of the GPU, and per run the log,
+# the exit status and the run directory's results.
+#   1. one worker on cuda:0 with NCCL as a world of one (--collective nccl): the CUDA training step,
+#      the NCCL probe, rank 0's unique id through the coordinator, every collective through NCCL
+#   2. two workers sharing cuda:0 over the TCP ring: GPU tensors through host memory
+#   3. the same two with NCCL, which recent NCCL refuses for two ranks on one GPU: the refusal must be
+#      a clear error, not a hang (on a host with 2+ GPUs use --device cuda to spread them instead)
+#   scripts/gpu_check.sh [SECONDS_PER_RUN]
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+limit=${1:-150}
+out=${OUT:-gpu-check}
+bin=${SIMCLR_BIN:-target/release}
+py=${PYTHON:-python3}
+mkdir -p "$out/lib"
+site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))') \
+  || { echo "gpu_check: $py cannot import torch" >&2; exit 1; }
+# cudarc loads NCCL as libnccl.so; PyTorch's wheel ships libnccl.so.2 only.
+if [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ]; then
+  ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$out/lib/libnccl.so"
+fi
+export LD_LIBRARY_PATH="$out/lib:$site/torch/lib:$site/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}"
+export SIMCLR_CACHE_DIR="$out/cache"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version())' \
+  > "$out/torch.txt" 2>&1
+cat "$out/torch.txt"
+ldd "$bin/simclr-worker" > "$out/ldd-worker.txt" 2>&1
+
+check() { # name, then the coordinator's arguments
+  local name=$1; shift
+  local started=$SECONDS
+  timeout -k 10 "$limit" "$bin/simclr-coordinator" dev --config configs/gpu_check.toml \
+    --run-dir "$out/$name" "$@" > "$out/$name.log" 2>&1
+  local status=$?
+  echo "$name: exit $status after $((SECONDS - started)) s" | tee -a "$out/summary.txt"
+  grep -E "ERROR|NCCL|panicked" "$out/$name.log" | head -5 | cut -c1-300
+  if [ -f "$out/$name/pretrain.json" ]; then
+    "$py" -c 'import json, sys; d = json.load(open(sys.argv[1]))["cluster"]; print("  ", {k: round(v, 3) for k, v in d.items() if k in ("steps", "first_loss", "final_loss", "images_per_s", "communication_seconds", "seconds")})' \
+      "$out/$name/pretrain.json" | tee -a "$out/summary.txt"
+  fi
+}
+check nccl-world-1 --workers 1 --device cuda:0 --collective nccl
+check tcp-2-on-gpu0 --workers 2 --device cuda:0 --collective tcp
+check nccl-2-on-gpu0 --workers 2 --device cuda:0 --collective nccl --max-steps 2
