@@ -6,6 +6,7 @@ pub mod config;
 pub mod exit;
 pub mod logging;
 pub mod membership;
+pub mod metrics;
 pub mod pretrain;
 pub mod retry;
 
