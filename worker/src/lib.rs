@@ -15,6 +15,7 @@ pub mod optim;
 pub mod peer;
 pub mod preflight;
 pub mod pretrain;
+pub mod probe;
 pub mod session;
 pub mod syncbn;
 pub mod tcp;

@@ -1,0 +1,349 @@
+//! Classifier probes on frozen features: the reference report's MLP (dropout, a hidden ReLU layer,
+//! dropout, a sigmoid output per class, binary cross-entropy, SGD) or, with `hidden = 0`, a linear
+//! probe (the SimCLR paper's protocol). A probe trains on cached features, so one configuration costs
+//! seconds, not an encoder pass per epoch.
+//!
+//! Features are standardised with the training split's per-dimension mean and deviation (the test
+//! split never informs them). Everything random (initial weights, dropout masks, the epoch order) comes
+//! from the configuration's seed, so a configuration and seed give the same result on any worker.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use simclr_common::metrics;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::with_torch_seed;
+use crate::optim::{Algorithm, Optimizer, Param};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ProbeOptimizer {
+    Sgd { momentum: f64 },
+    Adam,
+    Lars,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeConfig {
+    /// Units of the hidden layer; 0: a linear probe.
+    pub hidden: i64,
+    /// Dropout before and after the hidden layer (0: none).
+    pub dropout: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub optimizer: ProbeOptimizer,
+    pub seed: u64,
+    /// Bootstrap resamples for the test metrics' 95% intervals (0: none).
+    pub bootstrap: usize,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            hidden: 100,
+            dropout: 0.0,
+            epochs: 20,
+            batch_size: 64,
+            lr: 0.01,
+            weight_decay: 0.0,
+            optimizer: ProbeOptimizer::Sgd { momentum: 0.9 },
+            seed: 0,
+            bootstrap: 1000,
+        }
+    }
+}
+
+/// One epoch of a probe's training: mean loss and accuracy on both splits (accuracy over every output).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochCurve {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+}
+
+/// A probe's test metrics for one class (output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassMetrics {
+    pub accuracy: f64,
+    /// None when the test split holds one class only.
+    pub auc: Option<f64>,
+    pub average_precision: Option<f64>,
+    pub accuracy_ci: Option<(f64, f64)>,
+    pub auc_ci: Option<(f64, f64)>,
+    pub average_precision_ci: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeResult {
+    pub curves: Vec<EpochCurve>,
+    /// Per class, in label column order.
+    pub classes: Vec<ClassMetrics>,
+    /// Test scores (sigmoid outputs), N_test x classes, row-major.
+    pub test_scores: Vec<f64>,
+}
+
+impl ProbeResult {
+    pub fn last(&self) -> EpochCurve {
+        *self.curves.last().expect("a probe trains at least one epoch")
+    }
+}
+
+struct Mlp {
+    hidden: Option<nn::Linear>,
+    out: nn::Linear,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        match &self.hidden {
+            None => self.out.forward(x),
+            Some(hidden) => {
+                let x = x.dropout(self.dropout, train);
+                let x = hidden.forward(&x).relu();
+                self.out.forward(&x.dropout(self.dropout, train))
+            }
+        }
+    }
+}
+
+/// Trains a probe on `train` features (N x d) and 0/1 labels (N x classes), and evaluates it on `test`.
+pub fn train_probe(
+    train_x: &Tensor,
+    train_y: &Tensor,
+    test_x: &Tensor,
+    test_y: &Tensor,
+    config: &ProbeConfig,
+) -> Result<ProbeResult, String> {
+    let (n, d) = match train_x.size().as_slice() {
+        &[n, d] => (n, d),
+        other => return Err(format!("probe features must be N x d, got {other:?}")),
+    };
+    let classes = train_y.size().get(1).copied().unwrap_or(0);
+    if train_y.size() != [n, classes] || classes == 0 {
+        return Err(format!("probe labels must be {n} x classes, got {:?}", train_y.size()));
+    }
+    if test_x.size().get(1) != Some(&d) || test_y.size() != [test_x.size()[0], classes] {
+        return Err(format!("test features {:?} / labels {:?} do not match training", test_x.size(), test_y.size()));
+    }
+    if n == 0 || config.epochs == 0 || config.batch_size == 0 {
+        return Err("a probe needs training data, epochs and a batch size".into());
+    }
+    let device = train_x.device();
+    let (train_x, test_x) = standardise(train_x, test_x);
+    let (train_y, test_y) = (train_y.to_kind(Kind::Float), test_y.to_kind(Kind::Float));
+    with_torch_seed(config.seed, || {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (hidden, width) = if config.hidden > 0 {
+            (Some(nn::linear(&root / "hidden", d, config.hidden, Default::default())), config.hidden)
+        } else {
+            (None, d)
+        };
+        let mlp =
+            Mlp { hidden, out: nn::linear(&root / "out", width, classes, Default::default()), dropout: config.dropout };
+        let params: Vec<Param> = vs.variables().into_iter().map(|(name, t)| Param::new(name, t)).collect();
+        let algorithm = match config.optimizer {
+            ProbeOptimizer::Sgd { momentum } => {
+                Algorithm::Sgd { momentum, nesterov: false, weight_decay: config.weight_decay }
+            }
+            ProbeOptimizer::Adam => {
+                Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
+            }
+            ProbeOptimizer::Lars => {
+                Algorithm::Lars { momentum: 0.9, trust_coefficient: 0.001, weight_decay: config.weight_decay }
+            }
+        };
+        let mut optimizer = Optimizer::new(algorithm, params);
+        let mut order: Vec<i64> = (0..n).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed);
+        let mut curves = Vec::with_capacity(config.epochs);
+        for epoch in 0..config.epochs {
+            order.shuffle(&mut rng);
+            for batch in order.chunks(config.batch_size) {
+                let index = Tensor::from_slice(batch).to_device(device);
+                let x = train_x.index_select(0, &index);
+                let y = train_y.index_select(0, &index);
+                let logits = mlp.forward(&x, true);
+                let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean);
+                optimizer.zero_grad();
+                loss.backward();
+                optimizer.step(config.lr);
+            }
+            let (train_loss, train_accuracy, _) = evaluate(&mlp, &train_x, &train_y);
+            let (test_loss, test_accuracy, _) = evaluate(&mlp, &test_x, &test_y);
+            if !train_loss.is_finite() {
+                return Err(format!(
+                    "the probe diverged at epoch {} (loss {train_loss}); lower its learning rate",
+                    epoch + 1
+                ));
+            }
+            curves.push(EpochCurve { epoch: epoch + 1, train_loss, train_accuracy, test_loss, test_accuracy });
+        }
+        let (_, _, scores) = evaluate(&mlp, &test_x, &test_y);
+        let scores: Vec<f64> =
+            Vec::<f64>::try_from(scores.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let labels: Vec<f64> =
+            Vec::<f64>::try_from(test_y.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let k = classes as usize;
+        let class_metrics = (0..k)
+            .map(|c| {
+                let s: Vec<f64> = scores.iter().skip(c).step_by(k).copied().collect();
+                let y: Vec<bool> = labels.iter().skip(c).step_by(k).map(|&v| v > 0.5).collect();
+                class_metrics(&s, &y, config.bootstrap, config.seed)
+            })
+            .collect();
+        Ok(ProbeResult { curves, classes: class_metrics, test_scores: scores })
+    })
+}
+
+fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -> ClassMetrics {
+    let accuracy_of = |s: &[f64], y: &[bool]| Some(metrics::accuracy(s, y, 0.5));
+    let ci = |m: &dyn Fn(&[f64], &[bool]) -> Option<f64>| {
+        if resamples == 0 {
+            None
+        } else {
+            metrics::bootstrap_interval(scores, labels, m, resamples, seed)
+        }
+    };
+    ClassMetrics {
+        accuracy: metrics::accuracy(scores, labels, 0.5),
+        auc: metrics::roc_auc(scores, labels),
+        average_precision: metrics::average_precision(scores, labels),
+        accuracy_ci: ci(&accuracy_of),
+        auc_ci: ci(&metrics::roc_auc),
+        average_precision_ci: ci(&metrics::average_precision),
+    }
+}
+
+/// Mean loss, accuracy over every output, and the sigmoid scores, without dropout or gradients.
+fn evaluate(mlp: &Mlp, x: &Tensor, y: &Tensor) -> (f64, f64, Tensor) {
+    tch::no_grad(|| {
+        if x.size()[0] == 0 {
+            return (f64::NAN, f64::NAN, Tensor::zeros_like(y));
+        }
+        let logits = mlp.forward(x, false);
+        let loss = logits.binary_cross_entropy_with_logits::<Tensor>(y, None, None, tch::Reduction::Mean);
+        let scores = logits.sigmoid();
+        let right = scores.ge(0.5).to_kind(Kind::Float).eq_tensor(y).to_kind(Kind::Double).mean(Kind::Double);
+        (loss.double_value(&[]), right.double_value(&[]), scores)
+    })
+}
+
+/// Both splits standardised with the training split's per-dimension mean and deviation.
+fn standardise(train: &Tensor, test: &Tensor) -> (Tensor, Tensor) {
+    let train = train.to_kind(Kind::Float);
+    let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
+    let std = train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
+    ((&train - &mean) / &std, (test.to_kind(Kind::Float) - &mean) / &std)
+}
+
+/// Features of `images` (N x 1 x H x W) from a frozen encoder forward (BatchNorm in eval mode, no
+/// gradient), in batches of `batch`.
+pub fn embed(encoder: &crate::model::Encoder, images: &Tensor, batch: i64, device: Device) -> Tensor {
+    tch::no_grad(|| {
+        let n = images.size()[0];
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = batch.min(n - start);
+            let x = images.narrow(0, start, len).to_device(device);
+            let mut pass = crate::model::LocalNorm { train: false };
+            parts.push(encoder.forward_with(&x, &mut pass).to_device(Device::Cpu));
+            start += len;
+        }
+        if parts.is_empty() {
+            Tensor::zeros([0, encoder.feature_dim], (Kind::Float, Device::Cpu))
+        } else {
+            Tensor::cat(&parts, 0)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two Gaussian classes whose means differ along a few dimensions: separable well above chance.
+    fn blobs(n: i64, d: i64, seed: u64) -> (Tensor, Tensor) {
+        with_torch_seed(seed, || {
+            let y = Tensor::rand([n, 1], (Kind::Float, Device::Cpu)).ge(0.5).to_kind(Kind::Float);
+            let shift = Tensor::zeros([1, d], (Kind::Float, Device::Cpu));
+            let _ = shift.narrow(1, 0, 3).fill_(1.5);
+            let x = Tensor::randn([n, d], (Kind::Float, Device::Cpu)) + &y * shift + 5.0;
+            (x, y)
+        })
+    }
+
+    #[test]
+    fn probes_learn_separable_classes_and_are_reproducible() {
+        let (train_x, train_y) = blobs(400, 16, 1);
+        let (test_x, test_y) = blobs(200, 16, 2);
+        for hidden in [0, 32] {
+            let config = ProbeConfig { hidden, dropout: 0.2, epochs: 10, bootstrap: 200, ..ProbeConfig::default() };
+            let r = train_probe(&train_x, &train_y, &test_x, &test_y, &config).unwrap();
+            let m = &r.classes[0];
+            assert!(m.accuracy > 0.85, "hidden {hidden}: accuracy {}", m.accuracy);
+            assert!(m.auc.unwrap() > 0.93, "hidden {hidden}: auc {:?}", m.auc);
+            let (lo, hi) = m.auc_ci.unwrap();
+            assert!(lo <= m.auc.unwrap() && m.auc.unwrap() <= hi);
+            assert_eq!(r.curves.len(), 10);
+            assert!(r.curves[9].train_loss < r.curves[0].train_loss, "{:?}", r.curves);
+            // The reported accuracy is the last epoch's.
+            assert!((r.last().test_accuracy - m.accuracy).abs() < 1e-9);
+            let again = train_probe(&train_x, &train_y, &test_x, &test_y, &config).unwrap();
+            assert_eq!(again, r, "same seed, different result");
+            let other = train_probe(&train_x, &train_y, &test_x, &test_y, &ProbeConfig { seed: 1, ..config }).unwrap();
+            assert_ne!(other.test_scores, r.test_scores);
+        }
+    }
+
+    #[test]
+    fn several_classes_get_their_own_metrics() {
+        let (train_x, a) = blobs(300, 8, 3);
+        let (test_x, b) = blobs(100, 8, 4);
+        // Class 1 is the complement of class 0: the probe must learn both.
+        let train_y = Tensor::cat(&[&a, &(1.0 - &a)], 1);
+        let test_y = Tensor::cat(&[&b, &(1.0 - &b)], 1);
+        let config = ProbeConfig { hidden: 0, epochs: 30, lr: 0.05, bootstrap: 0, ..ProbeConfig::default() };
+        let r = train_probe(&train_x, &train_y, &test_x, &test_y, &config).unwrap();
+        assert_eq!(r.classes.len(), 2);
+        assert_eq!(r.test_scores.len(), 200);
+        for m in &r.classes {
+            assert!(m.auc.unwrap() > 0.9, "{m:?}");
+            assert_eq!(m.auc_ci, None);
+        }
+    }
+
+    #[test]
+    fn embedding_in_batches_equals_one_pass_in_eval_mode() {
+        use crate::model::{Arch, Encoder, EncoderConfig, Stem};
+        let vs = nn::VarStore::new(Device::Cpu);
+        let encoder = with_torch_seed(0, || {
+            Encoder::new(&vs.root(), EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 })
+        });
+        let images = with_torch_seed(1, || Tensor::rand([10, 1, 32, 32], (Kind::Float, Device::Cpu)));
+        let whole = embed(&encoder, &images, 10, Device::Cpu);
+        let batched = embed(&encoder, &images, 3, Device::Cpu);
+        assert_eq!(whole.size(), [10, encoder.feature_dim]);
+        assert!(!whole.requires_grad());
+        let diff = (&whole - &batched).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "batching changed the features by {diff}");
+    }
+
+    #[test]
+    fn bad_shapes_and_divergence_are_errors() {
+        let (x, y) = blobs(50, 4, 5);
+        let e = train_probe(&x.view([-1]), &y, &x, &y, &ProbeConfig::default()).unwrap_err();
+        assert!(e.contains("N x d"), "{e}");
+        let e = train_probe(&x, &y, &x.narrow(1, 0, 2), &y, &ProbeConfig::default()).unwrap_err();
+        assert!(e.contains("do not match"), "{e}");
+        let wild = ProbeConfig { lr: 1e30, epochs: 3, ..ProbeConfig::default() };
+        let e = train_probe(&x, &y, &x, &y, &wild).unwrap_err();
+        assert!(e.contains("diverged") && e.contains("learning rate"), "{e}");
+    }
+}
