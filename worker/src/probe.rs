@@ -201,9 +201,11 @@ pub fn train_probe(
     })
 }
 
+type Metric = dyn Fn(&[f64], &[bool]) -> Option<f64>;
+
 fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -> ClassMetrics {
     let accuracy_of = |s: &[f64], y: &[bool]| Some(metrics::accuracy(s, y, 0.5));
-    let ci = |m: &dyn Fn(&[f64], &[bool]) -> Option<f64>| {
+    let ci = |m: &Metric| {
         if resamples == 0 {
             None
         } else {
