@@ -602,13 +602,26 @@ impl Job {
         };
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
         let d = &data.dataset;
+        let mut study_of = vec![usize::MAX; d.index.images.len()];
+        for (s, study) in d.studies.iter().enumerate() {
+            for &i in &study.images {
+                study_of[i] = s;
+            }
+        }
         let image_ref = |i: usize| {
             let img = &d.index.images[i];
+            let labels = d
+                .studies
+                .get(study_of[i])
+                .and_then(|s| s.labels.as_ref())
+                .map(|values| data.targets.iter().map(|&t| values[t]).collect())
+                .unwrap_or_default();
             wire::ImageRef {
                 path: img.path.display().to_string(),
                 sop_uid: img.sop_uid.clone(),
                 file_size: img.file_size,
                 modified_ns: u64::try_from(img.modified_ns).unwrap_or(u64::MAX),
+                labels,
             }
         };
         let train_studies: Vec<_> = data.split.train.iter().map(|&i| &d.studies[i]).collect();
@@ -623,6 +636,7 @@ impl Job {
             image_size: self.config.data.image_size,
             train: shards[rank as usize].iter().map(|&i| image_ref(i)).collect(),
             test: test_images.into_iter().skip(rank as usize).step_by(world_size).map(image_ref).collect(),
+            label_columns: data.targets.iter().map(|&t| d.label_columns[t].clone()).collect(),
         })
     }
 
@@ -769,6 +783,41 @@ mod tests {
         let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
         assert_eq!((a.unwrap().0, b.unwrap().0), (0, 1));
         job
+    }
+
+    /// Every assigned image carries its study's target label, and the columns are named.
+    #[tokio::test]
+    async fn assignments_carry_the_target_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let opts = simclr_data::synth::SynthOptions { studies: 16, seed: 3, image_size: 32 };
+        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
+        let mut config = JobConfig::default();
+        config.job.id = "labels-test".into();
+        config.cluster.world_size = 2;
+        config.data.path = Some(data_dir.clone());
+        let prepared = crate::data_plan::prepare(&config.data, 0, 2).unwrap();
+        let mut truth: BTreeMap<String, f32> = BTreeMap::new();
+        for study in &prepared.dataset.studies {
+            let value = study.labels.as_ref().unwrap()[prepared.targets[0]];
+            for &i in &study.images {
+                truth.insert(prepared.dataset.index.images[i].sop_uid.clone(), value);
+            }
+        }
+        let job = Job::new(config, None, RunDir::create(&dir.path().join("run")).unwrap(), Some(prepared)).unwrap();
+        let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+        assert!(a.is_ok() && b.is_ok());
+        let mut seen = 0;
+        for rank in 0..2 {
+            let response = job.assignment(rank, &format!("w{rank}"), 0).unwrap();
+            assert_eq!(response.label_columns, vec!["Typical Appearance".to_string()]);
+            for image in response.train.iter().chain(&response.test) {
+                assert_eq!(image.labels, vec![truth[&image.sop_uid]], "{}", image.path);
+                seen += 1;
+            }
+        }
+        assert!(seen > 0);
+        assert!(truth.values().any(|&v| v == 1.0) && truth.values().any(|&v| v == 0.0));
     }
 
     /// The NCCL unique id's path: readers wait for the publisher, members only, one value per key,

@@ -8,6 +8,7 @@ pub mod collective;
 pub mod decode;
 pub mod device;
 pub mod error;
+pub mod features;
 pub mod loss;
 pub mod model;
 pub mod nccl;
