@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::pretrain::PretrainSection;
+use crate::probe::ProbeSection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,6 +36,7 @@ pub struct JobConfig {
     pub preflight: PreflightSection,
     pub data: DataSection,
     pub pretrain: PretrainSection,
+    pub probe: ProbeSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -294,7 +296,8 @@ impl JobConfig {
                 "expected at most 64 MiB".into(),
             ));
         }
-        self.pretrain.validate(c.world_size)
+        self.pretrain.validate(c.world_size)?;
+        self.probe.validate()
     }
 }
 

@@ -8,6 +8,7 @@ pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod pretrain;
+pub mod probe;
 pub mod retry;
 
 pub use config::{ConfigError, JobConfig};

@@ -1,0 +1,228 @@
+//! The `[probe]` section: the grid of classifier probes swept over the frozen encoder, and its
+//! expansion into tasks (configuration x encoder x seed). Pure data, so the coordinator expands and
+//! validates it and the workers read the same types.
+//!
+//! The default grid is the reference report's Table 3.2 fully crossed (hidden units {100, 500} x
+//! dropout {none, 20%} x epochs {20, 25, 30}, sigmoid output, binary cross-entropy, SGD) plus a linear
+//! probe (the SimCLR paper's protocol), each repeated over 3 seeds, through the pretrained encoder and
+//! through a randomly initialised one (the baseline).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{invalid, ConfigError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeOptimizerName {
+    #[default]
+    Sgd,
+    Adam,
+    Lars,
+}
+
+/// Which frozen encoder a probe reads features from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderSource {
+    /// The encoder pretraining produced (or `probe.encoder`).
+    Simclr,
+    /// The same architecture, randomly initialised from the job's seed: the baseline.
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSection {
+    pub enabled: bool,
+    /// Encoder weights (torchvision-format safetensors) to probe instead of the run's own
+    /// `encoder.safetensors`; unset: the run's.
+    pub encoder: Option<std::path::PathBuf>,
+    pub hidden: Vec<i64>,
+    /// Dropout before and after the hidden layer; 0 is none.
+    pub dropout: Vec<f64>,
+    pub epochs: Vec<usize>,
+    /// Also a linear probe (no hidden layer, no dropout) for each entry of `epochs`.
+    pub linear: bool,
+    pub seeds: usize,
+    pub optimizer: ProbeOptimizerName,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    /// Resamples of the test metrics' 95% bootstrap intervals (0: none).
+    pub bootstrap: usize,
+    /// Also probe a randomly initialised encoder, in the same run, through the same probes.
+    pub random_baseline: bool,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        ProbeSection {
+            enabled: true,
+            encoder: None,
+            hidden: vec![100, 500],
+            dropout: vec![0.0, 0.2],
+            epochs: vec![20, 25, 30],
+            linear: true,
+            seeds: 3,
+            optimizer: ProbeOptimizerName::Sgd,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            batch_size: 64,
+            bootstrap: 1000,
+            random_baseline: true,
+        }
+    }
+}
+
+/// One probe to train: an entry of the grid, an encoder and a seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeTask {
+    /// Position in the expansion (stable for a given section).
+    pub id: usize,
+    pub encoder: EncoderSource,
+    /// 0: a linear probe.
+    pub hidden: i64,
+    pub dropout: f64,
+    pub epochs: usize,
+    pub seed: u64,
+}
+
+impl ProbeTask {
+    /// The configuration without the seed and encoder: the row of the results table.
+    pub fn configuration(&self) -> String {
+        if self.hidden == 0 {
+            format!("linear, {} epochs", self.epochs)
+        } else if self.dropout == 0.0 {
+            format!("{} hidden, no dropout, {} epochs", self.hidden, self.epochs)
+        } else {
+            format!("{} hidden, dropout {}, {} epochs", self.hidden, self.dropout, self.epochs)
+        }
+    }
+}
+
+impl ProbeSection {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.hidden.is_empty() && !self.linear {
+            return Err(invalid("probe.hidden", "[]", "expected at least one size, or probe.linear = true".into()));
+        }
+        if let Some(h) = self.hidden.iter().find(|&&h| h <= 0) {
+            return Err(invalid("probe.hidden", h, "expected positive numbers of units".into()));
+        }
+        if self.dropout.is_empty() {
+            return Err(invalid("probe.dropout", "[]", "expected at least one rate, e.g. [0.0]".into()));
+        }
+        if let Some(p) = self.dropout.iter().find(|p| !(0.0..1.0).contains(*p)) {
+            return Err(invalid("probe.dropout", p, "expected rates in [0, 1)".into()));
+        }
+        if self.epochs.is_empty() || self.epochs.contains(&0) {
+            return Err(invalid("probe.epochs", format!("{:?}", self.epochs), "expected positive epoch counts".into()));
+        }
+        if self.seeds == 0 {
+            return Err(invalid("probe.seeds", self.seeds, "expected at least 1".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(invalid("probe.lr", self.lr, "expected a positive learning rate".into()));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(invalid("probe.momentum", self.momentum, "expected [0, 1)".into()));
+        }
+        if self.weight_decay < 0.0 {
+            return Err(invalid("probe.weight_decay", self.weight_decay, "expected >= 0".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("probe.batch_size", self.batch_size, "expected at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Every task of the sweep: for each encoder (pretrained, then the random baseline), the linear
+    /// probes, then the grid (hidden x dropout x epochs), each over the seeds `job_seed..job_seed+seeds`.
+    pub fn expand(&self, job_seed: u64) -> Vec<ProbeTask> {
+        let mut configurations: Vec<(i64, f64, usize)> = Vec::new();
+        if self.linear {
+            configurations.extend(self.epochs.iter().map(|&e| (0, 0.0, e)));
+        }
+        for &h in &self.hidden {
+            for &d in &self.dropout {
+                for &e in &self.epochs {
+                    configurations.push((h, d, e));
+                }
+            }
+        }
+        let encoders: &[EncoderSource] = if self.random_baseline {
+            &[EncoderSource::Simclr, EncoderSource::Random]
+        } else {
+            &[EncoderSource::Simclr]
+        };
+        let mut tasks = Vec::new();
+        for &encoder in encoders {
+            for &(hidden, dropout, epochs) in &configurations {
+                for s in 0..self.seeds as u64 {
+                    let id = tasks.len();
+                    tasks.push(ProbeTask { id, encoder, hidden, dropout, epochs, seed: job_seed.wrapping_add(s) });
+                }
+            }
+        }
+        tasks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_grid_is_the_reports_table_plus_a_linear_probe() {
+        let tasks = ProbeSection::default().expand(7);
+        // (3 linear + 2 x 2 x 3 MLP) configurations x 3 seeds x 2 encoders
+        assert_eq!(tasks.len(), (3 + 12) * 3 * 2);
+        assert!(tasks.iter().enumerate().all(|(i, t)| t.id == i));
+        let mlp: std::collections::BTreeSet<(i64, u64, usize)> = tasks
+            .iter()
+            .filter(|t| t.encoder == EncoderSource::Simclr && t.hidden > 0)
+            .map(|t| (t.hidden, (t.dropout * 100.0) as u64, t.epochs))
+            .collect();
+        assert_eq!(mlp.len(), 12);
+        assert!(mlp.contains(&(500, 20, 25)));
+        let seeds: std::collections::BTreeSet<u64> = tasks.iter().map(|t| t.seed).collect();
+        assert_eq!(seeds, [7, 8, 9].into());
+        assert_eq!(tasks.iter().filter(|t| t.encoder == EncoderSource::Random).count(), 45);
+        assert_eq!(tasks[0].configuration(), "linear, 20 epochs");
+        let no_baseline = ProbeSection { random_baseline: false, linear: false, seeds: 1, ..ProbeSection::default() };
+        assert_eq!(no_baseline.expand(0).len(), 12);
+    }
+
+    #[test]
+    fn the_section_reads_from_toml_and_rejects_unknown_keys() {
+        let config =
+            crate::JobConfig::from_toml("[probe]\nhidden = [64]\nseeds = 2\noptimizer = \"adam\"\n", "t").unwrap();
+        assert_eq!((config.probe.hidden.clone(), config.probe.seeds), (vec![64], 2));
+        assert_eq!(config.probe.optimizer, ProbeOptimizerName::Adam);
+        let again = crate::JobConfig::from_toml(&config.to_toml(), "effective").unwrap();
+        assert_eq!(again.probe, config.probe);
+        let e = crate::JobConfig::from_toml("[probe]\nhiden = [64]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("hiden"), "{e}");
+        let e = crate::JobConfig::from_toml("[probe]\nseeds = 0\n", "t").unwrap_err().to_string();
+        assert!(e.contains("probe.seeds"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = [
+            (ProbeSection { hidden: vec![0], ..ProbeSection::default() }, "probe.hidden"),
+            (ProbeSection { dropout: vec![1.0], ..ProbeSection::default() }, "probe.dropout"),
+            (ProbeSection { epochs: vec![], ..ProbeSection::default() }, "probe.epochs"),
+            (ProbeSection { seeds: 0, ..ProbeSection::default() }, "probe.seeds"),
+            (ProbeSection { lr: -1.0, ..ProbeSection::default() }, "probe.lr"),
+            (ProbeSection { batch_size: 0, ..ProbeSection::default() }, "probe.batch_size"),
+            (ProbeSection { hidden: vec![], linear: false, ..ProbeSection::default() }, "probe.hidden"),
+        ];
+        for (section, key) in bad {
+            let e = section.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        ProbeSection::default().validate().unwrap();
+    }
+}
