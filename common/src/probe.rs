@@ -102,6 +102,52 @@ impl ProbeTask {
     }
 }
 
+/// One epoch of a probe's training, as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochPoint {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+}
+
+/// A probe's test metrics for one label column. Undefined values (one class only in the test split)
+/// are None.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassOutcome {
+    pub column: String,
+    pub accuracy: f64,
+    pub auc: Option<f64>,
+    pub average_precision: Option<f64>,
+    pub accuracy_ci: Option<(f64, f64)>,
+    pub auc_ci: Option<(f64, f64)>,
+    pub average_precision_ci: Option<(f64, f64)>,
+}
+
+/// What a worker reports for a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeOutcome {
+    pub task: ProbeTask,
+    pub rank: u32,
+    pub seconds: f64,
+    pub curves: Vec<EpochPoint>,
+    pub classes: Vec<ClassOutcome>,
+}
+
+impl ProbeOutcome {
+    /// The last epoch's point.
+    pub fn last(&self) -> Option<&EpochPoint> {
+        self.curves.last()
+    }
+
+    /// The mean over label columns of a metric, None if any column lacks it.
+    pub fn mean_over_classes(&self, metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
+        let values: Option<Vec<f64>> = self.classes.iter().map(metric).collect();
+        values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
 impl ProbeSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.hidden.is_empty() && !self.linear {

@@ -8,6 +8,7 @@ pub mod job;
 pub mod launcher;
 pub mod progress;
 pub mod rendezvous;
+pub mod reports;
 pub mod run_dir;
 pub mod service;
 

@@ -1,0 +1,287 @@
+//! The probe sweep's reports in the run directory: `results.csv` and `results.json` (one row per
+//! configuration, encoder and seed), and `results.md`, a table laid out like the reference report's
+//! Table 3.2 (hidden nodes, dropout, epochs, train and test accuracy) with test AUC and average
+//! precision, their 95% bootstrap intervals, and the random-encoder baseline beside it; every value the
+//! mean ± standard deviation over seeds. With several label columns the AUC and AP are the means over
+//! columns (the Kaggle study-level metric is the mean AP); the CSV has every column's own.
+
+use std::collections::BTreeMap;
+
+use simclr_common::metrics::mean_std;
+use simclr_common::probe::{EncoderSource, ProbeOutcome};
+
+use crate::run_dir::RunDir;
+
+/// Writes the three files and returns the Markdown table.
+pub fn write_probe_reports(
+    run_dir: &RunDir,
+    outcomes: &[ProbeOutcome],
+    majority_rate: Option<f64>,
+) -> std::io::Result<String> {
+    let mut sorted: Vec<&ProbeOutcome> = outcomes.iter().collect();
+    sorted.sort_by_key(|o| o.task.id);
+    run_dir.write_atomic("results.csv", csv(&sorted)?.as_bytes())?;
+    let json = serde_json::to_vec_pretty(&sorted).map_err(std::io::Error::other)?;
+    run_dir.write_atomic("results.json", &json)?;
+    let table = markdown(&sorted, majority_rate);
+    run_dir.write_atomic("results.md", table.as_bytes())?;
+    Ok(table)
+}
+
+fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
+    let columns: Vec<String> =
+        outcomes.first().map(|o| o.classes.iter().map(|c| c.column.clone()).collect()).unwrap_or_default();
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header: Vec<String> = [
+        "task",
+        "encoder",
+        "hidden",
+        "dropout",
+        "epochs",
+        "seed",
+        "rank",
+        "seconds",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "mean_auc",
+        "mean_average_precision",
+    ]
+    .map(String::from)
+    .to_vec();
+    for c in &columns {
+        for m in ["accuracy", "accuracy_lo", "accuracy_hi", "auc", "auc_lo", "auc_hi", "ap", "ap_lo", "ap_hi"] {
+            header.push(format!("{c}:{m}"));
+        }
+    }
+    w.write_record(&header)?;
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+    for o in outcomes {
+        let t = &o.task;
+        let last = o.last();
+        let mut row = vec![
+            t.id.to_string(),
+            encoder_name(t.encoder).to_string(),
+            t.hidden.to_string(),
+            t.dropout.to_string(),
+            t.epochs.to_string(),
+            t.seed.to_string(),
+            o.rank.to_string(),
+            format!("{:.3}", o.seconds),
+            num(last.map(|p| p.train_loss)),
+            num(last.map(|p| p.train_accuracy)),
+            num(last.map(|p| p.test_loss)),
+            num(last.map(|p| p.test_accuracy)),
+            num(o.mean_over_classes(|c| c.auc)),
+            num(o.mean_over_classes(|c| c.average_precision)),
+        ];
+        for c in &o.classes {
+            row.extend([
+                num(Some(c.accuracy)),
+                num(c.accuracy_ci.map(|i| i.0)),
+                num(c.accuracy_ci.map(|i| i.1)),
+                num(c.auc),
+                num(c.auc_ci.map(|i| i.0)),
+                num(c.auc_ci.map(|i| i.1)),
+                num(c.average_precision),
+                num(c.average_precision_ci.map(|i| i.0)),
+                num(c.average_precision_ci.map(|i| i.1)),
+            ]);
+        }
+        w.write_record(&row)?;
+    }
+    let bytes = w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?;
+    String::from_utf8(bytes).map_err(std::io::Error::other)
+}
+
+fn encoder_name(e: EncoderSource) -> &'static str {
+    match e {
+        EncoderSource::Simclr => "simclr",
+        EncoderSource::Random => "random",
+    }
+}
+
+/// "0.712 ± 0.031" over the seeds' values; "–" when none is defined.
+fn summarise(values: &[Option<f64>]) -> String {
+    let defined: Vec<f64> = values.iter().flatten().copied().collect();
+    if defined.is_empty() {
+        return "–".into();
+    }
+    let (mean, sd) = mean_std(&defined);
+    format!("{mean:.3} ± {sd:.3}")
+}
+
+/// The mean interval over seeds, "[lo, hi]".
+fn interval(values: &[Option<(f64, f64)>]) -> String {
+    let defined: Vec<(f64, f64)> = values.iter().flatten().copied().collect();
+    if defined.is_empty() {
+        return String::new();
+    }
+    let n = defined.len() as f64;
+    let lo = defined.iter().map(|i| i.0).sum::<f64>() / n;
+    let hi = defined.iter().map(|i| i.1).sum::<f64>() / n;
+    format!(" [{lo:.3}, {hi:.3}]")
+}
+
+/// The per-class mean of an interval bound, for tables over several columns.
+fn mean_interval(
+    o: &ProbeOutcome,
+    ci: impl Fn(&simclr_common::probe::ClassOutcome) -> Option<(f64, f64)>,
+) -> Option<(f64, f64)> {
+    let lo = o.mean_over_classes(|c| ci(c).map(|i| i.0))?;
+    let hi = o.mean_over_classes(|c| ci(c).map(|i| i.1))?;
+    Some((lo, hi))
+}
+
+/// (hidden units, dropout's bits, epochs): a configuration, without encoder and seed.
+type ConfigKey = (i64, u64, usize);
+
+fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
+    // (hidden, dropout, epochs) in the order of the sweep, then per encoder the seeds' outcomes.
+    let mut order: Vec<ConfigKey> = Vec::new();
+    let mut groups: BTreeMap<(ConfigKey, EncoderSource), Vec<&ProbeOutcome>> = BTreeMap::new();
+    for o in outcomes {
+        let key = (o.task.hidden, o.task.dropout.to_bits(), o.task.epochs);
+        if !order.contains(&key) {
+            order.push(key);
+        }
+        groups.entry((key, o.task.encoder)).or_default().push(o);
+    }
+    let has_random = groups.keys().any(|(_, e)| *e == EncoderSource::Random);
+    let mut out = String::from(
+        "| hidden nodes | dropout | epochs | train accuracy | test accuracy | test AUC [95% CI] | test AP [95% CI] |",
+    );
+    if has_random {
+        out.push_str(" random encoder: test accuracy | AUC | AP |");
+    }
+    out.push('\n');
+    out.push_str("|---|---|---|---|---|---|---|");
+    if has_random {
+        out.push_str("---|---|---|");
+    }
+    out.push('\n');
+    let mut best: Option<(f64, String)> = None;
+    for key in &order {
+        let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
+        let hidden_text = if hidden == 0 { "linear".to_string() } else { hidden.to_string() };
+        let dropout_text = if dropout == 0.0 { "none".to_string() } else { format!("{}%", dropout * 100.0) };
+        let cells = |e: EncoderSource| -> Option<([String; 4], Option<f64>)> {
+            let runs = groups.get(&(*key, e))?;
+            let pick = |f: &dyn Fn(&ProbeOutcome) -> Option<f64>| runs.iter().map(|o| f(o)).collect::<Vec<_>>();
+            let auc = pick(&|o| o.mean_over_classes(|c| c.auc));
+            let ap = pick(&|o| o.mean_over_classes(|c| c.average_precision));
+            let auc_ci: Vec<_> = runs.iter().map(|o| mean_interval(o, |c| c.auc_ci)).collect();
+            let ap_ci: Vec<_> = runs.iter().map(|o| mean_interval(o, |c| c.average_precision_ci)).collect();
+            let defined: Vec<f64> = auc.iter().flatten().copied().collect();
+            let mean_auc = (!defined.is_empty()).then(|| mean_std(&defined).0);
+            let text = [
+                summarise(&pick(&|o| o.last().map(|p| p.train_accuracy))),
+                summarise(&pick(&|o| o.last().map(|p| p.test_accuracy))),
+                format!("{}{}", summarise(&auc), interval(&auc_ci)),
+                format!("{}{}", summarise(&ap), interval(&ap_ci)),
+            ];
+            Some((text, mean_auc))
+        };
+        let Some((ours, mean_auc)) = cells(EncoderSource::Simclr) else { continue };
+        if let Some(mean_auc) = mean_auc {
+            let name = format!("{hidden_text} hidden, dropout {dropout_text}, {epochs} epochs");
+            if best.as_ref().is_none_or(|(b, _)| mean_auc > *b) {
+                best = Some((mean_auc, name));
+            }
+        }
+        out.push_str(&format!(
+            "| {hidden_text} | {dropout_text} | {epochs} | {} | {} | {} | {} |",
+            ours[0], ours[1], ours[2], ours[3]
+        ));
+        if has_random {
+            match cells(EncoderSource::Random) {
+                Some((r, _)) => out.push_str(&format!(" {} | {} | {} |", r[1], r[2], r[3])),
+                None => out.push_str(" – | – | – |"),
+            }
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    if let Some((auc, name)) = best {
+        out.push_str(&format!("Best configuration by mean test AUC: {name} ({auc:.3}).\n"));
+    }
+    if let Some(rate) = majority_rate {
+        out.push_str(&format!("Majority-class rate on the test split: {rate:.3}.\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simclr_common::probe::{ClassOutcome, EpochPoint, ProbeSection};
+
+    fn outcome(task: simclr_common::probe::ProbeTask, auc: f64) -> ProbeOutcome {
+        ProbeOutcome {
+            rank: (task.id % 2) as u32,
+            seconds: 1.5,
+            curves: (1..=task.epochs)
+                .map(|epoch| EpochPoint {
+                    epoch,
+                    train_loss: 0.5,
+                    train_accuracy: 0.8,
+                    test_loss: 0.6,
+                    test_accuracy: 0.7,
+                })
+                .collect(),
+            classes: vec![ClassOutcome {
+                column: "Typical Appearance".into(),
+                accuracy: 0.7,
+                auc: Some(auc),
+                average_precision: Some(auc - 0.1),
+                accuracy_ci: Some((0.6, 0.8)),
+                auc_ci: Some((auc - 0.05, auc + 0.05)),
+                average_precision_ci: None,
+            }],
+            task,
+        }
+    }
+
+    #[test]
+    fn every_task_is_one_row_and_the_table_summarises_the_seeds() {
+        let section = ProbeSection { seeds: 2, ..ProbeSection::default() };
+        let tasks = section.expand(0);
+        // Seeds alternate 0.8 / 0.6 for the pretrained encoder, 0.5 for the random one; reported in
+        // reverse order, as a work queue would deliver them.
+        let outcomes: Vec<ProbeOutcome> = tasks
+            .iter()
+            .rev()
+            .map(|t| {
+                let auc = match t.encoder {
+                    EncoderSource::Simclr if t.seed == 0 => 0.8,
+                    EncoderSource::Simclr => 0.6,
+                    EncoderSource::Random => 0.5,
+                };
+                outcome(t.clone(), auc)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let table = write_probe_reports(&run, &outcomes, Some(0.597)).unwrap();
+
+        let mut reader = csv::Reader::from_path(dir.path().join("results.csv")).unwrap();
+        let ids: Vec<usize> = reader.records().map(|r| r.unwrap()[0].parse().unwrap()).collect();
+        assert_eq!(ids, (0..tasks.len()).collect::<Vec<_>>(), "every task exactly once, in task order");
+        let json: Vec<ProbeOutcome> =
+            serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+        assert_eq!(json.len(), tasks.len());
+
+        // 15 configurations, one row each, pretrained and random side by side.
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| hidden")).collect();
+        assert_eq!(rows.len(), 15, "{table}");
+        let row = rows.iter().find(|r| r.starts_with("| 500 | 20% | 25 |")).unwrap();
+        // AUC over the two seeds: mean 0.7, sample sd 0.141; interval the mean of [auc -+ 0.05].
+        assert!(row.contains("0.700 ± 0.141 [0.650, 0.750]"), "{row}");
+        assert!(row.contains("0.500 ± 0.000"), "{row}");
+        assert!(rows[0].starts_with("| linear | none | 20 |"), "{}", rows[0]);
+        assert!(table.contains("Majority-class rate on the test split: 0.597"), "{table}");
+        assert!(table.contains("Best configuration by mean test AUC"), "{table}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("results.md")).unwrap(), table);
+    }
+}
