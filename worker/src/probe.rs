@@ -10,6 +10,9 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use simclr_common::metrics;
+use simclr_common::probe::{
+    ClassOutcome, EncoderSource, EpochPoint, ProbeOptimizerName, ProbeOutcome, ProbeSection, ProbeTask,
+};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -244,6 +247,72 @@ fn standardise(train: &Tensor, test: &Tensor) -> (Tensor, Tensor) {
     ((&train - &mean) / &std, (test.to_kind(Kind::Float) - &mean) / &std)
 }
 
+/// Everything the probes of a sweep read: the labels of both splits (N x columns) and, per encoder,
+/// the features of both splits.
+pub struct SweepData {
+    pub columns: Vec<String>,
+    pub train_y: Tensor,
+    pub test_y: Tensor,
+    pub features: Vec<(EncoderSource, Tensor, Tensor)>,
+}
+
+/// Trains and evaluates the probe of `task` (the section gives what the grid does not vary).
+pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank: u32) -> Result<ProbeOutcome, String> {
+    let started = std::time::Instant::now();
+    let (_, train_x, test_x) = data
+        .features
+        .iter()
+        .find(|(e, _, _)| *e == task.encoder)
+        .ok_or_else(|| format!("task {}: no features for the {:?} encoder", task.id, task.encoder))?;
+    let config = ProbeConfig {
+        hidden: task.hidden,
+        dropout: task.dropout,
+        epochs: task.epochs,
+        batch_size: section.batch_size,
+        lr: section.lr,
+        weight_decay: section.weight_decay,
+        optimizer: match section.optimizer {
+            ProbeOptimizerName::Sgd => ProbeOptimizer::Sgd { momentum: section.momentum },
+            ProbeOptimizerName::Adam => ProbeOptimizer::Adam,
+            ProbeOptimizerName::Lars => ProbeOptimizer::Lars,
+        },
+        seed: task.seed,
+        bootstrap: section.bootstrap,
+    };
+    let result = train_probe(train_x, &data.train_y, test_x, &data.test_y, &config)
+        .map_err(|e| format!("task {} ({}): {e}", task.id, task.configuration()))?;
+    Ok(ProbeOutcome {
+        task: task.clone(),
+        rank,
+        seconds: started.elapsed().as_secs_f64(),
+        curves: result
+            .curves
+            .iter()
+            .map(|c| EpochPoint {
+                epoch: c.epoch,
+                train_loss: c.train_loss,
+                train_accuracy: c.train_accuracy,
+                test_loss: c.test_loss,
+                test_accuracy: c.test_accuracy,
+            })
+            .collect(),
+        classes: result
+            .classes
+            .iter()
+            .zip(&data.columns)
+            .map(|(m, column)| ClassOutcome {
+                column: column.clone(),
+                accuracy: m.accuracy,
+                auc: m.auc,
+                average_precision: m.average_precision,
+                accuracy_ci: m.accuracy_ci,
+                auc_ci: m.auc_ci,
+                average_precision_ci: m.average_precision_ci,
+            })
+            .collect(),
+    })
+}
+
 /// Features of `images` (N x 1 x H x W) from a frozen encoder forward (BatchNorm in eval mode, no
 /// gradient), in batches of `batch`.
 pub fn embed(encoder: &crate::model::Encoder, images: &Tensor, batch: i64, device: Device) -> Tensor {
@@ -302,6 +371,44 @@ mod tests {
             let other = train_probe(&train_x, &train_y, &test_x, &test_y, &ProbeConfig { seed: 1, ..config }).unwrap();
             assert_ne!(other.test_scores, r.test_scores);
         }
+    }
+
+    #[test]
+    fn a_task_of_the_grid_becomes_a_reported_outcome() {
+        let (train_x, train_y) = blobs(200, 8, 6);
+        let (test_x, test_y) = blobs(80, 8, 7);
+        let section = ProbeSection {
+            hidden: vec![16],
+            dropout: vec![0.2],
+            epochs: vec![5],
+            seeds: 1,
+            lr: 0.1,
+            bootstrap: 50,
+            ..ProbeSection::default()
+        };
+        let data = SweepData {
+            columns: vec!["Typical Appearance".into()],
+            train_y,
+            test_y,
+            features: vec![
+                (EncoderSource::Simclr, train_x.shallow_clone(), test_x.shallow_clone()),
+                (EncoderSource::Random, train_x.shallow_clone() * 0.0, test_x.shallow_clone() * 0.0),
+            ],
+        };
+        let tasks = section.expand(0);
+        assert_eq!(tasks.len(), 4); // linear + MLP, x 2 encoders
+        let outcomes: Vec<ProbeOutcome> = tasks.iter().map(|t| run_task(t, &section, &data, 1).unwrap()).collect();
+        for (t, o) in tasks.iter().zip(&outcomes) {
+            assert_eq!(&o.task, t);
+            assert_eq!((o.rank, o.curves.len()), (1, 5));
+            assert_eq!(o.classes[0].column, "Typical Appearance");
+            assert!(o.classes[0].auc_ci.is_some());
+        }
+        // Informative features beat constant ones, which leave the probe at chance.
+        for o in &outcomes[..2] {
+            assert!(o.classes[0].auc.unwrap() > 0.85, "{:?}", o.classes);
+        }
+        assert!((outcomes[3].classes[0].auc.unwrap() - 0.5).abs() < 0.1, "{:?}", outcomes[3].classes);
     }
 
     #[test]
