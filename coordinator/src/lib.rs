@@ -11,6 +11,7 @@ pub mod rendezvous;
 pub mod reports;
 pub mod run_dir;
 pub mod service;
+pub mod sweep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
