@@ -58,16 +58,6 @@ impl Default for ProbeConfig {
     }
 }
 
-/// One epoch of a probe's training: mean loss and accuracy on both splits (accuracy over every output).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EpochCurve {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
-}
-
 /// A probe's test metrics for one class (output).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassMetrics {
@@ -82,7 +72,7 @@ pub struct ClassMetrics {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeResult {
-    pub curves: Vec<EpochCurve>,
+    pub curves: Vec<EpochPoint>,
     /// Per class, in label column order.
     pub classes: Vec<ClassMetrics>,
     /// Test scores (sigmoid outputs), N_test x classes, row-major.
@@ -90,7 +80,7 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
-    pub fn last(&self) -> EpochCurve {
+    pub fn last(&self) -> EpochPoint {
         *self.curves.last().expect("a probe trains at least one epoch")
     }
 }
@@ -185,7 +175,7 @@ pub fn train_probe(
                     epoch + 1
                 ));
             }
-            curves.push(EpochCurve { epoch: epoch + 1, train_loss, train_accuracy, test_loss, test_accuracy });
+            curves.push(EpochPoint { epoch: epoch + 1, train_loss, train_accuracy, test_loss, test_accuracy });
         }
         let (_, _, scores) = evaluate(&mlp, &test_x, &test_y);
         let scores: Vec<f64> =
@@ -285,17 +275,7 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
         task: task.clone(),
         rank,
         seconds: started.elapsed().as_secs_f64(),
-        curves: result
-            .curves
-            .iter()
-            .map(|c| EpochPoint {
-                epoch: c.epoch,
-                train_loss: c.train_loss,
-                train_accuracy: c.train_accuracy,
-                test_loss: c.test_loss,
-                test_accuracy: c.test_accuracy,
-            })
-            .collect(),
+        curves: result.curves.clone(),
         classes: result
             .classes
             .iter()
