@@ -6,10 +6,11 @@
 //! Locking: one std mutex around `State`, never held across an await. Every change bumps a watch
 //! channel, and waiters re-check their condition after each bump.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use simclr_common::probe::ProbeOutcome;
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, WorkerIdentity, PHASES};
 use simclr_data::dataset::epoch_shards;
 use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
@@ -20,6 +21,7 @@ use tonic::Status;
 use crate::data_plan::PreparedData;
 use crate::rendezvous::{Registration, Rendezvous, RendezvousError};
 use crate::run_dir::RunDir;
+use crate::sweep::{Next, SweepQueue};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum MemberStatus {
@@ -71,12 +73,17 @@ pub enum JobEvent {
     },
 }
 
-/// How the job ended: the exit status of the coordinator and a one-line reason.
+/// How the job ended: the exit status of the coordinator and a one-line reason, and the probe sweep's
+/// results table (Markdown) when the sweep reported anything.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobOutcome {
     pub status: ExitStatus,
     pub message: String,
+    pub results_table: Option<String>,
 }
+
+/// How long a `NextProbeTask` call waits for a task to come free before answering "wait".
+const SWEEP_POLL: Duration = Duration::from_secs(10);
 
 struct State {
     rendezvous: Rendezvous,
@@ -88,6 +95,10 @@ struct State {
     outcome: Option<(StopNotice, ExitStatus)>,
     /// Values published by one rank for the others (`share_value`).
     shared: BTreeMap<String, Vec<u8>>,
+    /// The probe sweep's queue, from the first rank that asks for a task.
+    sweep: Option<SweepQueue>,
+    /// Ranks lost during the sweep: their tasks went back to the queue, the job goes on without them.
+    excused: BTreeSet<u32>,
 }
 
 pub struct Job {
@@ -128,6 +139,8 @@ impl Job {
                 file_issues: Vec::new(),
                 outcome: None,
                 shared: BTreeMap::new(),
+                sweep: None,
+                excused: BTreeSet::new(),
             }),
             changed,
             events,
@@ -337,8 +350,21 @@ impl Job {
         member.status = MemberStatus::Lost { reason: reason.clone() };
         let who = member.identity.to_string();
         tracing::error!(job = %self.job_id, rank, worker = %who, %reason, "worker lost");
-        let message = format!("rank {rank} ({who}) lost: {reason}");
-        let newly_stopping = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted);
+        let alive = state.members.iter().filter(|m| m.status == MemberStatus::Active).count();
+        let sweeping = alive > 0 && state.outcome.is_none();
+        let newly_stopping = match state.sweep.as_mut() {
+            // The sweep needs no collectives: its tasks go to the ranks still alive.
+            Some(sweep) if sweeping => {
+                let requeued = sweep.requeue_rank(rank);
+                state.excused.insert(rank);
+                tracing::warn!(rank, requeued, alive, "the probe sweep goes on without the lost rank");
+                self.finish_if_complete(&mut state)
+            }
+            _ => {
+                let message = format!("rank {rank} ({who}) lost: {reason}");
+                self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted)
+            }
+        };
         drop(state);
         self.emit(JobEvent::Lost { rank, reason });
         if let Some(notice) = newly_stopping {
@@ -448,26 +474,44 @@ impl Job {
                 req.rank, req.phase
             )));
         }
-        let world_size = state.members.len();
-        let phase_results = state.results.entry(req.phase.clone()).or_default();
-        phase_results.insert(req.rank, req.metrics.into_iter().collect());
-        if phase_results.len() < world_size {
+        state.results.entry(req.phase.clone()).or_default().insert(req.rank, req.metrics.into_iter().collect());
+        if !self.phase_complete(&state, &req.phase) {
             return Ok(());
         }
         tracing::info!(job = %self.job_id, phase = %req.phase, "phase complete on every rank");
-        let finished = PHASES.iter().all(|p| state.results.get(*p).is_some_and(|r| r.len() == world_size));
-        let notice = if finished {
-            let message = format!("all {world_size} ranks finished: {}", PHASES.join(", "));
-            self.set_outcome(&mut state, StopReason::Completed, message, ExitStatus::Success)
-        } else {
-            None
-        };
+        let notice = self.finish_if_complete(&mut state);
         drop(state);
         self.emit(JobEvent::PhaseComplete { phase: req.phase });
         if let Some(notice) = notice {
             self.announce_stop(notice);
         }
         Ok(())
+    }
+
+    /// Whether every rank has reported `phase`, a rank lost during the probe sweep excepted.
+    fn phase_complete(&self, state: &State, phase: &str) -> bool {
+        let reported = state.results.get(phase);
+        (0..state.members.len() as u32)
+            .all(|r| state.excused.contains(&r) || reported.is_some_and(|results| results.contains_key(&r)))
+    }
+
+    /// Sets the successful outcome once every phase is complete; returns the notice to announce.
+    fn finish_if_complete(&self, state: &mut State) -> Option<StopNotice> {
+        if !PHASES.iter().all(|p| self.phase_complete(state, p)) {
+            return None;
+        }
+        let world_size = state.members.len();
+        let finished = world_size - state.excused.len();
+        let mut message = format!("all {finished} ranks finished: {}", PHASES.join(", "));
+        if !state.excused.is_empty() {
+            let lost: Vec<String> = state.excused.iter().map(u32::to_string).collect();
+            message = format!(
+                "{finished} of {world_size} ranks finished: {} (rank {} lost during the probe sweep; its tasks were re-run)",
+                PHASES.join(", "),
+                lost.join(", ")
+            );
+        }
+        self.set_outcome(state, StopReason::Completed, message, ExitStatus::Success)
     }
 
     pub fn deregister(&self, rank: u32, instance_id: &str, success: bool, reason: &str) -> Result<(), Status> {
@@ -544,8 +588,6 @@ impl Job {
 
     // ---- data assignment ----------------------------------------------------------------------------
 
-    /// `rank`'s images for `epoch`: its shard of the training studies (the same shards every process
-    /// would compute from the seed and epoch) and every world-size-th test image.
     /// Publishes `value` under `key` (a publisher) or waits until some rank has (a reader, `value`
     /// None); returns the value. Publishing a different value under a key already taken is an error:
     /// two ranks would otherwise join different NCCL communicators.
@@ -594,7 +636,17 @@ impl Job {
         }
     }
 
-    pub fn assignment(&self, rank: u32, instance_id: &str, epoch: u64) -> Result<wire::GetAssignmentResponse, Status> {
+    /// `rank`'s images for `epoch`: its shard of the training studies (the same shards every process
+    /// would compute from the seed and epoch) and every world-size-th test image. With `probe`, every
+    /// world-size-th labelled training image instead of the shard (no image left out to even the
+    /// shards), and only labelled test images.
+    pub fn assignment(
+        &self,
+        rank: u32,
+        instance_id: &str,
+        epoch: u64,
+        probe: bool,
+    ) -> Result<wire::GetAssignmentResponse, Status> {
         let world_size = {
             let state = self.lock();
             self.member_index(&state, rank, instance_id)?;
@@ -624,20 +676,166 @@ impl Job {
                 labels,
             }
         };
-        let train_studies: Vec<_> = data.split.train.iter().map(|&i| &d.studies[i]).collect();
-        let shards =
-            epoch_shards(&train_studies, world_size, self.config.job.seed, epoch, self.config.data.shard_policy)
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let mut test_images: Vec<usize> =
-            data.split.test.iter().flat_map(|&i| d.studies[i].images.iter().copied()).collect();
-        test_images.sort_unstable();
+        let images_of = |studies: &[usize]| {
+            let mut images: Vec<usize> = studies
+                .iter()
+                .map(|&i| &d.studies[i])
+                .filter(|s| !probe || s.labels.is_some())
+                .flat_map(|s| s.images.iter().copied())
+                .collect();
+            images.sort_unstable();
+            images
+        };
+        let mine = |images: Vec<usize>| -> Vec<wire::ImageRef> {
+            images.into_iter().skip(rank as usize).step_by(world_size).map(image_ref).collect()
+        };
+        let train = if probe {
+            mine(images_of(&data.split.train))
+        } else {
+            let train_studies: Vec<_> = data.split.train.iter().map(|&i| &d.studies[i]).collect();
+            let shards =
+                epoch_shards(&train_studies, world_size, self.config.job.seed, epoch, self.config.data.shard_policy)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            shards[rank as usize].iter().map(|&i| image_ref(i)).collect()
+        };
         Ok(wire::GetAssignmentResponse {
             data_root: data.root.display().to_string(),
             image_size: self.config.data.image_size,
-            train: shards[rank as usize].iter().map(|&i| image_ref(i)).collect(),
-            test: test_images.into_iter().skip(rank as usize).step_by(world_size).map(image_ref).collect(),
+            train,
+            test: mine(images_of(&data.split.test)),
             label_columns: data.targets.iter().map(|&t| d.label_columns[t].clone()).collect(),
         })
+    }
+
+    // ---- the probe sweep ----------------------------------------------------------------------------
+
+    /// The next probe task for `rank`; waits up to `SWEEP_POLL` for one to come free while others run.
+    pub async fn next_probe_task(&self, rank: u32, instance_id: &str) -> Result<wire::NextProbeTaskResponse, Status> {
+        let deadline = tokio::time::Instant::now() + SWEEP_POLL;
+        let mut changed = self.changed.subscribe();
+        loop {
+            {
+                let mut state = self.lock();
+                let i = self.member_index(&state, rank, instance_id)?;
+                if let MemberStatus::Lost { reason } = &state.members[i].status {
+                    return Err(Status::failed_precondition(format!(
+                        "rank {rank} was declared lost ({reason}); its probe tasks went to the other ranks"
+                    )));
+                }
+                if let Some((notice, _)) = &state.outcome {
+                    return Err(Status::aborted(format!("job {} is stopping: {notice}", self.job_id)));
+                }
+                let seed = self.config.job.seed;
+                let sweep = state.sweep.get_or_insert_with(|| {
+                    let tasks = self.config.probe.expand(seed);
+                    tracing::info!(tasks = tasks.len(), "probe sweep started");
+                    SweepQueue::new(tasks)
+                });
+                let (done, total) = (sweep.done() as u32, sweep.len() as u32);
+                let answer = |state: wire::SweepState, task_json: String| wire::NextProbeTaskResponse {
+                    state: state.into(),
+                    task_json,
+                    done,
+                    total,
+                };
+                match sweep.next(rank) {
+                    Next::Task(task) => {
+                        let json = serde_json::to_string(&task).map_err(|e| Status::internal(e.to_string()))?;
+                        tracing::debug!(rank, task = task.id, "probe task handed out");
+                        return Ok(answer(wire::SweepState::Task, json));
+                    }
+                    Next::Finished => return Ok(answer(wire::SweepState::Finished, String::new())),
+                    Next::Wait if tokio::time::Instant::now() >= deadline => {
+                        return Ok(answer(wire::SweepState::Wait, String::new()))
+                    }
+                    Next::Wait => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                continue;
+            }
+        }
+    }
+
+    /// Records a probe task's result (once: a duplicate from a rank presumed lost is ignored and
+    /// answered false).
+    pub fn report_probe_result(&self, rank: u32, instance_id: &str, outcome_json: &str) -> Result<bool, Status> {
+        let outcome: ProbeOutcome = serde_json::from_str(outcome_json)
+            .map_err(|e| Status::invalid_argument(format!("rank {rank}'s probe result is not valid: {e}")))?;
+        if outcome.rank != rank {
+            return Err(Status::invalid_argument(format!("rank {rank} reported a result as rank {}", outcome.rank)));
+        }
+        let mut state = self.lock();
+        self.member_index(&state, rank, instance_id)?;
+        let Some(sweep) = state.sweep.as_mut() else {
+            return Err(Status::failed_precondition(format!(
+                "rank {rank} reported a probe result before the sweep began"
+            )));
+        };
+        let task = outcome.task.clone();
+        let auc = outcome.mean_over_classes(|c| c.auc);
+        let accuracy = outcome.last().map(|p| p.test_accuracy);
+        let accepted = sweep.complete(outcome).map_err(Status::invalid_argument)?;
+        let (done, total) = (sweep.done() as u64, sweep.len() as u64);
+        drop(state);
+        if !accepted {
+            tracing::info!(rank, task = task.id, "duplicate probe result ignored (the task already has one)");
+            return Ok(false);
+        }
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        tracing::info!(
+            rank,
+            "probe {done}/{total}: {:?} encoder, {}, seed {}: test AUC {}, accuracy {}",
+            task.encoder,
+            task.configuration(),
+            task.seed,
+            fmt(auc),
+            fmt(accuracy)
+        );
+        let mut metrics = BTreeMap::new();
+        if let Some(auc) = auc {
+            metrics.insert("auc".to_string(), auc);
+        }
+        self.emit(JobEvent::Progress { phase: "probe".into(), step: done, total, metrics });
+        Ok(true)
+    }
+
+    /// The share of the test split's labelled images in the majority class of the first target column.
+    fn majority_rate(&self) -> Option<f64> {
+        let data = self.data.as_ref()?;
+        let target = *data.targets.first()?;
+        let (mut positives, mut n) = (0usize, 0usize);
+        for study in data.split.test.iter().map(|&i| &data.dataset.studies[i]) {
+            if let Some(labels) = &study.labels {
+                n += study.images.len();
+                if labels[target] >= 0.5 {
+                    positives += study.images.len();
+                }
+            }
+        }
+        (n > 0).then(|| positives.max(n - positives) as f64 / n as f64)
+    }
+
+    /// Writes the sweep's reports (also for a sweep cut short: whatever was reported); returns the table.
+    fn write_sweep_reports(&self) -> Option<String> {
+        let (results, total) = {
+            let state = self.lock();
+            let sweep = state.sweep.as_ref()?;
+            (sweep.results(), sweep.len())
+        };
+        if results.is_empty() {
+            return None;
+        }
+        if results.len() < total {
+            tracing::warn!(done = results.len(), total, "the probe sweep did not finish; reporting the tasks that did");
+        }
+        match crate::reports::write_probe_reports(&self.run_dir, &results, self.majority_rate()) {
+            Ok(table) => Some(table),
+            Err(e) => {
+                tracing::error!(error = %e, dir = %self.run_dir.path().display(), "cannot write the probe reports");
+                None
+            }
+        }
     }
 
     // ---- the driver -------------------------------------------------------------------------------
@@ -699,7 +897,7 @@ impl Job {
         let (outcome, members, results, issues) = {
             let state = self.lock();
             let (notice, status) = state.outcome.clone().expect("the job stops only once an outcome is set");
-            let outcome = JobOutcome { status, message: notice.message };
+            let outcome = JobOutcome { status, message: notice.message, results_table: None };
             (outcome, state.members.clone(), state.results.clone(), state.file_issues.clone())
         };
         if !issues.is_empty() {
@@ -712,6 +910,8 @@ impl Job {
                 tracing::warn!(error = %e, phase, "cannot write phase results");
             }
         }
+        let mut outcome = outcome;
+        outcome.results_table = self.write_sweep_reports();
         if let Err(e) = self.run_dir.write_summary(&self.job_id, &outcome, &members, self.started.elapsed()) {
             tracing::warn!(error = %e, "cannot write summary.json");
         }
@@ -809,7 +1009,7 @@ mod tests {
         assert!(a.is_ok() && b.is_ok());
         let mut seen = 0;
         for rank in 0..2 {
-            let response = job.assignment(rank, &format!("w{rank}"), 0).unwrap();
+            let response = job.assignment(rank, &format!("w{rank}"), 0, false).unwrap();
             assert_eq!(response.label_columns, vec!["Typical Appearance".to_string()]);
             for image in response.train.iter().chain(&response.test) {
                 assert_eq!(image.labels, vec![truth[&image.sop_uid]], "{}", image.path);

@@ -79,9 +79,11 @@ impl Coordinator {
     pub async fn wait(self) -> JobOutcome {
         let outcome = match self.driver.await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                JobOutcome { status: simclr_common::ExitStatus::Internal, message: format!("job driver failed: {e}") }
-            }
+            Err(e) => JobOutcome {
+                status: simclr_common::ExitStatus::Internal,
+                message: format!("job driver failed: {e}"),
+                results_table: None,
+            },
         };
         tokio::time::sleep(LINGER).await;
         self.shutdown.cancel();

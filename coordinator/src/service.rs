@@ -70,7 +70,7 @@ impl Coordinator for CoordinatorService {
         request: Request<wire::GetAssignmentRequest>,
     ) -> Result<Response<wire::GetAssignmentResponse>, Status> {
         let req = request.into_inner();
-        self.job.assignment(req.rank, &req.instance_id, req.epoch).map(Response::new)
+        self.job.assignment(req.rank, &req.instance_id, req.epoch, req.probe).map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
@@ -81,6 +81,24 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let value = self.job.share_value(req.rank, &req.instance_id, &req.key, req.value).await?;
         Ok(Response::new(wire::ShareValueResponse { value }))
+    }
+
+    async fn next_probe_task(
+        &self,
+        request: Request<wire::NextProbeTaskRequest>,
+    ) -> Result<Response<wire::NextProbeTaskResponse>, Status> {
+        let req = request.into_inner();
+        self.job.next_probe_task(req.rank, &req.instance_id).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    async fn report_probe_result(
+        &self,
+        request: Request<wire::ReportProbeResultRequest>,
+    ) -> Result<Response<wire::ReportProbeResultResponse>, Status> {
+        let req = request.into_inner();
+        let accepted = self.job.report_probe_result(req.rank, &req.instance_id, &req.outcome_json)?;
+        Ok(Response::new(wire::ReportProbeResultResponse { accepted }))
     }
 
     #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]

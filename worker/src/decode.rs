@@ -25,7 +25,7 @@ pub(crate) async fn fetch_assignment(
     instance_id: &str,
     epoch: u64,
 ) -> Result<wire::GetAssignmentResponse, String> {
-    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch };
+    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch, probe: false };
     client
         .get_assignment(request)
         .await

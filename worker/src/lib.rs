@@ -18,6 +18,7 @@ pub mod preflight;
 pub mod pretrain;
 pub mod probe;
 pub mod session;
+pub mod sweep;
 pub mod syncbn;
 pub mod tcp;
 pub mod train;

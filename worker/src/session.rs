@@ -22,7 +22,7 @@ use crate::device::Device;
 use crate::error::WorkerError;
 use crate::nccl::NcclCollective;
 use crate::peer::{self, Control};
-use crate::{decode, preflight, pretrain};
+use crate::{decode, preflight, pretrain, sweep};
 
 /// Everything the command line (or a launcher's environment) decides.
 #[derive(Debug, Clone)]
@@ -419,6 +419,7 @@ async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, Strin
         "preflight" => preflight::run(ctx).await.map(|metrics| PhaseOutput { metrics, issues: Vec::new() }),
         "decode" => decode::run(ctx).await,
         "pretrain" => pretrain::run(ctx).await,
+        "probe" => sweep::run(ctx).await,
         other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION)),
     }
 }

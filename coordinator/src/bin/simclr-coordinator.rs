@@ -291,11 +291,14 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             outcome = &mut wait => break outcome,
             signal = signals.recv() => cancel(&job, signal),
             Some(exit) = launched.next_exit() => {
-                // A worker that ends before the stop notice can only have failed: stop everything now
-                // rather than wait for its heartbeat to time out.
+                // A worker that ends before the stop notice can only have failed: declare it lost now
+                // rather than wait for its heartbeat to time out (which stops the job, except during
+                // the probe sweep, whose tasks go to the others).
                 if job.stop_notice().is_none() {
                     let message = format!("worker {} before the job finished", exit.describe());
-                    job.abort(StopReason::Aborted, message, ExitStatus::JobAborted);
+                    if !job.declare_lost(exit.rank, message.clone()) {
+                        job.abort(StopReason::Aborted, message, ExitStatus::JobAborted);
+                    }
                 }
                 early_exits.push(exit);
             }
@@ -415,6 +418,9 @@ fn inspect(args: InspectArgs) -> Result<ExitStatus, CoordinatorError> {
 }
 
 fn report(outcome: JobOutcome) -> ExitStatus {
+    if let Some(table) = &outcome.results_table {
+        println!("\n{table}");
+    }
     if outcome.status == ExitStatus::Success {
         tracing::info!(message = %outcome.message, "job complete");
     } else {
