@@ -63,7 +63,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
             width: ctx.config.pretrain.width,
             stem: ctx.config.pretrain.stem,
         },
-        input_size: ctx.config.pretrain.input_size as i64,
+        input_size: ctx.config.pretrain.input_size,
         seed: ctx.config.job.seed,
         random_baseline: section.random_baseline,
         device: ctx.device,
@@ -155,7 +155,8 @@ async fn report(ctx: &PhaseContext, outcome: &ProbeOutcome) -> Result<(), String
     Ok(())
 }
 
-type Features = (SweepData, std::collections::BTreeMap<String, f64>, Vec<(String, String)>);
+type Issues = Vec<(String, String)>;
+type Features = (SweepData, std::collections::BTreeMap<String, f64>, Issues);
 
 struct FeatureJob {
     rank: u32,
@@ -237,7 +238,7 @@ impl FeatureJob {
 
     /// The pixels (N x 1 x S x S) and labels (N x columns) of `refs` from the decode cache; an image
     /// that does not decode is left out and reported.
-    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Vec<(String, String)>), String> {
+    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Issues), String> {
         let root = Path::new(&self.assignment.data_root);
         let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded")).map_err(|e| e.to_string())?;
         let size = self.assignment.image_size;
