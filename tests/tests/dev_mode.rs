@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use simclr_common::ExitStatus;
 use simclr_tests::{binaries_dir, eventually, exit_code};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::process::Command;
 
 const GENEROUS: Duration = Duration::from_secs(120);
@@ -14,9 +14,9 @@ const GENEROUS: Duration = Duration::from_secs(120);
 /// A small synthetic dataset and a tiny encoder keep each test to a few seconds.
 const SMALL_DATA: &str = "[data]\nsynthetic_studies = 24\nsynthetic_size = 64\n";
 /// Pretraining sized for tests: a few thousand parameters, 32x32 inputs, 6 images per step (a
-/// multiple of 2 and 3 workers), checkpoints every 2 steps.
-const TINY_PRETRAIN: &str =
-    "[pretrain]\narch = \"tiny\"\nhead_out = 8\ninput_size = 32\nbatch_size = 6\nepochs = 2\ncheckpoint_every = 2\n";
+/// multiple of 2 and 3 workers), checkpoints every 2 steps; and a probe sweep of 12 tasks (an MLP with
+/// and without dropout and a linear probe, 2 seeds, pretrained and random encoder).
+const TINY_PRETRAIN: &str = "[pretrain]\narch = \"tiny\"\nhead_out = 8\ninput_size = 32\nbatch_size = 6\nepochs = 2\ncheckpoint_every = 2\n[probe]\nhidden = [8]\nepochs = [5]\nseeds = 2\nbootstrap = 20\n";
 
 fn dev_command(run_dir: &Path, extra: &[&str]) -> anyhow::Result<Command> {
     let mut cmd = Command::new(binaries_dir()?.join("simclr-coordinator"));
@@ -56,15 +56,38 @@ async fn worker_pids(run_dir: &Path) -> anyhow::Result<Vec<u32>> {
     Ok(doc["ranks"].as_array().unwrap().iter().map(|r| r["pid"].as_u64().unwrap() as u32).collect())
 }
 
+/// Waits for the coordinator to exit; returns its exit code and its stderr followed by its stdout.
 async fn finish(mut child: tokio::process::Child) -> anyhow::Result<(i32, String)> {
     let mut stderr = child.stderr.take().unwrap();
-    let mut text = String::new();
+    let mut stdout = child.stdout.take().unwrap();
+    let (mut text, mut out) = (String::new(), String::new());
     let read = async {
-        stderr.read_to_string(&mut text).await?;
+        let (e, o) = tokio::join!(stderr.read_to_string(&mut text), stdout.read_to_string(&mut out));
+        e?;
+        o?;
         child.wait().await
     };
     let status = tokio::time::timeout(GENEROUS, read).await??;
-    Ok((exit_code(status), text))
+    Ok((exit_code(status), text + &out))
+}
+
+/// The sweep's results.json: every task of the grid exactly once. Returns the ranks that ran them.
+fn check_sweep_results(run_dir: &Path, tasks: usize) -> anyhow::Result<Vec<u64>> {
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json"))?)?;
+    let rows = results.as_array().expect("results.json is a list");
+    let ids: Vec<u64> = rows.iter().map(|r| r["task"]["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (0..tasks as u64).collect::<Vec<_>>(), "every task exactly once, in order");
+    for row in rows {
+        let classes = row["classes"].as_array().unwrap();
+        assert_eq!(classes.len(), 1, "{row}");
+        let accuracy = classes[0]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&accuracy), "{row}");
+        assert!(!row["curves"].as_array().unwrap().is_empty(), "{row}");
+    }
+    for file in ["results.csv", "results.md"] {
+        assert!(run_dir.join(file).is_file(), "{file} missing");
+    }
+    Ok(rows.iter().map(|r| r["rank"].as_u64().unwrap()).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,6 +112,7 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
         "pretrain.json",
         "checkpoint.json",
         "encoder.safetensors",
+        "probe.json",
     ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
@@ -122,6 +146,17 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest"))?;
     assert!(checkpoint["path"].as_str().unwrap().ends_with(latest.trim()), "{checkpoint} vs {latest}");
     assert!(run_dir.join("checkpoints").join(latest.trim()).join("encoder.safetensors").is_file());
+    // The sweep: 12 tasks, each reported once, the table printed at the end (on stdout).
+    check_sweep_results(&run_dir, 12)?;
+    assert!(log.contains("| hidden nodes | dropout | epochs | train accuracy | test accuracy |"), "{log}");
+    let probe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("probe.json"))?)?;
+    let labelled = split["train"]["images"].as_f64().unwrap();
+    for r in 0..3 {
+        // Every rank holds every training image's features, and all of them ran tasks between them.
+        assert_eq!(probe["ranks"][r.to_string()]["train_images"].as_f64(), Some(labelled), "{probe}");
+    }
+    let tasks: f64 = (0..3).map(|r| probe["ranks"][r.to_string()]["tasks"].as_f64().unwrap()).sum();
+    assert_eq!(tasks, 12.0, "{probe}");
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }
@@ -167,6 +202,64 @@ async fn a_dead_worker_in_dev_mode_stops_the_job_at_once() -> anyhow::Result<()>
     }
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json"))?)?;
     assert_eq!(summary["success"], false);
+    Ok(())
+}
+
+/// Appends the lines of `lines` to `log` until one contains `pattern` (true) or the stream ends (false).
+async fn read_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    log: &mut String,
+    pattern: Option<&str>,
+) -> anyhow::Result<bool> {
+    while let Some(line) = lines.next_line().await? {
+        log.push_str(&line);
+        log.push('\n');
+        if pattern.is_some_and(|p| line.contains(p)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// A worker killed (SIGKILL) in the middle of the probe sweep costs only its running task: the
+/// coordinator hands it to another rank, the job completes, and every task is reported exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_the_probe_sweep_loses_no_task() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    // 8 tasks of a few hundred probe epochs each, so that the sweep outlasts the kill.
+    let body = format!(
+        "{SMALL_DATA}{}[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\n\
+         [probe]\nhidden = [16]\ndropout = [0.0]\nepochs = [600]\nlinear = false\nseeds = 4\nbootstrap = 0\n",
+        TINY_PRETRAIN.split("[probe]").next().unwrap().replace("epochs = 2", "epochs = 1")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let mut child = dev_command(&run_dir, &["--workers", "3", "--config", &config])?.spawn()?;
+    let pids = worker_pids(&run_dir).await?;
+    let mut stdout = child.stdout.take().unwrap();
+    let stdout = tokio::spawn(async move {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).await.map(|_| out)
+    });
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let started = tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, Some("probe 1/8"))).await??;
+    assert!(started, "the sweep never reported a result:\n{log}");
+    // SAFETY: plain syscall on a worker the coordinator spawned.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, None)).await??;
+    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
+    let log = log + &stdout.await??;
+    assert_eq!(exit_code(status), 0, "{log}");
+    // Rank 1 was running a task when it died (every task takes about as long, and a rank asks for the
+    // next one the moment it reports): that task went back to the queue.
+    assert!(log.contains("requeued=1") && log.contains("the probe sweep goes on without the lost rank"), "{log}");
+    assert!(log.contains("rank 1 lost during the probe sweep"), "{log}");
+    let ranks = check_sweep_results(&run_dir, 8)?;
+    assert!(ranks.iter().any(|&r| r != 1), "{ranks:?}");
+    for pid in pids {
+        assert!(eventually(Duration::from_secs(5), || !pid_alive(pid)).await, "worker {pid} left behind");
+    }
     Ok(())
 }
 
