@@ -123,6 +123,10 @@ pub struct ClassOutcome {
     pub accuracy_ci: Option<(f64, f64)>,
     pub auc_ci: Option<(f64, f64)>,
     pub average_precision_ci: Option<(f64, f64)>,
+    /// The test ROC curve: (false positive rate, true positive rate) from (0, 0) to (1, 1); empty
+    /// when undefined.
+    #[serde(default)]
+    pub roc: Vec<(f64, f64)>,
 }
 
 /// What a worker reports for a task.

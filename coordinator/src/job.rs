@@ -829,13 +829,28 @@ impl Job {
         if results.len() < total {
             tracing::warn!(done = results.len(), total, "the probe sweep did not finish; reporting the tasks that did");
         }
-        match crate::reports::write_probe_reports(&self.run_dir, &results, self.majority_rate()) {
-            Ok(table) => Some(table),
+        let mut table = match crate::reports::write_probe_reports(&self.run_dir, &results, self.majority_rate()) {
+            Ok(table) => table,
             Err(e) => {
                 tracing::error!(error = %e, dir = %self.run_dir.path().display(), "cannot write the probe reports");
-                None
+                return None;
             }
+        };
+        table.push_str(&format!("\nResults: {}/results.{{md,csv,json}}\n", self.run_dir.path().display()));
+        match crate::plots::write_probe_plots(&self.run_dir, &results) {
+            Ok(paths) => {
+                let pngs: Vec<String> = paths
+                    .iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "png"))
+                    .map(|p| p.display().to_string())
+                    .collect();
+                if !pngs.is_empty() {
+                    table.push_str(&format!("Plots (PNG, and SVG beside each): {}\n", pngs.join(", ")));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot draw the probe plots"),
         }
+        Some(table)
     }
 
     // ---- the driver -------------------------------------------------------------------------------

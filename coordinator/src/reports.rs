@@ -135,19 +135,70 @@ fn mean_interval(
 }
 
 /// (hidden units, dropout's bits, epochs): a configuration, without encoder and seed.
-type ConfigKey = (i64, u64, usize);
+pub(crate) type ConfigKey = (i64, u64, usize);
+
+/// The outcomes by configuration (in the order of the sweep) and encoder, each group the seeds' runs.
+pub(crate) struct Grouped<'a> {
+    pub order: Vec<ConfigKey>,
+    pub groups: BTreeMap<(ConfigKey, EncoderSource), Vec<&'a ProbeOutcome>>,
+}
+
+impl<'a> Grouped<'a> {
+    pub fn new(outcomes: &[&'a ProbeOutcome]) -> Grouped<'a> {
+        let mut order: Vec<ConfigKey> = Vec::new();
+        let mut groups: BTreeMap<(ConfigKey, EncoderSource), Vec<&ProbeOutcome>> = BTreeMap::new();
+        for o in outcomes {
+            let key = (o.task.hidden, o.task.dropout.to_bits(), o.task.epochs);
+            if !order.contains(&key) {
+                order.push(key);
+            }
+            groups.entry((key, o.task.encoder)).or_default().push(o);
+        }
+        Grouped { order, groups }
+    }
+
+    pub fn runs(&self, key: ConfigKey, encoder: EncoderSource) -> &[&'a ProbeOutcome] {
+        self.groups.get(&(key, encoder)).map_or(&[], Vec::as_slice)
+    }
+
+    /// The mean and standard deviation over seeds of a run's metric (None if no run defines it).
+    pub fn mean_std(
+        &self,
+        key: ConfigKey,
+        encoder: EncoderSource,
+        metric: impl Fn(&ProbeOutcome) -> Option<f64>,
+    ) -> Option<(f64, f64)> {
+        let values: Vec<f64> = self.runs(key, encoder).iter().filter_map(|o| metric(o)).collect();
+        (!values.is_empty()).then(|| mean_std(&values))
+    }
+
+    /// The SimCLR configuration with the highest mean test AUC (mean over label columns).
+    pub fn best(&self) -> Option<(ConfigKey, f64)> {
+        let mut best: Option<(ConfigKey, f64)> = None;
+        for &key in &self.order {
+            if let Some((auc, _)) = self.mean_std(key, EncoderSource::Simclr, |o| o.mean_over_classes(|c| c.auc)) {
+                if best.is_none_or(|(_, b)| auc > b) {
+                    best = Some((key, auc));
+                }
+            }
+        }
+        best
+    }
+}
+
+/// "500 hidden, dropout 20%, 30 epochs" / "linear, 30 epochs".
+pub(crate) fn describe(key: ConfigKey) -> String {
+    let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
+    match (hidden, dropout) {
+        (0, _) => format!("linear, {epochs} epochs"),
+        (h, d) if d == 0.0 => format!("{h} hidden, no dropout, {epochs} epochs"),
+        (h, d) => format!("{h} hidden, dropout {}%, {epochs} epochs", d * 100.0),
+    }
+}
 
 fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
-    // (hidden, dropout, epochs) in the order of the sweep, then per encoder the seeds' outcomes.
-    let mut order: Vec<ConfigKey> = Vec::new();
-    let mut groups: BTreeMap<(ConfigKey, EncoderSource), Vec<&ProbeOutcome>> = BTreeMap::new();
-    for o in outcomes {
-        let key = (o.task.hidden, o.task.dropout.to_bits(), o.task.epochs);
-        if !order.contains(&key) {
-            order.push(key);
-        }
-        groups.entry((key, o.task.encoder)).or_default().push(o);
-    }
+    let grouped = Grouped::new(outcomes);
+    let (order, groups) = (&grouped.order, &grouped.groups);
     let has_random = groups.keys().any(|(_, e)| *e == EncoderSource::Random);
     let mut out = String::from(
         "| hidden nodes | dropout | epochs | train accuracy | test accuracy | test AUC [95% CI] | test AP [95% CI] |",
@@ -161,50 +212,63 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
         out.push_str("---|---|---|");
     }
     out.push('\n');
-    let mut best: Option<(f64, String)> = None;
-    for key in &order {
+    for key in order {
         let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
         let hidden_text = if hidden == 0 { "linear".to_string() } else { hidden.to_string() };
         let dropout_text = if dropout == 0.0 { "none".to_string() } else { format!("{}%", dropout * 100.0) };
-        let cells = |e: EncoderSource| -> Option<([String; 4], Option<f64>)> {
+        let cells = |e: EncoderSource| -> Option<[String; 4]> {
             let runs = groups.get(&(*key, e))?;
             let pick = |f: &dyn Fn(&ProbeOutcome) -> Option<f64>| runs.iter().map(|o| f(o)).collect::<Vec<_>>();
             let auc = pick(&|o| o.mean_over_classes(|c| c.auc));
             let ap = pick(&|o| o.mean_over_classes(|c| c.average_precision));
             let auc_ci: Vec<_> = runs.iter().map(|o| mean_interval(o, |c| c.auc_ci)).collect();
             let ap_ci: Vec<_> = runs.iter().map(|o| mean_interval(o, |c| c.average_precision_ci)).collect();
-            let defined: Vec<f64> = auc.iter().flatten().copied().collect();
-            let mean_auc = (!defined.is_empty()).then(|| mean_std(&defined).0);
-            let text = [
+            Some([
                 summarise(&pick(&|o| o.last().map(|p| p.train_accuracy))),
                 summarise(&pick(&|o| o.last().map(|p| p.test_accuracy))),
                 format!("{}{}", summarise(&auc), interval(&auc_ci)),
                 format!("{}{}", summarise(&ap), interval(&ap_ci)),
-            ];
-            Some((text, mean_auc))
+            ])
         };
-        let Some((ours, mean_auc)) = cells(EncoderSource::Simclr) else { continue };
-        if let Some(mean_auc) = mean_auc {
-            let name = format!("{hidden_text} hidden, dropout {dropout_text}, {epochs} epochs");
-            if best.as_ref().is_none_or(|(b, _)| mean_auc > *b) {
-                best = Some((mean_auc, name));
-            }
-        }
+        let Some(ours) = cells(EncoderSource::Simclr) else { continue };
         out.push_str(&format!(
             "| {hidden_text} | {dropout_text} | {epochs} | {} | {} | {} | {} |",
             ours[0], ours[1], ours[2], ours[3]
         ));
         if has_random {
             match cells(EncoderSource::Random) {
-                Some((r, _)) => out.push_str(&format!(" {} | {} | {} |", r[1], r[2], r[3])),
+                Some(r) => out.push_str(&format!(" {} | {} | {} |", r[1], r[2], r[3])),
                 None => out.push_str(" – | – | – |"),
             }
         }
         out.push('\n');
     }
     out.push('\n');
-    if let Some((auc, name)) = best {
-        out.push_str(&format!("Best configuration by mean test AUC: {name} ({auc:.3}).\n"));
+    if let Some((key, auc)) = grouped.best() {
+        out.push_str(&format!("Best configuration by mean test AUC: {} ({auc:.3}).\n", describe(key)));
+    }
+    // The headline comparison: each encoder's mean test AUC over every configuration and seed, and the
+    // spread of the per-configuration means.
+    let overall = |e: EncoderSource| -> Option<(f64, f64)> {
+        let means: Vec<f64> = order
+            .iter()
+            .filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc)).map(|m| m.0))
+            .collect();
+        let seeds_sd: Vec<f64> = order
+            .iter()
+            .filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc)).map(|m| m.1))
+            .collect();
+        (!means.is_empty()).then(|| (mean_std(&means).0, seeds_sd.iter().sum::<f64>() / seeds_sd.len() as f64))
+    };
+    if let (Some(ours), Some(random)) = (overall(EncoderSource::Simclr), overall(EncoderSource::Random)) {
+        out.push_str(&format!(
+            "Mean test AUC over all configurations: SimCLR encoder {:.3}, random encoder {:.3} (difference {:+.3}; mean sd over seeds {:.3} and {:.3}).\n",
+            ours.0,
+            random.0,
+            ours.0 - random.0,
+            ours.1,
+            random.1
+        ));
     }
     if let Some(rate) = majority_rate {
         out.push_str(&format!("Majority-class rate on the test split: {rate:.3}.\n"));
@@ -213,11 +277,12 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use simclr_common::probe::{ClassOutcome, EpochPoint, ProbeSection};
 
-    fn outcome(task: simclr_common::probe::ProbeTask, auc: f64) -> ProbeOutcome {
+    /// An outcome of `task` with test AUC `auc` (AP 0.1 lower), flat curves and a 3-point ROC.
+    pub(crate) fn outcome(task: simclr_common::probe::ProbeTask, auc: f64) -> ProbeOutcome {
         ProbeOutcome {
             rank: (task.id % 2) as u32,
             seconds: 1.5,
@@ -238,6 +303,7 @@ mod tests {
                 accuracy_ci: Some((0.6, 0.8)),
                 auc_ci: Some((auc - 0.05, auc + 0.05)),
                 average_precision_ci: None,
+                roc: vec![(0.0, 0.0), (0.2, 0.6), (1.0, 1.0)],
             }],
             task,
         }

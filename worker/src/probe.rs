@@ -58,23 +58,11 @@ impl Default for ProbeConfig {
     }
 }
 
-/// A probe's test metrics for one class (output).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClassMetrics {
-    pub accuracy: f64,
-    /// None when the test split holds one class only.
-    pub auc: Option<f64>,
-    pub average_precision: Option<f64>,
-    pub accuracy_ci: Option<(f64, f64)>,
-    pub auc_ci: Option<(f64, f64)>,
-    pub average_precision_ci: Option<(f64, f64)>,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeResult {
     pub curves: Vec<EpochPoint>,
-    /// Per class, in label column order.
-    pub classes: Vec<ClassMetrics>,
+    /// Per class, in label column order (their `column` left empty: the caller knows the names).
+    pub classes: Vec<ClassOutcome>,
     /// Test scores (sigmoid outputs), N_test x classes, row-major.
     pub test_scores: Vec<f64>,
 }
@@ -196,7 +184,7 @@ pub fn train_probe(
 
 type Metric = dyn Fn(&[f64], &[bool]) -> Option<f64>;
 
-fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -> ClassMetrics {
+fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -> ClassOutcome {
     let accuracy_of = |s: &[f64], y: &[bool]| Some(metrics::accuracy(s, y, 0.5));
     let ci = |m: &Metric| {
         if resamples == 0 {
@@ -205,13 +193,15 @@ fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -
             metrics::bootstrap_interval(scores, labels, m, resamples, seed)
         }
     };
-    ClassMetrics {
+    ClassOutcome {
+        column: String::new(),
         accuracy: metrics::accuracy(scores, labels, 0.5),
         auc: metrics::roc_auc(scores, labels),
         average_precision: metrics::average_precision(scores, labels),
         accuracy_ci: ci(&accuracy_of),
         auc_ci: ci(&metrics::roc_auc),
         average_precision_ci: ci(&metrics::average_precision),
+        roc: metrics::roc_curve(scores, labels).unwrap_or_default(),
     }
 }
 
@@ -280,15 +270,7 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
             .classes
             .iter()
             .zip(&data.columns)
-            .map(|(m, column)| ClassOutcome {
-                column: column.clone(),
-                accuracy: m.accuracy,
-                auc: m.auc,
-                average_precision: m.average_precision,
-                accuracy_ci: m.accuracy_ci,
-                auc_ci: m.auc_ci,
-                average_precision_ci: m.average_precision_ci,
-            })
+            .map(|(m, column)| ClassOutcome { column: column.clone(), ..m.clone() })
             .collect(),
     })
 }
