@@ -191,7 +191,7 @@ pub(crate) fn describe(key: ConfigKey) -> String {
     let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
     match (hidden, dropout) {
         (0, _) => format!("linear, {epochs} epochs"),
-        (h, d) if d == 0.0 => format!("{h} hidden, no dropout, {epochs} epochs"),
+        (h, 0.0) => format!("{h} hidden, no dropout, {epochs} epochs"),
         (h, d) => format!("{h} hidden, dropout {}%, {epochs} epochs", d * 100.0),
     }
 }

@@ -72,14 +72,14 @@ async fn finish(mut child: tokio::process::Child) -> anyhow::Result<(i32, String
 }
 
 /// The sweep's results.json: every task of the grid exactly once. Returns the ranks that ran them.
-fn check_sweep_results(run_dir: &Path, tasks: usize) -> anyhow::Result<Vec<u64>> {
+fn check_sweep_results(run_dir: &Path, tasks: usize, columns: usize) -> anyhow::Result<Vec<u64>> {
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json"))?)?;
     let rows = results.as_array().expect("results.json is a list");
     let ids: Vec<u64> = rows.iter().map(|r| r["task"]["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, (0..tasks as u64).collect::<Vec<_>>(), "every task exactly once, in order");
     for row in rows {
         let classes = row["classes"].as_array().unwrap();
-        assert_eq!(classes.len(), 1, "{row}");
+        assert_eq!(classes.len(), columns, "{row}");
         let accuracy = classes[0]["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&accuracy), "{row}");
         assert!(!row["curves"].as_array().unwrap().is_empty(), "{row}");
@@ -147,7 +147,7 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     assert!(checkpoint["path"].as_str().unwrap().ends_with(latest.trim()), "{checkpoint} vs {latest}");
     assert!(run_dir.join("checkpoints").join(latest.trim()).join("encoder.safetensors").is_file());
     // The sweep: 12 tasks, each reported once, the table printed at the end (on stdout).
-    check_sweep_results(&run_dir, 12)?;
+    check_sweep_results(&run_dir, 12, 1)?;
     assert!(log.contains("| hidden nodes | dropout | epochs | train accuracy | test accuracy |"), "{log}");
     let probe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("probe.json"))?)?;
     let labelled = split["train"]["images"].as_f64().unwrap();
@@ -255,7 +255,7 @@ async fn a_worker_killed_during_the_probe_sweep_loses_no_task() -> anyhow::Resul
     // next one the moment it reports): that task went back to the queue.
     assert!(log.contains("requeued=1") && log.contains("the probe sweep goes on without the lost rank"), "{log}");
     assert!(log.contains("rank 1 lost during the probe sweep"), "{log}");
-    let ranks = check_sweep_results(&run_dir, 8)?;
+    let ranks = check_sweep_results(&run_dir, 8, 1)?;
     assert!(ranks.iter().any(|&r| r != 1), "{ranks:?}");
     for pid in pids {
         assert!(eventually(Duration::from_secs(5), || !pid_alive(pid)).await, "worker {pid} left behind");
@@ -316,8 +316,10 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
     let data_arg = data.display().to_string();
 
+    // (Multi-label probes here: all four SIIM classes.)
     let run_dir = dir.path().join("skip");
-    let config = write_config(dir.path(), &TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4"))?;
+    let body = format!("[data]\nmulti_label = true\n{}", TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4"));
+    let config = write_config(dir.path(), &body)?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");
@@ -327,6 +329,8 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert_eq!(dataset["unusable_files"], 1);
     let worker_issues = std::fs::read_to_string(run_dir.join("worker_file_issues.csv"))?;
     assert!(worker_issues.contains(&victim_name) && worker_issues.contains("decode"), "{worker_issues}");
+    // The sweep left the unreadable image out and learned the four classes.
+    check_sweep_results(&run_dir, 12, 4)?;
 
     let run_dir = dir.path().join("fail");
     let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n")?;
