@@ -53,6 +53,14 @@ pub struct ProbeSection {
     pub bootstrap: usize,
     /// Also probe a randomly initialised encoder, in the same run, through the same probes.
     pub random_baseline: bool,
+    /// Also fine-tune: every configuration once more with the encoder trained together with the probe
+    /// (BatchNorm statistics frozen). Fine-tuning the random encoder is a supervised encoder trained
+    /// from scratch on the training split.
+    pub finetune: bool,
+    /// The encoder's last residual stages that fine-tuning trains (1-4); 0: the whole encoder.
+    pub finetune_blocks: usize,
+    /// The encoder's learning rate while fine-tuning, as a multiple of `lr` (the probe's).
+    pub finetune_lr_scale: f64,
 }
 
 impl Default for ProbeSection {
@@ -72,6 +80,9 @@ impl Default for ProbeSection {
             batch_size: 64,
             bootstrap: 1000,
             random_baseline: true,
+            finetune: false,
+            finetune_blocks: 0,
+            finetune_lr_scale: 0.1,
         }
     }
 }
@@ -87,17 +98,25 @@ pub struct ProbeTask {
     pub dropout: f64,
     pub epochs: usize,
     pub seed: u64,
+    /// The encoder is trained with the probe (see `ProbeSection::finetune`).
+    #[serde(default)]
+    pub finetune: bool,
 }
 
 impl ProbeTask {
     /// The configuration without the seed and encoder: the row of the results table.
     pub fn configuration(&self) -> String {
-        if self.hidden == 0 {
+        let probe = if self.hidden == 0 {
             format!("linear, {} epochs", self.epochs)
         } else if self.dropout == 0.0 {
             format!("{} hidden, no dropout, {} epochs", self.hidden, self.epochs)
         } else {
             format!("{} hidden, dropout {}, {} epochs", self.hidden, self.dropout, self.epochs)
+        };
+        if self.finetune {
+            format!("{probe}, fine-tuned")
+        } else {
+            probe
         }
     }
 }
@@ -184,11 +203,26 @@ impl ProbeSection {
         if self.batch_size == 0 {
             return Err(invalid("probe.batch_size", self.batch_size, "expected at least 1".into()));
         }
+        if self.finetune_blocks > 4 {
+            return Err(invalid(
+                "probe.finetune_blocks",
+                self.finetune_blocks,
+                "expected 0 (the whole encoder) to 4 (residual stages)".into(),
+            ));
+        }
+        if !(self.finetune_lr_scale > 0.0 && self.finetune_lr_scale.is_finite()) {
+            return Err(invalid(
+                "probe.finetune_lr_scale",
+                self.finetune_lr_scale,
+                "expected a positive factor".into(),
+            ));
+        }
         Ok(())
     }
 
     /// Every task of the sweep: for each encoder (pretrained, then the random baseline), the linear
-    /// probes, then the grid (hidden x dropout x epochs), each over the seeds `job_seed..job_seed+seeds`.
+    /// probes, then the grid (hidden x dropout x epochs), each over the seeds `job_seed..job_seed+seeds`;
+    /// with `finetune`, then all of them again fine-tuned.
     pub fn expand(&self, job_seed: u64) -> Vec<ProbeTask> {
         let mut configurations: Vec<(i64, f64, usize)> = Vec::new();
         if self.linear {
@@ -206,12 +240,16 @@ impl ProbeSection {
         } else {
             &[EncoderSource::Simclr]
         };
+        let modes: &[bool] = if self.finetune { &[false, true] } else { &[false] };
         let mut tasks = Vec::new();
-        for &encoder in encoders {
-            for &(hidden, dropout, epochs) in &configurations {
-                for s in 0..self.seeds as u64 {
-                    let id = tasks.len();
-                    tasks.push(ProbeTask { id, encoder, hidden, dropout, epochs, seed: job_seed.wrapping_add(s) });
+        for &finetune in modes {
+            for &encoder in encoders {
+                for &(hidden, dropout, epochs) in &configurations {
+                    for s in 0..self.seeds as u64 {
+                        let id = tasks.len();
+                        let seed = job_seed.wrapping_add(s);
+                        tasks.push(ProbeTask { id, encoder, hidden, dropout, epochs, seed, finetune });
+                    }
                 }
             }
         }
@@ -242,6 +280,11 @@ mod tests {
         assert_eq!(tasks[0].configuration(), "linear, 20 epochs");
         let no_baseline = ProbeSection { random_baseline: false, linear: false, seeds: 1, ..ProbeSection::default() };
         assert_eq!(no_baseline.expand(0).len(), 12);
+        // Fine-tuning repeats every task with the encoder trained.
+        let tuned = ProbeSection { finetune: true, ..ProbeSection::default() }.expand(7);
+        assert_eq!(tuned.len(), 180);
+        assert!(tuned[..90].iter().all(|t| !t.finetune) && tuned[90..].iter().all(|t| t.finetune));
+        assert_eq!(tuned[90].configuration(), "linear, 20 epochs, fine-tuned");
     }
 
     #[test]
@@ -268,6 +311,8 @@ mod tests {
             (ProbeSection { lr: -1.0, ..ProbeSection::default() }, "probe.lr"),
             (ProbeSection { batch_size: 0, ..ProbeSection::default() }, "probe.batch_size"),
             (ProbeSection { hidden: vec![], linear: false, ..ProbeSection::default() }, "probe.hidden"),
+            (ProbeSection { finetune_blocks: 5, ..ProbeSection::default() }, "probe.finetune_blocks"),
+            (ProbeSection { finetune_lr_scale: 0.0, ..ProbeSection::default() }, "probe.finetune_lr_scale"),
         ];
         for (section, key) in bad {
             let e = section.validate().unwrap_err().to_string();

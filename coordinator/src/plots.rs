@@ -152,8 +152,8 @@ where
 {
     let n = grouped.order.len();
     let short = |key: ConfigKey| match key.0 {
-        0 => format!("lin/{}", key.2),
-        h => format!("{h}/{}%/{}", f64::from_bits(key.1) * 100.0, key.2),
+        0 => format!("lin/{}{}", key.2, if key.3 { "/ft" } else { "" }),
+        h => format!("{h}/{}%/{}{}", f64::from_bits(key.1) * 100.0, key.2, if key.3 { "/ft" } else { "" }),
     };
     let mut chart = ChartBuilder::on(area)
         .caption(format!("{what} per configuration (hidden/dropout/epochs), mean ± sd over seeds"), (FAMILY, 15))
@@ -270,7 +270,15 @@ mod tests {
     fn every_figure_is_written_as_png_and_svg() {
         let dir = tempfile::tempdir().unwrap();
         let run_dir = RunDir::create(dir.path()).unwrap();
-        let task = |id, hidden, encoder, seed| ProbeTask { id, encoder, hidden, dropout: 0.0, epochs: 5, seed };
+        let task = |id, hidden, encoder, seed| ProbeTask {
+            id,
+            encoder,
+            hidden,
+            dropout: 0.0,
+            epochs: 5,
+            seed,
+            finetune: false,
+        };
         let outcomes = vec![
             outcome(task(0, 0, EncoderSource::Simclr, 0), 0.6),
             outcome(task(1, 0, EncoderSource::Simclr, 1), 0.65),

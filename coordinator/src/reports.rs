@@ -38,6 +38,7 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
         "hidden",
         "dropout",
         "epochs",
+        "finetune",
         "seed",
         "rank",
         "seconds",
@@ -66,6 +67,7 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
             t.hidden.to_string(),
             t.dropout.to_string(),
             t.epochs.to_string(),
+            t.finetune.to_string(),
             t.seed.to_string(),
             o.rank.to_string(),
             format!("{:.3}", o.seconds),
@@ -134,8 +136,8 @@ fn mean_interval(
     Some((lo, hi))
 }
 
-/// (hidden units, dropout's bits, epochs): a configuration, without encoder and seed.
-pub(crate) type ConfigKey = (i64, u64, usize);
+/// (hidden units, dropout's bits, epochs, fine-tuned): a configuration, without encoder and seed.
+pub(crate) type ConfigKey = (i64, u64, usize, bool);
 
 /// The outcomes by configuration (in the order of the sweep) and encoder, each group the seeds' runs.
 pub(crate) struct Grouped<'a> {
@@ -148,7 +150,7 @@ impl<'a> Grouped<'a> {
         let mut order: Vec<ConfigKey> = Vec::new();
         let mut groups: BTreeMap<(ConfigKey, EncoderSource), Vec<&ProbeOutcome>> = BTreeMap::new();
         for o in outcomes {
-            let key = (o.task.hidden, o.task.dropout.to_bits(), o.task.epochs);
+            let key = (o.task.hidden, o.task.dropout.to_bits(), o.task.epochs, o.task.finetune);
             if !order.contains(&key) {
                 order.push(key);
             }
@@ -189,10 +191,15 @@ impl<'a> Grouped<'a> {
 /// "500 hidden, dropout 20%, 30 epochs" / "linear, 30 epochs".
 pub(crate) fn describe(key: ConfigKey) -> String {
     let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
-    match (hidden, dropout) {
+    let probe = match (hidden, dropout) {
         (0, _) => format!("linear, {epochs} epochs"),
         (h, 0.0) => format!("{h} hidden, no dropout, {epochs} epochs"),
         (h, d) => format!("{h} hidden, dropout {}%, {epochs} epochs", d * 100.0),
+    };
+    if key.3 {
+        format!("{probe}, fine-tuned")
+    } else {
+        probe
     }
 }
 
@@ -214,7 +221,10 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     out.push('\n');
     for key in order {
         let (hidden, dropout, epochs) = (key.0, f64::from_bits(key.1), key.2);
-        let hidden_text = if hidden == 0 { "linear".to_string() } else { hidden.to_string() };
+        let mut hidden_text = if hidden == 0 { "linear".to_string() } else { hidden.to_string() };
+        if key.3 {
+            hidden_text.push_str(" (fine-tuned)");
+        }
         let dropout_text = if dropout == 0.0 { "none".to_string() } else { format!("{}%", dropout * 100.0) };
         let cells = |e: EncoderSource| -> Option<[String; 4]> {
             let runs = groups.get(&(*key, e))?;

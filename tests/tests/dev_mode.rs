@@ -94,7 +94,9 @@ fn check_sweep_results(run_dir: &Path, tasks: usize, columns: usize) -> anyhow::
 async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let run_dir = dir.path().join("run");
-    let config = write_config(dir.path(), &format!("{SMALL_DATA}{TINY_PRETRAIN}"))?;
+    // The sweep also fine-tunes (the encoder's last stage): 12 frozen and 12 fine-tuned probes.
+    let body = format!("{SMALL_DATA}{TINY_PRETRAIN}finetune = true\nfinetune_blocks = 1\n");
+    let config = write_config(dir.path(), &body)?;
     let child = dev_command(&run_dir, &["--workers", "3", "--seed", "11", "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");
@@ -146,8 +148,8 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest"))?;
     assert!(checkpoint["path"].as_str().unwrap().ends_with(latest.trim()), "{checkpoint} vs {latest}");
     assert!(run_dir.join("checkpoints").join(latest.trim()).join("encoder.safetensors").is_file());
-    // The sweep: 12 tasks, each reported once, the table printed at the end (on stdout).
-    check_sweep_results(&run_dir, 12, 1)?;
+    // The sweep: 24 tasks, each reported once, the table printed at the end (on stdout).
+    check_sweep_results(&run_dir, 24, 1)?;
     assert!(log.contains("| hidden nodes | dropout | epochs | train accuracy | test accuracy |"), "{log}");
     let probe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("probe.json"))?)?;
     let labelled = split["train"]["images"].as_f64().unwrap();
@@ -156,7 +158,9 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
         assert_eq!(probe["ranks"][r.to_string()]["train_images"].as_f64(), Some(labelled), "{probe}");
     }
     let tasks: f64 = (0..3).map(|r| probe["ranks"][r.to_string()]["tasks"].as_f64().unwrap()).sum();
-    assert_eq!(tasks, 12.0, "{probe}");
+    assert_eq!(tasks, 24.0, "{probe}");
+    let table = std::fs::read_to_string(run_dir.join("results.md"))?;
+    assert!(table.contains("| 8 (fine-tuned) |") && table.contains("| linear (fine-tuned) |"), "{table}");
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }

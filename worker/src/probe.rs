@@ -114,9 +114,145 @@ pub fn train_probe(
     if n == 0 || config.epochs == 0 || config.batch_size == 0 {
         return Err("a probe needs training data, epochs and a batch size".into());
     }
-    let device = train_x.device();
     let (train_x, test_x) = standardise(train_x, test_x);
-    let (train_y, test_y) = (train_y.to_kind(Kind::Float), test_y.to_kind(Kind::Float));
+    fit(&train_x, train_y, &test_x, test_y, d, config, None)
+}
+
+/// Fine-tuning: the encoder trains together with the probe, on images, at `lr_scale` times the probe's
+/// learning rate; the whole encoder (`stages` 0) or only its last `stages` residual stages. BatchNorm
+/// keeps the encoder's statistics (eval mode: a probe's batches are small); dropout and the head are as
+/// for a frozen probe. The encoder's weights change: pass a copy.
+pub struct FineTune<'a> {
+    pub encoder: &'a crate::model::Encoder,
+    pub vs: &'a nn::VarStore,
+    pub stages: usize,
+    pub lr_scale: f64,
+}
+
+/// Trains a probe with `tune`'s encoder on `train` images (N x 1 x S x S) and 0/1 labels, evaluates
+/// it on `test`. The encoder's initial features of the training images fix the standardisation.
+pub fn finetune_probe(
+    tune: &FineTune,
+    train_images: &Tensor,
+    train_y: &Tensor,
+    test_images: &Tensor,
+    test_y: &Tensor,
+    config: &ProbeConfig,
+) -> Result<ProbeResult, String> {
+    let device = tune.vs.device();
+    let initial = embed(tune.encoder, train_images, EMBED_BATCH, device);
+    let mean = initial.mean_dim([0i64].as_slice(), true, Kind::Float).to_device(device);
+    let std = initial.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6).to_device(device);
+    let mut stage_count = 0;
+    for (name, _) in tune.vs.variables() {
+        if let Some(n) = name.strip_prefix("layer").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()) {
+            stage_count = stage_count.max(n);
+        }
+    }
+    let trains = |name: &str| {
+        tune.stages == 0
+            || name
+                .strip_prefix("layer")
+                .and_then(|r| r.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n + tune.stages > stage_count)
+    };
+    let mut params = Vec::new();
+    for (name, t) in tune.vs.variables() {
+        if !t.requires_grad() {
+            continue; // BatchNorm statistics
+        }
+        if trains(&name) {
+            params.push(Param::new(name, t));
+        } else {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    if params.is_empty() {
+        return Err(format!("fine-tuning the last {} stages: the encoder has no such parameters", tune.stages));
+    }
+    let backbone = Backbone {
+        encoder: tune.encoder,
+        mean,
+        std,
+        optimizer: Optimizer::new(algorithm(config), params),
+        lr_scale: tune.lr_scale,
+    };
+    let d = initial.size()[1];
+    fit(train_images, train_y, test_images, test_y, d, config, Some(backbone))
+}
+
+/// Images per encoder forward when embedding.
+const EMBED_BATCH: i64 = 64;
+
+/// An encoder trained with the probe: its output, standardised, is the probe's input.
+struct Backbone<'a> {
+    encoder: &'a crate::model::Encoder,
+    mean: Tensor,
+    std: Tensor,
+    optimizer: Optimizer,
+    lr_scale: f64,
+}
+
+impl Backbone<'_> {
+    /// Standardised features of `x`; with `grad`, through the autograd graph (training), else batched
+    /// without it (evaluation).
+    fn features(&self, x: &Tensor, grad: bool) -> Tensor {
+        let h = if grad {
+            self.encoder.forward_with(x, &mut crate::model::LocalNorm { train: false })
+        } else {
+            embed(self.encoder, x, EMBED_BATCH, self.mean.device())
+        };
+        (h.to_device(self.mean.device()) - &self.mean) / &self.std
+    }
+}
+
+fn algorithm(config: &ProbeConfig) -> Algorithm {
+    match config.optimizer {
+        ProbeOptimizer::Sgd { momentum } => {
+            Algorithm::Sgd { momentum, nesterov: false, weight_decay: config.weight_decay }
+        }
+        ProbeOptimizer::Adam => {
+            Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
+        }
+        ProbeOptimizer::Lars => {
+            Algorithm::Lars { momentum: 0.9, trust_coefficient: 0.001, weight_decay: config.weight_decay }
+        }
+    }
+}
+
+/// The training loop shared by frozen and fine-tuned probes: `train_x`/`test_x` are the probe's inputs
+/// (standardised features of width `d`), or images when a backbone turns them into those.
+fn fit(
+    train_x: &Tensor,
+    train_y: &Tensor,
+    test_x: &Tensor,
+    test_y: &Tensor,
+    d: i64,
+    config: &ProbeConfig,
+    mut backbone: Option<Backbone>,
+) -> Result<ProbeResult, String> {
+    let n = train_x.size()[0];
+    let classes = train_y.size().get(1).copied().unwrap_or(0);
+    if n == 0 || classes == 0 || train_y.size()[0] != n || test_y.size() != [test_x.size()[0], classes] {
+        return Err(format!(
+            "a probe needs N x classes labels for its inputs: {} training inputs with labels {:?}, {} test inputs with labels {:?}",
+            n,
+            train_y.size(),
+            test_x.size()[0],
+            test_y.size()
+        ));
+    }
+    if config.epochs == 0 || config.batch_size == 0 {
+        return Err("a probe needs epochs and a batch size".into());
+    }
+    let device = backbone.as_ref().map_or(train_x.device(), |b| b.mean.device());
+    let (train_y, test_y) =
+        (train_y.to_kind(Kind::Float).to_device(device), test_y.to_kind(Kind::Float).to_device(device));
+    let inputs = |backbone: &Option<Backbone>, x: &Tensor, grad: bool| match backbone {
+        None => x.shallow_clone(),
+        Some(b) => b.features(&x.to_device(device), grad),
+    };
     with_torch_seed(config.seed, || {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -128,35 +264,30 @@ pub fn train_probe(
         let mlp =
             Mlp { hidden, out: nn::linear(&root / "out", width, classes, Default::default()), dropout: config.dropout };
         let params: Vec<Param> = vs.variables().into_iter().map(|(name, t)| Param::new(name, t)).collect();
-        let algorithm = match config.optimizer {
-            ProbeOptimizer::Sgd { momentum } => {
-                Algorithm::Sgd { momentum, nesterov: false, weight_decay: config.weight_decay }
-            }
-            ProbeOptimizer::Adam => {
-                Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
-            }
-            ProbeOptimizer::Lars => {
-                Algorithm::Lars { momentum: 0.9, trust_coefficient: 0.001, weight_decay: config.weight_decay }
-            }
-        };
-        let mut optimizer = Optimizer::new(algorithm, params);
+        let mut optimizer = Optimizer::new(algorithm(config), params);
         let mut order: Vec<i64> = (0..n).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed);
         let mut curves = Vec::with_capacity(config.epochs);
         for epoch in 0..config.epochs {
             order.shuffle(&mut rng);
             for batch in order.chunks(config.batch_size) {
-                let index = Tensor::from_slice(batch).to_device(device);
-                let x = train_x.index_select(0, &index);
-                let y = train_y.index_select(0, &index);
+                let index = Tensor::from_slice(batch).to_device(train_x.device());
+                let x = inputs(&backbone, &train_x.index_select(0, &index), true);
+                let y = train_y.index_select(0, &index.to_device(device));
                 let logits = mlp.forward(&x, true);
                 let loss = logits.binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean);
                 optimizer.zero_grad();
+                if let Some(b) = backbone.as_mut() {
+                    b.optimizer.zero_grad();
+                }
                 loss.backward();
                 optimizer.step(config.lr);
+                if let Some(b) = backbone.as_mut() {
+                    b.optimizer.step(config.lr * b.lr_scale);
+                }
             }
-            let (train_loss, train_accuracy, _) = evaluate(&mlp, &train_x, &train_y);
-            let (test_loss, test_accuracy, _) = evaluate(&mlp, &test_x, &test_y);
+            let (train_loss, train_accuracy, _) = evaluate(&mlp, &inputs(&backbone, train_x, false), &train_y);
+            let (test_loss, test_accuracy, _) = evaluate(&mlp, &inputs(&backbone, test_x, false), &test_y);
             if !train_loss.is_finite() {
                 return Err(format!(
                     "the probe diverged at epoch {} (loss {train_loss}); lower its learning rate",
@@ -165,7 +296,7 @@ pub fn train_probe(
             }
             curves.push(EpochPoint { epoch: epoch + 1, train_loss, train_accuracy, test_loss, test_accuracy });
         }
-        let (_, _, scores) = evaluate(&mlp, &test_x, &test_y);
+        let (_, _, scores) = evaluate(&mlp, &inputs(&backbone, test_x, false), &test_y);
         let scores: Vec<f64> =
             Vec::<f64>::try_from(scores.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
         let labels: Vec<f64> =
@@ -228,22 +359,51 @@ fn standardise(train: &Tensor, test: &Tensor) -> (Tensor, Tensor) {
 }
 
 /// Everything the probes of a sweep read: the labels of both splits (N x columns) and, per encoder,
-/// the features of both splits.
+/// the features of both splits; for fine-tuning also the images and each encoder's variables.
 pub struct SweepData {
     pub columns: Vec<String>,
     pub train_y: Tensor,
     pub test_y: Tensor,
     pub features: Vec<(EncoderSource, Tensor, Tensor)>,
+    pub finetune: Option<FineTuneData>,
+}
+
+/// What fine-tuning tasks start from.
+pub struct FineTuneData {
+    /// Both splits' images at the encoder's input size (N x 1 x S x S), rows as in the labels.
+    pub train_images: Tensor,
+    pub test_images: Tensor,
+    /// Each encoder's variables (VarStore names), BatchNorm statistics included.
+    pub encoders: Vec<(EncoderSource, Vec<(String, Tensor)>)>,
+    pub config: crate::model::EncoderConfig,
+    pub device: Device,
+}
+
+impl FineTuneData {
+    /// A fresh copy of `source`'s encoder.
+    fn encoder(&self, source: EncoderSource) -> Result<(nn::VarStore, crate::model::Encoder), String> {
+        let (_, state) = self
+            .encoders
+            .iter()
+            .find(|(e, _)| *e == source)
+            .ok_or_else(|| format!("no {source:?} encoder to fine-tune"))?;
+        let (vs, encoder) = with_torch_seed(0, || {
+            let vs = nn::VarStore::new(self.device);
+            let encoder = crate::model::Encoder::new(&vs.root(), self.config);
+            (vs, encoder)
+        });
+        let state: std::collections::HashMap<&str, &Tensor> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (name, t) in vs.variables() {
+            let source = state.get(name.as_str()).ok_or_else(|| format!("encoder variable {name} was not kept"))?;
+            tch::no_grad(|| t.shallow_clone().copy_(source));
+        }
+        Ok((vs, encoder))
+    }
 }
 
 /// Trains and evaluates the probe of `task` (the section gives what the grid does not vary).
 pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank: u32) -> Result<ProbeOutcome, String> {
     let started = std::time::Instant::now();
-    let (_, train_x, test_x) = data
-        .features
-        .iter()
-        .find(|(e, _, _)| *e == task.encoder)
-        .ok_or_else(|| format!("task {}: no features for the {:?} encoder", task.id, task.encoder))?;
     let config = ProbeConfig {
         hidden: task.hidden,
         dropout: task.dropout,
@@ -259,8 +419,25 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
         seed: task.seed,
         bootstrap: section.bootstrap,
     };
-    let result = train_probe(train_x, &data.train_y, test_x, &data.test_y, &config)
-        .map_err(|e| format!("task {} ({}): {e}", task.id, task.configuration()))?;
+    let result = if task.finetune {
+        let tune = data.finetune.as_ref().ok_or("a fine-tuning task, but the sweep kept no images (probe.finetune)")?;
+        let (vs, encoder) = tune.encoder(task.encoder)?;
+        let how = FineTune {
+            encoder: &encoder,
+            vs: &vs,
+            stages: section.finetune_blocks,
+            lr_scale: section.finetune_lr_scale,
+        };
+        finetune_probe(&how, &tune.train_images, &data.train_y, &tune.test_images, &data.test_y, &config)
+    } else {
+        let (_, train_x, test_x) = data
+            .features
+            .iter()
+            .find(|(e, _, _)| *e == task.encoder)
+            .ok_or_else(|| format!("task {}: no features for the {:?} encoder", task.id, task.encoder))?;
+        train_probe(train_x, &data.train_y, test_x, &data.test_y, &config)
+    }
+    .map_err(|e| format!("task {} ({}): {e}", task.id, task.configuration()))?;
     Ok(ProbeOutcome {
         task: task.clone(),
         rank,
@@ -356,6 +533,7 @@ mod tests {
                 (EncoderSource::Simclr, train_x.shallow_clone(), test_x.shallow_clone()),
                 (EncoderSource::Random, train_x.shallow_clone() * 0.0, test_x.shallow_clone() * 0.0),
             ],
+            finetune: None,
         };
         let tasks = section.expand(0);
         assert_eq!(tasks.len(), 4); // linear + MLP, x 2 encoders
@@ -371,6 +549,90 @@ mod tests {
             assert!(o.classes[0].auc.unwrap() > 0.85, "{:?}", o.classes);
         }
         assert!((outcomes[3].classes[0].auc.unwrap() - 0.5).abs() < 0.1, "{:?}", outcomes[3].classes);
+    }
+
+    /// Images whose label is a bright patch in the lower half, for fine-tuning a tiny encoder.
+    fn patches(n: i64, seed: u64) -> (Tensor, Tensor) {
+        with_torch_seed(seed, || {
+            let y = Tensor::rand([n, 1], (Kind::Float, Device::Cpu)).ge(0.5).to_kind(Kind::Float);
+            let x = Tensor::rand([n, 1, 32, 32], (Kind::Float, Device::Cpu)) * 0.5;
+            let patch = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+            let _ = patch.narrow(2, 20, 8).narrow(3, 4, 24).fill_(0.8);
+            (x + y.view([n, 1, 1, 1]) * patch, y)
+        })
+    }
+
+    /// Fine-tuning the last stage trains exactly that stage (and the head): every other encoder
+    /// variable and every BatchNorm statistic stays bitwise the same, the kept copy is untouched, and
+    /// the training loss falls. Through `run_task`, a fine-tuning task reports like any other.
+    #[test]
+    fn fine_tuning_trains_only_the_stages_asked_for() {
+        use crate::model::{Arch, Encoder, EncoderConfig, Stem};
+        let config = EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 };
+        let (vs, encoder) = with_torch_seed(3, || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let encoder = Encoder::new(&vs.root(), config);
+            (vs, encoder)
+        });
+        let before: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+        let stages = before
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix("layer")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .unwrap();
+        let (train_x, train_y) = patches(64, 1);
+        let (test_x, test_y) = patches(32, 2);
+        let probe = ProbeConfig { hidden: 8, epochs: 6, lr: 0.01, bootstrap: 0, ..ProbeConfig::default() };
+        let tune = FineTune { encoder: &encoder, vs: &vs, stages: 1, lr_scale: 1.0 };
+        let r = finetune_probe(&tune, &train_x, &train_y, &test_x, &test_y, &probe).unwrap();
+        assert!(r.curves[5].train_loss < r.curves[0].train_loss, "{:?}", r.curves);
+        let after: std::collections::HashMap<String, Tensor> = vs.variables().into_iter().collect();
+        let last = format!("layer{stages}.");
+        let mut changed = 0;
+        for (name, old) in &before {
+            let same = old.equal(&after[name]);
+            if name.starts_with(&last) && after[name].requires_grad() {
+                changed += usize::from(!same);
+            } else {
+                assert!(same, "{name} changed, but only {last}* was fine-tuned");
+            }
+        }
+        assert!(changed > 0, "no variable of {last}* changed");
+
+        let state: Vec<(String, Tensor)> = before.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let data = SweepData {
+            columns: vec!["Typical Appearance".into()],
+            train_y,
+            test_y,
+            features: vec![],
+            finetune: Some(FineTuneData {
+                train_images: train_x,
+                test_images: test_x,
+                encoders: vec![(EncoderSource::Simclr, state)],
+                config,
+                device: Device::Cpu,
+            }),
+        };
+        let section = ProbeSection {
+            finetune_blocks: 1,
+            finetune_lr_scale: 1.0,
+            lr: 0.01,
+            bootstrap: 0,
+            ..ProbeSection::default()
+        };
+        let task = ProbeTask {
+            id: 0,
+            encoder: EncoderSource::Simclr,
+            hidden: 8,
+            dropout: 0.0,
+            epochs: 6,
+            seed: 0,
+            finetune: true,
+        };
+        let outcome = run_task(&task, &section, &data, 0).unwrap();
+        assert_eq!(outcome.curves, r.curves, "the same fine-tuning through run_task");
+        let kept = &data.finetune.as_ref().unwrap().encoders[0].1;
+        assert!(kept.iter().zip(&before).all(|((_, a), (_, b))| a.equal(b)), "run_task changed the kept encoder");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::collective::Collective;
 use crate::decode::cache_key;
 use crate::features::{broadcast_encoder, gather_rows};
 use crate::model::{load_encoder, with_torch_seed, Encoder, EncoderConfig};
-use crate::probe::{embed, run_task, SweepData};
+use crate::probe::{embed, run_task, FineTuneData, SweepData};
 use crate::session::{PhaseContext, PhaseOutput};
 
 const PHASE: &str = "probe";
@@ -66,6 +66,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         input_size: ctx.config.pretrain.input_size,
         seed: ctx.config.job.seed,
         random_baseline: section.random_baseline,
+        finetune: section.finetune,
         device: ctx.device,
     };
     let (data, mut metrics, issues) = tokio::task::spawn_blocking(move || {
@@ -166,6 +167,8 @@ struct FeatureJob {
     input_size: i64,
     seed: u64,
     random_baseline: bool,
+    /// Keep every image and the encoders' weights for fine-tuning tasks.
+    finetune: bool,
     device: Device,
 }
 
@@ -202,18 +205,42 @@ impl FeatureJob {
         let columns = self.assignment.label_columns.clone();
         let train_y = gather_rows(collective, &train_y)?;
         let test_y = gather_rows(collective, &test_y)?;
+        let resize = |x: &Tensor| {
+            if x.size()[2] == self.input_size {
+                x.shallow_clone()
+            } else {
+                x.upsample_bilinear2d([self.input_size, self.input_size], false, None, None)
+            }
+        };
+        let (train_x, test_x) = (resize(&train_x), resize(&test_x));
         let mut features = Vec::new();
         for (source, _vs, encoder) in &encoders {
-            let embed_all = |x: &Tensor| -> Result<Tensor, String> {
-                let x = if x.size()[2] == self.input_size {
-                    x.shallow_clone()
-                } else {
-                    x.upsample_bilinear2d([self.input_size, self.input_size], false, None, None)
-                };
-                gather_rows(collective, &embed(encoder, &x, EMBED_BATCH, self.device))
-            };
+            let embed_all = |x: &Tensor| gather_rows(collective, &embed(encoder, x, EMBED_BATCH, self.device));
             features.push((*source, embed_all(&train_x)?, embed_all(&test_x)?));
         }
+        let finetune = if self.finetune {
+            // Every rank fine-tunes on every image: gather the pixels too (N x S*S rows).
+            let side = self.input_size;
+            let gather_images = |x: &Tensor| -> Result<Tensor, String> {
+                let n = x.size()[0];
+                Ok(gather_rows(collective, &x.reshape([n, side * side]))?.view([-1, 1, side, side]))
+            };
+            let states = encoders
+                .iter()
+                .map(|(source, vs, _)| {
+                    (*source, vs.variables().into_iter().map(|(name, t)| (name, t.detach().copy())).collect())
+                })
+                .collect();
+            Some(FineTuneData {
+                train_images: gather_images(&train_x)?,
+                test_images: gather_images(&test_x)?,
+                encoders: states,
+                config: self.config,
+                device: self.device,
+            })
+        } else {
+            None
+        };
         let (n_train, n_test) = (train_y.size()[0], test_y.size()[0]);
         if n_train < 2 || n_test < 1 {
             return Err(format!(
@@ -224,7 +251,7 @@ impl FeatureJob {
         metrics.insert("test_images".into(), n_test as f64);
         metrics.insert("train_images_this_rank".into(), train_x.size()[0] as f64);
         metrics.insert("feature_dim".into(), features[0].1.size()[1] as f64);
-        let data = SweepData { columns, train_y, test_y, features };
+        let data = SweepData { columns, train_y, test_y, features, finetune };
         Ok((data, metrics, issues))
     }
 
