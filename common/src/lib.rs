@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod exit;
+pub mod launch_env;
 pub mod logging;
 pub mod membership;
 pub mod metrics;

@@ -116,6 +116,10 @@ pub fn spawn_workers(coordinator: SocketAddr, opts: &LaunchOptions) -> Result<La
 
 fn spawn_one(coordinator: SocketAddr, rank: u32, opts: &LaunchOptions) -> Result<Child, CoordinatorError> {
     let mut cmd = Command::new(&opts.worker_binary);
+    // The workers' places come from this launcher, not from one that may have started the coordinator.
+    for variable in simclr_common::launch_env::LAUNCHER_VARIABLES {
+        cmd.env_remove(variable);
+    }
     cmd.arg("--coordinator")
         .arg(format!("http://{coordinator}"))
         .args(["--rank", &rank.to_string(), "--world-size", &opts.workers.to_string()])

@@ -125,6 +125,19 @@ impl TestCluster {
         self.spawn_worker_with_token(extra_args, None)
     }
 
+    /// Spawns a worker that finds this coordinator, its rank and the world size through the launcher
+    /// variables `env` (plus `MASTER_ADDR`/`MASTER_PORT` when `torchrun` is set), not through flags.
+    pub fn spawn_worker_by_env(&mut self, env: &[(&str, &str)], torchrun: bool) -> Result<usize> {
+        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let mut all: Vec<(&str, &str)> = env.to_vec();
+        if torchrun {
+            all.extend([("MASTER_ADDR", host.as_str()), ("MASTER_PORT", port.as_str())]);
+        }
+        let worker = spawn_worker_process_with(None, &[], None, &all)?;
+        self.workers.push(worker);
+        Ok(self.workers.len() - 1)
+    }
+
     /// Spawns a worker that presents `token` (through SIMCLR_CLUSTER_TOKEN).
     pub fn spawn_worker_with_token(&mut self, extra_args: &[&str], token: Option<&str>) -> Result<usize> {
         let addr = format!("http://{}", self.addr);
@@ -195,9 +208,28 @@ impl TestCluster {
 
 /// Spawns `simclr-worker --coordinator ADDR` with loopback peer settings; stderr is captured.
 pub fn spawn_worker_process(coordinator: &str, extra_args: &[&str], token: Option<&str>) -> Result<WorkerProcess> {
+    spawn_worker_process_with(Some(coordinator), extra_args, token, &[])
+}
+
+/// Spawns a worker with loopback peer settings, `--coordinator` only when given, and the launcher
+/// variables `env` (every other launcher variable removed, so the test's own environment never leaks in).
+pub fn spawn_worker_process_with(
+    coordinator: Option<&str>,
+    extra_args: &[&str],
+    token: Option<&str>,
+    env: &[(&str, &str)],
+) -> Result<WorkerProcess> {
     let binary = binaries_dir()?.join("simclr-worker");
     let mut cmd = Command::new(&binary);
-    cmd.args(["--coordinator", coordinator, "--peer-listen", "127.0.0.1:0"]);
+    if let Some(coordinator) = coordinator {
+        cmd.args(["--coordinator", coordinator]);
+    }
+    cmd.args(["--peer-listen", "127.0.0.1:0"]);
+    for variable in simclr_common::launch_env::LAUNCHER_VARIABLES {
+        cmd.env_remove(variable);
+    }
+    cmd.env_remove("SIMCLR_COORDINATOR");
+    cmd.envs(env.iter().copied());
     if !extra_args.contains(&"--connect-timeout-ms") {
         cmd.args(["--connect-timeout-ms", "20000"]);
     }

@@ -75,6 +75,31 @@ async fn requested_ranks_are_honoured() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Workers started the way torchrun or SLURM start them, with no flags: rank, world size and the
+/// coordinator's address come from the launcher's variables; conflicting variables stop a worker with
+/// a usage error naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_find_their_place_from_launcher_variables() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(test_config(2)).await?;
+    cluster.spawn_worker_by_env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")], true)?;
+    // The second the SLURM way (its coordinator port would be derived from SLURM_JOB_ID, which this
+    // test cannot choose: MASTER_ADDR/MASTER_PORT agree on the address).
+    cluster.spawn_worker_by_env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")], true)?;
+    let table = cluster.wait_rendezvous(GENEROUS).await?;
+    assert_eq!(table.get(1).map(|w| w.pid), Some(cluster.workers[0].pid));
+    assert_eq!(table.get(0).map(|w| w.pid), Some(cluster.workers[1].pid));
+    assert!(table.workers.iter().all(|w| w.device == "cpu"), "{table:?}");
+    assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success);
+
+    let mut cluster = TestCluster::start(test_config(2)).await?;
+    let index = cluster.spawn_worker_by_env(&[("RANK", "1"), ("SLURM_PROCID", "0")], true)?;
+    let code = cluster.wait_worker(index, GENEROUS).await?;
+    let log = cluster.workers[index].log();
+    assert_eq!(code, ExitStatus::Usage.code(), "{log}");
+    assert!(log.contains("RANK says 1") && log.contains("SLURM_PROCID says 0"), "{log}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_worker_is_declared_lost_within_the_heartbeat_timeout_and_the_others_are_told() -> anyhow::Result<()>
 {

@@ -24,6 +24,15 @@ impl Device {
         }
     }
 
+    /// `cuda:<local rank>` when libtorch's CUDA library loads and sees a GPU, else the CPU.
+    pub fn auto(local_rank: Option<u32>) -> Device {
+        let gpus = if load_torch_cuda().is_ok() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        match (gpus, local_rank) {
+            (0, _) => Device::Cpu,
+            (_, local) => Device::Cuda(local.unwrap_or(0) as usize),
+        }
+    }
+
     /// Checks the device exists and returns libtorch's handle for it.
     pub fn open(self) -> Result<tch::Device, WorkerError> {
         match self {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use simclr_common::launch_env::{self, Placement, Sourced};
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::{ExitStatus, TOKEN_ENV};
 use simclr_worker::{Device, Interrupt, WorkerError, WorkerOptions};
@@ -17,18 +18,26 @@ use tokio::signal::unix::{signal, SignalKind};
     about = "Worker of a simclr-cluster job: joins the coordinator and computes"
 )]
 struct Cli {
-    /// Coordinator address, e.g. http://10.0.0.1:50051 or 10.0.0.1:50051.
+    /// Coordinator address, e.g. http://10.0.0.1:50051 or 10.0.0.1:50051. Unset: from the launcher
+    /// (torchrun's MASTER_ADDR/MASTER_PORT, or the first host of a SLURM job on a port derived from
+    /// its job id).
     #[arg(long, env = "SIMCLR_COORDINATOR")]
-    coordinator: String,
-    /// Device: cpu or cuda:K.
-    #[arg(long, default_value = "cpu", env = "SIMCLR_DEVICE")]
+    coordinator: Option<String>,
+    /// Device: cpu, cuda:K, or auto (cuda:<local rank> when CUDA is present, else cpu).
+    #[arg(long, default_value = "auto", env = "SIMCLR_DEVICE")]
     device: String,
-    /// Rank decided by the launcher; unset: the coordinator assigns one.
+    /// Rank decided by the launcher (else RANK, SLURM_PROCID or JOB_COMPLETION_INDEX); unset
+    /// everywhere: the coordinator assigns one.
     #[arg(long)]
     rank: Option<u32>,
-    /// World size the launcher expects; the coordinator rejects a mismatch.
+    /// World size the launcher expects (else WORLD_SIZE, SLURM_NTASKS or SIMCLR_WORLD_SIZE); the
+    /// coordinator rejects a mismatch.
     #[arg(long)]
     world_size: Option<u32>,
+    /// This worker's index on its node (else LOCAL_RANK or SLURM_LOCALID): picks the GPU of
+    /// `--device auto`.
+    #[arg(long)]
+    local_rank: Option<u32>,
     /// Job id the worker expects to join; the coordinator rejects a mismatch.
     #[arg(long, default_value = "")]
     job_id: String,
@@ -71,19 +80,29 @@ fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
     if cli.world_size == Some(0) {
         return Err(WorkerError::Usage { flag: "--world-size", message: "must be at least 1".into() });
     }
-    if let (Some(rank), Some(ws)) = (cli.rank, cli.world_size) {
-        if rank >= ws {
-            return Err(WorkerError::Usage {
-                flag: "--rank",
-                message: format!("{rank} is not below --world-size {ws}"),
-            });
-        }
+    let flags = Placement {
+        rank: cli.rank.map(|r| Sourced::new(r, "--rank")),
+        world_size: cli.world_size.map(|w| Sourced::new(w, "--world-size")),
+        local_rank: cli.local_rank.map(|l| Sourced::new(l, "--local-rank")),
+        coordinator: cli.coordinator.clone().map(|c| Sourced::new(c, "--coordinator")),
+    };
+    let placement = launch_env::discover(&flags, &launch_env::process_env)
+        .map_err(|e| WorkerError::Usage { flag: "--rank", message: e.to_string() })?;
+    if placement.world_size() == Some(0) {
+        return Err(WorkerError::Usage { flag: "--world-size", message: "the launcher's world size is 0".into() });
     }
+    let coordinator = placement.coordinator().map(str::to_string).ok_or(WorkerError::Usage {
+        flag: "--coordinator",
+        message: "no coordinator address: pass --coordinator (or SIMCLR_COORDINATOR), or start the worker under \
+                  torchrun (MASTER_ADDR) or in a SLURM job"
+            .into(),
+    })?;
+    let device = if cli.device == "auto" { Device::auto(placement.local_rank()) } else { Device::parse(&cli.device)? };
     Ok(WorkerOptions {
-        coordinator: cli.coordinator.clone(),
-        device: Device::parse(&cli.device)?,
-        requested_rank: cli.rank,
-        expected_world_size: cli.world_size,
+        coordinator,
+        device,
+        requested_rank: placement.rank(),
+        expected_world_size: placement.world_size(),
         expected_job_id: cli.job_id.clone(),
         peer_listen: cli.peer_listen,
         advertise_host: cli.advertise_host.clone(),
