@@ -254,7 +254,7 @@ fn split_top_level(list: &str) -> Result<Vec<String>, String> {
             ']' => depth -= 1,
             _ => {}
         }
-        if depth < 0 || depth > 1 {
+        if !(0..=1).contains(&depth) {
             return Err("unbalanced or nested brackets".into());
         }
         if c == ',' && depth == 0 {
