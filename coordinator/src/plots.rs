@@ -155,12 +155,24 @@ where
         0 => format!("lin/{}{}", key.2, if key.3 { "/ft" } else { "" }),
         h => format!("{h}/{}%/{}{}", f64::from_bits(key.1) * 100.0, key.2, if key.3 { "/ft" } else { "" }),
     };
+    // The y range: the data's (mean ± sd of both encoders) rounded out to tenths, so that differences
+    // of a few hundredths stay visible.
+    let (mut lo, mut hi) = (1.0f64, 0.0f64);
+    for &key in &grouped.order {
+        for encoder in [EncoderSource::Simclr, EncoderSource::Random] {
+            if let Some((m, sd)) = grouped.mean_std(key, encoder, &metric) {
+                (lo, hi) = (lo.min(m - sd), hi.max(m + sd));
+            }
+        }
+    }
+    let (lo, hi) = if lo <= hi { ((lo * 10.0).floor() / 10.0, (hi * 10.0).ceil() / 10.0) } else { (0.0, 1.0) };
+    let (lo, hi) = (lo.clamp(0.0, 0.9), hi.clamp(lo + 0.1, 1.0));
     let mut chart = ChartBuilder::on(area)
         .caption(format!("{what} per configuration (hidden/dropout/epochs), mean ± sd over seeds"), (FAMILY, 15))
         .margin(10)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..1f64)?;
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), lo..hi)?;
     let order = grouped.order.clone();
     chart
         .configure_mesh()
