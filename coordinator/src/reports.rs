@@ -260,15 +260,11 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     // The headline comparison: each encoder's mean test AUC over every configuration and seed, and the
     // spread of the per-configuration means.
     let overall = |e: EncoderSource| -> Option<(f64, f64)> {
-        let means: Vec<f64> = order
-            .iter()
-            .filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc)).map(|m| m.0))
-            .collect();
-        let seeds_sd: Vec<f64> = order
-            .iter()
-            .filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc)).map(|m| m.1))
-            .collect();
-        (!means.is_empty()).then(|| (mean_std(&means).0, seeds_sd.iter().sum::<f64>() / seeds_sd.len() as f64))
+        let per_config: Vec<(f64, f64)> =
+            order.iter().filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc))).collect();
+        let n = per_config.len() as f64;
+        (n > 0.0)
+            .then(|| (per_config.iter().map(|m| m.0).sum::<f64>() / n, per_config.iter().map(|m| m.1).sum::<f64>() / n))
     };
     if let (Some(ours), Some(random)) = (overall(EncoderSource::Simclr), overall(EncoderSource::Random)) {
         out.push_str(&format!(

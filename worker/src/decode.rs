@@ -18,14 +18,15 @@ use crate::session::{PhaseContext, PhaseOutput};
 
 const PHASE: &str = "decode";
 
-/// This rank's images for `epoch`, from the coordinator.
+/// This rank's images for `epoch` (or, with `probe`, for the probe sweep), from the coordinator.
 pub(crate) async fn fetch_assignment(
     mut client: CoordinatorClient,
     rank: u32,
     instance_id: &str,
     epoch: u64,
+    probe: bool,
 ) -> Result<wire::GetAssignmentResponse, String> {
-    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch, probe: false };
+    let request = wire::GetAssignmentRequest { rank, instance_id: instance_id.to_string(), epoch, probe };
     client
         .get_assignment(request)
         .await
@@ -45,7 +46,7 @@ pub(crate) fn cache_key(r: &wire::ImageRef, image_size: u32) -> CacheKey {
 }
 
 pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
-    let assignment = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0).await?;
+    let assignment = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0, false).await?;
     let mut output = PhaseOutput::default();
     if assignment.data_root.is_empty() {
         output.metrics.insert("images".into(), 0.0);

@@ -24,12 +24,12 @@ impl Device {
         }
     }
 
-    /// `cuda:<local rank>` when libtorch's CUDA library loads and sees a GPU, else the CPU.
-    pub fn auto(local_rank: Option<u32>) -> Device {
-        let gpus = if load_torch_cuda().is_ok() { tch::Cuda::device_count().max(0) as usize } else { 0 };
-        match (gpus, local_rank) {
-            (0, _) => Device::Cpu,
-            (_, local) => Device::Cuda(local.unwrap_or(0) as usize),
+    /// How many GPUs libtorch sees (0 when its CUDA library does not load).
+    pub fn cuda_count() -> usize {
+        if load_torch_cuda().is_ok() {
+            tch::Cuda::device_count().max(0) as usize
+        } else {
+            0
         }
     }
 

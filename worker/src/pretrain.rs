@@ -52,7 +52,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let run_dir =
         ctx.config.job.run_dir.clone().ok_or("the coordinator sent no job.run_dir; checkpoints have nowhere to go")?;
-    let first = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0).await?;
+    let first = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0, false).await?;
     if first.data_root.is_empty() {
         // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
         tracing::info!("no dataset in this job: nothing to pretrain");
@@ -273,7 +273,7 @@ impl TrainJob {
     fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, TrainError> {
         let a = self
             .runtime
-            .block_on(fetch_assignment(self.coordinator.clone(), self.rank, &self.instance_id, epoch))
+            .block_on(fetch_assignment(self.coordinator.clone(), self.rank, &self.instance_id, epoch, false))
             .map_err(TrainError::Config)?;
         if a.train.is_empty() {
             return Err(TrainError::Config(format!("epoch {epoch}: the coordinator assigned no images to this rank")));

@@ -143,20 +143,8 @@ pub fn finetune_probe(
     let initial = embed(tune.encoder, train_images, EMBED_BATCH, device);
     let mean = initial.mean_dim([0i64].as_slice(), true, Kind::Float).to_device(device);
     let std = initial.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6).to_device(device);
-    let mut stage_count = 0;
-    for (name, _) in tune.vs.variables() {
-        if let Some(n) = name.strip_prefix("layer").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()) {
-            stage_count = stage_count.max(n);
-        }
-    }
-    let trains = |name: &str| {
-        tune.stages == 0
-            || name
-                .strip_prefix("layer")
-                .and_then(|r| r.split('.').next())
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n + tune.stages > stage_count)
-    };
+    let stage_count = tune.vs.variables().keys().filter_map(|name| stage_of(name)).max().unwrap_or(0);
+    let trains = |name: &str| tune.stages == 0 || stage_of(name).is_some_and(|n| n + tune.stages > stage_count);
     let mut params = Vec::new();
     for (name, t) in tune.vs.variables() {
         if !t.requires_grad() {
@@ -183,7 +171,12 @@ pub fn finetune_probe(
 }
 
 /// Images per encoder forward when embedding.
-const EMBED_BATCH: i64 = 64;
+pub const EMBED_BATCH: i64 = 64;
+
+/// The residual stage (1-4) an encoder variable belongs to: `layer3.1.conv2.weight` -> 3.
+fn stage_of(name: &str) -> Option<usize> {
+    name.strip_prefix("layer")?.split('.').next()?.parse().ok()
+}
 
 /// An encoder trained with the probe: its output, standardised, is the probe's input.
 struct Backbone<'a> {

@@ -20,15 +20,13 @@ use simclr_proto::wire;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::collective::Collective;
-use crate::decode::cache_key;
+use crate::decode::{cache_key, fetch_assignment};
 use crate::features::{broadcast_encoder, gather_rows};
 use crate::model::{load_encoder, with_torch_seed, Encoder, EncoderConfig};
-use crate::probe::{embed, run_task, FineTuneData, SweepData};
+use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
 use crate::session::{PhaseContext, PhaseOutput};
 
 const PHASE: &str = "probe";
-/// Images per encoder forward while embedding.
-const EMBED_BATCH: i64 = 64;
 /// Added to the job's seed for the random baseline encoder's weights, so they differ from the weights
 /// pretraining started from.
 const RANDOM_ENCODER_SEED: u64 = 0x5eed_0001;
@@ -41,7 +39,9 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let assignment = fetch_probe_assignment(ctx).await?;
+    let assignment = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0, true)
+        .await
+        .map_err(|e| format!("probe sweep: {e}"))?;
     if assignment.data_root.is_empty() {
         tracing::info!("no dataset in this job: nothing to probe");
         output.metrics.insert("skipped".into(), 1.0);
@@ -128,17 +128,6 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
     output.metrics = metrics;
     Ok(output)
-}
-
-async fn fetch_probe_assignment(ctx: &PhaseContext) -> Result<wire::GetAssignmentResponse, String> {
-    let request =
-        wire::GetAssignmentRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone(), epoch: 0, probe: true };
-    ctx.coordinator
-        .clone()
-        .get_assignment(request)
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|e| format!("cannot get this rank's images for the probe sweep: {}", e.message()))
 }
 
 async fn report(ctx: &PhaseContext, outcome: &ProbeOutcome) -> Result<(), String> {

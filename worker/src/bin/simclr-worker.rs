@@ -97,7 +97,10 @@ fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
                   torchrun (MASTER_ADDR) or in a SLURM job"
             .into(),
     })?;
-    let device = if cli.device == "auto" { Device::auto(placement.local_rank()) } else { Device::parse(&cli.device)? };
+    let device = match cli.device.as_str() {
+        "auto" => Device::parse(&placement.default_device(Device::cuda_count()))?,
+        spec => Device::parse(spec)?,
+    };
     Ok(WorkerOptions {
         coordinator,
         device,
