@@ -70,11 +70,14 @@ impl Placement {
         self.coordinator.as_ref().map(|s| s.value.as_str())
     }
 
-    /// The device a worker uses when none is given: `cuda:<local rank>` when CUDA is present, else the CPU.
+    /// The device a worker uses when none is given: the CPU without CUDA; `cuda:<local rank>` when the
+    /// process sees several GPUs (one process per GPU on a node that shows it all of them). A launcher
+    /// that binds GPUs to tasks (`srun --gpus-per-task`, a pod's `nvidia.com/gpu: 1`) leaves each
+    /// process fewer devices than local ranks, numbered from 0: then `cuda:<local rank mod visible>`.
     pub fn default_device(&self, cuda_devices: usize) -> String {
         match (cuda_devices, self.local_rank()) {
             (0, _) => "cpu".into(),
-            (_, Some(local)) => format!("cuda:{local}"),
+            (n, Some(local)) => format!("cuda:{}", local as usize % n),
             (_, None) => "cuda:0".into(),
         }
     }
@@ -192,11 +195,7 @@ fn slurm(env: &dyn Fn(&str) -> Option<String>) -> Result<Placement, LaunchError>
                 value: list.clone(),
                 reason,
             })?;
-            let job: u64 = job.trim().parse().map_err(|_| LaunchError::Invalid {
-                variable: "SLURM_JOB_ID".into(),
-                value: job.clone(),
-                reason: "expected a job number".into(),
-            })?;
+            let job = slurm_job_id(&job)?;
             let first = hosts.into_iter().next().ok_or_else(|| LaunchError::Invalid {
                 variable: "SLURM_JOB_NODELIST".into(),
                 value: list,
@@ -217,6 +216,22 @@ fn slurm(env: &dyn Fn(&str) -> Option<String>) -> Result<Placement, LaunchError>
 /// The coordinator port of SLURM job `job_id` (the sbatch script starts the coordinator on it).
 pub fn slurm_port(job_id: u64) -> u16 {
     SLURM_PORT_BASE + (job_id % 20000) as u16
+}
+
+/// Where the coordinator listens when `--listen` is not given: inside a SLURM job (overriding
+/// `cluster.listen`), every interface on the port its workers derive from `SLURM_JOB_ID`, so the
+/// sbatch script passes no port; `None` elsewhere. An unparsable job id is an error naming the variable.
+pub fn coordinator_listen(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Sourced<String>>, LaunchError> {
+    let Some(job) = env("SLURM_JOB_ID") else { return Ok(None) };
+    Ok(Some(Sourced::new(format!("0.0.0.0:{}", slurm_port(slurm_job_id(&job)?)), "SLURM_JOB_ID")))
+}
+
+fn slurm_job_id(value: &str) -> Result<u64, LaunchError> {
+    value.trim().parse().map_err(|_| LaunchError::Invalid {
+        variable: "SLURM_JOB_ID".into(),
+        value: value.to_string(),
+        reason: "expected a job number".into(),
+    })
 }
 
 fn kubernetes(env: &dyn Fn(&str) -> Option<String>) -> Result<Placement, LaunchError> {
@@ -361,6 +376,11 @@ mod tests {
         assert_eq!((p.rank(), p.world_size(), p.local_rank()), (Some(5), Some(8), Some(1)));
         assert_eq!(p.coordinator(), Some(format!("gpu01:{}", 20000 + 123456 % 20000).as_str()));
         assert_eq!(slurm_port(123456), 23456);
+        // The coordinator inside the same job listens on that port.
+        assert_eq!(coordinator_listen(&e).unwrap().unwrap().value, "0.0.0.0:23456");
+        assert_eq!(coordinator_listen(&env(&[])).unwrap(), None);
+        let err = coordinator_listen(&env(&[("SLURM_JOB_ID", "12a")])).unwrap_err().to_string();
+        assert!(err.contains("SLURM_JOB_ID") && err.contains("12a"), "{err}");
     }
 
     #[test]
@@ -369,6 +389,16 @@ mod tests {
         let p = discover(&Placement::default(), &e).unwrap();
         assert_eq!((p.rank(), p.world_size(), p.local_rank()), (Some(2), Some(4), Some(0)));
         assert_eq!(p.default_device(1), "cuda:0");
+    }
+
+    #[test]
+    fn a_task_bound_to_its_own_gpu_uses_cuda_0() {
+        // srun --gpus-per-task=1: local rank 3 sees one device, its own.
+        let p = Placement { local_rank: Some(Sourced::new(3, "SLURM_LOCALID")), ..Placement::default() };
+        assert_eq!(p.default_device(1), "cuda:0");
+        assert_eq!(p.default_device(4), "cuda:3");
+        assert_eq!(p.default_device(2), "cuda:1");
+        assert_eq!(Placement::default().default_device(8), "cuda:0");
     }
 
     #[test]

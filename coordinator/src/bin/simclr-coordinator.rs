@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use simclr_common::config::CollectiveBackend;
+use simclr_common::launch_env;
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
@@ -155,9 +156,13 @@ struct RunArgs {
     /// Job config (TOML).
     #[arg(long)]
     config: PathBuf,
-    /// Address to listen on (overrides cluster.listen).
+    /// Address to listen on (overrides cluster.listen). Inside a SLURM job without this flag:
+    /// 0.0.0.0 on the port the workers derive from SLURM_JOB_ID (20000 + job id mod 20000).
     #[arg(long)]
     listen: Option<String>,
+    /// Number of workers (overrides cluster.world_size), e.g. "$SLURM_NTASKS" in an sbatch script.
+    #[arg(long)]
+    world_size: Option<u32>,
     /// Dataset root (overrides data.path).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -206,8 +211,16 @@ fn token() -> Option<String> {
 
 async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, CoordinatorError> {
     let mut config = load_config(Some(&args.config))?;
+    let from_launcher = launch_env::coordinator_listen(&launch_env::process_env)
+        .map_err(|e| CoordinatorError::Config(e.to_string()))?;
     if let Some(listen) = args.listen {
         config.cluster.listen = listen;
+    } else if let Some(listen) = from_launcher {
+        tracing::info!(listen = %listen.value, source = %listen.source, "listen address from the launcher");
+        config.cluster.listen = listen.value;
+    }
+    if let Some(n) = args.world_size {
+        config.cluster.world_size = n;
     }
     if let Some(dir) = args.run_dir {
         config.job.run_dir = Some(dir);
