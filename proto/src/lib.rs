@@ -10,6 +10,7 @@ pub mod cluster {
 
 pub mod client;
 mod convert;
+pub mod health;
 
 pub use convert::{peer_table_from_wire, peer_table_to_wire};
 

@@ -479,10 +479,16 @@ async fn register(
             }
             Err(status) if status.code() == tonic::Code::Unavailable => status,
             Err(status) => {
-                return Err(WorkerError::Rejected {
-                    addr: opts.coordinator.clone(),
-                    message: status.message().to_string(),
-                })
+                let message = match status.code() {
+                    // Something answers gRPC there, but not the coordinator service (a health port, a
+                    // peer's port, another program).
+                    tonic::Code::Unimplemented => {
+                        "it does not serve the coordinator service (is that the coordinator's port?)".to_string()
+                    }
+                    code if status.message().is_empty() => format!("{code:?}"),
+                    _ => status.message().to_string(),
+                };
+                return Err(WorkerError::Rejected { addr: opts.coordinator.clone(), message });
             }
         };
         match backoff.next_delay() {

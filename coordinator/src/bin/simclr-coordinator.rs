@@ -163,6 +163,14 @@ struct RunArgs {
     /// Number of workers (overrides cluster.world_size), e.g. "$SLURM_NTASKS" in an sbatch script.
     #[arg(long)]
     world_size: Option<u32>,
+    /// Also serve the standard gRPC health service (grpc.health.v1, no token) on this address, for
+    /// Kubernetes' liveness and readiness probes; it answers for as long as the process lives.
+    #[arg(long, env = "SIMCLR_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
+    /// After the job ends, stay up (and healthy) until SIGTERM or SIGINT, then exit with the job's
+    /// status: under a Kubernetes Deployment, a finished coordinator is not restarted into a new job.
+    #[arg(long)]
+    linger: bool,
     /// Dataset root (overrides data.path).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -236,18 +244,30 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         .await
         .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
     let mut signals = Signals::new()?;
+    if let Some(addr) = args.health_listen {
+        simclr_proto::health::serve(addr).await.map_err(CoordinatorError::RunDir)?;
+    }
     let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
     let job = coordinator.job.clone();
     tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let mut wait = Box::pin(coordinator.wait());
+    let mut signalled = false;
     let outcome = loop {
         tokio::select! {
             outcome = &mut wait => break outcome,
-            signal = signals.recv() => cancel(&job, signal),
+            signal = signals.recv() => {
+                signalled = true;
+                cancel(&job, signal)
+            }
         }
     };
     progress::clear();
-    Ok(report(outcome))
+    let status = report(outcome);
+    if args.linger && !signalled {
+        tracing::info!(%status, "job ended; staying up until SIGTERM or SIGINT (--linger)");
+        signals.recv().await;
+    }
+    Ok(status)
 }
 
 async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, CoordinatorError> {

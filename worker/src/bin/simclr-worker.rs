@@ -47,6 +47,10 @@ struct Cli {
     /// Host name or IP that peers dial; default: the listen IP, or the host name.
     #[arg(long)]
     advertise_host: Option<String>,
+    /// Also serve the standard gRPC health service (grpc.health.v1, no token) on this address, for
+    /// Kubernetes' liveness and readiness probes.
+    #[arg(long, env = "SIMCLR_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     /// How long to keep retrying an unreachable coordinator before giving up (exit 4).
     #[arg(long, default_value_t = 60_000)]
     connect_timeout_ms: u64,
@@ -66,7 +70,7 @@ fn main() -> ExitCode {
         tch::set_num_threads(cli.threads);
     }
     let status = match options(&cli) {
-        Ok(opts) => run(opts),
+        Ok(opts) => run(opts, cli.health_listen),
         Err(e) => Err(e),
     };
     let status = status.unwrap_or_else(|e| {
@@ -114,12 +118,15 @@ fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
     })
 }
 
-fn run(opts: WorkerOptions) -> Result<ExitStatus, WorkerError> {
+fn run(opts: WorkerOptions, health_listen: Option<SocketAddr>) -> Result<ExitStatus, WorkerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| WorkerError::Runtime(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async {
+        if let Some(addr) = health_listen {
+            simclr_proto::health::serve(addr).await.map_err(|e| WorkerError::Runtime(e.to_string()))?;
+        }
         let interrupt = Interrupt::default();
         for (kind, number) in [(SignalKind::interrupt(), libc::SIGINT), (SignalKind::terminate(), libc::SIGTERM)] {
             let mut stream = signal(kind).map_err(|e| WorkerError::Runtime(format!("cannot watch signals: {e}")))?;
