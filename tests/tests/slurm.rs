@@ -81,28 +81,45 @@ fn job_logs(submit_dir: &Path, run_dir: &Path, id: &str) -> String {
     text
 }
 
-#[test]
-fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Result<()> {
-    if !slurm_available()? {
-        return Ok(());
-    }
-    let bin = binaries_dir()?;
-    let dir = tempfile::tempdir()?;
-    let submit_dir = dir.path();
+/// Submits the sbatch script from `submit_dir` with 2 worker tasks of one CPU (the script's GPU
+/// directives stay: one stand-in GPU per task); the job id.
+fn submit(submit_dir: &Path) -> Result<String> {
     std::fs::write(submit_dir.join("job.toml"), JOB)?;
-    let script = sbatch_script();
-    // The script's GPU directives stay (one stand-in GPU per task); two tasks of one CPU fit this node.
     let out = Command::new("sbatch")
         .current_dir(submit_dir)
-        .env("SIMCLR_BIN", bin)
+        .env("SIMCLR_BIN", binaries_dir()?)
         .args(["--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"])
-        .arg(&script)
+        .arg(sbatch_script())
         .arg("job.toml")
         .output()?;
     if !out.status.success() {
         bail!("sbatch failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or_default().to_string();
+    Ok(String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or_default().to_string())
+}
+
+/// Polls job `id` until it reaches one of SLURM's final states; (state, restarts).
+fn wait_final(id: &str, started: Instant, logs: impl Fn() -> String) -> Result<(String, u32)> {
+    loop {
+        let (state, restarts) = job_state(id)?;
+        if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&state.as_str()) {
+            return Ok((state, restarts));
+        }
+        if started.elapsed() > JOB_TIMEOUT {
+            bail!("job {id} still {state} after {JOB_TIMEOUT:?}:\n{}", logs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Result<()> {
+    if !slurm_available()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let submit_dir = dir.path();
+    let id = submit(submit_dir)?;
     let _cancel = CancelOnDrop(id.clone());
     let run_dir = submit_dir.join(format!("runs/slurm-{id}"));
 
@@ -119,21 +136,21 @@ fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Res
 
     // The job comes back as pending with one restart. SLURM holds a requeued job for a while before it
     // may start again; an operator's `StartTime=now` lifts that, and keeps the test short.
-    let mut released = false;
-    let state = loop {
+    loop {
         let (state, restarts) = job_state(&id)?;
-        if !released && restarts == 1 && state == "PENDING" {
+        if restarts == 1 && state == "PENDING" {
             slurm("scontrol", &["update", &format!("JobId={id}"), "StartTime=now"])?;
-            released = true;
+            break;
         }
-        if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&state.as_str()) {
-            break (state, restarts);
+        if restarts == 1 || state != "RUNNING" {
+            bail!("job {id} {state} after {restarts} restarts:\n{}", job_logs(submit_dir, &run_dir, &id));
         }
         if started.elapsed() > JOB_TIMEOUT {
-            bail!("job {id} still {state} after {JOB_TIMEOUT:?}:\n{}", job_logs(submit_dir, &run_dir, &id));
+            bail!("job {id} not requeued within {JOB_TIMEOUT:?}:\n{}", job_logs(submit_dir, &run_dir, &id));
         }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let state = wait_final(&id, started, || job_logs(submit_dir, &run_dir, &id))?;
     let logs = job_logs(submit_dir, &run_dir, &id);
     assert_eq!(state, ("COMPLETED".to_string(), 1), "{logs}");
 
@@ -156,5 +173,33 @@ fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Res
     tasks.sort_unstable();
     assert_eq!(tasks, (0..12).collect::<Vec<_>>(), "{results}");
     assert!(run_dir.join("encoder.safetensors").is_file());
+    Ok(())
+}
+
+#[test]
+fn a_cancelled_job_stops_without_a_requeue() -> Result<()> {
+    if !slurm_available()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let submit_dir = dir.path();
+    let id = submit(submit_dir)?;
+    let _cancel = CancelOnDrop(id.clone());
+    let run_dir = submit_dir.join(format!("runs/slurm-{id}"));
+    let batch_log = submit_dir.join(format!("slurm-simclr-{id}.out"));
+    // Cancel once the job runs (the script has started the coordinator and the workers).
+    let started = Instant::now();
+    while !read(&batch_log).contains("coordinator on") {
+        if started.elapsed() > JOB_TIMEOUT {
+            bail!("job {id} did not start within {JOB_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    slurm("scancel", &[&id])?;
+    let state = wait_final(&id, started, || job_logs(submit_dir, &run_dir, &id))?;
+    let logs = job_logs(submit_dir, &run_dir, &id);
+    assert_eq!(state, ("CANCELLED".to_string(), 0), "{logs}");
+    // SLURM's SIGTERM reached the script, which did not requeue the job it was cancelling.
+    assert!(logs.contains("without a requeue") && !logs.contains("requeued"), "{logs}");
     Ok(())
 }
