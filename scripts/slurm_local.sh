@@ -80,7 +80,8 @@ CONF
 
 start() {
   install_packages
-  if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+  # Our slurmctld, not another process that inherited a stale pid.
+  if [ -f "$dir/slurmctld.pid" ] && [ "$(cat "/proc/$(cat "$dir/slurmctld.pid")/comm" 2>/dev/null)" = slurmctld ]; then
     echo "slurm_local: already running ($conf)"
     return 0
   fi

@@ -30,6 +30,11 @@ pub use job::{Job, JobEvent, JobOutcome};
 pub use run_dir::RunDir;
 
 /// A running coordinator: its gRPC server and the job driver.
+/// The largest message the coordinator's service accepts or sends (the workers' client accepts as
+/// much). Its biggest message, an assignment, takes about 150 bytes an image: some 400,000 images for
+/// one rank. A larger request is refused (`OUT_OF_RANGE`) and the service goes on.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 pub struct Coordinator {
     pub addr: SocketAddr,
     pub job: Arc<Job>,
@@ -60,8 +65,10 @@ impl Coordinator {
         let job =
             Job::new(config, token, run_dir, data).map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
         let shutdown = CancellationToken::new();
-        let service = CoordinatorServer::with_interceptor(
-            service::CoordinatorService { job: Arc::clone(&job) },
+        let service = tonic::service::interceptor::InterceptedService::new(
+            CoordinatorServer::new(service::CoordinatorService { job: Arc::clone(&job) })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             RequireToken::new(token),
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -67,8 +67,9 @@ impl DecodeCache {
     }
 
     /// The preprocessed image (`image_size`^2 values in [0, 1]) for `key`, decoding `root/key.path`
-    /// on a miss.
+    /// on a miss. A path that would leave `root` is refused before anything is read.
     pub fn get_or_decode(&self, root: &Path, key: &CacheKey) -> Result<(Vec<f32>, CacheOutcome), DecodeError> {
+        crate::check_inside_root(&key.path).map_err(DecodeError::Refused)?;
         let entry = self.entry_path(key);
         let outcome = match std::fs::read(&entry) {
             Ok(bytes) => match parse_entry(&bytes, key) {
@@ -183,6 +184,21 @@ mod tests {
         assert_eq!(cache.get_or_decode(dir.path(), &bigger).unwrap().1, CacheOutcome::Miss);
         let touched = CacheKey { modified_ns: 3, ..key };
         assert_eq!(cache.get_or_decode(dir.path(), &touched).unwrap().1, CacheOutcome::Miss);
+    }
+
+    #[test]
+    fn a_path_outside_the_root_is_refused_even_when_the_file_is_readable() {
+        let (dir, key) = setup();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let cache = DecodeCache::open(&dir.path().join("cache")).unwrap();
+        // dir/a.dcm is a good image, one level above the root.
+        let escape = CacheKey { path: "../a.dcm".into(), ..key.clone() };
+        let err = cache.get_or_decode(&root, &escape).unwrap_err().to_string();
+        assert!(err.starts_with("refused") && err.contains("../a.dcm"), "{err}");
+        let absolute = CacheKey { path: dir.path().join("a.dcm"), ..key };
+        let err = cache.get_or_decode(&root, &absolute).unwrap_err().to_string();
+        assert!(err.contains("absolute"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum DecodeError {
     Attribute(&'static str),
     #[error("pixel data cannot be decoded: {0}")]
     Pixels(String),
+    /// A path that would read outside the dataset root (never opened).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// A decoded image at its native size, values in [0, 1].

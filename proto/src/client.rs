@@ -46,12 +46,24 @@ impl RequireToken {
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.0 else { return Ok(req) };
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "an unknown address".into());
         match req.metadata().get(TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()) {
-            Some(got) if got == expected => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong cluster token (SIMCLR_CLUSTER_TOKEN)")),
-            None => Err(Status::unauthenticated("missing cluster token (set SIMCLR_CLUSTER_TOKEN)")),
+            Some(got) if same_secret(got.as_bytes(), expected.as_bytes()) => Ok(req),
+            Some(_) => {
+                tracing::warn!(%peer, "refused a call with a wrong cluster token");
+                Err(Status::unauthenticated("wrong cluster token (SIMCLR_CLUSTER_TOKEN)"))
+            }
+            None => {
+                tracing::warn!(%peer, "refused a call without the cluster token");
+                Err(Status::unauthenticated("missing cluster token (set SIMCLR_CLUSTER_TOKEN)"))
+            }
         }
     }
+}
+
+/// Compares two secrets in time that depends on their lengths only, not on where they first differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 pub type CoordinatorClient = wire::coordinator_client::CoordinatorClient<InterceptedService<Channel, AttachToken>>;

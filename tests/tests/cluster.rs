@@ -242,3 +242,27 @@ async fn workers_without_the_cluster_token_are_turned_away() -> anyhow::Result<(
     assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success, "{}", cluster.logs());
     Ok(())
 }
+
+/// A request over the coordinator's message limit is refused by size, after the token check, and
+/// the coordinator goes on serving: the job still forms and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() -> anyhow::Result<()> {
+    use simclr_proto::client::{coordinator_client, lazy_channel, AttachToken};
+    use simclr_proto::wire;
+    let mut cluster = TestCluster::start_with_token(test_config(2), Some("s3cret")).await?;
+    let channel = lazy_channel(&cluster.addr.to_string(), Duration::from_secs(5), Some(Duration::from_secs(30)))?;
+    let huge = "x".repeat(simclr_coordinator::MAX_MESSAGE_BYTES + 1024);
+    let request = wire::RegisterWorkerRequest { expected_job_id: huge.clone(), ..Default::default() };
+    let mut client = coordinator_client(channel.clone(), AttachToken::new(Some("s3cret"))?);
+    let err = client.register_worker(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{err:?}");
+    // Without the token, the same request is turned away by the token check, not read.
+    let request = wire::RegisterWorkerRequest { expected_job_id: huge, ..Default::default() };
+    let mut stranger = coordinator_client(channel, AttachToken::new(None)?);
+    assert_eq!(stranger.register_worker(request).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    cluster.spawn_worker_with_token(&[], Some("s3cret"))?;
+    cluster.spawn_worker_with_token(&[], Some("s3cret"))?;
+    assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success, "{}", cluster.logs());
+    Ok(())
+}

@@ -292,6 +292,23 @@ async fn a_bad_flag_or_config_key_exits_2_naming_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Workers limited to a data root (`SIMCLR_DATA_ROOT`, as `--data-root`) that does not hold the job's
+/// dataset refuse their assignment: the job stops at once with the reason, reading nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_refuse_a_dataset_outside_their_data_root() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &format!("{SMALL_DATA}{TINY_PRETRAIN}"))?;
+    let allowed = dir.path().join("allowed");
+    let mut cmd = dev_command(&dir.path().join("run"), &["--workers", "2", "--config", &config])?;
+    let child = cmd.env("SIMCLR_DATA_ROOT", &allowed).spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_ne!(code, 0, "{log}");
+    let reason = format!("outside this worker's --data-root {}", allowed.display());
+    assert!(log.contains(&reason), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    Ok(())
+}
+
 /// NCCL asked for on CPU workers: the job stops with an error that names the backend and the device,
 /// it does not hang and nothing panics (on every host, with or without CUDA libraries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

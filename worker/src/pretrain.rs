@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 
 use crate::collective::{Collective, Timed};
-use crate::decode::{cache_key, fetch_assignment};
+use crate::decode::cache_key;
 use crate::model::load_encoder;
 use crate::model::save_encoder;
 use crate::session::{PhaseContext, PhaseOutput};
@@ -52,7 +52,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let run_dir =
         ctx.config.job.run_dir.clone().ok_or("the coordinator sent no job.run_dir; checkpoints have nowhere to go")?;
-    let first = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0, false).await?;
+    let first = ctx.assignments().fetch(0, false).await?;
     if first.data_root.is_empty() {
         // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
         tracing::info!("no dataset in this job: nothing to pretrain");
@@ -64,8 +64,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     let (events, mut rx) = mpsc::unbounded_channel();
     let job = TrainJob {
         rank: ctx.rank,
-        instance_id: ctx.instance_id.clone(),
-        coordinator: ctx.coordinator.clone(),
+        assignments: ctx.assignments(),
         run_dir,
         per_rank: first.train.len(),
         device: ctx.device,
@@ -145,8 +144,7 @@ async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: O
 
 struct TrainJob {
     rank: u32,
-    instance_id: String,
-    coordinator: simclr_proto::client::CoordinatorClient,
+    assignments: crate::decode::Assignments,
     run_dir: PathBuf,
     per_rank: usize,
     device: tch::Device,
@@ -271,10 +269,7 @@ impl TrainJob {
     /// reported and its slot filled with another image of the shard, so every rank keeps the same
     /// number of steps.
     fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, TrainError> {
-        let a = self
-            .runtime
-            .block_on(fetch_assignment(self.coordinator.clone(), self.rank, &self.instance_id, epoch, false))
-            .map_err(TrainError::Config)?;
+        let a = self.runtime.block_on(self.assignments.fetch(epoch, false)).map_err(TrainError::Config)?;
         if a.train.is_empty() {
             return Err(TrainError::Config(format!("epoch {epoch}: the coordinator assigned no images to this rank")));
         }

@@ -38,6 +38,8 @@ pub struct WorkerOptions {
     pub advertise_host: Option<String>,
     pub connect_timeout: Duration,
     pub token: Option<String>,
+    /// `--data-root`: read images only under this directory.
+    pub data_root_limit: Option<std::path::PathBuf>,
 }
 
 /// An interrupt (SIGINT/SIGTERM) delivered to the worker: the token fires, `signal` says which.
@@ -75,9 +77,21 @@ pub struct PhaseContext {
     pub peer_listen: IpAddr,
     /// The cluster token, which the TCP ring's connections carry.
     pub cluster_token: Option<String>,
+    /// `--data-root`: read images only under this directory.
+    pub data_root_limit: Option<std::path::PathBuf>,
 }
 
 impl PhaseContext {
+    /// Where this rank's images come from (checked against `--data-root`).
+    pub(crate) fn assignments(&self) -> crate::decode::Assignments {
+        crate::decode::Assignments {
+            client: self.coordinator.clone(),
+            rank: self.rank,
+            instance_id: self.instance_id.clone(),
+            data_root_limit: self.data_root_limit.clone(),
+        }
+    }
+
     /// Reports progress within a phase; failures are logged, never fatal (the heartbeat decides).
     pub async fn report_progress(&self, phase: &str, step: u64, total: u64) {
         let request = wire::ReportProgressRequest {
@@ -331,6 +345,7 @@ async fn session(
         interrupt: cancel.clone(),
         peer_listen: opts.peer_listen.ip(),
         cluster_token: opts.token.clone(),
+        data_root_limit: opts.data_root_limit.clone(),
     };
     let lost_message = || lost_reason.lock().map(|s| s.clone()).unwrap_or_default();
 

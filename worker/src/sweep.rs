@@ -20,7 +20,7 @@ use simclr_proto::wire;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::collective::Collective;
-use crate::decode::{cache_key, fetch_assignment};
+use crate::decode::cache_key;
 use crate::features::{broadcast_encoder, gather_rows};
 use crate::model::{load_encoder, with_torch_seed, Encoder, EncoderConfig};
 use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
@@ -39,9 +39,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let assignment = fetch_assignment(ctx.coordinator.clone(), ctx.rank, &ctx.instance_id, 0, true)
-        .await
-        .map_err(|e| format!("probe sweep: {e}"))?;
+    let assignment = ctx.assignments().fetch(0, true).await.map_err(|e| format!("probe sweep: {e}"))?;
     if assignment.data_root.is_empty() {
         tracing::info!("no dataset in this job: nothing to probe");
         output.metrics.insert("skipped".into(), 1.0);

@@ -8,7 +8,7 @@ use simclr_common::config::CollectiveBackend;
 use simclr_common::launch_env;
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::pretrain::BnMode;
-use simclr_common::{ExitStatus, JobConfig, StopReason, TOKEN_ENV};
+use simclr_common::{ExitStatus, JobConfig, StopReason};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{
     data_plan, finalize_config, progress, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir,
@@ -213,8 +213,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<JobConfig, CoordinatorError> {
     })
 }
 
-fn token() -> Option<String> {
-    std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty())
+/// The cluster token (SIMCLR_CLUSTER_TOKEN or the file SIMCLR_CLUSTER_TOKEN_FILE names).
+fn token() -> Result<Option<String>, CoordinatorError> {
+    simclr_common::cluster_token(&launch_env::process_env).map_err(CoordinatorError::Config)
 }
 
 async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, CoordinatorError> {
@@ -247,7 +248,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if let Some(addr) = args.health_listen {
         simclr_proto::health::serve(addr).await.map_err(CoordinatorError::RunDir)?;
     }
-    let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
+    let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     let job = coordinator.job.clone();
     tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let mut wait = Box::pin(coordinator.wait());
@@ -296,7 +297,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let grace = std::time::Duration::from_millis(config.cluster.shutdown_grace_ms);
     let workers = config.cluster.world_size;
     let mut signals = Signals::new()?;
-    let coordinator = Coordinator::start(config, listener, token().as_deref(), Some(data))?;
+    let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     let job = coordinator.job.clone();
     tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let options = LaunchOptions {

@@ -51,6 +51,10 @@ struct Cli {
     /// Kubernetes' liveness and readiness probes.
     #[arg(long, env = "SIMCLR_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
+    /// Read images only under this directory: an assignment whose dataset root lies outside it is
+    /// refused (image paths that climb out of the root are refused in any case).
+    #[arg(long, env = "SIMCLR_DATA_ROOT")]
+    data_root: Option<std::path::PathBuf>,
     /// How long to keep retrying an unreachable coordinator before giving up (exit 4).
     #[arg(long, default_value_t = 60_000)]
     connect_timeout_ms: u64,
@@ -114,7 +118,9 @@ fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
         peer_listen: cli.peer_listen,
         advertise_host: cli.advertise_host.clone(),
         connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
-        token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+        token: simclr_common::cluster_token(&launch_env::process_env)
+            .map_err(|message| WorkerError::Usage { flag: TOKEN_ENV, message })?,
+        data_root_limit: cli.data_root.as_ref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
     })
 }
 
