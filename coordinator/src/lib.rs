@@ -6,6 +6,7 @@ pub mod data_plan;
 pub mod error;
 pub mod job;
 pub mod launcher;
+pub mod metrics;
 pub mod plots;
 pub mod progress;
 pub mod rendezvous;

@@ -266,3 +266,71 @@ async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() -> anyhow:
     assert_eq!(cluster.outcome(GENEROUS).await?.status, ExitStatus::Success, "{}", cluster.logs());
     Ok(())
 }
+
+/// `GET /metrics` over plain HTTP; the body of a 200 answer.
+async fn scrape(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.to_string(), body.to_string()))
+}
+
+/// The exposition parsed by Prometheus' own Python client (where the test set-up installed it): the
+/// samples as "name{labels} value" lines.
+fn parsed_by_prometheus_client(body: &str) -> anyhow::Result<Option<Vec<String>>> {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+                  for f in parse(sys.stdin.read()):\n    for s in f.samples:\n        \
+                  print(s.name + '{' + ','.join(f'{k}={v}' for k, v in sorted(s.labels.items())) + '} ' + repr(float(s.value)))";
+    let Ok(mut child) = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return Ok(None);
+    };
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(body.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'prometheus_client'") {
+        return Ok(None);
+    }
+    anyhow::ensure!(out.status.success(), "prometheus_client could not parse the exposition: {stderr}\n{body}");
+    Ok(Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(long_running(test_config(2))).await?;
+    let addr = simclr_coordinator::metrics::serve("127.0.0.1:0".parse()?, cluster.job.clone()).await?;
+    cluster.spawn_worker(&[])?;
+    cluster.spawn_worker(&[])?;
+    // Preflight reports progress once a second.
+    let reported = || cluster.job.members().first().is_some_and(|m| m.phase == "preflight" && m.step > 0);
+    assert!(simclr_tests::eventually(GENEROUS, reported).await, "{}", cluster.logs());
+    let (head, body) = scrape(addr, "/metrics").await?;
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    for line in ["simclr_world_size 2", "simclr_workers{state=\"active\"} 2", "simclr_job_running 1"] {
+        assert!(body.lines().any(|l| l == line), "no '{line}' in:\n{body}");
+    }
+    assert!(body.contains("simclr_rank_steps_total{rank=\"1\",phase=\"preflight\"} 1000000"), "{body}");
+    if let Some(samples) = parsed_by_prometheus_client(&body)? {
+        assert!(samples.contains(&"simclr_workers{state=active} 2.0".to_string()), "{samples:?}");
+        assert!(samples.iter().any(|s| s.starts_with("simclr_rank_step{phase=preflight,rank=0} ")), "{samples:?}");
+    } else {
+        assert!(std::env::var("SIMCLR_EXPECT_TOOLS").is_err(), "scripts/setup.sh --python installs prometheus_client");
+    }
+    let (head, _) = scrape(addr, "/nowhere").await?;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    cluster.job.abort(simclr_common::StopReason::Cancelled, "test over".into(), ExitStatus::Interrupted(15));
+    cluster.outcome(GENEROUS).await?;
+    let (_, body) = scrape(addr, "/metrics").await?;
+    assert!(body.lines().any(|l| l == "simclr_job_running 0"), "{body}");
+    Ok(())
+}

@@ -14,7 +14,7 @@
 //!
 //! The tools (`kubectl`, `kubernetes-validate`, and PyYAML to read the rendered YAML) come from the
 //! project's `.venv` (`scripts/setup.sh --k8s`); without them the tests skip, unless
-//! `SIMCLR_EXPECT_K8S=1` (scripts/test.sh sets it), which makes their absence a failure.
+//! `SIMCLR_EXPECT_TOOLS=1` (scripts/test.sh sets it), which makes their absence a failure.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -39,8 +39,8 @@ fn tool(name: &str) -> Result<Option<PathBuf>> {
     if path.is_file() {
         return Ok(Some(path));
     }
-    if std::env::var("SIMCLR_EXPECT_K8S").is_ok_and(|v| v == "1") {
-        bail!("SIMCLR_EXPECT_K8S=1 but {} is missing (scripts/setup.sh --k8s installs it)", path.display());
+    if std::env::var("SIMCLR_EXPECT_TOOLS").is_ok_and(|v| v == "1") {
+        bail!("SIMCLR_EXPECT_TOOLS=1 but {} is missing (scripts/setup.sh --k8s installs it)", path.display());
     }
     eprintln!("skipped: {} missing (scripts/setup.sh --k8s)", path.display());
     Ok(None)
@@ -371,6 +371,17 @@ async fn wait_ready(pod: &mut Pod, timeout: Duration) -> Result<()> {
     }
 }
 
+/// The body of `GET path` from `addr` over plain HTTP/1.1.
+async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    ensure!(text.starts_with("HTTP/1.1 200"), "GET {path} from {addr}: {text}");
+    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -416,6 +427,17 @@ async fn a_cluster_forms_from_nothing_but_what_the_cpu_manifests_say() -> Result
     wait_ready(&mut coordinator, Duration::from_secs(5)).await?;
     let log = read(&coordinator.log);
     assert!(log.contains(&format!("all {world} ranks finished")), "{log}");
+    // Its metrics, on the port the manifest names "metrics": every worker has left, none was lost.
+    let (_, c) = container(deployment, "coordinator")?;
+    let port = c["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "metrics"))
+        .and_then(|p| p["containerPort"].as_u64())
+        .context("the coordinator names no metrics port")?;
+    let metrics = http_get(&format!("{}:{port}", cluster.coordinator_ip), "/metrics").await?;
+    for line in [format!("simclr_workers{{state=\"left\"}} {world}"), "simclr_workers{state=\"lost\"} 0".into()] {
+        assert!(metrics.lines().any(|l| l == line), "no '{line}' in:\n{metrics}");
+    }
     let run_dir = dir.path().join("claims/simclr-runs/simclr");
     for file in ["summary.json", "results.csv", "results.md", "encoder.safetensors", "cluster.json"] {
         assert!(run_dir.join(file).is_file(), "{file} missing from the runs claim:\n{log}");

@@ -11,7 +11,7 @@ use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{
-    data_plan, finalize_config, progress, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir,
+    data_plan, finalize_config, metrics, progress, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir,
 };
 use simclr_data::pixels::check_decode;
 use simclr_data::synth::{write_dataset, SynthError, SynthOptions};
@@ -90,6 +90,9 @@ struct DevArgs {
     /// Where the workers compute: cpu, cuda (worker k on GPU k) or cuda:K (every worker on GPU K).
     #[arg(long, default_value = "cpu", value_parser = parse_dev_device)]
     device: String,
+    /// Serve the job's metrics in Prometheus' text format at http://ADDR/metrics.
+    #[arg(long, env = "SIMCLR_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pretrain: PretrainOverrides,
 }
@@ -171,6 +174,9 @@ struct RunArgs {
     /// status: under a Kubernetes Deployment, a finished coordinator is not restarted into a new job.
     #[arg(long)]
     linger: bool,
+    /// Serve the job's metrics in Prometheus' text format at http://ADDR/metrics.
+    #[arg(long, env = "SIMCLR_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Dataset root (overrides data.path).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -250,6 +256,9 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     }
     let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     let job = coordinator.job.clone();
+    if let Some(addr) = args.metrics_listen {
+        metrics::serve(addr, job.clone()).await.map_err(CoordinatorError::RunDir)?;
+    }
     tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let mut wait = Box::pin(coordinator.wait());
     let mut signalled = false;
@@ -299,6 +308,9 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let mut signals = Signals::new()?;
     let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     let job = coordinator.job.clone();
+    if let Some(addr) = args.metrics_listen {
+        metrics::serve(addr, job.clone()).await.map_err(CoordinatorError::RunDir)?;
+    }
     tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let options = LaunchOptions {
         worker_binary,
