@@ -11,5 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Collective payloads decode as `Bytes` (reference-counted slices of the receive buffer, no copy).
         .bytes(".simclr.cluster.v1.TransferChunk.data")
         .compile_protos(&protos, &["."])?;
+    // TensorBoard's event records (messages only).
+    println!("cargo:rerun-if-changed=tensorboard/event.proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&["tensorboard/event.proto"], &["."])?;
     Ok(())
 }

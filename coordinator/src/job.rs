@@ -71,6 +71,8 @@ pub enum JobEvent {
         total: u64,
         metrics: BTreeMap<String, f64>,
     },
+    /// A probe task's result, accepted (the first for its task).
+    ProbeResult(Box<ProbeOutcome>),
 }
 
 /// How the job ended: the exit status of the coordinator and a one-line reason, and the probe sweep's
@@ -775,6 +777,7 @@ impl Job {
         let task = outcome.task.clone();
         let auc = outcome.mean_over_classes(|c| c.auc);
         let accuracy = outcome.last().map(|p| p.test_accuracy);
+        let event = JobEvent::ProbeResult(Box::new(outcome.clone()));
         let accepted = sweep.complete(outcome).map_err(Status::invalid_argument)?;
         let (done, total) = (sweep.done() as u64, sweep.len() as u64);
         drop(state);
@@ -796,6 +799,7 @@ impl Job {
         if let Some(auc) = auc {
             metrics.insert("auc".to_string(), auc);
         }
+        self.emit(event);
         self.emit(JobEvent::Progress { phase: "probe".into(), step: done, total, metrics });
         Ok(true)
     }

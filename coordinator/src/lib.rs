@@ -14,6 +14,7 @@ pub mod reports;
 pub mod run_dir;
 pub mod service;
 pub mod sweep;
+pub mod tensorboard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +80,7 @@ impl Coordinator {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
         );
+        tokio::spawn(tensorboard::follow(Arc::clone(&job)));
         let driver = tokio::spawn(Arc::clone(&job).drive());
         tracing::info!(job = %job.job_id, %addr, run_dir = %job.run_dir().path().display(), world_size = job.config.cluster.world_size, "coordinator listening");
         Ok(Coordinator { addr, job, server, driver, shutdown })

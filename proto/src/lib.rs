@@ -8,6 +8,11 @@ pub mod cluster {
     }
 }
 
+/// TensorBoard's event records (the scalar part of its schema), for `tfevents` files.
+pub mod tensorboard {
+    tonic::include_proto!("tensorboard");
+}
+
 pub mod client;
 mod convert;
 pub mod health;

@@ -1,5 +1,6 @@
 //! `simclr-coordinator dev`: the real binary spawning real workers, end to end, and its tear-down.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -90,6 +91,65 @@ fn check_sweep_results(run_dir: &Path, tasks: usize, columns: usize) -> anyhow::
     Ok(rows.iter().map(|r| r["rank"].as_u64().unwrap()).collect())
 }
 
+/// The run's TensorBoard scalars as TensorBoard's own reader (`EventAccumulator`, from the `tensorboard`
+/// package the test set-up installs) loads them: tag -> [(step, value)]. `None` without that package
+/// (a failure where scripts/test.sh's set-up should have installed it).
+fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<Option<BTreeMap<String, Vec<(i64, f64)>>>> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = "import sys, json\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        acc = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n\
+        acc.Reload()\n\
+        print(json.dumps({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()['scalars']}))";
+    let dir = run_dir.join("tensorboard");
+    let out = match std::process::Command::new(&python).args(["-c", script]).arg(&dir).output() {
+        Ok(out) => out,
+        Err(_) => return Ok(None),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'tensorboard'") {
+        anyhow::ensure!(
+            std::env::var("SIMCLR_EXPECT_TOOLS").is_err(),
+            "scripts/setup.sh --python installs tensorboard"
+        );
+        return Ok(None);
+    }
+    anyhow::ensure!(out.status.success(), "TensorBoard could not read {}: {stderr}", dir.display());
+    Ok(Some(serde_json::from_slice(&out.stdout)?))
+}
+
+/// The event files hold rank 0's pretraining metrics and every probe task's curves and AUC, the same
+/// numbers results.json has.
+fn check_tensorboard(run_dir: &Path, pretrain_steps: f64) -> anyhow::Result<()> {
+    let Some(scalars) = tensorboard_scalars(run_dir)? else { return Ok(()) };
+    let tags: Vec<&String> = scalars.keys().collect();
+    for name in ["loss", "contrastive_accuracy", "lr", "images_per_s"] {
+        let points =
+            scalars.get(&format!("pretrain/{name}")).ok_or_else(|| anyhow::anyhow!("no pretrain/{name}: {tags:?}"))?;
+        assert!(
+            !points.is_empty() && points.iter().all(|(step, v)| *step as f64 <= pretrain_steps && v.is_finite()),
+            "{points:?}"
+        );
+    }
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json"))?)?;
+    for row in results.as_array().unwrap() {
+        let task: simclr_common::probe::ProbeTask = serde_json::from_value(row["task"].clone())?;
+        let prefix =
+            format!("probe/{}/{}/seed {}", row["task"]["encoder"].as_str().unwrap(), task.configuration(), task.seed);
+        let curves = row["curves"].as_array().unwrap();
+        let accuracy = &scalars[&format!("{prefix}/test_accuracy")];
+        assert_eq!(accuracy.len(), curves.len(), "{prefix}");
+        let last = curves.last().unwrap();
+        assert_eq!(accuracy.last().unwrap().0, last["epoch"].as_i64().unwrap());
+        assert!((accuracy.last().unwrap().1 - last["test_accuracy"].as_f64().unwrap()).abs() < 1e-6, "{prefix}");
+        if let Some(auc) = row["classes"][0]["auc"].as_f64() {
+            let logged = scalars[&format!("{prefix}/test_auc")][0].1;
+            assert!((logged - auc).abs() < 1e-6, "{prefix}: {logged} vs {auc}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -161,6 +221,7 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     assert_eq!(tasks, 24.0, "{probe}");
     let table = std::fs::read_to_string(run_dir.join("results.md"))?;
     assert!(table.contains("| 8 (fine-tuned) |") && table.contains("| linear (fine-tuned) |"), "{table}");
+    check_tensorboard(&run_dir, steps)?;
     for pid in worker_pids(&run_dir).await? {
         assert!(!pid_alive(pid), "worker {pid} outlived the coordinator");
     }
