@@ -1,8 +1,8 @@
 //! The job's metrics in Prometheus' text format (version 0.0.4) at `GET /metrics` on the address
 //! `--metrics-listen` names: the world size, the workers by state, whether the job still runs, each
 //! rank's phase, step and total steps (from its progress reports), and for each phase every metric rank
-//! 0 reported last (loss, contrastive accuracy, learning rate, images/s, seconds in communication, the
-//! probe sweep's tasks done and AUC, ...). A small HTTP/1.1 responder on the job's runtime: one request
+//! 0 reported last (loss, contrastive accuracy, learning rate, images/s, seconds in collectives, the
+//! probe sweep's last AUC, ...). A small HTTP/1.1 responder on the job's runtime: one request
 //! per connection, nothing but `GET /metrics` (and `/` pointing there).
 
 use std::collections::BTreeMap;
@@ -141,7 +141,7 @@ fn render(job: &Job, latest: &Latest) -> String {
         &mut out,
         "simclr_phase_metric",
         "Rank 0's latest value of each metric of each phase (pretrain: loss, contrastive_accuracy, lr, \
-         images_per_s, seconds of data, communication and compute; probe: the last task's AUC).",
+         images_per_s, epoch, comm_s; probe: the last task's AUC).",
     );
     for (phase, metrics) in &latest {
         for (name, value) in metrics.iter().filter(|(_, v)| v.is_finite()) {

@@ -1,7 +1,7 @@
 //! TensorBoard event files in the run directory (`<run dir>/tensorboard/events.out.tfevents.*`), so
 //! that `tensorboard --logdir runs/` shows a job as it runs: every metric rank 0 reports while
-//! pretraining (loss, contrastive accuracy, learning rate, images/s, seconds in data loading,
-//! communication and compute) under `pretrain/<name>` by step, and every probe task's per-epoch train
+//! pretraining (loss, contrastive accuracy, learning rate, images/s, epoch, seconds in collectives so
+//! far) under `pretrain/<name>` by step, and every probe task's per-epoch train
 //! and test accuracy and loss plus its test AUC under `probe/<encoder>/<configuration>/seed <k>/...`.
 //!
 //! The file format is TensorBoard's record file: each record is its length (u64, little endian), the

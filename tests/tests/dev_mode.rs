@@ -123,7 +123,7 @@ fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<Option<BTreeMap<String,
 fn check_tensorboard(run_dir: &Path, pretrain_steps: f64) -> anyhow::Result<()> {
     let Some(scalars) = tensorboard_scalars(run_dir)? else { return Ok(()) };
     let tags: Vec<&String> = scalars.keys().collect();
-    for name in ["loss", "contrastive_accuracy", "lr", "images_per_s"] {
+    for name in ["loss", "contrastive_accuracy", "lr", "images_per_s", "comm_s"] {
         let points =
             scalars.get(&format!("pretrain/{name}")).ok_or_else(|| anyhow::anyhow!("no pretrain/{name}: {tags:?}"))?;
         assert!(

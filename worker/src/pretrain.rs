@@ -89,12 +89,12 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
                     latest = Some(stats);
                     if last_report.elapsed() >= REPORT_EVERY {
                         last_report = Instant::now();
-                        report(ctx, &stats, total, None).await;
+                        report(ctx, &stats, total, None, timed.seconds()).await;
                     }
                 }
                 Event::Checkpoint { step, path } => {
                     if let Some(stats) = &latest {
-                        report(ctx, stats, total, Some(&path)).await;
+                        report(ctx, stats, total, Some(&path), timed.seconds()).await;
                     } else {
                         tracing::info!(step, path = %path.display(), "checkpoint");
                     }
@@ -109,7 +109,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
             Event::Step(stats) => latest = Some(stats),
             Event::Checkpoint { path, .. } => {
                 if let Some(stats) = &latest {
-                    report(ctx, stats, total, Some(&path)).await;
+                    report(ctx, stats, total, Some(&path), timed.seconds()).await;
                 }
             }
         }
@@ -119,13 +119,16 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     Ok(output)
 }
 
-async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: Option<&Path>) {
+/// Rank 0's progress report: the step's metrics and `comm_s`, the seconds this rank has spent in
+/// collectives so far.
+async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: Option<&Path>, comm_s: f64) {
     let metrics = [
         ("loss", stats.loss),
         ("contrastive_accuracy", stats.contrastive_accuracy),
         ("lr", stats.lr),
         ("images_per_s", stats.images_per_second),
         ("epoch", stats.epoch as f64),
+        ("comm_s", comm_s),
     ];
     let request = wire::ReportProgressRequest {
         rank: ctx.rank,
