@@ -91,10 +91,13 @@ fn check_sweep_results(run_dir: &Path, tasks: usize, columns: usize) -> anyhow::
     Ok(rows.iter().map(|r| r["rank"].as_u64().unwrap()).collect())
 }
 
+/// Tag -> [(step, value)].
+type Scalars = BTreeMap<String, Vec<(i64, f64)>>;
+
 /// The run's TensorBoard scalars as TensorBoard's own reader (`EventAccumulator`, from the `tensorboard`
 /// package the test set-up installs) loads them: tag -> [(step, value)]. `None` without that package
 /// (a failure where scripts/test.sh's set-up should have installed it).
-fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<Option<BTreeMap<String, Vec<(i64, f64)>>>> {
+fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<Option<Scalars>> {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     let script = "import sys, json\n\
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
