@@ -14,6 +14,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::collective::Mailbox;
 
+/// How long a Ping waits for this worker's rank before answering UNAVAILABLE: longer than any peer's
+/// preflight deadline, short enough that a caller without a deadline is not held forever.
+const RANK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// State the server shares with the worker's main task.
 pub struct Control {
     /// Set once the rendezvous has given this worker its rank.
@@ -32,18 +36,15 @@ impl Control {
 
     /// This worker's rank, once assigned. Peers learn the rendezvous result at nearly the same moment,
     /// so a peer may call before this worker has read its own answer: the call waits for it (bounded by
-    /// the caller's deadline) instead of answering without a rank.
-    pub async fn assigned_rank(&self) -> u32 {
+    /// the caller's deadline, and by `RANK_WAIT` for a caller without one) instead of answering
+    /// without a rank. `None`: still no rank after that wait.
+    pub async fn assigned_rank(&self) -> Option<u32> {
         let mut rx = self.rank.subscribe();
-        let rank = match rx.wait_for(Option::is_some).await {
-            Ok(rank) => *rank,
-            Err(_) => None,
+        let rank = match tokio::time::timeout(RANK_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(rank)) => *rank,
+            _ => None,
         };
-        match rank {
-            Some(rank) => rank,
-            // The sender lives as long as `self`; unreachable in practice.
-            None => std::future::pending().await,
-        }
+        rank
     }
 
     /// Records a stop notice; the first one wins (the push and the heartbeat answer carry the same).
@@ -108,7 +109,9 @@ pub async fn serve(
 impl Worker for PeerService {
     async fn ping(&self, request: Request<wire::PingRequest>) -> Result<Response<wire::PingResponse>, Status> {
         let req = request.into_inner();
-        let rank = self.control.assigned_rank().await;
+        let rank = self.control.assigned_rank().await.ok_or_else(|| {
+            Status::unavailable("this worker has no rank yet (its rendezvous has not completed); try again later")
+        })?;
         Ok(Response::new(wire::PingResponse { rank, sequence: req.sequence, payload: req.payload }))
     }
 
