@@ -46,7 +46,15 @@ pub async fn serve(addr: SocketAddr, job: Arc<Job>) -> std::io::Result<SocketAdd
     });
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::debug!("metrics endpoint cannot accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let (job, latest) = (Arc::clone(&job), Arc::clone(&latest));
             tokio::spawn(async move {
                 if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &job, &latest)).await {
