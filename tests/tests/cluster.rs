@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use simclr_common::ExitStatus;
 use simclr_coordinator::JobEvent;
-use simclr_tests::{long_running, test_config, TestCluster};
+use simclr_tests::{http_get, long_running, test_config, TestCluster};
 
 const GENEROUS: Duration = Duration::from_secs(30);
 
@@ -267,17 +267,6 @@ async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() -> anyhow:
     Ok(())
 }
 
-/// `GET /metrics` over plain HTTP; the body of a 200 answer.
-async fn scrape(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok((head.to_string(), body.to_string()))
-}
-
 /// The exposition parsed by Prometheus' own Python client (where the test set-up installed it): the
 /// samples as "name{labels} value" lines.
 fn parsed_by_prometheus_client(body: &str) -> anyhow::Result<Option<Vec<String>>> {
@@ -311,10 +300,13 @@ async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() 
     let addr = simclr_coordinator::metrics::serve("127.0.0.1:0".parse()?, cluster.job.clone()).await?;
     cluster.spawn_worker(&[])?;
     cluster.spawn_worker(&[])?;
-    // Preflight reports progress once a second.
-    let reported = || cluster.job.members().first().is_some_and(|m| m.phase == "preflight" && m.step > 0);
+    // Preflight reports progress once a second, from every rank.
+    let reported = || {
+        let members = cluster.job.members();
+        members.len() == 2 && members.iter().all(|m| m.phase == "preflight" && m.step > 0)
+    };
     assert!(simclr_tests::eventually(GENEROUS, reported).await, "{}", cluster.logs());
-    let (head, body) = scrape(addr, "/metrics").await?;
+    let (head, body) = http_get(&addr.to_string(), "/metrics").await?;
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
     for line in ["simclr_world_size 2", "simclr_workers{state=\"active\"} 2", "simclr_job_running 1"] {
         assert!(body.lines().any(|l| l == line), "no '{line}' in:\n{body}");
@@ -326,11 +318,11 @@ async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() 
     } else {
         assert!(std::env::var("SIMCLR_EXPECT_TOOLS").is_err(), "scripts/setup.sh --python installs prometheus_client");
     }
-    let (head, _) = scrape(addr, "/nowhere").await?;
+    let (head, _) = http_get(&addr.to_string(), "/nowhere").await?;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     cluster.job.abort(simclr_common::StopReason::Cancelled, "test over".into(), ExitStatus::Interrupted(15));
     cluster.outcome(GENEROUS).await?;
-    let (_, body) = scrape(addr, "/metrics").await?;
+    let (_, body) = http_get(&addr.to_string(), "/metrics").await?;
     assert!(body.lines().any(|l| l == "simclr_job_running 0"), "{body}");
     Ok(())
 }

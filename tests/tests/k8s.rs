@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use simclr_tests::{binaries_dir, exit_code};
+use simclr_tests::{binaries_dir, exit_code, http_get};
 use tokio::process::{Child, Command};
 
 const OVERLAYS: &[&str] = &["cpu", "gpu"];
@@ -371,17 +371,6 @@ async fn wait_ready(pod: &mut Pod, timeout: Duration) -> Result<()> {
     }
 }
 
-/// The body of `GET path` from `addr` over plain HTTP/1.1.
-async fn http_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    ensure!(text.starts_with("HTTP/1.1 200"), "GET {path} from {addr}: {text}");
-    Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -434,7 +423,8 @@ async fn a_cluster_forms_from_nothing_but_what_the_cpu_manifests_say() -> Result
         .and_then(|ps| ps.iter().find(|p| p["name"] == "metrics"))
         .and_then(|p| p["containerPort"].as_u64())
         .context("the coordinator names no metrics port")?;
-    let metrics = http_get(&format!("{}:{port}", cluster.coordinator_ip), "/metrics").await?;
+    let (head, metrics) = http_get(&format!("{}:{port}", cluster.coordinator_ip), "/metrics").await?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     for line in [format!("simclr_workers{{state=\"left\"}} {world}"), "simclr_workers{state=\"lost\"} 0".into()] {
         assert!(metrics.lines().any(|l| l == line), "no '{line}' in:\n{metrics}");
     }
