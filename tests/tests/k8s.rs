@@ -84,13 +84,6 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
         .with_context(|| format!("no {kind} named {name} in the rendered manifests"))
 }
 
-/// A generated ConfigMap: its name carries kustomize's hash suffix (`simclr-job-9h5879g299`).
-fn config_map<'a>(docs: &'a [Value], name: &str) -> Result<&'a Value> {
-    docs.iter()
-        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"].as_str() == Some(name))
-        .with_context(|| format!("no ConfigMap {name}"))
-}
-
 fn str_of<'a>(v: &'a Value, what: &str) -> Result<&'a str> {
     v.as_str().with_context(|| format!("{what} is not a string: {v}"))
 }
@@ -116,7 +109,7 @@ fn world_size(docs: &[Value]) -> Result<u32> {
         .and_then(|env| env.iter().find(|e| e["name"] == "SIMCLR_WORLD_SIZE"))
         .map(|e| &e["valueFrom"]["configMapKeyRef"])
         .context("workers without SIMCLR_WORLD_SIZE from a ConfigMap")?;
-    let launch = config_map(docs, str_of(&launch_ref["name"], "configMapKeyRef.name")?)?;
+    let launch = find(docs, "ConfigMap", str_of(&launch_ref["name"], "configMapKeyRef.name")?)?;
     let declared: u64 = str_of(&launch["data"][str_of(&launch_ref["key"], "key")?], "world size")?.parse()?;
     ensure!(workers["spec"]["completionMode"] == "Indexed", "the workers Job is not Indexed");
     ensure!(
@@ -159,7 +152,7 @@ fn every_overlay_renders_and_validates_strictly_against_the_kubernetes_schemas()
             for c in spec["containers"].as_array().into_iter().flatten() {
                 for e in c["env"].as_array().into_iter().flatten() {
                     if let Some(name) = e["valueFrom"]["configMapKeyRef"]["name"].as_str() {
-                        config_map(&docs, name)?;
+                        find(&docs, "ConfigMap", name)?;
                     }
                     if let Some(name) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
                         assert_eq!(name, TOKEN_SECRET, "{overlay}");
@@ -215,7 +208,7 @@ impl Cluster<'_> {
                 expand(v, &env)
             } else if from["configMapKeyRef"].is_object() {
                 let r = &from["configMapKeyRef"];
-                let map = config_map(self.docs, str_of(&r["name"], "configMapKeyRef.name")?)?;
+                let map = find(self.docs, "ConfigMap", str_of(&r["name"], "configMapKeyRef.name")?)?;
                 str_of(&map["data"][str_of(&r["key"], "key")?], "ConfigMap value")?.to_string()
             } else if from["secretKeyRef"].is_object() {
                 ensure!(from["secretKeyRef"]["name"] == TOKEN_SECRET && from["secretKeyRef"]["key"] == "token");
@@ -245,7 +238,7 @@ impl Cluster<'_> {
             } else if let Some(map) = volume["configMap"]["name"].as_str() {
                 let dir = self.root.join(pod).join(name);
                 std::fs::create_dir_all(&dir)?;
-                for (key, value) in config_map(self.docs, map)?["data"].as_object().into_iter().flatten() {
+                for (key, value) in find(self.docs, "ConfigMap", map)?["data"].as_object().into_iter().flatten() {
                     std::fs::write(dir.join(key), str_of(value, key)?)?;
                 }
                 dir

@@ -98,63 +98,85 @@ fn submit(submit_dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or_default().to_string())
 }
 
-/// Polls job `id` until it reaches one of SLURM's final states; (state, restarts).
-fn wait_final(id: &str, started: Instant, logs: impl Fn() -> String) -> Result<(String, u32)> {
-    loop {
-        let (state, restarts) = job_state(id)?;
-        if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&state.as_str()) {
-            return Ok((state, restarts));
+/// A job of the sbatch script, submitted from its own directory and cancelled when dropped.
+struct Submitted {
+    dir: tempfile::TempDir,
+    id: String,
+    run_dir: PathBuf,
+    started: Instant,
+    _cancel: CancelOnDrop,
+}
+
+impl Submitted {
+    /// Submits the script (see `submit`); `None` (a skip) where no SLURM answers.
+    fn new() -> Result<Option<Submitted>> {
+        if !slurm_available()? {
+            return Ok(None);
         }
-        if started.elapsed() > JOB_TIMEOUT {
-            bail!("job {id} still {state} after {JOB_TIMEOUT:?}:\n{}", logs());
+        let dir = tempfile::tempdir()?;
+        let id = submit(dir.path())?;
+        let run_dir = dir.path().join(format!("runs/slurm-{id}"));
+        Ok(Some(Submitted { _cancel: CancelOnDrop(id.clone()), dir, id, run_dir, started: Instant::now() }))
+    }
+
+    fn logs(&self) -> String {
+        job_logs(self.dir.path(), &self.run_dir, &self.id)
+    }
+
+    fn batch_log(&self) -> String {
+        read(&self.dir.path().join(format!("slurm-simclr-{}.out", self.id)))
+    }
+
+    /// Polls `ready` until it holds; an error naming `what` and showing the logs after `JOB_TIMEOUT`.
+    fn wait_until(&self, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+        while !ready()? {
+            if self.started.elapsed() > JOB_TIMEOUT {
+                bail!("job {}: {what} not within {JOB_TIMEOUT:?}:\n{}", self.id, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    /// Polls the job until it reaches one of SLURM's final states; (state, restarts).
+    fn wait_final(&self) -> Result<(String, u32)> {
+        let mut last = (String::new(), 0);
+        self.wait_until("a final state", || {
+            last = job_state(&self.id)?;
+            Ok(["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&last.0.as_str()))
+        })?;
+        Ok(last)
     }
 }
 
 #[test]
 fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Result<()> {
-    if !slurm_available()? {
-        return Ok(());
-    }
-    let dir = tempfile::tempdir()?;
-    let submit_dir = dir.path();
-    let id = submit(submit_dir)?;
-    let _cancel = CancelOnDrop(id.clone());
-    let run_dir = submit_dir.join(format!("runs/slurm-{id}"));
+    let Some(job) = Submitted::new()? else { return Ok(()) };
+    let (id, run_dir) = (&job.id, &job.run_dir);
 
     // Preempt once the first checkpoint exists: SIGUSR1 to the batch script, as --signal=B:USR1 sends
     // it before the time limit.
-    let started = Instant::now();
-    while !run_dir.join("checkpoints/latest").is_file() {
-        if started.elapsed() > JOB_TIMEOUT {
-            bail!("no checkpoint within {JOB_TIMEOUT:?}:\n{}", job_logs(submit_dir, &run_dir, &id));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    slurm("scancel", &["--signal=USR1", "--batch", &id])?;
+    job.wait_until("the first checkpoint", || Ok(run_dir.join("checkpoints/latest").is_file()))?;
+    slurm("scancel", &["--signal=USR1", "--batch", id])?;
 
     // The job comes back as pending with one restart. SLURM holds a requeued job for a while before it
     // may start again; an operator's `StartTime=now` lifts that, and keeps the test short.
-    loop {
-        let (state, restarts) = job_state(&id)?;
+    job.wait_until("the requeue", || {
+        let (state, restarts) = job_state(id)?;
         if restarts == 1 && state == "PENDING" {
             slurm("scontrol", &["update", &format!("JobId={id}"), "StartTime=now"])?;
-            break;
+            return Ok(true);
         }
         if restarts == 1 || state != "RUNNING" {
-            bail!("job {id} {state} after {restarts} restarts:\n{}", job_logs(submit_dir, &run_dir, &id));
+            bail!("job {id} {state} after {restarts} restarts:\n{}", job.logs());
         }
-        if started.elapsed() > JOB_TIMEOUT {
-            bail!("job {id} not requeued within {JOB_TIMEOUT:?}:\n{}", job_logs(submit_dir, &run_dir, &id));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let state = wait_final(&id, started, || job_logs(submit_dir, &run_dir, &id))?;
-    let logs = job_logs(submit_dir, &run_dir, &id);
+        Ok(false)
+    })?;
+    let state = job.wait_final()?;
+    let logs = job.logs();
     assert_eq!(state, ("COMPLETED".to_string(), 1), "{logs}");
 
-    let batch = read(&submit_dir.join(format!("slurm-simclr-{id}.out")));
+    let batch = job.batch_log();
     assert!(batch.contains("SIGUSR1 received") && batch.contains(&format!("job {id} requeued")), "{batch}");
     assert!(batch.contains("(restart 1)") && batch.contains("coordinator exited with status 0"), "{batch}");
     // One log per rank, appended to across the requeue; the second run resumed from a checkpoint.
@@ -178,26 +200,12 @@ fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Res
 
 #[test]
 fn a_cancelled_job_stops_without_a_requeue() -> Result<()> {
-    if !slurm_available()? {
-        return Ok(());
-    }
-    let dir = tempfile::tempdir()?;
-    let submit_dir = dir.path();
-    let id = submit(submit_dir)?;
-    let _cancel = CancelOnDrop(id.clone());
-    let run_dir = submit_dir.join(format!("runs/slurm-{id}"));
-    let batch_log = submit_dir.join(format!("slurm-simclr-{id}.out"));
+    let Some(job) = Submitted::new()? else { return Ok(()) };
     // Cancel once the job runs (the script has started the coordinator and the workers).
-    let started = Instant::now();
-    while !read(&batch_log).contains("coordinator on") {
-        if started.elapsed() > JOB_TIMEOUT {
-            bail!("job {id} did not start within {JOB_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    slurm("scancel", &[&id])?;
-    let state = wait_final(&id, started, || job_logs(submit_dir, &run_dir, &id))?;
-    let logs = job_logs(submit_dir, &run_dir, &id);
+    job.wait_until("the start", || Ok(job.batch_log().contains("coordinator on")))?;
+    slurm("scancel", &[&job.id])?;
+    let state = job.wait_final()?;
+    let logs = job.logs();
     assert_eq!(state, ("CANCELLED".to_string(), 0), "{logs}");
     // SLURM's SIGTERM reached the script, which did not requeue the job it was cancelling.
     assert!(logs.contains("without a requeue") && !logs.contains("requeued"), "{logs}");
