@@ -73,6 +73,10 @@ pub struct ClusterSection {
     /// How the workers exchange tensors: `auto` picks NCCL when every worker runs on a CUDA device and
     /// the TCP ring otherwise.
     pub collective: CollectiveBackend,
+    /// How often a failed job is restarted from its last checkpoint when the failure is retryable (a
+    /// worker lost or killed, a collective cut off); a permanent failure (bad configuration, bad data)
+    /// stops at once. Each restart waits for the whole group again (`rendezvous_timeout_ms`).
+    pub max_restarts: u32,
 }
 
 /// The backend of the collectives (all-gather, all-reduce, ...) between workers.
@@ -132,6 +136,7 @@ impl Default for ClusterSection {
             shutdown_grace_ms: 10_000,
             collective_timeout_ms: 120_000,
             collective: CollectiveBackend::Auto,
+            max_restarts: 3,
         }
     }
 }

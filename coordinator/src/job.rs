@@ -82,6 +82,9 @@ pub struct JobOutcome {
     pub status: ExitStatus,
     pub message: String,
     pub results_table: Option<String>,
+    /// Whether a restart from the last checkpoint may cure the failure (a worker lost or killed, a
+    /// collective cut off), as opposed to a permanent one (bad configuration, bad data, a cancel).
+    pub retryable: bool,
 }
 
 /// How long a `NextProbeTask` call waits for a task to come free before answering "wait".
@@ -95,12 +98,17 @@ struct State {
     /// Files the workers could not use: (phase, rank, path, reason).
     file_issues: Vec<(String, u32, String, String)>,
     outcome: Option<(StopNotice, ExitStatus)>,
+    /// Whether the recorded outcome is a retryable failure.
+    retryable: bool,
     /// Values published by one rank for the others (`share_value`).
     shared: BTreeMap<String, Vec<u8>>,
     /// The probe sweep's queue, from the first rank that asks for a task.
     sweep: Option<SweepQueue>,
     /// Ranks lost during the sweep: their tasks went back to the queue, the job goes on without them.
     excused: BTreeSet<u32>,
+    /// Probe results an earlier attempt (or coordinator) recorded for this configuration; the sweep
+    /// starts with them done.
+    recovered: Vec<ProbeOutcome>,
 }
 
 pub struct Job {
@@ -114,22 +122,33 @@ pub struct Job {
     changed: watch::Sender<()>,
     events: broadcast::Sender<JobEvent>,
     worker_clients: OnceLock<Vec<WorkerClient>>,
-    data: Option<PreparedData>,
+    data: Option<Arc<PreparedData>>,
+    /// 0 for the first attempt, k for the k-th restart.
+    pub attempt: u32,
 }
 
 impl Job {
-    /// `config` must be validated and carry the final job id.
+    /// `config` must be validated and carry the final job id. `attempt`: 0, or the restart's number.
     pub fn new(
         config: JobConfig,
         token: Option<&str>,
         run_dir: RunDir,
-        data: Option<PreparedData>,
+        data: Option<Arc<PreparedData>>,
+        attempt: u32,
     ) -> Result<Arc<Job>, Status> {
         let job_id = config.job.id.clone();
         let world_size = config.cluster.world_size;
         let (changed, _) = watch::channel(());
         let (events, _) = broadcast::channel(1024);
+        let recovered = match run_dir.open_probe_journal(&probe_fingerprint(&config)) {
+            Ok(recovered) => recovered,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the probe journal; probe results will not survive a restart");
+                Vec::new()
+            }
+        };
         Ok(Arc::new(Job {
+            attempt,
             config_toml: config.to_toml(),
             token: AttachToken::new(token)?,
             run_dir,
@@ -140,9 +159,11 @@ impl Job {
                 results: BTreeMap::new(),
                 file_issues: Vec::new(),
                 outcome: None,
+                retryable: false,
                 shared: BTreeMap::new(),
                 sweep: None,
                 excused: BTreeSet::new(),
+                recovered,
             }),
             changed,
             events,
@@ -211,7 +232,13 @@ impl Job {
         {
             let mut state = self.lock();
             if let Some((notice, _)) = &state.outcome {
-                return Err(Status::failed_precondition(format!("job {} is stopping: {notice}", self.job_id)));
+                let message = format!("job {} is stopping: {notice}", self.job_id);
+                // A worker restarted early, before the coordinator's next attempt: it retries.
+                return Err(if self.restart_follows(&state) {
+                    Status::unavailable(message)
+                } else {
+                    Status::failed_precondition(message)
+                });
             }
             let completed = state.rendezvous.register(reg).map_err(rendezvous_status)?;
             tracing::info!(worker = %who, arrived = state.rendezvous.pending().len(), world_size = state.rendezvous.world_size(), "worker registered");
@@ -265,7 +292,7 @@ impl Job {
             }
             Err(e) => {
                 let message = format!("a worker advertised an unusable peer address: {}", e.message());
-                self.set_outcome(state, StopReason::Aborted, message, ExitStatus::Rendezvous);
+                self.set_outcome(state, StopReason::Aborted, message, ExitStatus::Rendezvous, false);
             }
         }
         let ranks: Vec<String> = table.workers.iter().enumerate().map(|(r, w)| format!("{r}={w}")).collect();
@@ -364,7 +391,7 @@ impl Job {
             }
             _ => {
                 let message = format!("rank {rank} ({who}) lost: {reason}");
-                self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted)
+                self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted, true)
             }
         };
         drop(state);
@@ -406,6 +433,29 @@ impl Job {
         }
     }
 
+    /// Before a rank's failure is taken as permanent: pings every other active rank and declares the
+    /// unreachable ones lost (a retryable outcome), since a dead peer is the likelier cause of the error.
+    pub async fn check_peers_of(&self, rank: u32) {
+        let others: Vec<u32> = {
+            let state = self.lock();
+            if state.outcome.is_some() {
+                return;
+            }
+            (0..state.members.len() as u32)
+                .filter(|&r| r != rank && state.members[r as usize].status == MemberStatus::Active)
+                .collect()
+        };
+        // One at a time: a dead process refuses at once, and each ping is bounded by peer_timeout_ms.
+        for peer in others {
+            if let Err(e) = self.ping_worker(peer).await {
+                self.declare_lost(
+                    peer,
+                    format!("its peer endpoint is unreachable ({}) after rank {rank} failed", e.message()),
+                );
+            }
+        }
+    }
+
     async fn ping_worker(&self, rank: u32) -> Result<(), Status> {
         let Some(mut client) = self.worker_clients.get().and_then(|c| c.get(rank as usize)).cloned() else {
             return Err(Status::not_found(format!("no client for rank {rank}")));
@@ -432,7 +482,8 @@ impl Job {
         if !req.error.is_empty() {
             tracing::error!(rank = req.rank, phase = %req.phase, error = %req.error, "phase failed on a worker");
             let message = format!("rank {} failed in phase {}: {}", req.rank, req.phase, req.error);
-            if let Some(notice) = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted) {
+            let status = ExitStatus::JobAborted;
+            if let Some(notice) = self.set_outcome(&mut state, StopReason::Aborted, message, status, req.retryable) {
                 drop(state);
                 self.changed.send_replace(());
                 self.announce_stop(notice);
@@ -513,7 +564,7 @@ impl Job {
                 lost.join(", ")
             );
         }
-        self.set_outcome(state, StopReason::Completed, message, ExitStatus::Success)
+        self.set_outcome(state, StopReason::Completed, message, ExitStatus::Success, false)
     }
 
     pub fn deregister(&self, rank: u32, instance_id: &str, success: bool, reason: &str) -> Result<(), Status> {
@@ -525,7 +576,8 @@ impl Job {
         state.members[i].status = MemberStatus::Left { success, reason: reason.to_string() };
         tracing::info!(job = %self.job_id, rank, success, %reason, "worker deregistered");
         let message = format!("rank {rank} left before the job finished: {reason}");
-        let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted);
+        // A worker leaves on SIGTERM: a preemption or an eviction, which its replacement survives.
+        let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::JobAborted, !success);
         drop(state);
         self.emit(JobEvent::Left { rank, success, reason: reason.to_string() });
         if let Some(notice) = notice {
@@ -534,29 +586,50 @@ impl Job {
         Ok(())
     }
 
-    /// Stops the job from outside (a signal, a dead child process in dev mode). The first stop wins.
+    /// Stops the job from outside (a signal, a launcher's error). The first stop wins; it is permanent.
     pub fn abort(&self, reason: StopReason, message: String, status: ExitStatus) {
-        let notice = self.set_outcome(&mut self.lock(), reason, message, status);
+        let notice = self.set_outcome(&mut self.lock(), reason, message, status, false);
         if let Some(notice) = notice {
             self.changed.send_replace(());
             self.announce_stop(notice);
         }
     }
 
-    /// Records the outcome if none is recorded yet; returns the notice to announce when it was new.
+    /// Records the outcome if none is recorded yet; returns the notice to announce when it was new. A
+    /// failure's message says whether the job restarts (`retryable`, with restarts left) or not.
     fn set_outcome(
         &self,
         state: &mut State,
         reason: StopReason,
-        message: String,
+        mut message: String,
         status: ExitStatus,
+        retryable: bool,
     ) -> Option<StopNotice> {
         if state.outcome.is_some() {
             return None;
         }
+        let max = self.config.cluster.max_restarts;
+        if reason == StopReason::Aborted {
+            if !retryable {
+                message.push_str("; a permanent failure: not restarted");
+            } else if self.attempt < max {
+                message.push_str(&format!(
+                    "; restarting from the last checkpoint (restart {} of {max})",
+                    self.attempt + 1
+                ));
+            } else {
+                message.push_str(&format!("; no restarts left (cluster.max_restarts = {max})"));
+            }
+        }
         let notice = StopNotice { reason, message };
         state.outcome = Some((notice.clone(), status));
+        state.retryable = retryable && reason == StopReason::Aborted;
         Some(notice)
+    }
+
+    /// Whether the recorded outcome will be followed by another attempt.
+    fn restart_follows(&self, state: &State) -> bool {
+        state.retryable && self.attempt < self.config.cluster.max_restarts
     }
 
     /// Tells every active worker to stop, directly on its control endpoint; the heartbeat answer
@@ -727,12 +800,29 @@ impl Job {
                 if let Some((notice, _)) = &state.outcome {
                     return Err(Status::aborted(format!("job {} is stopping: {notice}", self.job_id)));
                 }
-                let seed = self.config.job.seed;
-                let sweep = state.sweep.get_or_insert_with(|| {
-                    let tasks = self.config.probe.expand(seed);
-                    tracing::info!(tasks = tasks.len(), "probe sweep started");
-                    SweepQueue::new(tasks)
-                });
+                if state.sweep.is_none() {
+                    let tasks = self.config.probe.expand(self.config.job.seed);
+                    let mut sweep = SweepQueue::new(tasks);
+                    let recovered = std::mem::take(&mut state.recovered);
+                    let mut kept = 0;
+                    for outcome in recovered {
+                        match sweep.complete(outcome) {
+                            Ok(true) => kept += 1,
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!("a recorded probe result does not fit this sweep: {e}"),
+                        }
+                    }
+                    if kept > 0 {
+                        tracing::info!(
+                            recovered = kept,
+                            tasks = sweep.len(),
+                            "probe results recovered from the run directory; the sweep runs the rest"
+                        );
+                    }
+                    tracing::info!(tasks = sweep.len(), "probe sweep started");
+                    state.sweep = Some(sweep);
+                }
+                let Some(sweep) = state.sweep.as_mut() else { unreachable!("the sweep was just created") };
                 let (done, total) = (sweep.done() as u32, sweep.len() as u32);
                 let answer = |state: wire::SweepState, task_json: String| wire::NextProbeTaskResponse {
                     state: state.into(),
@@ -778,12 +868,17 @@ impl Job {
         let auc = outcome.mean_over_classes(|c| c.auc);
         let accuracy = outcome.last().map(|p| p.test_accuracy);
         let event = JobEvent::ProbeResult(Box::new(outcome.clone()));
+        let line = serde_json::to_string(&outcome).map_err(|e| Status::internal(e.to_string()))?;
         let accepted = sweep.complete(outcome).map_err(Status::invalid_argument)?;
         let (done, total) = (sweep.done() as u64, sweep.len() as u64);
         drop(state);
         if !accepted {
             tracing::info!(rank, task = task.id, "duplicate probe result ignored (the task already has one)");
             return Ok(false);
+        }
+        // Recorded before it counts, so that a restarted coordinator finds it.
+        if let Err(e) = self.run_dir.append_probe_result(&line) {
+            tracing::warn!(error = %e, "cannot record the probe result; a restart would run its task again");
         }
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         tracing::info!(
@@ -916,7 +1011,8 @@ impl Job {
         let (outcome, members, results, issues) = {
             let state = self.lock();
             let (notice, status) = state.outcome.clone().expect("the job stops only once an outcome is set");
-            let outcome = JobOutcome { status, message: notice.message, results_table: None };
+            let retryable = state.retryable;
+            let outcome = JobOutcome { status, message: notice.message, results_table: None, retryable };
             (outcome, state.members.clone(), state.results.clone(), state.file_issues.clone())
         };
         if !issues.is_empty() {
@@ -936,6 +1032,16 @@ impl Job {
         }
         outcome
     }
+}
+
+/// What the probe journal's results depend on: the whole configuration but the cluster section (a
+/// restart may come with other ports or another world size) and the job id (dev mode makes a new one
+/// each start; the run directory is what names the job).
+fn probe_fingerprint(config: &JobConfig) -> String {
+    let mut config = config.clone();
+    config.cluster = Default::default();
+    config.job.id = String::new();
+    config.to_toml()
 }
 
 /// A metric for a log line: 4 significant digits.
@@ -998,7 +1104,7 @@ mod tests {
         let mut config = JobConfig::default();
         config.job.id = "share-test".into();
         config.cluster.world_size = 2;
-        let job = Job::new(config, None, RunDir::create(dir).unwrap(), None).unwrap();
+        let job = Job::new(config, None, RunDir::create(dir).unwrap(), None, 0).unwrap();
         let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
         assert_eq!((a.unwrap().0, b.unwrap().0), (0, 1));
         job
@@ -1023,7 +1129,8 @@ mod tests {
                 truth.insert(prepared.dataset.index.images[i].sop_uid.clone(), value);
             }
         }
-        let job = Job::new(config, None, RunDir::create(&dir.path().join("run")).unwrap(), Some(prepared)).unwrap();
+        let run_dir = RunDir::create(&dir.path().join("run")).unwrap();
+        let job = Job::new(config, None, run_dir, Some(Arc::new(prepared)), 0).unwrap();
         let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
         assert!(a.is_ok() && b.is_ok());
         let mut seen = 0;

@@ -37,12 +37,47 @@ pub use run_dir::RunDir;
 /// one rank. A larger request is refused (`OUT_OF_RANGE`) and the service goes on.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// The job of the current attempt, swapped on a restart; the service, the metrics and the launchers
+/// read it from here.
+pub struct Jobs {
+    current: tokio::sync::watch::Sender<Arc<Job>>,
+    restarts: std::sync::atomic::AtomicU32,
+}
+
+impl Jobs {
+    fn new(job: Arc<Job>) -> Arc<Jobs> {
+        Arc::new(Jobs { current: tokio::sync::watch::Sender::new(job), restarts: Default::default() })
+    }
+
+    /// The current attempt's job.
+    pub fn get(&self) -> Arc<Job> {
+        Arc::clone(&self.current.borrow())
+    }
+
+    /// Follows the attempts: the receiver sees each new job.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Arc<Job>> {
+        self.current.subscribe()
+    }
+
+    /// How often the job was restarted so far.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A job of only this attempt (tests, tools): its metrics with no restarts.
+    pub fn single(job: Arc<Job>) -> Arc<Jobs> {
+        Jobs::new(job)
+    }
+}
+
 pub struct Coordinator {
     pub addr: SocketAddr,
-    pub job: Arc<Job>,
+    pub jobs: Arc<Jobs>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    driver: JoinHandle<JobOutcome>,
+    driver: Option<JoinHandle<JobOutcome>>,
     shutdown: CancellationToken,
+    token: Option<String>,
+    data: Option<Arc<data_plan::PreparedData>>,
 }
 
 /// How long the server keeps answering after the job ended, so that a worker's last heartbeat or
@@ -64,11 +99,13 @@ impl Coordinator {
             .map_err(|source| CoordinatorError::Bind { addr: config.cluster.listen.clone(), source })?;
         let run_dir = RunDir::create(&run_dir_path(&config)).map_err(CoordinatorError::RunDir)?;
         run_dir.write_config(&config.to_toml()).map_err(CoordinatorError::RunDir)?;
-        let job =
-            Job::new(config, token, run_dir, data).map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
+        let data = data.map(Arc::new);
+        let job = Job::new(config, token, run_dir, data.clone(), 0)
+            .map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
+        let jobs = Jobs::new(Arc::clone(&job));
         let shutdown = CancellationToken::new();
         let service = tonic::service::interceptor::InterceptedService::new(
-            CoordinatorServer::new(service::CoordinatorService { job: Arc::clone(&job) })
+            CoordinatorServer::new(service::CoordinatorService { jobs: Arc::clone(&jobs) })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             RequireToken::new(token),
@@ -80,22 +117,67 @@ impl Coordinator {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
         );
-        tokio::spawn(tensorboard::follow(Arc::clone(&job)));
-        let driver = tokio::spawn(Arc::clone(&job).drive());
         tracing::info!(job = %job.job_id, %addr, run_dir = %job.run_dir().path().display(), world_size = job.config.cluster.world_size, "coordinator listening");
-        Ok(Coordinator { addr, job, server, driver, shutdown })
+        let mut coordinator =
+            Coordinator { addr, jobs, server, driver: None, shutdown, token: token.map(str::to_string), data };
+        coordinator.drive(job);
+        Ok(coordinator)
     }
 
-    /// Waits for the job to end, then stops the server.
-    pub async fn wait(self) -> JobOutcome {
-        let outcome = match self.driver.await {
-            Ok(outcome) => outcome,
-            Err(e) => JobOutcome {
-                status: simclr_common::ExitStatus::Internal,
-                message: format!("job driver failed: {e}"),
-                results_table: None,
-            },
+    fn drive(&mut self, job: Arc<Job>) {
+        tokio::spawn(tensorboard::follow(Arc::clone(&job)));
+        self.driver = Some(tokio::spawn(job.drive()));
+    }
+
+    /// The current attempt's job.
+    pub fn job(&self) -> Arc<Job> {
+        self.jobs.get()
+    }
+
+    /// Waits for the current attempt to end.
+    pub async fn outcome(&mut self) -> JobOutcome {
+        let failed = |message: String| JobOutcome {
+            status: simclr_common::ExitStatus::Internal,
+            message,
+            results_table: None,
+            retryable: false,
         };
+        match self.driver.as_mut() {
+            Some(driver) => match driver.await {
+                Ok(outcome) => outcome,
+                Err(e) => failed(format!("job driver failed: {e}")),
+            },
+            None => failed("no job is running".into()),
+        }
+    }
+
+    /// Whether `outcome` calls for another attempt: a retryable failure with restarts left.
+    pub fn should_restart(&self, outcome: &JobOutcome) -> bool {
+        outcome.retryable && self.jobs.restarts() < self.jobs.get().config.cluster.max_restarts
+    }
+
+    /// Starts the next attempt of the job on the same address and run directory: a new rendezvous
+    /// (the whole group joins again, within `cluster.rendezvous_timeout_ms`), whose workers resume
+    /// pretraining from the latest checkpoint and the sweep from the recorded probe results.
+    pub fn restart(&mut self) -> Result<Arc<Job>, CoordinatorError> {
+        let previous = self.jobs.get();
+        let attempt = self.jobs.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let job = Job::new(
+            previous.config.clone(),
+            self.token.as_deref(),
+            previous.run_dir().clone(),
+            self.data.clone(),
+            attempt,
+        )
+        .map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
+        tracing::warn!(job = %job.job_id, attempt, max_restarts = job.config.cluster.max_restarts, "restarting the job from its last checkpoint");
+        self.jobs.current.send_replace(Arc::clone(&job));
+        self.drive(Arc::clone(&job));
+        Ok(job)
+    }
+
+    /// Stops the server (after a short linger for the workers' last calls).
+    pub async fn close(self) {
         tokio::time::sleep(LINGER).await;
         self.shutdown.cancel();
         match self.server.await {
@@ -103,6 +185,12 @@ impl Coordinator {
             Ok(Err(e)) => tracing::warn!(error = %e, "coordinator server ended with an error"),
             Err(e) => tracing::warn!(error = %e, "coordinator server task failed"),
         }
+    }
+
+    /// Waits for the job to end (this attempt, no restart), then stops the server.
+    pub async fn wait(mut self) -> JobOutcome {
+        let outcome = self.outcome().await;
+        self.close().await;
         outcome
     }
 }

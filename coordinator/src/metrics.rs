@@ -1,6 +1,6 @@
 //! The job's metrics in Prometheus' text format (version 0.0.4) at `GET /metrics` on the address
 //! `--metrics-listen` names: the world size, the workers by state, whether the job still runs, each
-//! rank's phase, step and total steps (from its progress reports), and for each phase every metric rank
+//! rank's phase, step and total steps, the restarts so far (from its progress reports), and for each phase every metric rank
 //! 0 reported last (loss, contrastive accuracy, learning rate, images/s, seconds in collectives, the
 //! probe sweep's last AUC, ...). A small HTTP/1.1 responder on the job's runtime: one request
 //! per connection, nothing but `GET /metrics` (and `/` pointing there).
@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::job::{Job, JobEvent, MemberStatus};
+use crate::Jobs;
 
 /// Rank 0's latest metrics per phase.
 type Latest = Arc<Mutex<BTreeMap<String, BTreeMap<String, f64>>>>;
@@ -23,24 +24,34 @@ type Latest = Arc<Mutex<BTreeMap<String, BTreeMap<String, f64>>>>;
 const MAX_REQUEST: usize = 8 << 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds `addr` and serves the metrics of `job` in the background; the bound address.
-pub async fn serve(addr: SocketAddr, job: Arc<Job>) -> std::io::Result<SocketAddr> {
+/// Binds `addr` and serves the metrics of the current attempt of the job in the background; the bound
+/// address.
+pub async fn serve(addr: SocketAddr, jobs: Arc<Jobs>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (--metrics-listen): {e}")))?;
     let bound = listener.local_addr()?;
     let latest: Latest = Arc::default();
-    let mut events = job.subscribe();
     let collected = Arc::clone(&latest);
+    let mut attempts = jobs.watch();
     tokio::spawn(async move {
         loop {
-            match events.recv().await {
-                Ok(JobEvent::Progress { phase, metrics, .. }) => {
-                    let mut latest = collected.lock().unwrap_or_else(|p| p.into_inner());
-                    latest.entry(phase).or_default().extend(metrics);
+            let mut events = attempts.borrow_and_update().subscribe();
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(JobEvent::Progress { phase, metrics, .. }) => {
+                            let mut latest = collected.lock().unwrap_or_else(|p| p.into_inner());
+                            latest.entry(phase).or_default().extend(metrics);
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => break,
+                    },
+                    changed = attempts.changed() => match changed {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
                 }
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => break,
             }
         }
     });
@@ -55,9 +66,9 @@ pub async fn serve(addr: SocketAddr, job: Arc<Job>) -> std::io::Result<SocketAdd
                     continue;
                 }
             };
-            let (job, latest) = (Arc::clone(&job), Arc::clone(&latest));
+            let (jobs, latest) = (Arc::clone(&jobs), Arc::clone(&latest));
             tokio::spawn(async move {
-                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &job, &latest)).await {
+                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &jobs, &latest)).await {
                     tracing::debug!("metrics request timed out: {e}");
                 }
             });
@@ -67,7 +78,7 @@ pub async fn serve(addr: SocketAddr, job: Arc<Job>) -> std::io::Result<SocketAdd
     Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, job: &Job, latest: &Latest) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, jobs: &Jobs, latest: &Latest) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -87,7 +98,7 @@ async fn answer(mut stream: TcpStream, job: &Job, latest: &Latest) -> std::io::R
     let path = path.split('?').next().unwrap_or_default();
     match (method, path) {
         ("GET", "/metrics") => {
-            let body = render(job, latest);
+            let body = render(&jobs.get(), jobs.restarts(), latest);
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
         ("GET", "/") => respond(&mut stream, "200 OK", "text/plain", "simclr-coordinator: see /metrics\n").await,
@@ -116,7 +127,7 @@ fn family(out: &mut String, name: &str, help: &str) {
 }
 
 /// The text exposition of the job's state now.
-fn render(job: &Job, latest: &Latest) -> String {
+fn render(job: &Job, restarts: u32, latest: &Latest) -> String {
     let mut out = String::new();
     family(&mut out, "simclr_world_size", "Workers the job runs with (cluster.world_size).");
     let _ = writeln!(out, "simclr_world_size {}", job.config.cluster.world_size);
@@ -136,6 +147,11 @@ fn render(job: &Job, latest: &Latest) -> String {
     }
     family(&mut out, "simclr_job_running", "1 while the job runs, 0 once it has stopped.");
     let _ = writeln!(out, "simclr_job_running {}", u8::from(job.stop_notice().is_none()));
+    let _ = writeln!(
+        out,
+        "# HELP simclr_restarts_total Restarts of the job from its last checkpoint after a retryable failure.\n\
+         # TYPE simclr_restarts_total counter\nsimclr_restarts_total {restarts}"
+    );
     let latest = latest.lock().unwrap_or_else(|p| p.into_inner()).clone();
     family(&mut out, "simclr_rank_step", "Each rank's latest reported step, in the phase it runs.");
     for (rank, m) in members.iter().enumerate().filter(|(_, m)| !m.phase.is_empty()) {

@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
+use simclr_common::probe::ProbeOutcome;
 use simclr_common::PeerTable;
 
 use crate::job::{JobOutcome, Member, MemberStatus};
+
+/// The probe results recorded so far, for a restarted job (`RunDir::open_probe_journal`).
+const PROBE_JOURNAL: &str = "probe_journal.jsonl";
 
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -115,6 +119,53 @@ impl RunDir {
             "checkpoint.json",
             &serde_json::json!({ "phase": phase, "step": step, "rank": rank, "path": path }),
         )
+    }
+
+    /// The probe results recorded for a configuration whose fingerprint is `fingerprint`
+    /// (`probe_journal.jsonl`: a header line, then one result per line, each synced before it counts).
+    /// A journal of another configuration is replaced by an empty one; a torn last line (a crash while
+    /// appending) is dropped.
+    pub fn open_probe_journal(&self, fingerprint: &str) -> std::io::Result<Vec<ProbeOutcome>> {
+        let path = self.path.join(PROBE_JOURNAL);
+        let header = serde_json::to_string(&json!({ "probe_journal": 1, "configuration": fingerprint }))?;
+        let mut recovered = Vec::new();
+        let mut valid = 0usize;
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut lines = text.split_inclusive('\n');
+            if lines.next().map(str::trim_end) == Some(header.as_str()) {
+                valid = header.len() + 1;
+                for line in lines {
+                    match serde_json::from_str::<ProbeOutcome>(line.trim_end()) {
+                        Ok(outcome) if line.ends_with('\n') => {
+                            recovered.push(outcome);
+                            valid += line.len();
+                        }
+                        _ => {
+                            tracing::warn!(path = %path.display(), "dropping a torn line at the end of the probe journal");
+                            break;
+                        }
+                    }
+                }
+            } else if !text.is_empty() {
+                tracing::info!(path = %path.display(), "the probe journal belongs to another configuration; starting a new one");
+            }
+        }
+        if valid == 0 {
+            self.write_atomic(PROBE_JOURNAL, format!("{header}\n").as_bytes())?;
+        } else {
+            let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+            file.set_len(valid as u64)?;
+            file.sync_all()?;
+        }
+        Ok(recovered)
+    }
+
+    /// Appends one probe result (a JSON line) to the journal and syncs it.
+    pub fn append_probe_result(&self, line: &str) -> std::io::Result<()> {
+        let path = self.path.join(PROBE_JOURNAL);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        file.write_all(format!("{line}\n").as_bytes())?;
+        file.sync_data()
     }
 
     fn write_json(&self, name: &str, doc: &serde_json::Value) -> std::io::Result<()> {

@@ -8,14 +8,22 @@ use tonic::{Request, Response, Status};
 
 use crate::job::Job;
 use crate::rendezvous::Registration;
+use crate::Jobs;
 
 pub struct CoordinatorService {
-    pub job: Arc<Job>,
+    /// The current attempt's job: a call always goes to the latest.
+    pub jobs: Arc<Jobs>,
+}
+
+impl CoordinatorService {
+    fn job(&self) -> Arc<Job> {
+        self.jobs.get()
+    }
 }
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn register_worker(
         &self,
         request: Request<wire::RegisterWorkerRequest>,
@@ -28,12 +36,13 @@ impl Coordinator for CoordinatorService {
             expected_world_size: req.expected_world_size,
             expected_job_id: req.expected_job_id,
         };
-        let (rank, table) = self.job.register(registration).await?;
+        let job = self.job();
+        let (rank, table) = job.register(registration).await?;
         Ok(Response::new(wire::RegisterWorkerResponse {
             rank,
             world_size: table.world_size(),
-            job_id: self.job.job_id.clone(),
-            config_toml: self.job.config_toml().to_string(),
+            job_id: job.job_id.clone(),
+            config_toml: job.config_toml().to_string(),
             peers: simclr_proto::peer_table_to_wire(&table),
         }))
     }
@@ -43,25 +52,30 @@ impl Coordinator for CoordinatorService {
         request: Request<wire::HeartbeatRequest>,
     ) -> Result<Response<wire::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        self.job.heartbeat(req.rank, &req.instance_id, &req.phase).map(Response::new)
+        self.job().heartbeat(req.rank, &req.instance_id, &req.phase).map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn report_progress(
         &self,
         request: Request<wire::ReportProgressRequest>,
     ) -> Result<Response<wire::ReportProgressResponse>, Status> {
-        self.job.report_progress(request.into_inner())?;
+        let request = request.into_inner();
+        if !request.error.is_empty() && !request.retryable {
+            self.job().check_peers_of(request.rank).await;
+        }
+        self.job().report_progress(request)?;
         Ok(Response::new(wire::ReportProgressResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn report_peer_failure(
         &self,
         request: Request<wire::ReportPeerFailureRequest>,
     ) -> Result<Response<wire::ReportPeerFailureResponse>, Status> {
         let req = request.into_inner();
-        let declared_lost = self.job.report_peer_failure(req.rank, &req.instance_id, req.peer_rank, &req.error).await?;
+        let declared_lost =
+            self.job().report_peer_failure(req.rank, &req.instance_id, req.peer_rank, &req.error).await?;
         Ok(Response::new(wire::ReportPeerFailureResponse { declared_lost }))
     }
 
@@ -70,16 +84,16 @@ impl Coordinator for CoordinatorService {
         request: Request<wire::GetAssignmentRequest>,
     ) -> Result<Response<wire::GetAssignmentResponse>, Status> {
         let req = request.into_inner();
-        self.job.assignment(req.rank, &req.instance_id, req.epoch, req.probe).map(Response::new)
+        self.job().assignment(req.rank, &req.instance_id, req.epoch, req.probe).map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn share_value(
         &self,
         request: Request<wire::ShareValueRequest>,
     ) -> Result<Response<wire::ShareValueResponse>, Status> {
         let req = request.into_inner();
-        let value = self.job.share_value(req.rank, &req.instance_id, &req.key, req.value).await?;
+        let value = self.job().share_value(req.rank, &req.instance_id, &req.key, req.value).await?;
         Ok(Response::new(wire::ShareValueResponse { value }))
     }
 
@@ -88,26 +102,26 @@ impl Coordinator for CoordinatorService {
         request: Request<wire::NextProbeTaskRequest>,
     ) -> Result<Response<wire::NextProbeTaskResponse>, Status> {
         let req = request.into_inner();
-        self.job.next_probe_task(req.rank, &req.instance_id).await.map(Response::new)
+        self.job().next_probe_task(req.rank, &req.instance_id).await.map(Response::new)
     }
 
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn report_probe_result(
         &self,
         request: Request<wire::ReportProbeResultRequest>,
     ) -> Result<Response<wire::ReportProbeResultResponse>, Status> {
         let req = request.into_inner();
-        let accepted = self.job.report_probe_result(req.rank, &req.instance_id, &req.outcome_json)?;
+        let accepted = self.job().report_probe_result(req.rank, &req.instance_id, &req.outcome_json)?;
         Ok(Response::new(wire::ReportProbeResultResponse { accepted }))
     }
 
-    #[tracing::instrument(skip_all, fields(job = %self.job.job_id))]
+    #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]
     async fn deregister(
         &self,
         request: Request<wire::DeregisterRequest>,
     ) -> Result<Response<wire::DeregisterResponse>, Status> {
         let req = request.into_inner();
-        self.job.deregister(req.rank, &req.instance_id, req.success, &req.reason)?;
+        self.job().deregister(req.rank, &req.instance_id, req.success, &req.reason)?;
         Ok(Response::new(wire::DeregisterResponse {}))
     }
 }

@@ -53,6 +53,8 @@ pub fn test_config(world_size: u32) -> JobConfig {
     config.cluster.heartbeat_timeout_ms = 1_500;
     config.cluster.peer_timeout_ms = 500;
     config.cluster.shutdown_grace_ms = 5_000;
+    // The in-process harness runs one attempt (`Coordinator::wait`); restarts are the launchers'.
+    config.cluster.max_restarts = 0;
     config.preflight.rounds = 3;
     // These jobs test membership and phases without a dataset: nothing to pretrain.
     config.pretrain.enabled = false;
@@ -112,12 +114,17 @@ impl TestCluster {
         let coordinator = Coordinator::start(config, listener, token, None)?;
         Ok(TestCluster {
             addr: coordinator.addr,
-            job: Arc::clone(&coordinator.job),
-            events: coordinator.job.subscribe(),
+            job: coordinator.job(),
+            events: coordinator.job().subscribe(),
             coordinator: Some(coordinator),
             run_dir,
             workers: Vec::new(),
         })
+    }
+
+    /// The coordinator's attempts (for its metrics endpoint).
+    pub fn jobs(&self) -> Result<Arc<simclr_coordinator::Jobs>> {
+        self.coordinator.as_ref().map(|c| c.jobs.clone()).context("the coordinator has stopped")
     }
 
     /// Spawns a worker process dialing this coordinator; returns its index in `workers`.

@@ -297,7 +297,7 @@ fn parsed_by_prometheus_client(body: &str) -> anyhow::Result<Option<Vec<String>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(long_running(test_config(2))).await?;
-    let addr = simclr_coordinator::metrics::serve("127.0.0.1:0".parse()?, cluster.job.clone()).await?;
+    let addr = simclr_coordinator::metrics::serve("127.0.0.1:0".parse()?, cluster.jobs()?).await?;
     cluster.spawn_worker(&[])?;
     cluster.spawn_worker(&[])?;
     // Preflight reports progress once a second, from every rank.
@@ -308,7 +308,9 @@ async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() 
     assert!(simclr_tests::eventually(GENEROUS, reported).await, "{}", cluster.logs());
     let (head, body) = http_get(&addr.to_string(), "/metrics").await?;
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
-    for line in ["simclr_world_size 2", "simclr_workers{state=\"active\"} 2", "simclr_job_running 1"] {
+    for line in
+        ["simclr_world_size 2", "simclr_workers{state=\"active\"} 2", "simclr_job_running 1", "simclr_restarts_total 0"]
+    {
         assert!(body.lines().any(|l| l == line), "no '{line}' in:\n{body}");
     }
     assert!(body.contains("simclr_rank_steps_total{rank=\"1\",phase=\"preflight\"} 1000000"), "{body}");

@@ -255,7 +255,7 @@ async fn a_dead_worker_in_dev_mode_stops_the_job_at_once() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let run_dir = dir.path().join("run");
     let config = write_config(dir.path(), FAST_AND_LONG)?;
-    let child = dev_command(&run_dir, &["--workers", "3", "--config", &config])?.spawn()?;
+    let child = dev_command(&run_dir, &["--workers", "3", "--config", &config, "--max-restarts", "0"])?.spawn()?;
     let pids = worker_pids(&run_dir).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed_at = Instant::now();
@@ -264,6 +264,7 @@ async fn a_dead_worker_in_dev_mode_stops_the_job_at_once() -> anyhow::Result<()>
     let (code, log) = finish(child).await?;
     assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
     assert!(log.contains("rank 2"), "the failure does not name rank 2:\n{log}");
+    assert!(log.contains("no restarts left (cluster.max_restarts = 0)"), "{log}");
     assert!(killed_at.elapsed() < GENEROUS);
     for pid in pids {
         assert!(!pid_alive(pid), "worker {pid} left behind");
@@ -434,6 +435,16 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(log.contains("broken.dcm") && log.contains("on_bad_file"), "{log}");
     assert!(!run_dir.join("cluster.json").exists(), "workers started despite on_bad_file = fail");
 
+    // Only the file whose pixels do not decode: the workers find it, and bad data is a permanent
+    // failure: the job stops at once, without a restart.
+    std::fs::remove_file(&broken)?;
+    let run_dir = dir.path().join("fail-on-a-worker");
+    let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
+    let (code, log) = finish(child).await?;
+    assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
+    assert!(log.contains(&victim_name) && log.contains("a permanent failure: not restarted"), "{log}");
+    assert!(!log.contains("restarting the job"), "{log}");
+
     // inspect agrees, and exits non-zero.
     let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
         .args(["inspect", "--decode", "--data"])
@@ -478,5 +489,118 @@ async fn a_pretraining_run_resumed_from_its_checkpoint_ends_with_the_uninterrupt
     let a = std::fs::read(whole.join("encoder.safetensors"))?;
     let b = std::fs::read(resumed.join("encoder.safetensors"))?;
     assert!(a == b, "the resumed run's encoder differs from the uninterrupted run's");
+    Ok(())
+}
+
+/// Waits until the coordinator's log (stderr) shows `pattern`; returns the lines read so far and the
+/// rest of the stream, to be read to its end later.
+async fn log_until(
+    child: &mut tokio::process::Child,
+    pattern: &str,
+) -> anyhow::Result<(String, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>)> {
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let found = tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, Some(pattern))).await??;
+    anyhow::ensure!(found, "the log never showed '{pattern}':\n{log}");
+    Ok((log, lines))
+}
+
+/// A worker killed (SIGKILL) in the middle of pretraining: the coordinator restarts the whole group
+/// from the last checkpoint, and the run ends with exactly the weights of a run never interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_pretraining_is_restarted_and_the_weights_match_an_uninterrupted_run(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = format!(
+        "{SMALL_DATA}[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\n{}",
+        TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4").replace("epochs = 2", "epochs = 10")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let whole = dir.path().join("whole");
+    let (code, log) = finish(dev_command(&whole, &["--workers", "2", "--config", &config])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+
+    let killed = dir.path().join("killed");
+    let mut child = dev_command(&killed, &["--workers", "2", "--config", &config])?.spawn()?;
+    let pids = worker_pids(&killed).await?;
+    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
+    // SAFETY: plain syscall on a worker the coordinator spawned.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(GENEROUS, async {
+        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
+            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
+        })
+    })
+    .await??;
+    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
+    let log = log + &out;
+    assert_eq!(exit_code(status), 0, "{log}");
+    assert!(log.contains("restarting from the last checkpoint (restart 1 of 3)"), "{log}");
+    assert!(log.contains("resuming from the latest checkpoint"), "{log}");
+    let total = |dir: &Path| -> anyhow::Result<(f64, f64)> {
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json"))?)?;
+        let rank0 = &doc["ranks"]["0"];
+        Ok((rank0["steps"].as_f64().unwrap_or(-1.0), rank0["steps_this_run"].as_f64().unwrap_or(-1.0)))
+    };
+    let (whole_steps, _) = total(&whole)?;
+    let (steps, this_run) = total(&killed)?;
+    assert_eq!(steps, whole_steps);
+    assert!(
+        this_run > 0.0 && this_run < steps,
+        "the kill did not land during pretraining: {this_run} of {steps} steps after the restart"
+    );
+    let a = std::fs::read(whole.join("encoder.safetensors"))?;
+    let b = std::fs::read(killed.join("encoder.safetensors"))?;
+    assert!(a == b, "the restarted run's encoder differs from the uninterrupted run's");
+    check_sweep_results(&killed, 12, 1)?;
+    for pid in pids {
+        assert!(eventually(Duration::from_secs(5), || !pid_alive(pid)).await, "worker {pid} left behind");
+    }
+    Ok(())
+}
+
+/// The coordinator killed (SIGKILL) during the probe sweep, then started again on the same run
+/// directory: it resumes from the recorded state. Pretraining comes back from its last checkpoint
+/// with nothing left to train, the probe results recorded before the kill are kept, and only the
+/// remaining tasks run: every task is reported exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinator_started_again_resumes_the_job_from_its_run_directory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let body = format!(
+        "{SMALL_DATA}{}[probe]\nhidden = [16]\ndropout = [0.0]\nepochs = [300]\nlinear = false\nseeds = 4\nbootstrap = 0\n",
+        TINY_PRETRAIN.split("[probe]").next().unwrap().replace("epochs = 2", "epochs = 1")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let mut child = dev_command(&run_dir, &["--workers", "2", "--config", &config])?.spawn()?;
+    let pids = worker_pids(&run_dir).await?;
+    let (log, _lines) = log_until(&mut child, "probe 2/8").await?;
+    child.start_kill()?;
+    child.wait().await?;
+    for pid in pids {
+        assert!(eventually(Duration::from_secs(10), || !pid_alive(pid)).await, "worker {pid} outlived its coordinator");
+    }
+    let summary = run_dir.join("summary.json");
+    assert!(!summary.exists(), "the killed coordinator wrote a summary:\n{log}");
+
+    let (code, log) = finish(dev_command(&run_dir, &["--workers", "2", "--config", &config])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("resuming from the latest checkpoint"), "{log}");
+    let recovered: u32 = log
+        .lines()
+        .find(|l| l.contains("probe results recovered from the run directory"))
+        .and_then(|l| l.split("recovered=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no recovered probe results in:\n{log}"))?;
+    assert!((2..8).contains(&recovered), "recovered {recovered}:\n{log}");
+    // Only the tasks without a recorded result ran again.
+    let ran = log.lines().filter(|l| l.contains("probe ") && l.contains("/8: ")).count();
+    assert_eq!(ran as u32, 8 - recovered, "{log}");
+    check_sweep_results(&run_dir, 8, 1)?;
+    let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
+    assert_eq!(pretrain["ranks"]["0"]["steps_this_run"].as_f64(), Some(0.0), "{pretrain}");
     Ok(())
 }

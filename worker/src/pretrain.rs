@@ -23,7 +23,7 @@ use crate::collective::{Collective, Timed};
 use crate::decode::cache_key;
 use crate::model::load_encoder;
 use crate::model::save_encoder;
-use crate::session::{PhaseContext, PhaseOutput};
+use crate::session::{PhaseContext, PhaseError, PhaseOutput};
 use crate::train::{latest_checkpoint, EpochData, StepStats, TrainError, Trainer};
 
 const PHASE: &str = "pretrain";
@@ -42,7 +42,7 @@ enum Event {
     },
 }
 
-pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let config = ctx.config.pretrain.clone();
     let mut output = PhaseOutput::default();
     if !config.enabled {
@@ -59,7 +59,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let collective = ctx.collective(PHASE).await?;
+    let collective = ctx.collective(PHASE).await.map_err(PhaseError::retryable)?;
     let timed = Arc::new(Timed::new(collective));
     let (events, mut rx) = mpsc::unbounded_channel();
     let job = TrainJob {
@@ -115,7 +115,11 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
         }
     }
     output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
-    output.metrics = result.map_err(|e| e.to_string())?;
+    output.metrics = result.map_err(|e| match e {
+        // A peer that died or froze cuts the collectives off; a restart from the checkpoint cures it.
+        TrainError::Collective(_) | TrainError::Interrupted(_) => PhaseError::retryable(e.to_string()),
+        other => PhaseError::from(other.to_string()),
+    })?;
     Ok(output)
 }
 

@@ -226,6 +226,38 @@ pub struct PhaseOutput {
     pub issues: Vec<(String, String)>,
 }
 
+/// Why a phase failed on this rank, and whether a restart from the last checkpoint may cure it (a peer
+/// lost, a collective cut off) or not (a bad configuration, bad data: the coordinator stops at once).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl PhaseError {
+    pub fn retryable(message: impl Into<String>) -> PhaseError {
+        PhaseError { message: message.into(), retryable: true }
+    }
+}
+
+impl From<String> for PhaseError {
+    fn from(message: String) -> PhaseError {
+        PhaseError { message, retryable: false }
+    }
+}
+
+impl From<&str> for PhaseError {
+    fn from(message: &str) -> PhaseError {
+        PhaseError::from(message.to_string())
+    }
+}
+
+impl std::fmt::Display for PhaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// How a wait ended.
 enum Interrupted {
     Stop(StopNotice),
@@ -356,14 +388,14 @@ async fn session(
             Ok(Ok(output)) => {
                 // A phase end the coordinator refuses would leave the job waiting for this rank
                 // forever: report it as this rank's failure instead.
-                if let Err(refused) = report_phase(&ctx, phase, output, String::new()).await {
-                    report_phase(&ctx, phase, PhaseOutput::default(), refused).await.ok();
+                if let Err(refused) = report_phase(&ctx, phase, output, None).await {
+                    report_phase(&ctx, phase, PhaseOutput::default(), Some(refused.into())).await.ok();
                     break;
                 }
             }
             Ok(Err(error)) => {
-                tracing::error!(phase, %error, "phase failed");
-                report_phase(&ctx, phase, PhaseOutput::default(), error).await.ok();
+                tracing::error!(phase, %error, retryable = error.retryable, "phase failed");
+                report_phase(&ctx, phase, PhaseOutput::default(), Some(error)).await.ok();
                 break;
             }
             Err(why) => {
@@ -429,19 +461,29 @@ async fn watch<T>(
     }
 }
 
-async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, String> {
+async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     match phase {
-        "preflight" => preflight::run(ctx).await.map(|metrics| PhaseOutput { metrics, issues: Vec::new() }),
-        "decode" => decode::run(ctx).await,
+        // Preflight only talks to the peers: its failures are theirs.
+        "preflight" => preflight::run(ctx)
+            .await
+            .map(|metrics| PhaseOutput { metrics, issues: Vec::new() })
+            .map_err(PhaseError::retryable),
+        "decode" => Ok(decode::run(ctx).await?),
         "pretrain" => pretrain::run(ctx).await,
-        "probe" => sweep::run(ctx).await,
-        other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION)),
+        "probe" => Ok(sweep::run(ctx).await?),
+        other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION).into()),
     }
 }
 
 /// Reports the end of a phase (or its failure, when `error` is set); the error says why the coordinator
 /// did not take it.
-async fn report_phase(ctx: &PhaseContext, phase: &str, output: PhaseOutput, error: String) -> Result<(), String> {
+async fn report_phase(
+    ctx: &PhaseContext,
+    phase: &str,
+    output: PhaseOutput,
+    error: Option<PhaseError>,
+) -> Result<(), String> {
+    let (error, retryable) = error.map(|e| (e.message, e.retryable)).unwrap_or_default();
     let request = wire::ReportProgressRequest {
         rank: ctx.rank,
         instance_id: ctx.instance_id.clone(),
@@ -449,6 +491,7 @@ async fn report_phase(ctx: &PhaseContext, phase: &str, output: PhaseOutput, erro
         phase_done: error.is_empty(),
         metrics: output.metrics.into_iter().collect(),
         error,
+        retryable,
         issues: output.issues.into_iter().map(|(path, reason)| wire::FileIssue { path, reason }).collect(),
         ..Default::default()
     };

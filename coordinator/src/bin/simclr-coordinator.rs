@@ -126,6 +126,10 @@ struct PretrainOverrides {
     /// grpc or nccl (cluster.collective).
     #[arg(long, value_parser = ["auto", "tcp", "grpc", "nccl"])]
     collective: Option<String>,
+    /// Restarts from the last checkpoint after a retryable failure, a worker lost or killed
+    /// (cluster.max_restarts; 0: none). Permanent failures (bad config, bad data) never restart.
+    #[arg(long)]
+    max_restarts: Option<u32>,
 }
 
 impl PretrainOverrides {
@@ -143,6 +147,9 @@ impl PretrainOverrides {
             Some("local") => config.pretrain.bn = BnMode::Local,
             Some("sync") => config.pretrain.bn = BnMode::Sync,
             _ => {}
+        }
+        if let Some(n) = self.max_restarts {
+            config.cluster.max_restarts = n;
         }
         match self.collective.as_deref() {
             Some("auto") => config.cluster.collective = CollectiveBackend::Auto,
@@ -254,24 +261,36 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if let Some(addr) = args.health_listen {
         simclr_proto::health::serve(addr).await.map_err(CoordinatorError::RunDir)?;
     }
-    let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
-    let job = coordinator.job.clone();
+    let mut coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     if let Some(addr) = args.metrics_listen {
-        metrics::serve(addr, job.clone()).await.map_err(CoordinatorError::RunDir)?;
+        metrics::serve(addr, coordinator.jobs.clone()).await.map_err(CoordinatorError::RunDir)?;
     }
-    tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
-    let mut wait = Box::pin(coordinator.wait());
     let mut signalled = false;
+    // Each attempt: the workers (their launcher restarts them: Kubernetes' restart policy, the sbatch
+    // script's loop) join, run, and after a retryable failure join the next attempt.
     let outcome = loop {
-        tokio::select! {
-            outcome = &mut wait => break outcome,
-            signal = signals.recv() => {
-                signalled = true;
-                cancel(&job, signal)
+        let job = coordinator.job();
+        tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
+        let outcome = {
+            let mut wait = Box::pin(coordinator.outcome());
+            loop {
+                tokio::select! {
+                    outcome = &mut wait => break outcome,
+                    signal = signals.recv() => {
+                        signalled = true;
+                        cancel(&job, signal)
+                    }
+                }
             }
+        };
+        progress::clear();
+        if !coordinator.should_restart(&outcome) {
+            break outcome;
         }
+        tracing::warn!(message = %outcome.message, "attempt failed; waiting for the workers to join the next one");
+        coordinator.restart()?;
     };
-    progress::clear();
+    coordinator.close().await;
     let status = report(outcome);
     if args.linger && !signalled {
         tracing::info!(%status, "job ended; staying up until SIGTERM or SIGINT (--linger)");
@@ -306,12 +325,10 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let grace = std::time::Duration::from_millis(config.cluster.shutdown_grace_ms);
     let workers = config.cluster.world_size;
     let mut signals = Signals::new()?;
-    let coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
-    let job = coordinator.job.clone();
+    let mut coordinator = Coordinator::start(config, listener, token()?.as_deref(), Some(data))?;
     if let Some(addr) = args.metrics_listen {
-        metrics::serve(addr, job.clone()).await.map_err(CoordinatorError::RunDir)?;
+        metrics::serve(addr, coordinator.jobs.clone()).await.map_err(CoordinatorError::RunDir)?;
     }
-    tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
     let options = LaunchOptions {
         worker_binary,
         workers,
@@ -322,42 +339,56 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         extra_args: vec![],
         device: args.device.clone(),
     };
-    let mut launched = match launcher::spawn_workers(coordinator.addr, &options) {
-        Ok(launched) => launched,
-        Err(e) => {
-            job.abort(StopReason::Aborted, e.to_string(), e.exit_status());
-            coordinator.wait().await;
-            return Err(e);
-        }
-    };
-    let mut wait = Box::pin(coordinator.wait());
-    let mut early_exits = Vec::new();
+    // Each attempt: a fresh group of workers; after a retryable failure (a worker died, a collective
+    // was cut off) the whole group goes and a new one resumes from the last checkpoint.
     let outcome = loop {
-        tokio::select! {
-            outcome = &mut wait => break outcome,
-            signal = signals.recv() => cancel(&job, signal),
-            Some(exit) = launched.next_exit() => {
-                // A worker that ends before the stop notice can only have failed: declare it lost now
-                // rather than wait for its heartbeat to time out (which stops the job, except during
-                // the probe sweep, whose tasks go to the others).
-                if job.stop_notice().is_none() {
-                    let message = format!("worker {} before the job finished", exit.describe());
-                    if !job.declare_lost(exit.rank, message.clone()) {
-                        job.abort(StopReason::Aborted, message, ExitStatus::JobAborted);
+        let job = coordinator.job();
+        tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
+        let mut launched = match launcher::spawn_workers(coordinator.addr, &options) {
+            Ok(launched) => launched,
+            Err(e) => {
+                job.abort(StopReason::Aborted, e.to_string(), e.exit_status());
+                coordinator.wait().await;
+                return Err(e);
+            }
+        };
+        let mut early_exits = Vec::new();
+        let outcome = {
+            let mut wait = Box::pin(coordinator.outcome());
+            loop {
+                tokio::select! {
+                    outcome = &mut wait => break outcome,
+                    signal = signals.recv() => cancel(&job, signal),
+                    Some(exit) = launched.next_exit() => {
+                        // A worker that ends before the stop notice can only have failed: declare it
+                        // lost now rather than wait for its heartbeat to time out (which stops the job,
+                        // except during the probe sweep, whose tasks go to the others).
+                        if job.stop_notice().is_none() {
+                            let message = format!("worker {} before the job finished", exit.describe());
+                            if !job.declare_lost(exit.rank, message.clone()) {
+                                job.abort(StopReason::Aborted, message, ExitStatus::JobAborted);
+                            }
+                        }
+                        early_exits.push(exit);
                     }
                 }
-                early_exits.push(exit);
+            }
+        };
+        let mut exits = launched.shut_down(grace).await;
+        exits.extend(early_exits);
+        exits.sort_by_key(|e| e.rank);
+        for exit in &exits {
+            if !exit.success() {
+                tracing::warn!("worker {}", exit.describe());
             }
         }
-    };
-    let mut exits = launched.shut_down(grace).await;
-    exits.extend(early_exits);
-    exits.sort_by_key(|e| e.rank);
-    for exit in &exits {
-        if !exit.success() {
-            tracing::warn!("worker {}", exit.describe());
+        progress::clear();
+        if !coordinator.should_restart(&outcome) {
+            break outcome;
         }
-    }
+        coordinator.restart()?;
+    };
+    coordinator.close().await;
     progress::clear();
     Ok(report(outcome))
 }
