@@ -211,3 +211,28 @@ fn a_cancelled_job_stops_without_a_requeue() -> Result<()> {
     assert!(logs.contains("without a requeue") && !logs.contains("requeued"), "{logs}");
     Ok(())
 }
+
+/// A worker task killed (SIGKILL) during pretraining: the coordinator restarts the job from its last
+/// checkpoint and the script starts the worker step again; the job completes without a requeue.
+#[test]
+fn a_killed_worker_task_is_started_again_and_the_job_completes() -> Result<()> {
+    let Some(job) = Submitted::new()? else { return Ok(()) };
+    let run_dir = &job.run_dir;
+    job.wait_until("the first checkpoint", || Ok(run_dir.join("checkpoints/latest").is_file()))?;
+    let cluster: serde_json::Value = serde_json::from_str(&read(&run_dir.join("cluster.json")))?;
+    let pid = cluster["ranks"][1]["pid"].as_i64().context("no pid of rank 1 in cluster.json")?;
+    // SAFETY: plain syscall; the task runs on this machine (a one-node cluster).
+    anyhow::ensure!(unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0, "cannot kill pid {pid}");
+    let state = job.wait_final()?;
+    let logs = job.logs();
+    assert_eq!(state, ("COMPLETED".to_string(), 0), "{logs}");
+    assert!(job.batch_log().contains("starting the workers again"), "{logs}");
+    let coordinator = read(&run_dir.join("logs/coordinator.log"));
+    assert!(coordinator.contains("restarting from the last checkpoint (restart 1 of 3)"), "{coordinator}");
+    assert!(coordinator.contains("all 2 ranks finished"), "{coordinator}");
+    let worker = read(&run_dir.join("logs/worker-1.log"));
+    assert!(worker.contains("resuming from the latest checkpoint"), "{logs}");
+    let results = read(&run_dir.join("results.csv"));
+    assert_eq!(results.lines().count(), 13, "{results}");
+    Ok(())
+}

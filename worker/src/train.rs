@@ -417,12 +417,19 @@ impl Trainer {
         (data.images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| data.ids[i]).collect())
     }
 
-    /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it.
+    /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it. Every file is synced
+    /// before the renames that publish it, so neither a killed process nor a lost machine leaves
+    /// `latest` naming an incomplete checkpoint; the one it named before stays untouched until then.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf, TrainError> {
         let fail = |path: &Path, message: String| TrainError::Checkpoint { path: path.to_path_buf(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
         let name = format!("step-{:08}", self.step);
         let final_dir = dir.join(&name);
+        if latest_checkpoint(dir).is_ok_and(|latest| latest == final_dir) {
+            // This very step is the last good checkpoint (a run resumed at its end): keep it.
+            return Ok(final_dir);
+        }
+        remove_stale_temporaries(dir);
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| fail(&tmp, e.to_string()))?;
@@ -442,11 +449,14 @@ impl Trainer {
             SavedState { step: self.step, epoch: self.epoch, position: self.position, config: self.config.clone() };
         std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
             .map_err(|e| fail(&tmp, e.to_string()))?;
+        sync_tree(&tmp).map_err(|e| fail(&tmp, format!("sync: {e}")))?;
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| fail(&final_dir, e.to_string()))?;
         let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
         std::fs::write(&latest_tmp, &name).map_err(|e| fail(&latest_tmp, e.to_string()))?;
+        sync_file(&latest_tmp).map_err(|e| fail(&latest_tmp, format!("sync: {e}")))?;
         std::fs::rename(&latest_tmp, dir.join("latest")).map_err(|e| fail(dir, e.to_string()))?;
+        sync_file(dir).map_err(|e| fail(dir, format!("sync: {e}")))?;
         self.last_checkpoint = Some(final_dir.clone());
         Ok(final_dir)
     }
@@ -500,6 +510,36 @@ impl Trainer {
     }
 }
 
+/// Flushes a file (or a directory's entries) to the disk.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Flushes every file of `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        sync_file(&entry?.path())?;
+    }
+    sync_file(dir)
+}
+
+/// Removes what writers killed mid-checkpoint left behind (`.step-*.tmp-PID`, `.latest.tmp-PID`): one
+/// writer per job (rank 0), so another process's temporaries are a dead one's.
+fn remove_stale_temporaries(dir: &Path) {
+    let mine = format!(".tmp-{}", std::process::id());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") && !name.ends_with(&mine) {
+            let path = entry.path();
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            if removed.is_ok() {
+                tracing::info!(path = %path.display(), "removed a checkpoint left half-written by a killed writer");
+            }
+        }
+    }
+}
+
 /// The checkpoint directory that `dir/latest` names.
 pub fn latest_checkpoint(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(dir.join(std::fs::read_to_string(dir.join("latest"))?.trim()))
@@ -530,6 +570,79 @@ mod tests {
             seed: 3,
             ..PretrainConfig::default()
         }
+    }
+
+    /// Set in the child process of `a_writer_killed_at_random_points_never_damages_the_last_checkpoint`:
+    /// the checkpoints directory it writes into.
+    const WRITER_ENV: &str = "SIMCLR_TEST_CHECKPOINT_WRITER";
+
+    /// Every weight of the model set to `value`, so that a checkpoint's files tell which step wrote them.
+    fn stamp(t: &mut Trainer, value: f64) {
+        tch::no_grad(|| {
+            for (_, mut v) in t.vs.variables() {
+                let _ = v.fill_(value);
+            }
+        });
+    }
+
+    /// A writer process is killed (SIGKILL) at random moments while it writes checkpoints back to back;
+    /// after each kill the latest checkpoint loads, is whole (its weights are the ones its step wrote),
+    /// never goes back in time, and the next writer resumes from it.
+    #[test]
+    fn a_writer_killed_at_random_points_never_damages_the_last_checkpoint() {
+        if let Ok(dir) = std::env::var(WRITER_ENV) {
+            let dir = PathBuf::from(dir);
+            let mut t = Trainer::new(tiny(4, 1), 16, Device::Cpu).unwrap();
+            if dir.join("latest").is_file() {
+                t.load_checkpoint(&dir).unwrap();
+            }
+            loop {
+                t.step += 1;
+                let step = t.step as f64;
+                stamp(&mut t, step);
+                t.save_checkpoint(&dir).unwrap();
+            }
+        }
+        use rand::Rng;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut last = 0u64;
+        let mut rounds_with_progress = 0;
+        for round in 0..12 {
+            let mut writer = std::process::Command::new(&exe)
+                .args(["--exact", "train::tests::a_writer_killed_at_random_points_never_damages_the_last_checkpoint"])
+                .args(["--test-threads", "1", "--nocapture"])
+                .env(WRITER_ENV, dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(300..1500)));
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+            if !dir.path().join("latest").is_file() {
+                continue; // killed before its first checkpoint
+            }
+            let mut t = Trainer::new(tiny(4, 1), 16, Device::Cpu).unwrap();
+            t.load_checkpoint(dir.path())
+                .unwrap_or_else(|e| panic!("round {round}: the latest checkpoint does not load: {e}"));
+            assert!(t.step >= last, "round {round}: went back from step {last} to {}", t.step);
+            rounds_with_progress += usize::from(t.step > last);
+            last = t.step;
+            for (name, v) in t.vs.variables() {
+                let wrong = v.ne(t.step as f64).any().int64_value(&[]) != 0;
+                assert!(!wrong, "round {round}: '{name}' of step {} holds another step's values", t.step);
+            }
+        }
+        assert!(rounds_with_progress >= 6, "the writer rarely got to write: {rounds_with_progress} rounds");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.len() <= 2, "half-written checkpoints pile up: {leftovers:?}");
     }
 
     fn dataset(n: i64) -> Tensor {
