@@ -303,7 +303,10 @@ async fn a_worker_killed_during_the_probe_sweep_loses_no_task() -> anyhow::Resul
         TINY_PRETRAIN.split("[probe]").next().unwrap().replace("epochs = 2", "epochs = 1")
     );
     let config = write_config(dir.path(), &body)?;
-    let mut child = dev_command(&run_dir, &["--workers", "3", "--config", &config])?.spawn()?;
+    // The coordinator's debug line for each task handed out tells which rank holds a task.
+    let mut child = dev_command(&run_dir, &["--workers", "3", "--config", &config])?
+        .env("RUST_LOG", "info,simclr_coordinator::job=debug")
+        .spawn()?;
     let pids = worker_pids(&run_dir).await?;
     let mut stdout = child.stdout.take().unwrap();
     let stdout = tokio::spawn(async move {
@@ -314,16 +317,25 @@ async fn a_worker_killed_during_the_probe_sweep_loses_no_task() -> anyhow::Resul
     let mut log = String::new();
     let started = tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, Some("probe 1/8"))).await??;
     assert!(started, "the sweep never reported a result:\n{log}");
-    // Kill a rank other than the one that reported first: it is still inside its first task (all
-    // three started together and every task takes about as long).
-    let reporter: usize = log
+    // Kill the rank that reported first once it holds its next task (which takes it hundreds of
+    // milliseconds): that task must go back to the queue.
+    let victim: usize = log
         .lines()
         .find(|l| l.contains("probe 1/8"))
         .and_then(|l| l.rsplit("rank=").next())
         .and_then(|r| r.trim().split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|r| r.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no rank in the first result's line:\n{log}"))?;
-    let victim = (reporter + 1) % 3;
+    loop {
+        let mut line = String::new();
+        let found =
+            tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut line, Some("probe task handed out"))).await??;
+        log.push_str(&line);
+        assert!(found, "rank {victim} got no second task:\n{log}");
+        if line.contains(&format!("rank={victim} ")) {
+            break;
+        }
+    }
     // SAFETY: plain syscall on a worker the coordinator spawned.
     unsafe { libc::kill(pids[victim] as i32, libc::SIGKILL) };
     tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, None)).await??;
@@ -435,6 +447,15 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(log.contains("broken.dcm") && log.contains("on_bad_file"), "{log}");
     assert!(!run_dir.join("cluster.json").exists(), "workers started despite on_bad_file = fail");
 
+
+    // inspect agrees, and exits non-zero.
+    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
+        .args(["inspect", "--decode", "--data"])
+        .arg(&data)
+        .output()?;
+    assert_eq!(out.status.code(), Some(ExitStatus::DataError.code()));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unusable: train/broken.dcm"));
+
     // Only the file whose pixels do not decode: the workers find it, and bad data is a permanent
     // failure: the job stops at once, without a restart.
     std::fs::remove_file(&broken)?;
@@ -444,14 +465,6 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
     assert!(log.contains(&victim_name) && log.contains("a permanent failure: not restarted"), "{log}");
     assert!(!log.contains("restarting the job"), "{log}");
-
-    // inspect agrees, and exits non-zero.
-    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
-        .args(["inspect", "--decode", "--data"])
-        .arg(&data)
-        .output()?;
-    assert_eq!(out.status.code(), Some(ExitStatus::DataError.code()));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("unusable: train/broken.dcm"));
     Ok(())
 }
 
