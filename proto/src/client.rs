@@ -69,12 +69,21 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 pub type CoordinatorClient = wire::coordinator_client::CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 pub type WorkerClient = wire::worker_client::WorkerClient<InterceptedService<Channel, AttachToken>>;
 
-/// Normalises "host:port" or "http://host:port" to a URI tonic can dial.
+/// Normalises "host:port" or "http://host:port" to a URI tonic can dial: `https://` when this process
+/// uses TLS (`crate::tls`), whatever scheme the address was given with.
 pub fn endpoint_uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    let bare = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let scheme = if crate::tls::enabled() { "https" } else { "http" };
+    format!("{scheme}://{bare}")
+}
+
+/// `endpoint` with this process's TLS settings, when it has them.
+fn with_tls(endpoint: Endpoint, addr: &str) -> Result<Endpoint, Status> {
+    match crate::tls::client_config() {
+        Some(config) => {
+            endpoint.tls_config(config).map_err(|e| Status::invalid_argument(format!("TLS settings for '{addr}': {e}")))
+        }
+        None => Ok(endpoint),
     }
 }
 
@@ -96,7 +105,7 @@ pub fn lazy_channel(addr: &str, connect_timeout: Duration, call_timeout: Option<
     if let Some(timeout) = call_timeout {
         endpoint = endpoint.timeout(timeout);
     }
-    Ok(endpoint.connect_lazy())
+    Ok(with_tls(endpoint, addr)?.connect_lazy())
 }
 
 /// HTTP/2 flow-control windows of the links that carry collectives: large enough that a multi-megabyte
@@ -110,7 +119,7 @@ pub const DATA_FRAME_SIZE: u32 = 1 << 20;
 /// A channel for collective traffic to a peer: large flow-control windows, a connect deadline, no
 /// per-call deadline (the collective applies its own).
 pub fn data_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Status> {
-    Ok(Endpoint::from_shared(endpoint_uri(addr))
+    let endpoint = Endpoint::from_shared(endpoint_uri(addr))
         .map_err(|e| Status::invalid_argument(format!("bad address '{addr}': {e}")))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
@@ -119,8 +128,8 @@ pub fn data_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, St
         .max_frame_size(DATA_FRAME_SIZE)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(with_tls(endpoint, addr)?.connect_lazy())
 }
 
 pub fn coordinator_client(channel: Channel, token: AttachToken) -> CoordinatorClient {

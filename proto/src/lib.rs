@@ -16,6 +16,7 @@ pub mod tensorboard {
 pub mod client;
 mod convert;
 pub mod health;
+pub mod tls;
 
 pub use convert::{peer_table_from_wire, peer_table_to_wire};
 

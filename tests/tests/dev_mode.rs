@@ -447,7 +447,6 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     assert!(log.contains("broken.dcm") && log.contains("on_bad_file"), "{log}");
     assert!(!run_dir.join("cluster.json").exists(), "workers started despite on_bad_file = fail");
 
-
     // inspect agrees, and exits non-zero.
     let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
         .args(["inspect", "--decode", "--data"])

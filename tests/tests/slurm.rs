@@ -160,10 +160,16 @@ fn the_sbatch_script_runs_a_preempted_job_to_completion_on_a_real_slurm() -> Res
     slurm("scancel", &["--signal=USR1", "--batch", id])?;
 
     // The job comes back as pending with one restart. SLURM holds a requeued job for a while before it
-    // may start again; an operator's `StartTime=now` lifts that, and keeps the test short.
+    // may start again; an operator's `StartTime=now` lifts that, and keeps the test short. Not at
+    // once: slurmd refuses to relaunch a job in the same second its old credential was revoked
+    // ("Job credential revoked", seen when the release came 0.1 s after the requeue).
+    let mut pending_since: Option<Instant> = None;
     job.wait_until("the requeue", || {
         let (state, restarts) = job_state(id)?;
         if restarts == 1 && state == "PENDING" {
+            if pending_since.get_or_insert_with(Instant::now).elapsed() < Duration::from_secs(3) {
+                return Ok(false);
+            }
             slurm("scontrol", &["update", &format!("JobId={id}"), "StartTime=now"])?;
             return Ok(true);
         }

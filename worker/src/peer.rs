@@ -90,7 +90,7 @@ pub async fn serve(
     token: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    simclr_proto::tls::server_builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(DATA_STREAM_WINDOW)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW)

@@ -117,7 +117,21 @@ impl PhaseContext {
         let timeout = Duration::from_millis(self.config.cluster.collective_timeout_ms);
         let asked = self.config.cluster.collective;
         let devices: Vec<&str> = self.table.workers.iter().map(|w| w.device.as_str()).collect();
-        let backend = asked.resolve(devices.iter().copied());
+        let mut backend = asked.resolve(devices.iter().copied());
+        // The TCP ring has no TLS: with TLS (every process of the job has it, or none could have
+        // joined), CPU collectives go over the peers' gRPC links, which do.
+        if backend == CollectiveBackend::Tcp && self.config.tls.enabled() {
+            if asked == CollectiveBackend::Tcp {
+                return Err("cluster.collective = tcp: the TCP ring has no TLS; with [tls] use grpc or nccl".into());
+            }
+            backend = CollectiveBackend::Grpc;
+        }
+        if backend == CollectiveBackend::Nccl && self.config.tls.enabled() && self.rank == 0 {
+            tracing::warn!("NCCL traffic between the GPUs is not encrypted by [tls]; only the gRPC links are");
+        }
+        if world > 1 {
+            tracing::info!(phase, %backend, tls = self.config.tls.enabled(), "collectives");
+        }
         if backend == CollectiveBackend::Nccl && (world > 1 || asked == CollectiveBackend::Nccl) {
             if let Some((rank, device)) = devices.iter().enumerate().find(|(_, d)| !d.starts_with("cuda")) {
                 return Err(format!(

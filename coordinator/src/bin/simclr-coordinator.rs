@@ -226,6 +226,29 @@ fn load_config(path: Option<&PathBuf>) -> Result<JobConfig, CoordinatorError> {
     })
 }
 
+/// Turns TLS on for this process when the config has a [tls] section; the worker flags that match it.
+fn configure_tls(config: &JobConfig) -> Result<Vec<String>, CoordinatorError> {
+    let tls = &config.tls;
+    let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
+        simclr_proto::tls::configure(None).map_err(CoordinatorError::Config)?;
+        return Ok(Vec::new());
+    };
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    let files = simclr_proto::tls::TlsFiles {
+        ca: absolute(ca),
+        cert: absolute(cert),
+        key: absolute(key),
+        server_name: tls.server_name.clone(),
+    };
+    simclr_proto::tls::configure(Some(&files)).map_err(CoordinatorError::Config)?;
+    tracing::info!(ca = %files.ca.display(), cert = %files.cert.display(), server_name = %files.server_name, "TLS on every gRPC link");
+    Ok([("--tls-ca", &files.ca), ("--tls-cert", &files.cert), ("--tls-key", &files.key)]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .chain(["--tls-server-name".to_string(), files.server_name.clone()])
+        .collect())
+}
+
 /// The cluster token (SIMCLR_CLUSTER_TOKEN or the file SIMCLR_CLUSTER_TOKEN_FILE names).
 fn token() -> Result<Option<String>, CoordinatorError> {
     simclr_common::cluster_token(&launch_env::process_env).map_err(CoordinatorError::Config)
@@ -253,6 +276,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     args.pretrain.apply(&mut config);
     config.validate()?;
     let config = finalize_config(config);
+    configure_tls(&config)?;
     let data = prepare_data(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
@@ -317,6 +341,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     config.cluster.listen = "127.0.0.1:0".into();
     config.validate()?;
     let config = finalize_config(config);
+    let tls_args = configure_tls(&config)?;
     let data = prepare_data(&config)?;
     let worker_binary = launcher::find_worker_binary()?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
@@ -336,7 +361,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             LogFormat::Text => "text".into(),
             LogFormat::Json => "json".into(),
         },
-        extra_args: vec![],
+        extra_args: tls_args,
         device: args.device.clone(),
     };
     // Each attempt: a fresh group of workers; after a retryable failure (a worker died, a collective

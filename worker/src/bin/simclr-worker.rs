@@ -55,6 +55,17 @@ struct Cli {
     /// refused (image paths that climb out of the root are refused in any case).
     #[arg(long, env = "SIMCLR_DATA_ROOT")]
     data_root: Option<std::path::PathBuf>,
+    /// TLS on every link (all three, or none): PEM files of the job's CA and of this worker's
+    /// certificate and key. The coordinator and every worker must agree.
+    #[arg(long, env = "SIMCLR_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    #[arg(long, env = "SIMCLR_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "SIMCLR_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The DNS name the certificates carry (the config's tls.server_name).
+    #[arg(long, default_value = simclr_proto::tls::DEFAULT_SERVER_NAME, env = "SIMCLR_TLS_SERVER_NAME")]
+    tls_server_name: String,
     /// How long to keep retrying an unreachable coordinator before giving up (exit 4).
     #[arg(long, default_value_t = 60_000)]
     connect_timeout_ms: u64,
@@ -85,6 +96,23 @@ fn main() -> ExitCode {
 }
 
 fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
+    let tls = match (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(simclr_proto::tls::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            server_name: cli.tls_server_name.clone(),
+        }),
+        _ => {
+            return Err(WorkerError::Usage {
+                flag: "--tls-cert",
+                message: "give --tls-ca, --tls-cert and --tls-key together (or SIMCLR_TLS_CA, _CERT, _KEY), or none"
+                    .into(),
+            })
+        }
+    };
+    simclr_proto::tls::configure(tls.as_ref()).map_err(|message| WorkerError::Usage { flag: "--tls-cert", message })?;
     if cli.world_size == Some(0) {
         return Err(WorkerError::Usage { flag: "--world-size", message: "must be at least 1".into() });
     }
