@@ -159,17 +159,17 @@ impl Coordinator {
     /// Starts the next attempt of the job on the same address and run directory: a new rendezvous
     /// (the whole group joins again, within `cluster.rendezvous_timeout_ms`), whose workers resume
     /// pretraining from the latest checkpoint and the sweep from the recorded probe results.
-    pub fn restart(&mut self) -> Result<Arc<Job>, CoordinatorError> {
+    /// `world_size`: a smaller group for the next attempt (elastic), whose data is sharded anew.
+    pub fn restart(&mut self, world_size: Option<u32>) -> Result<Arc<Job>, CoordinatorError> {
         let previous = self.jobs.get();
+        let mut config = previous.config.clone();
+        if let Some(n) = world_size {
+            config.cluster.world_size = n;
+            config.validate()?;
+        }
         let attempt = self.jobs.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let job = Job::new(
-            previous.config.clone(),
-            self.token.as_deref(),
-            previous.run_dir().clone(),
-            self.data.clone(),
-            attempt,
-        )
-        .map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
+        let job = Job::new(config, self.token.as_deref(), previous.run_dir().clone(), self.data.clone(), attempt)
+            .map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
         tracing::warn!(job = %job.job_id, attempt, max_restarts = job.config.cluster.max_restarts, "restarting the job from its last checkpoint");
         self.jobs.current.send_replace(Arc::clone(&job));
         self.drive(Arc::clone(&job));

@@ -616,3 +616,41 @@ async fn a_killed_coordinator_started_again_resumes_the_job_from_its_run_directo
     assert_eq!(pretrain["ranks"]["0"]["steps_this_run"].as_f64(), Some(0.0), "{pretrain}");
     Ok(())
 }
+
+/// `--elastic`: a worker killed during pretraining, and the job goes on with the two that are left
+/// (the global batch of 6 divides by 2), resuming from the last checkpoint with the data sharded anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elastic_job_goes_on_with_the_workers_that_are_left() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = format!(
+        "{SMALL_DATA}[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1500\n{}",
+        TINY_PRETRAIN.replace("epochs = 2", "epochs = 10")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let run_dir = dir.path().join("run");
+    let mut child = dev_command(&run_dir, &["--workers", "3", "--config", &config, "--elastic"])?.spawn()?;
+    let pids = worker_pids(&run_dir).await?;
+    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
+    // SAFETY: plain syscall on a worker the coordinator spawned.
+    unsafe { libc::kill(pids[2] as i32, libc::SIGKILL) };
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(GENEROUS, async {
+        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
+            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
+        })
+    })
+    .await??;
+    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
+    let log = log + &out;
+    assert_eq!(exit_code(status), 0, "{log}");
+    assert!(log.contains("continuing with 2 of 3 workers (--elastic)"), "{log}");
+    assert!(log.contains("resuming from the latest checkpoint"), "{log}");
+    let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
+    let ranks: Vec<&String> = pretrain["ranks"].as_object().map(|r| r.keys().collect()).unwrap_or_default();
+    assert_eq!(ranks, ["0", "1"], "{pretrain}");
+    let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("cluster.json"))?)?;
+    assert_eq!(cluster["world_size"], 2, "{cluster}");
+    check_sweep_results(&run_dir, 12, 1)?;
+    Ok(())
+}

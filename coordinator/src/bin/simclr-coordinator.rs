@@ -93,6 +93,11 @@ struct DevArgs {
     /// Serve the job's metrics in Prometheus' text format at http://ADDR/metrics.
     #[arg(long, env = "SIMCLR_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// After a lost worker, restart with the workers that are left (the largest number that divides
+    /// the global batch) instead of the whole group, the data sharded anew. The weights then differ
+    /// from an uninterrupted run's.
+    #[arg(long)]
+    elastic: bool,
     #[command(flatten)]
     pretrain: PretrainOverrides,
 }
@@ -312,7 +317,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             break outcome;
         }
         tracing::warn!(message = %outcome.message, "attempt failed; waiting for the workers to join the next one");
-        coordinator.restart()?;
+        coordinator.restart(None)?;
     };
     coordinator.close().await;
     let status = report(outcome);
@@ -354,7 +359,7 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if let Some(addr) = args.metrics_listen {
         metrics::serve(addr, coordinator.jobs.clone()).await.map_err(CoordinatorError::RunDir)?;
     }
-    let options = LaunchOptions {
+    let mut options = LaunchOptions {
         worker_binary,
         workers,
         log_format: match log_format {
@@ -411,11 +416,35 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         if !coordinator.should_restart(&outcome) {
             break outcome;
         }
-        coordinator.restart()?;
+        let smaller = if args.elastic { elastic_world_size(&job) } else { None };
+        if let Some(n) = smaller {
+            tracing::warn!(
+                workers = n,
+                was = options.workers,
+                "continuing with {n} of {} workers (--elastic)",
+                options.workers
+            );
+            options.workers = n;
+        }
+        coordinator.restart(smaller)?;
     };
     coordinator.close().await;
     progress::clear();
     Ok(report(outcome))
+}
+
+/// The group of an elastic restart: the workers not lost, down to a number that divides the global
+/// batch when pretraining runs; `None` when that is the whole group (or nobody is left).
+fn elastic_world_size(job: &simclr_coordinator::Job) -> Option<u32> {
+    let members = job.members();
+    let world = members.len() as u32;
+    let alive =
+        members.iter().filter(|m| !matches!(m.status, simclr_coordinator::job::MemberStatus::Lost { .. })).count()
+            as u32;
+    let batch = job.config.pretrain.batch_size as u32;
+    let fits = |n: u32| !job.config.pretrain.enabled || batch.is_multiple_of(n);
+    let n = (1..=alive).rev().find(|&n| fits(n))?;
+    (n < world).then_some(n)
 }
 
 /// SIGINT and SIGTERM, watched from before the job starts so that neither kills the process outright.
