@@ -210,6 +210,32 @@ fn cluster_summary(per_rank: &BTreeMap<u32, BTreeMap<String, f64>>) -> BTreeMap<
 mod tests {
     use super::*;
 
+    /// Recorded results come back for the same configuration only; a line torn by a crash is dropped
+    /// (and cut off, so that the next append starts a clean line).
+    #[test]
+    fn the_probe_journal_survives_a_torn_line_and_forgets_another_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        assert!(run.open_probe_journal("config A").unwrap().is_empty());
+        let tasks = simclr_common::probe::ProbeSection::default().expand(0);
+        let outcome =
+            |i: usize| ProbeOutcome { task: tasks[i].clone(), rank: 1, seconds: 0.5, curves: vec![], classes: vec![] };
+        for i in [3, 5] {
+            run.append_probe_result(&serde_json::to_string(&outcome(i)).unwrap()).unwrap();
+        }
+        let path = dir.path().join(PROBE_JOURNAL);
+        let whole = std::fs::read(&path).unwrap();
+        let torn = serde_json::to_string(&outcome(7)).unwrap();
+        std::fs::write(&path, [whole.as_slice(), &torn.as_bytes()[..torn.len() / 2]].concat()).unwrap();
+        let recovered = run.open_probe_journal("config A").unwrap();
+        assert_eq!(recovered.iter().map(|o| o.task.id).collect::<Vec<_>>(), vec![3, 5]);
+        assert_eq!(std::fs::read(&path).unwrap(), whole, "the torn line was not cut off");
+        run.append_probe_result(&serde_json::to_string(&outcome(7)).unwrap()).unwrap();
+        assert_eq!(run.open_probe_journal("config A").unwrap().len(), 3);
+        assert!(run.open_probe_journal("config B").unwrap().is_empty());
+        assert!(run.open_probe_journal("config A").unwrap().is_empty(), "B's journal replaced A's");
+    }
+
     #[test]
     fn the_cluster_summary_adds_throughputs_and_keeps_the_slowest_time() {
         let rank = |ips: f64, secs: f64, loss: f64| -> BTreeMap<String, f64> {
