@@ -517,6 +517,30 @@ async fn log_until(
     Ok((log, lines))
 }
 
+/// Starts `dev` on `run_dir` with `args`, SIGKILLs the worker of `rank` once the first checkpoint is
+/// written, and waits for the coordinator to exit; its exit code, log, and the first workers' pids.
+async fn kill_rank_after_first_checkpoint(
+    run_dir: &Path,
+    args: &[&str],
+    rank: usize,
+) -> anyhow::Result<(i32, String, Vec<u32>)> {
+    let mut child = dev_command(run_dir, args)?.spawn()?;
+    let pids = worker_pids(run_dir).await?;
+    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
+    // SAFETY: plain syscall on a worker the coordinator spawned.
+    unsafe { libc::kill(pids[rank] as i32, libc::SIGKILL) };
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(GENEROUS, async {
+        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
+            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
+        })
+    })
+    .await??;
+    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
+    Ok((exit_code(status), log + &out, pids))
+}
+
 /// A worker killed (SIGKILL) in the middle of pretraining: the coordinator restarts the whole group
 /// from the last checkpoint, and the run ends with exactly the weights of a run never interrupted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,22 +557,9 @@ async fn a_worker_killed_during_pretraining_is_restarted_and_the_weights_match_a
     assert_eq!(code, 0, "{log}");
 
     let killed = dir.path().join("killed");
-    let mut child = dev_command(&killed, &["--workers", "2", "--config", &config])?.spawn()?;
-    let pids = worker_pids(&killed).await?;
-    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
-    // SAFETY: plain syscall on a worker the coordinator spawned.
-    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
-    let mut stdout = child.stdout.take().unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(GENEROUS, async {
-        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
-            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
-        })
-    })
-    .await??;
-    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
-    let log = log + &out;
-    assert_eq!(exit_code(status), 0, "{log}");
+    let (code, log, pids) =
+        kill_rank_after_first_checkpoint(&killed, &["--workers", "2", "--config", &config], 1).await?;
+    assert_eq!(code, 0, "{log}");
     assert!(log.contains("restarting from the last checkpoint (restart 1 of 3)"), "{log}");
     assert!(log.contains("resuming from the latest checkpoint"), "{log}");
     let total = |dir: &Path| -> anyhow::Result<(f64, f64)> {
@@ -628,22 +639,9 @@ async fn an_elastic_job_goes_on_with_the_workers_that_are_left() -> anyhow::Resu
     );
     let config = write_config(dir.path(), &body)?;
     let run_dir = dir.path().join("run");
-    let mut child = dev_command(&run_dir, &["--workers", "3", "--config", &config, "--elastic"])?.spawn()?;
-    let pids = worker_pids(&run_dir).await?;
-    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
-    // SAFETY: plain syscall on a worker the coordinator spawned.
-    unsafe { libc::kill(pids[2] as i32, libc::SIGKILL) };
-    let mut stdout = child.stdout.take().unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(GENEROUS, async {
-        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
-            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
-        })
-    })
-    .await??;
-    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
-    let log = log + &out;
-    assert_eq!(exit_code(status), 0, "{log}");
+    let args = ["--workers", "3", "--config", &config, "--elastic"];
+    let (code, log, _) = kill_rank_after_first_checkpoint(&run_dir, &args, 2).await?;
+    assert_eq!(code, 0, "{log}");
     assert!(log.contains("continuing with 2 of 3 workers (--elastic)"), "{log}");
     assert!(log.contains("resuming from the latest checkpoint"), "{log}");
     let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;

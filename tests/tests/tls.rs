@@ -219,32 +219,28 @@ async fn endpoints_refuse_clients_without_a_certificate_of_the_jobs_ca() -> Resu
     Ok(())
 }
 
+/// Runs `binary` with `args`; asserts it exits 2 (bad usage) and returns its stderr.
+fn usage_error(binary: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let out = std::process::Command::new(binaries_dir()?.join(binary)).args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.code() == Some(2), "{binary} exited with {:?}:\n{text}", out.status.code());
+    Ok(text)
+}
+
 /// A half-given TLS setting is a usage error naming what is missing, for both binaries.
 #[test]
 fn incomplete_tls_settings_are_refused_by_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("job.toml");
+    let dev = ["dev".as_ref(), "--config".as_ref(), config.as_os_str()];
     std::fs::write(&config, "[tls]\ncert = \"x.pem\"\n")?;
-    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
-        .args(["dev", "--config"])
-        .arg(&config)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    let text = usage_error("simclr-coordinator", &dev)?;
     assert!(text.contains("tls.ca"), "{text}");
-    let out = std::process::Command::new(binaries_dir()?.join("simclr-worker"))
-        .args(["--coordinator", "127.0.0.1:1", "--tls-cert", "x.pem"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    let worker = ["--coordinator", "127.0.0.1:1", "--tls-cert", "x.pem"].map(std::ffi::OsStr::new);
+    let text = usage_error("simclr-worker", &worker)?;
     assert!(text.contains("--tls-ca"), "{text}");
     std::fs::write(&config, "[cluster]\ncollective = \"tcp\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n")?;
-    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
-        .args(["dev", "--config"])
-        .arg(&config)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    let text = usage_error("simclr-coordinator", &dev)?;
     assert!(text.contains("TCP ring has no TLS"), "{text}");
     Ok(())
 }
