@@ -876,7 +876,7 @@ impl Job {
             tracing::info!(rank, task = task.id, "duplicate probe result ignored (the task already has one)");
             return Ok(false);
         }
-        // Recorded before it counts, so that a restarted coordinator finds it.
+        // Synced to the run directory before it is reported, so that a restarted coordinator finds it.
         if let Err(e) = self.run_dir.append_probe_result(&line) {
             tracing::warn!(error = %e, "cannot record the probe result; a restart would run its task again");
         }
@@ -1108,6 +1108,43 @@ mod tests {
         let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
         assert_eq!((a.unwrap().0, b.unwrap().0), (0, 1));
         job
+    }
+
+    /// A lost worker is a retryable failure: with restarts left, the notice says so and a worker that
+    /// registers before the next attempt is told UNAVAILABLE (it retries); without, it says none are
+    /// left and such a worker is refused for good. A worker's failure it marks permanent says so.
+    #[tokio::test]
+    async fn a_lost_worker_is_retryable_and_a_permanent_failure_is_not() {
+        for (max_restarts, restarts_left) in [(2, true), (0, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = JobConfig::default();
+            config.job.id = "restart-test".into();
+            config.cluster.world_size = 2;
+            config.cluster.max_restarts = max_restarts;
+            let job = Job::new(config, None, RunDir::create(dir.path()).unwrap(), None, 0).unwrap();
+            let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+            assert!(a.is_ok() && b.is_ok());
+            assert!(job.declare_lost(1, "killed".into()));
+            let notice = job.stop_notice().unwrap();
+            assert_eq!(notice.message.contains("restarting from the last checkpoint (restart 1 of 2)"), restarts_left);
+            assert_eq!(notice.message.contains("no restarts left"), !restarts_left, "{notice}");
+            let e = job.register(worker(2)).await.unwrap_err();
+            let expected = if restarts_left { tonic::Code::Unavailable } else { tonic::Code::FailedPrecondition };
+            assert_eq!(e.code(), expected, "{e:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let job = two_member_job(dir.path()).await;
+        let request = wire::ReportProgressRequest {
+            rank: 0,
+            instance_id: "w0".into(),
+            phase: "decode".into(),
+            error: "train/broken.dcm: not a DICOM file".into(),
+            retryable: false,
+            ..Default::default()
+        };
+        job.report_progress(request).unwrap();
+        let notice = job.stop_notice().unwrap();
+        assert!(notice.message.ends_with("a permanent failure: not restarted"), "{notice}");
     }
 
     /// Every assigned image carries its study's target label, and the columns are named.
