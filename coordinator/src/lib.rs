@@ -41,12 +41,11 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// read it from here.
 pub struct Jobs {
     current: tokio::sync::watch::Sender<Arc<Job>>,
-    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl Jobs {
     fn new(job: Arc<Job>) -> Arc<Jobs> {
-        Arc::new(Jobs { current: tokio::sync::watch::Sender::new(job), restarts: Default::default() })
+        Arc::new(Jobs { current: tokio::sync::watch::Sender::new(job) })
     }
 
     /// The current attempt's job.
@@ -59,14 +58,9 @@ impl Jobs {
         self.current.subscribe()
     }
 
-    /// How often the job was restarted so far.
+    /// How often the job was restarted so far: the current attempt's number.
     pub fn restarts(&self) -> u32 {
-        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// A job of only this attempt (tests, tools): its metrics with no restarts.
-    pub fn single(job: Arc<Job>) -> Arc<Jobs> {
-        Jobs::new(job)
+        self.current.borrow().attempt
     }
 }
 
@@ -167,7 +161,7 @@ impl Coordinator {
             config.cluster.world_size = n;
             config.validate()?;
         }
-        let attempt = self.jobs.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let attempt = previous.attempt + 1;
         let job = Job::new(config, self.token.as_deref(), previous.run_dir().clone(), self.data.clone(), attempt)
             .map_err(|e| CoordinatorError::Config(e.message().to_string()))?;
         tracing::warn!(job = %job.job_id, attempt, max_restarts = job.config.cluster.max_restarts, "restarting the job from its last checkpoint");

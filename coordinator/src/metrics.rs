@@ -1,7 +1,7 @@
 //! The job's metrics in Prometheus' text format (version 0.0.4) at `GET /metrics` on the address
 //! `--metrics-listen` names: the world size, the workers by state, whether the job still runs, each
-//! rank's phase, step and total steps, the restarts so far (from its progress reports), and for each phase every metric rank
-//! 0 reported last (loss, contrastive accuracy, learning rate, images/s, seconds in collectives, the
+//! rank's phase, step and total steps (from its progress reports), the restarts so far, and for each
+//! phase every metric rank 0 reported last (loss, contrastive accuracy, learning rate, images/s, seconds in collectives, the
 //! probe sweep's last AUC, ...). A small HTTP/1.1 responder on the job's runtime: one request
 //! per connection, nothing but `GET /metrics` (and `/` pointing there).
 
