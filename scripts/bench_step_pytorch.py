@@ -4,7 +4,10 @@ the Python stack would write it. torchvision's ResNet (classifier replaced by th
 and LARS (momentum 0.9, trust coefficient 0.001, weight decay 1e-6, biases and BN excluded), with the
 views equal to the inputs (augmentations off), at a fixed thread count.
 
-    python scripts/bench_step_pytorch.py [THREADS] [STEPS]
+    python scripts/bench_step_pytorch.py [THREADS] [STEPS] [DEVICE]
+
+DEVICE is cpu (default) or cuda:K; on a GPU the batches are 256 images and the augmentation table is
+skipped, as on the Rust side.
 """
 import sys
 import time
@@ -15,6 +18,7 @@ import torchvision
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
 torch.set_num_threads(threads)
 
 
@@ -23,8 +27,8 @@ def nt_xent(z, tau):
     n2 = z.shape[0]
     n = n2 // 2
     sim = z @ z.t() / tau
-    sim = sim.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
-    targets = torch.cat([torch.arange(n, n2), torch.arange(0, n)])
+    sim = sim.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, n2), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, targets)
 
 
@@ -71,26 +75,35 @@ def augmentation_throughput(repeats):
         print(f"| 64x64 -> {out}x{out} | {batch} | {rate:.0f} |")
 
 
-augmentation_throughput(steps)
-print()
+if device.type == "cpu":
+    augmentation_throughput(steps)
+    print()
+    shapes = [("resnet18", "ResNet-18", 64, 64), ("resnet18", "ResNet-18", 224, 16),
+              ("resnet50", "ResNet-50", 64, 32), ("resnet50", "ResNet-50", 224, 8)]
+else:
+    shapes = [("resnet18", "ResNet-18", 64, 256), ("resnet18", "ResNet-18", 224, 256),
+              ("resnet50", "ResNet-50", 64, 256), ("resnet50", "ResNet-50", 224, 256)]
 print(f"| model | input | batch (images) | step time (s) | images/s |")
 print("|---|---|---|---|---|")
-for arch, name, size, batch in [("resnet18", "ResNet-18", 64, 64), ("resnet18", "ResNet-18", 224, 16),
-                                ("resnet50", "ResNet-50", 64, 32), ("resnet50", "ResNet-50", 224, 8)]:
+for arch, name, size, batch in shapes:
     model = getattr(torchvision.models, arch)()
     features = model.fc.in_features
     model.fc = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, 128))
+    model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [torch.zeros_like(p) for p in params]
     images = torch.rand(batch, 1, size, size)
 
     def step():
-        views = torch.cat([images, images]).repeat(1, 3, 1, 1)
+        # The batch comes from host memory and the loss goes back to it, as on the Rust side.
+        x = images.to(device)
+        views = torch.cat([x, x]).repeat(1, 3, 1, 1)
         loss = nt_xent(model(views), 0.5)
         model.zero_grad(set_to_none=True)
         loss.backward()
         lars_step(params, buffers, 0.3 * batch / 256)
+        return loss.item()
 
     step()  # warm-up
     start = time.perf_counter()

@@ -9,6 +9,11 @@
 #   2. two workers sharing cuda:0 over the TCP ring: GPU tensors through host memory
 #   3. the same two with NCCL, which recent NCCL refuses for two ranks on one GPU: the refusal must be
 #      a clear error, not a hang (on a host with 2+ GPUs use --device cuda to spread them instead)
+#   4. the training step benchmark on the GPU, ours (the `simclr_step` bench binary, found beside the
+#      others) against the same step in PyTorch, same GPU, same run
+#   5. run 1 again on the CPU: the first step's loss must agree with the GPU's (the weights are drawn
+#      on the CPU under the seed and the views' parameters come from the seed too; only the
+#      arithmetic differs, TF32 convolutions included)
 #   scripts/gpu_check.sh [SECONDS_PER_RUN]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,3 +52,21 @@ check() { # name, then the coordinator's arguments
 check nccl-world-1 --workers 1 --device cuda:0 --collective nccl
 check tcp-2-on-gpu0 --workers 2 --device cuda:0 --collective tcp
 check nccl-2-on-gpu0 --workers 2 --device cuda:0 --collective nccl --max-steps 2
+if [ -x "$bin/simclr_step" ]; then
+  { echo "## simclr-cluster (tch), cuda:0"; timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0
+    echo "## PyTorch + torchvision, cuda:0"; timeout -k 10 "$limit" "$py" scripts/bench_step_pytorch.py 16 10 cuda:0
+  } 2>&1 | tee "$out/bench_step.txt"
+fi
+check cpu-world-1 --workers 1 --device cpu --max-steps 2
+"$py" - "$out" <<'PY' | tee -a "$out/summary.txt"
+import json, sys
+loss = {}
+for name in ("nccl-world-1", "cpu-world-1"):
+    try:
+        loss[name] = json.load(open(f"{sys.argv[1]}/{name}/pretrain.json"))["cluster"]["first_loss"]
+    except (OSError, KeyError, ValueError) as e:
+        print(f"first-step loss of {name}: missing ({e})")
+if len(loss) == 2:
+    gpu, cpu = loss["nccl-world-1"], loss["cpu-world-1"]
+    print(f"first-step loss: cuda {gpu:.6f}, cpu {cpu:.6f}, relative difference {abs(gpu - cpu) / abs(cpu):.2e}")
+PY

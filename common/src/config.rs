@@ -126,11 +126,13 @@ pub enum CollectiveBackend {
 }
 
 impl CollectiveBackend {
-    /// The backend a job uses, given every rank's device ("cpu" or "cuda:K").
-    pub fn resolve<'a>(self, devices: impl IntoIterator<Item = &'a str>) -> CollectiveBackend {
+    /// The backend a job uses, given every rank's host and device ("cpu" or "cuda:K"): `auto` is NCCL
+    /// when every rank has a GPU of its own, else the TCP ring (NCCL refuses two ranks on one GPU).
+    pub fn resolve<'a>(self, workers: impl IntoIterator<Item = (&'a str, &'a str)>) -> CollectiveBackend {
         match self {
             CollectiveBackend::Auto => {
-                if devices.into_iter().all(|d| d.starts_with("cuda")) {
+                let workers: Vec<(&str, &str)> = workers.into_iter().collect();
+                if workers.iter().all(|(_, d)| d.starts_with("cuda")) && shared_gpu(workers.iter().copied()).is_none() {
                     CollectiveBackend::Nccl
                 } else {
                     CollectiveBackend::Tcp
@@ -139,6 +141,21 @@ impl CollectiveBackend {
             chosen => chosen,
         }
     }
+}
+
+/// The first two ranks (by position) that share a GPU: the same device on the same host.
+pub fn shared_gpu<'a>(workers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<(usize, usize)> {
+    let mut seen = std::collections::HashMap::new();
+    for (rank, (host, device)) in workers.into_iter().enumerate() {
+        if !device.starts_with("cuda") {
+            continue;
+        }
+        if let Some(&first) = seen.get(&(host, device)) {
+            return Some((first, rank));
+        }
+        seen.insert((host, device), rank);
+    }
+    None
 }
 
 impl std::fmt::Display for CollectiveBackend {
@@ -380,11 +397,16 @@ mod tests {
     #[test]
     fn auto_picks_nccl_only_when_every_rank_has_a_gpu() {
         use CollectiveBackend::*;
-        assert_eq!(Auto.resolve(["cuda:0", "cuda:1"]), Nccl);
-        assert_eq!(Auto.resolve(["cuda:0", "cpu"]), Tcp);
-        assert_eq!(Auto.resolve(["cpu"]), Tcp);
-        assert_eq!(Grpc.resolve(["cuda:0", "cuda:1"]), Grpc);
-        assert_eq!(Nccl.resolve(["cpu"]), Nccl);
+        assert_eq!(Auto.resolve([("a", "cuda:0"), ("a", "cuda:1")]), Nccl);
+        assert_eq!(Auto.resolve([("a", "cuda:0"), ("b", "cuda:0")]), Nccl);
+        // Two ranks on one GPU: NCCL would refuse them (seen on an H200: ncclInvalidUsage).
+        assert_eq!(Auto.resolve([("a", "cuda:0"), ("b", "cuda:0"), ("a", "cuda:0")]), Tcp);
+        assert_eq!(shared_gpu([("a", "cuda:0"), ("b", "cuda:0"), ("a", "cuda:0")]), Some((0, 2)));
+        assert_eq!(shared_gpu([("a", "cpu"), ("a", "cpu")]), None);
+        assert_eq!(Auto.resolve([("a", "cuda:0"), ("a", "cpu")]), Tcp);
+        assert_eq!(Auto.resolve([("a", "cpu")]), Tcp);
+        assert_eq!(Grpc.resolve([("a", "cuda:0"), ("a", "cuda:1")]), Grpc);
+        assert_eq!(Nccl.resolve([("a", "cpu")]), Nccl);
         let config = JobConfig::from_toml("[cluster]\ncollective = \"nccl\"\n", "test").unwrap();
         assert_eq!(config.cluster.collective, Nccl);
         let e = JobConfig::from_toml("[cluster]\ncollective = \"mpi\"\n", "test").unwrap_err();

@@ -2,7 +2,10 @@
 //! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224, and the augmentations
 //! alone. `scripts/bench_step.sh` runs it beside the same step in PyTorch at the same thread count.
 //!
-//! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS]
+//! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS] [DEVICE]
+//!
+//! DEVICE is `cpu` (default) or `cuda:K`; on a GPU the batches are the realistic ones (256 images) and
+//! the augmentation table is skipped (it runs on the CPU either way).
 
 use std::time::Instant;
 
@@ -15,17 +18,35 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let threads: i32 = args.first().and_then(|s| s.parse().ok()).unwrap_or(2);
     let steps: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let spec = args.get(2).map_or("cpu", String::as_str);
+    let device = match simclr_worker::device::Device::parse(spec).and_then(|d| d.open()) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("simclr_step: {e}");
+            std::process::exit(2);
+        }
+    };
     tch::set_num_threads(threads);
-    augmentation_throughput(steps);
-    println!();
+    let shapes = if device == Device::Cpu {
+        augmentation_throughput(steps);
+        println!();
+        [
+            (Arch::Resnet18, "ResNet-18", 64, 64),
+            (Arch::Resnet18, "ResNet-18", 224, 16),
+            (Arch::Resnet50, "ResNet-50", 64, 32),
+            (Arch::Resnet50, "ResNet-50", 224, 8),
+        ]
+    } else {
+        [
+            (Arch::Resnet18, "ResNet-18", 64, 256),
+            (Arch::Resnet18, "ResNet-18", 224, 256),
+            (Arch::Resnet50, "ResNet-50", 64, 256),
+            (Arch::Resnet50, "ResNet-50", 224, 256),
+        ]
+    };
     println!("| model | input | batch (images) | step time (s) | images/s |");
     println!("|---|---|---|---|---|");
-    for (arch, name, size, batch) in [
-        (Arch::Resnet18, "ResNet-18", 64, 64),
-        (Arch::Resnet18, "ResNet-18", 224, 16),
-        (Arch::Resnet50, "ResNet-50", 64, 32),
-        (Arch::Resnet50, "ResNet-50", 224, 8),
-    ] {
+    for (arch, name, size, batch) in shapes {
         let config = PretrainConfig {
             arch,
             batch_size: batch,
@@ -36,10 +57,11 @@ fn main() {
             warmup_epochs: 0.0,
             ..PretrainConfig::default()
         };
-        let mut trainer = Trainer::new(config, batch, Device::Cpu).expect("trainer");
+        let mut trainer = Trainer::new(config, batch, device).expect("trainer");
         let images = Tensor::rand([batch as i64, 1, size, size], (Kind::Float, Device::Cpu));
         let ids: Vec<u64> = (0..batch as u64).collect();
         trainer.train_step(&images, &ids).expect("warm-up step");
+        // The step reads its loss back to the host, so each step has finished on the device when it returns.
         let start = Instant::now();
         for _ in 0..steps {
             trainer.train_step(&images, &ids).expect("step");

@@ -37,6 +37,16 @@ pub enum CollectiveError {
     Link { op: &'static str, peer: usize, addr: String, message: String },
     #[error("{op}: {message}")]
     Invalid { op: &'static str, message: String },
+    /// A set-up that cannot work as configured, whatever is retried (NCCL's invalid usage, say).
+    #[error("{op}: {message}")]
+    Unusable { op: &'static str, message: String },
+}
+
+impl CollectiveError {
+    /// Whether a restart cannot cure it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, CollectiveError::Unusable { .. })
+    }
 }
 
 /// The operations the training and probe loops need. Tensors are float32; results come back on the

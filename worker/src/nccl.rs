@@ -161,20 +161,26 @@ impl NcclCollective {
         std::thread::Builder::new()
             .name("nccl-init".into())
             .spawn(move || {
-                let result = context.make_current().and_then(|()| {
+                let result = context.make_current().map_err(invalid).and_then(|()| {
                     let mut comm: sys::ncclComm_t = std::ptr::null_mut();
                     // SAFETY: NCCL writes the communicator handle.
-                    check(
-                        unsafe { sys::ncclCommInitRank(&mut comm, world as i32, id, rank as i32) },
-                        "ncclCommInitRank",
-                    )
-                    .map(|()| Comm(comm))
+                    let code = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, id, rank as i32) };
+                    check(code, "ncclCommInitRank").map(|()| Comm(comm)).map_err(|message| {
+                        // NCCL's verdict on the set-up itself (two ranks on one GPU, a bad argument):
+                        // the same processes would get the same answer again.
+                        if matches!(code, sys::ncclResult_t::ncclInvalidUsage | sys::ncclResult_t::ncclInvalidArgument)
+                        {
+                            CollectiveError::Unusable { op: "nccl init", message }
+                        } else {
+                            invalid(message)
+                        }
+                    })
                 });
                 let _ = tx.send(result);
             })
             .map_err(|e| invalid(format!("cannot start the NCCL init thread: {e}")))?;
         let comm = match rx.recv_timeout(timeout) {
-            Ok(result) => result.map_err(invalid)?,
+            Ok(result) => result?,
             Err(_) => {
                 return Err(CollectiveError::Invalid {
                     op: "nccl init",

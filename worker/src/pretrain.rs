@@ -59,7 +59,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let collective = ctx.collective(PHASE).await.map_err(PhaseError::retryable)?;
+    let collective = ctx.collective(PHASE).await?;
     let timed = Arc::new(Timed::new(collective));
     let (events, mut rx) = mpsc::unbounded_channel();
     let job = TrainJob {

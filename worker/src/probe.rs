@@ -247,7 +247,8 @@ fn fit(
         Some(b) => b.features(&x.to_device(device), grad),
     };
     with_torch_seed(config.seed, || {
-        let vs = nn::VarStore::new(device);
+        // Drawn on the CPU, then moved: the same probe initialisation on any device.
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let (hidden, width) = if config.hidden > 0 {
             (Some(nn::linear(&root / "hidden", d, config.hidden, Default::default())), config.hidden)
@@ -256,6 +257,7 @@ fn fit(
         };
         let mlp =
             Mlp { hidden, out: nn::linear(&root / "out", width, classes, Default::default()), dropout: config.dropout };
+        vs.set_device(device);
         let params: Vec<Param> = vs.variables().into_iter().map(|(name, t)| Param::new(name, t)).collect();
         let mut optimizer = Optimizer::new(algorithm(config), params);
         let mut order: Vec<i64> = (0..n).collect();

@@ -112,12 +112,17 @@ impl PhaseContext {
     /// The collectives of `phase` (`cluster.collective`): NCCL when every rank runs on CUDA (or when
     /// asked for), the gRPC peer-to-peer backend otherwise, nothing at all for a world of one (unless
     /// NCCL is asked for explicitly, which checks that path on one GPU).
-    pub async fn collective(&self, phase: &str) -> Result<Arc<dyn Collective>, String> {
+    ///
+    /// A set-up that can never work as configured (NCCL on a CPU rank or on a GPU another rank uses, the
+    /// TCP ring under TLS, NCCL's own invalid-usage answer) is a permanent failure; anything else (a
+    /// peer that does not come, a link that breaks) may be cured by a restart.
+    pub async fn collective(&self, phase: &str) -> Result<Arc<dyn Collective>, PhaseError> {
         let world = self.table.world_size() as usize;
         let timeout = Duration::from_millis(self.config.cluster.collective_timeout_ms);
         let asked = self.config.cluster.collective;
         let devices: Vec<&str> = self.table.workers.iter().map(|w| w.device.as_str()).collect();
-        let mut backend = asked.resolve(devices.iter().copied());
+        let placement = || self.table.workers.iter().map(|w| (w.host.as_str(), w.device.as_str()));
+        let mut backend = asked.resolve(placement());
         // The TCP ring has no TLS: with TLS (every process of the job has it, or none could have
         // joined), CPU collectives go over the peers' gRPC links, which do.
         if backend == CollectiveBackend::Tcp && self.config.tls.enabled() {
@@ -136,11 +141,20 @@ impl PhaseContext {
             if let Some((rank, device)) = devices.iter().enumerate().find(|(_, d)| !d.starts_with("cuda")) {
                 return Err(format!(
                     "cluster.collective = nccl (--collective) needs every worker on a CUDA device; rank {rank} runs on {device}"
-                ));
+                )
+                .into());
             }
             let tch::Device::Cuda(ordinal) = self.device else {
-                return Err(format!("cluster.collective = nccl: this worker's device is {:?}", self.device));
+                return Err(format!("cluster.collective = nccl: this worker's device is {:?}", self.device).into());
             };
+            if let Some((first, second)) = simclr_common::config::shared_gpu(placement()) {
+                let w = &self.table.workers[second];
+                return Err(format!(
+                    "cluster.collective = nccl (--collective): ranks {first} and {second} both use {} on {}, and NCCL needs a GPU of its own for each rank; give each worker its own GPU (dev --device cuda) or use collective = auto, tcp or grpc",
+                    w.device, w.host
+                )
+                .into());
+            }
             let rank = self.rank;
             let key = format!("nccl-unique-id/{phase}");
             let handle = tokio::runtime::Handle::current();
@@ -150,15 +164,15 @@ impl PhaseContext {
                 NcclCollective::connect(rank as usize, world, ordinal as i64, timeout, share)
             })
             .await
-            .map_err(|e| format!("NCCL set-up thread failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PhaseError::retryable(format!("NCCL set-up thread failed: {e}")))?
+            .map_err(|e| PhaseError { retryable: !e.is_permanent(), message: e.to_string() })?;
             return Ok(Arc::new(nccl));
         }
         if world == 1 {
             return Ok(Arc::new(Solo));
         }
         if backend == CollectiveBackend::Tcp {
-            return self.tcp_ring(phase, timeout).await;
+            return self.tcp_ring(phase, timeout).await.map_err(PhaseError::retryable);
         }
         let addrs: Vec<String> = self.table.workers.iter().map(|w| w.peer_addr.clone()).collect();
         let grpc = GrpcCollective::new(
@@ -169,7 +183,7 @@ impl PhaseContext {
             timeout,
             tokio::runtime::Handle::current(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PhaseError::retryable(e.to_string()))?;
         Ok(Arc::new(grpc))
     }
 }

@@ -24,14 +24,14 @@ use crate::decode::cache_key;
 use crate::features::{broadcast_encoder, gather_rows};
 use crate::model::{load_encoder, with_torch_seed, Encoder, EncoderConfig};
 use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
-use crate::session::{PhaseContext, PhaseOutput};
+use crate::session::{PhaseContext, PhaseError, PhaseOutput};
 
 const PHASE: &str = "probe";
 /// Added to the job's seed for the random baseline encoder's weights, so they differ from the weights
 /// pretraining started from.
 const RANDOM_ENCODER_SEED: u64 = 0x5eed_0001;
 
-pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let section = ctx.config.probe.clone();
     let mut output = PhaseOutput::default();
     if !section.enabled {
@@ -105,7 +105,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
             wire::SweepState::Wait => continue,
             wire::SweepState::Finished => break,
             wire::SweepState::Unspecified => {
-                return Err(format!("the coordinator answered sweep state {}", next.state))
+                return Err(format!("the coordinator answered sweep state {}", next.state).into())
             }
         }
         let task: ProbeTask = serde_json::from_str(&next.task_json)
@@ -244,8 +244,10 @@ impl FeatureJob {
 
     fn build(&self, seed: u64) -> (nn::VarStore, Encoder) {
         with_torch_seed(seed, || {
-            let vs = nn::VarStore::new(self.device);
+            // Drawn on the CPU, then moved: the same random encoder on any device.
+            let mut vs = nn::VarStore::new(Device::Cpu);
             let encoder = Encoder::new(&vs.root(), self.config);
+            vs.set_device(self.device);
             (vs, encoder)
         })
     }

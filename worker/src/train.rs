@@ -127,7 +127,8 @@ impl Trainer {
             return Err(TrainError::Config("pretrain.batch_size: need at least 2 images per batch".into()));
         }
         let (vs, encoder, head) = with_torch_seed(config.seed, || {
-            let vs = nn::VarStore::new(device);
+            // Drawn on the CPU, then moved: the same seed gives the same initial weights on any device.
+            let mut vs = nn::VarStore::new(Device::Cpu);
             let encoder =
                 Encoder::new(&vs.root(), EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
             let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
@@ -141,6 +142,7 @@ impl Trainer {
                     batch_norm: config.head_batch_norm,
                 },
             );
+            vs.set_device(device);
             (vs, encoder, head)
         });
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
