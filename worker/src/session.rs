@@ -109,9 +109,9 @@ impl PhaseContext {
 }
 
 impl PhaseContext {
-    /// The collectives of `phase` (`cluster.collective`): NCCL when every rank runs on CUDA (or when
-    /// asked for), the gRPC peer-to-peer backend otherwise, nothing at all for a world of one (unless
-    /// NCCL is asked for explicitly, which checks that path on one GPU).
+    /// The collectives of `phase` (`cluster.collective`): NCCL when every rank has a GPU of its own (or
+    /// when asked for), the TCP ring (or gRPC, under TLS or when asked for) otherwise, nothing at all for
+    /// a world of one (unless NCCL is asked for explicitly, which checks that path on one GPU).
     ///
     /// A set-up that can never work as configured (NCCL on a CPU rank or on a GPU another rank uses, the
     /// TCP ring under TLS, NCCL's own invalid-usage answer) is a permanent failure; anything else (a
