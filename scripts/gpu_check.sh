@@ -6,9 +6,11 @@
 # the exit status and the run directory's results.
 #   1. one worker on cuda:0 with NCCL as a world of one (--collective nccl): the CUDA training step,
 #      the NCCL probe, rank 0's unique id through the coordinator, every collective through NCCL
-#   2. two workers sharing cuda:0 over the TCP ring: GPU tensors through host memory
-#   3. the same two with NCCL, which recent NCCL refuses for two ranks on one GPU: the refusal must be
-#      a clear error, not a hang (on a host with 2+ GPUs use --device cuda to spread them instead)
+#   2. two workers sharing cuda:0 with collective = auto, which picks the TCP ring for ranks that share
+#      a GPU: GPU tensors through host memory
+#   3. the same two with --collective nccl, which NCCL refuses for two ranks on one GPU (invalid usage,
+#      seen on an H200): the job must stop at once, naming both ranks, without restarts (on a host with
+#      2+ GPUs use --device cuda to spread them instead)
 #   4. the training step benchmark on the GPU, ours (the `simclr_step` bench binary, found beside the
 #      others) against the same step in PyTorch, same GPU, same run
 #   5. run 1 again on the CPU: the first step's loss must agree with the GPU's (the weights are drawn
@@ -50,7 +52,7 @@ check() { # name, then the coordinator's arguments
   fi
 }
 check nccl-world-1 --workers 1 --device cuda:0 --collective nccl
-check tcp-2-on-gpu0 --workers 2 --device cuda:0 --collective tcp
+check auto-2-on-gpu0 --workers 2 --device cuda:0
 check nccl-2-on-gpu0 --workers 2 --device cuda:0 --collective nccl --max-steps 2
 if [ -x "$bin/simclr_step" ]; then
   { echo "## simclr-cluster (tch), cuda:0"; timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0
