@@ -27,26 +27,21 @@ fn main() {
         }
     };
     tch::set_num_threads(threads);
-    let shapes = if device == Device::Cpu {
+    let on_cpu = device == Device::Cpu;
+    if on_cpu {
         augmentation_throughput(steps);
         println!();
-        [
-            (Arch::Resnet18, "ResNet-18", 64, 64),
-            (Arch::Resnet18, "ResNet-18", 224, 16),
-            (Arch::Resnet50, "ResNet-50", 64, 32),
-            (Arch::Resnet50, "ResNet-50", 224, 8),
-        ]
-    } else {
-        [
-            (Arch::Resnet18, "ResNet-18", 64, 256),
-            (Arch::Resnet18, "ResNet-18", 224, 256),
-            (Arch::Resnet50, "ResNet-50", 64, 256),
-            (Arch::Resnet50, "ResNet-50", 224, 256),
-        ]
-    };
+    }
     println!("| model | input | batch (images) | step time (s) | images/s |");
     println!("|---|---|---|---|---|");
-    for (arch, name, size, batch) in shapes {
+    // The CPU batches fit a 2-core machine's patience; on a GPU every shape takes the realistic 256.
+    for (arch, name, size, cpu_batch) in [
+        (Arch::Resnet18, "ResNet-18", 64, 64),
+        (Arch::Resnet18, "ResNet-18", 224, 16),
+        (Arch::Resnet50, "ResNet-50", 64, 32),
+        (Arch::Resnet50, "ResNet-50", 224, 8),
+    ] {
+        let batch = if on_cpu { cpu_batch } else { 256 };
         let config = PretrainConfig {
             arch,
             batch_size: batch,

@@ -303,6 +303,16 @@ impl ProjectionHead {
     }
 }
 
+/// A var store on `device` whose variables `build` creates: drawn on the CPU, then moved, so that under
+/// [`with_torch_seed`] the same seed gives the same initial weights on any device (libtorch's CUDA
+/// generator draws other numbers than its CPU one).
+pub fn var_store_drawn_on_cpu<T>(device: tch::Device, build: impl FnOnce(&nn::Path) -> T) -> (nn::VarStore, T) {
+    let mut vs = nn::VarStore::new(tch::Device::Cpu);
+    let built = build(&vs.root());
+    vs.set_device(device);
+    (vs, built)
+}
+
 /// Runs `f` with libtorch's global generator seeded with `seed`, holding a process-wide lock, so that
 /// weights initialised (or tensors drawn) inside are a function of the seed even while other threads
 /// draw too (tests run in parallel; so could several trainers).

@@ -16,7 +16,7 @@ use simclr_common::probe::{
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::with_torch_seed;
+use crate::model::{var_store_drawn_on_cpu, with_torch_seed};
 use crate::optim::{Algorithm, Optimizer, Param};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -247,17 +247,14 @@ fn fit(
         Some(b) => b.features(&x.to_device(device), grad),
     };
     with_torch_seed(config.seed, || {
-        // Drawn on the CPU, then moved: the same probe initialisation on any device.
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let root = vs.root();
-        let (hidden, width) = if config.hidden > 0 {
-            (Some(nn::linear(&root / "hidden", d, config.hidden, Default::default())), config.hidden)
-        } else {
-            (None, d)
-        };
-        let mlp =
-            Mlp { hidden, out: nn::linear(&root / "out", width, classes, Default::default()), dropout: config.dropout };
-        vs.set_device(device);
+        let (vs, mlp) = var_store_drawn_on_cpu(device, |root| {
+            let (hidden, width) = if config.hidden > 0 {
+                (Some(nn::linear(root / "hidden", d, config.hidden, Default::default())), config.hidden)
+            } else {
+                (None, d)
+            };
+            Mlp { hidden, out: nn::linear(root / "out", width, classes, Default::default()), dropout: config.dropout }
+        });
         let params: Vec<Param> = vs.variables().into_iter().map(|(name, t)| Param::new(name, t)).collect();
         let mut optimizer = Optimizer::new(algorithm(config), params);
         let mut order: Vec<i64> = (0..n).collect();

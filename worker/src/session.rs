@@ -120,7 +120,6 @@ impl PhaseContext {
         let world = self.table.world_size() as usize;
         let timeout = Duration::from_millis(self.config.cluster.collective_timeout_ms);
         let asked = self.config.cluster.collective;
-        let devices: Vec<&str> = self.table.workers.iter().map(|w| w.device.as_str()).collect();
         let placement = || self.table.workers.iter().map(|w| (w.host.as_str(), w.device.as_str()));
         let mut backend = asked.resolve(placement());
         // The TCP ring has no TLS: with TLS (every process of the job has it, or none could have
@@ -138,7 +137,7 @@ impl PhaseContext {
             tracing::info!(phase, %backend, tls = self.config.tls.enabled(), "collectives");
         }
         if backend == CollectiveBackend::Nccl && (world > 1 || asked == CollectiveBackend::Nccl) {
-            if let Some((rank, device)) = devices.iter().enumerate().find(|(_, d)| !d.starts_with("cuda")) {
+            if let Some((rank, (_, device))) = placement().enumerate().find(|(_, (_, d))| !d.starts_with("cuda")) {
                 return Err(format!(
                     "cluster.collective = nccl (--collective) needs every worker on a CUDA device; rank {rank} runs on {device}"
                 )

@@ -22,7 +22,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::collective::Collective;
 use crate::decode::cache_key;
 use crate::features::{broadcast_encoder, gather_rows};
-use crate::model::{load_encoder, with_torch_seed, Encoder, EncoderConfig};
+use crate::model::{load_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig};
 use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
 use crate::session::{PhaseContext, PhaseError, PhaseOutput};
 
@@ -243,13 +243,7 @@ impl FeatureJob {
     }
 
     fn build(&self, seed: u64) -> (nn::VarStore, Encoder) {
-        with_torch_seed(seed, || {
-            // Drawn on the CPU, then moved: the same random encoder on any device.
-            let mut vs = nn::VarStore::new(Device::Cpu);
-            let encoder = Encoder::new(&vs.root(), self.config);
-            vs.set_device(self.device);
-            (vs, encoder)
-        })
+        with_torch_seed(seed, || var_store_drawn_on_cpu(self.device, |root| Encoder::new(root, self.config)))
     }
 
     /// The pixels (N x 1 x S x S) and labels (N x columns) of `refs` from the decode cache; an image

@@ -22,8 +22,8 @@ use crate::augment::two_views;
 use crate::collective::{Collective, CollectiveError, Solo};
 use crate::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::model::{
-    load_encoder, save_encoder, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm, NormPass,
-    ProjectionHead, HEAD_PREFIX,
+    load_encoder, save_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm,
+    NormPass, ProjectionHead, HEAD_PREFIX,
 };
 use crate::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
 use crate::syncbn::SyncNorm;
@@ -126,24 +126,23 @@ impl Trainer {
         if config.batch_size < 2 {
             return Err(TrainError::Config("pretrain.batch_size: need at least 2 images per batch".into()));
         }
-        let (vs, encoder, head) = with_torch_seed(config.seed, || {
-            // Drawn on the CPU, then moved: the same seed gives the same initial weights on any device.
-            let mut vs = nn::VarStore::new(Device::Cpu);
-            let encoder =
-                Encoder::new(&vs.root(), EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
-            let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
-            let head = ProjectionHead::new(
-                &(vs.root() / HEAD_PREFIX),
-                encoder.feature_dim,
-                HeadConfig {
-                    layers: config.head_layers,
-                    hidden,
-                    out: config.head_out,
-                    batch_norm: config.head_batch_norm,
-                },
-            );
-            vs.set_device(device);
-            (vs, encoder, head)
+        let (vs, (encoder, head)) = with_torch_seed(config.seed, || {
+            var_store_drawn_on_cpu(device, |root| {
+                let encoder =
+                    Encoder::new(root, EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
+                let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
+                let head = ProjectionHead::new(
+                    &(root / HEAD_PREFIX),
+                    encoder.feature_dim,
+                    HeadConfig {
+                        layers: config.head_layers,
+                        hidden,
+                        out: config.head_out,
+                        batch_norm: config.head_batch_norm,
+                    },
+                );
+                (encoder, head)
+            })
         });
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
