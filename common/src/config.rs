@@ -379,17 +379,21 @@ pub(crate) fn invalid(key: &'static str, value: impl std::fmt::Display, expected
 #[cfg(test)]
 mod tests {
 
-    /// The README's annotated config (every key with its default) is a valid config with the defaults.
+    /// The documented config (docs/configuration.md: every key with its default) is a valid config equal
+    /// to the defaults in every section, and names every section.
     #[test]
-    fn the_readme_config_block_parses_to_the_defaults() {
-        let readme = include_str!("../../README.md");
-        let start = readme.find("```toml\n").expect("a toml block in the README") + "```toml\n".len();
-        let block = &readme[start..start + readme[start..].find("```").expect("its end")];
-        let config = JobConfig::from_toml(block, "README.md").expect("the README's config parses");
-        config.validate().expect("the README's config is valid");
-        let defaults = JobConfig::default();
-        assert_eq!(config.cluster, defaults.cluster);
-        assert_eq!(config.tls, defaults.tls);
+    fn the_documented_config_block_parses_to_the_defaults() {
+        let page = include_str!("../../docs/configuration.md");
+        let start = page.find("```toml\n").expect("a toml block in docs/configuration.md") + "```toml\n".len();
+        let block = &page[start..start + page[start..].find("```").expect("its end")];
+        let config = JobConfig::from_toml(block, "docs/configuration.md").expect("the documented config parses");
+        config.validate().expect("the documented config is valid");
+        assert_eq!(config, JobConfig::default());
+        let documented: toml::Table = toml::from_str(block).unwrap();
+        let toml::Value::Table(all) = toml::Value::try_from(JobConfig::default()).unwrap() else { unreachable!() };
+        for section in all.keys() {
+            assert!(documented.contains_key(section), "docs/configuration.md does not show [{section}]");
+        }
     }
 
     use super::*;

@@ -2,6 +2,7 @@
 //! cluster membership, exit codes, logging set-up and retry with backoff. Must never depend on libtorch:
 //! the coordinator links it.
 
+pub mod atomic_file;
 pub mod config;
 pub mod exit;
 pub mod launch_env;

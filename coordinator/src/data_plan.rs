@@ -17,7 +17,7 @@ use simclr_data::labels::LabelTable;
 use simclr_data::synth::{ensure_synthetic, SynthOptions};
 
 use crate::error::CoordinatorError;
-use crate::run_dir::{csv_field, RunDir};
+use crate::run_dir::{csv_text, RunDir};
 
 /// A dataset ready for the job.
 pub struct PreparedData {
@@ -209,24 +209,23 @@ fn transfer_syntax_name(uid: &str) -> String {
 
 /// Every unusable file, label row without image and image without label, one per line.
 pub fn issues_csv(d: &Dataset) -> String {
-    let mut out = String::from("kind,item,reason\n");
+    let mut rows: Vec<[String; 3]> = Vec::new();
     for bad in &d.index.bad {
-        out += &format!("unusable_file,{},{}\n", csv_field(&bad.path.display().to_string()), csv_field(&bad.reason));
+        rows.push(["unusable_file".into(), bad.path.display().to_string(), bad.reason.clone()]);
     }
     for row in &d.orphan_label_rows {
-        out += &format!("label_without_image,{},no image of this study or path in the tree\n", csv_field(row));
+        rows.push(["label_without_image".into(), row.clone(), "no image of this study or path in the tree".into()]);
     }
     for s in d.studies.iter().filter(|s| s.labels.is_none() && !d.label_columns.is_empty()) {
         for &i in &s.images {
-            let path = d.index.images[i].path.display().to_string();
-            out += &format!(
-                "image_without_label,{},study {} has no label row (usable for pretraining only)\n",
-                csv_field(&path),
-                s.uid
-            );
+            rows.push([
+                "image_without_label".into(),
+                d.index.images[i].path.display().to_string(),
+                format!("study {} has no label row (usable for pretraining only)", s.uid),
+            ]);
         }
     }
-    out
+    csv_text(&["kind", "item", "reason"], rows)
 }
 
 /// Writes the data reports into the run directory and applies `on_bad_file`.
@@ -236,13 +235,14 @@ pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunD
     summary.push('\n');
     run_dir.write_atomic("dataset.json", summary.as_bytes()).map_err(CoordinatorError::RunDir)?;
     run_dir.write_atomic("data_issues.csv", issues_csv(d).as_bytes()).map_err(CoordinatorError::RunDir)?;
-    let mut split = String::from("study,patient,side,images\n");
+    let mut rows: Vec<[String; 4]> = Vec::new();
     for (side, studies) in [("train", &prepared.split.train), ("test", &prepared.split.test)] {
         for &i in studies.iter() {
             let s = &d.studies[i];
-            split += &format!("{},{},{side},{}\n", s.uid, s.patient.as_deref().unwrap_or(""), s.images.len());
+            rows.push([s.uid.clone(), s.patient.clone().unwrap_or_default(), side.into(), s.images.len().to_string()]);
         }
     }
+    let split = csv_text(&["study", "patient", "side", "images"], rows);
     run_dir.write_atomic("split.csv", split.as_bytes()).map_err(CoordinatorError::RunDir)?;
     if !d.index.bad.is_empty() {
         let first = &d.index.bad[0];

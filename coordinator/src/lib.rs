@@ -4,6 +4,7 @@
 
 pub mod data_plan;
 pub mod error;
+pub mod events;
 pub mod job;
 pub mod launcher;
 pub mod metrics;
@@ -11,9 +12,9 @@ pub mod plots;
 pub mod progress;
 pub mod rendezvous;
 pub mod reports;
+pub mod restart;
 pub mod run_dir;
 pub mod service;
-pub mod sweep;
 pub mod tensorboard;
 
 use std::net::SocketAddr;
@@ -143,11 +144,6 @@ impl Coordinator {
             },
             None => failed("no job is running".into()),
         }
-    }
-
-    /// Whether `outcome` calls for another attempt: a retryable failure with restarts left.
-    pub fn should_restart(&self, outcome: &JobOutcome) -> bool {
-        outcome.retryable && self.jobs.restarts() < self.jobs.get().config.cluster.max_restarts
     }
 
     /// Starts the next attempt of the job on the same address and run directory: a new rendezvous

@@ -11,7 +11,7 @@ use serde_json::json;
 use simclr_common::probe::ProbeOutcome;
 use simclr_common::PeerTable;
 
-use crate::job::{JobOutcome, Member, MemberStatus};
+use crate::events::{JobOutcome, Member, MemberStatus};
 
 /// The probe results recorded so far, for a restarted job (`RunDir::open_probe_journal`).
 const PROBE_JOURNAL: &str = "probe_journal.jsonl";
@@ -33,17 +33,9 @@ impl RunDir {
         &self.path
     }
 
-    /// Writes `name` inside the run directory atomically.
+    /// Writes `name` inside the run directory atomically (`simclr_common::atomic_file`).
     pub fn write_atomic(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
-        let target = self.path.join(name);
-        let tmp = self.path.join(format!(".{name}.tmp"));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(contents)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &target)
-        })();
-        result.map_err(|e| std::io::Error::new(e.kind(), format!("cannot write {}: {e}", target.display())))
+        simclr_common::atomic_file::write_bytes_atomic(&self.path.join(name), contents)
     }
 
     pub fn write_config(&self, toml: &str) -> std::io::Result<()> {
@@ -106,11 +98,10 @@ impl RunDir {
 
     /// `(phase, rank, path, reason)` rows as CSV.
     pub fn write_file_issues(&self, name: &str, issues: &[(String, u32, String, String)]) -> std::io::Result<()> {
-        let mut text = String::from("phase,rank,path,reason\n");
-        for (phase, rank, path, reason) in issues {
-            text += &format!("{phase},{rank},{},{}\n", csv_field(path), csv_field(reason));
-        }
-        self.write_atomic(name, text.as_bytes())
+        let rows = issues
+            .iter()
+            .map(|(phase, rank, path, reason)| [phase.clone(), rank.to_string(), path.clone(), reason.clone()]);
+        self.write_atomic(name, csv_text(&["phase", "rank", "path", "reason"], rows).as_bytes())
     }
 
     /// Records the newest checkpoint of the job (`checkpoint.json`): where it is, its step, who wrote it.
@@ -175,13 +166,20 @@ impl RunDir {
     }
 }
 
-/// A CSV field, quoted when it holds a comma, a quote or a line break.
-pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// `header` and `rows` as CSV text, quoted by the `csv` crate (a field with a comma, a quote or a line
+/// break is quoted).
+pub fn csv_text<Row, Field>(header: &[&str], rows: impl IntoIterator<Item = Row>) -> String
+where
+    Row: IntoIterator<Item = Field>,
+    Field: AsRef<[u8]>,
+{
+    let mut w = csv::Writer::from_writer(Vec::new());
+    // Writing into memory cannot fail.
+    let _ = w.write_record(header);
+    for row in rows {
+        let _ = w.write_record(row);
     }
+    String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
 }
 
 /// The cluster's view of a phase's per-rank metrics: throughputs (`*_per_s` measured per rank) add up,

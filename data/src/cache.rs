@@ -11,7 +11,7 @@ use crate::pixels::{decode_file, resize, DecodeError};
 
 /// Bump when the pixel pipeline's output changes: old entries then miss instead of lying.
 pub const PIPELINE_VERSION: u32 = 1;
-const MAGIC: &[u8; 4] = b"SCDC";
+const MAGIC: &[u8; 4] = b"SCD2";
 
 /// What identifies one preprocessed image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,8 @@ pub struct DecodeCache {
     dir: PathBuf,
 }
 
-/// FNV-1a, 64 bits: file names and checksums (integrity against truncation and bit rot, not attack).
+/// FNV-1a, 64 bits: a short stable name for a key (entry file names, sample ids). Not a checksum: entries
+/// carry a CRC-32.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
@@ -106,21 +107,17 @@ impl DecodeCache {
         for &v in pixels {
             bytes.extend_from_slice(&to_unorm16(v).to_le_bytes());
         }
-        let checksum = fnv1a(&bytes);
+        let checksum = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
-        let tmp = entry.with_extension(format!("tmp-{}-{:x}", std::process::id(), rand::random::<u32>()));
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, entry).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        simclr_common::atomic_file::write_bytes_atomic(entry, &bytes)
     }
 }
 
 /// The pixels of a verified entry for exactly `key`, or `None`.
 fn parse_entry(bytes: &[u8], key: &CacheKey) -> Option<Vec<f32>> {
-    let body = bytes.len().checked_sub(8)?;
-    let checksum = u64::from_le_bytes(bytes[body..].try_into().ok()?);
-    if fnv1a(&bytes[..body]) != checksum || bytes.get(..4)? != MAGIC {
+    let body = bytes.len().checked_sub(4)?;
+    let checksum = u32::from_le_bytes(bytes[body..].try_into().ok()?);
+    if crc32fast::hash(&bytes[..body]) != checksum || bytes.get(..4)? != MAGIC {
         return None;
     }
     let key_len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;

@@ -61,9 +61,10 @@ impl tonic::service::Interceptor for RequireToken {
     }
 }
 
-/// Compares two secrets in time that depends on their lengths only, not on where they first differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+/// Compares two secrets (the cluster token) in time that depends on their lengths only, not on where
+/// they first differ (`subtle`'s constant-time equality).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 pub type CoordinatorClient = wire::coordinator_client::CoordinatorClient<InterceptedService<Channel, AttachToken>>;

@@ -298,3 +298,48 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((head.to_string(), body.to_string()))
 }
+
+/// Whether the tests' outside tools (Python's tensorboard and prometheus_client, kubectl,
+/// kubernetes-validate) must be there: `SIMCLR_EXPECT_TOOLS=1`, which scripts/test.sh sets after its
+/// set-up installed them. Where it is set, a missing tool fails the test instead of skipping a check.
+pub fn tools_expected() -> bool {
+    std::env::var("SIMCLR_EXPECT_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Runs `script` with the project's Python (`.venv/bin/python`, from `scripts/setup.sh --python`), with
+/// `args` after it and `stdin` on its standard input. `Ok(None)`: that Python cannot start or has no
+/// `module` (an error instead where [`tools_expected`]); otherwise its output, whatever its status.
+pub fn run_python(
+    module: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    stdin: &[u8],
+) -> Result<Option<std::process::Output>> {
+    use std::io::Write;
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let child = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if tools_expected() => {
+            bail!("SIMCLR_EXPECT_TOOLS=1 but {} cannot start: {e} (scripts/setup.sh --python)", python.display())
+        }
+        Err(_) => return Ok(None),
+    };
+    child.stdin.take().context("python's stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    if String::from_utf8_lossy(&out.stderr).contains(&format!("No module named '{module}'")) {
+        anyhow::ensure!(
+            !tools_expected(),
+            "SIMCLR_EXPECT_TOOLS=1 but Python has no {module} (scripts/setup.sh --python)"
+        );
+        return Ok(None);
+    }
+    Ok(Some(out))
+}

@@ -95,28 +95,19 @@ fn check_sweep_results(run_dir: &Path, tasks: usize, columns: usize) -> anyhow::
 type Scalars = BTreeMap<String, Vec<(i64, f64)>>;
 
 /// The run's TensorBoard scalars as TensorBoard's own reader (`EventAccumulator`, from the `tensorboard`
-/// package the test set-up installs) loads them: tag -> [(step, value)]. `None` without that package
-/// (a failure where scripts/test.sh's set-up should have installed it).
+/// package the test set-up installs) loads them: tag -> [(step, value)]. `None` without Python or that
+/// package (a failure where scripts/test.sh's set-up should have installed it).
 fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<Option<Scalars>> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     let script = "import sys, json\n\
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
         acc = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n\
         acc.Reload()\n\
         print(json.dumps({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()['scalars']}))";
     let dir = run_dir.join("tensorboard");
-    let out = match std::process::Command::new(&python).args(["-c", script]).arg(&dir).output() {
-        Ok(out) => out,
-        Err(_) => return Ok(None),
+    let Some(out) = simclr_tests::run_python("tensorboard", script, &[dir.as_os_str()], &[])? else {
+        return Ok(None);
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No module named 'tensorboard'") {
-        anyhow::ensure!(
-            std::env::var("SIMCLR_EXPECT_TOOLS").is_err(),
-            "scripts/setup.sh --python installs tensorboard"
-        );
-        return Ok(None);
-    }
     anyhow::ensure!(out.status.success(), "TensorBoard could not read {}: {stderr}", dir.display());
     Ok(Some(serde_json::from_slice(&out.stdout)?))
 }

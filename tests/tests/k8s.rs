@@ -39,7 +39,7 @@ fn tool(name: &str) -> Result<Option<PathBuf>> {
     if path.is_file() {
         return Ok(Some(path));
     }
-    if std::env::var("SIMCLR_EXPECT_TOOLS").is_ok_and(|v| v == "1") {
+    if simclr_tests::tools_expected() {
         bail!("SIMCLR_EXPECT_TOOLS=1 but {} is missing (scripts/setup.sh --k8s installs it)", path.display());
     }
     eprintln!("skipped: {} missing (scripts/setup.sh --k8s)", path.display());

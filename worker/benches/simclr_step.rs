@@ -9,9 +9,9 @@
 
 use std::time::Instant;
 
-use simclr_worker::augment::{two_views, AugmentConfig};
-use simclr_worker::model::Arch;
-use simclr_worker::train::{PretrainConfig, Trainer};
+use simclr_worker::engine::augment::{two_views, AugmentConfig};
+use simclr_worker::engine::model::Arch;
+use simclr_worker::engine::train::{PretrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
 fn main() {
@@ -19,7 +19,7 @@ fn main() {
     let threads: i32 = args.first().and_then(|s| s.parse().ok()).unwrap_or(2);
     let steps: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     let spec = args.get(2).map_or("cpu", String::as_str);
-    let device = match simclr_worker::device::Device::parse(spec).and_then(|d| d.open()) {
+    let device = match simclr_worker::session::device::Device::parse(spec).and_then(|d| d.open()) {
         Ok(device) => device,
         Err(e) => {
             eprintln!("simclr_step: {e}");

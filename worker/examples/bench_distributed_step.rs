@@ -10,9 +10,9 @@ mod pair;
 use std::sync::Arc;
 use std::time::Instant;
 
-use simclr_worker::augment::AugmentConfig;
-use simclr_worker::model::{with_torch_seed, Arch};
-use simclr_worker::train::{BnMode, OptimizerName, PretrainConfig, Trainer};
+use simclr_worker::engine::augment::AugmentConfig;
+use simclr_worker::engine::model::{with_torch_seed, Arch};
+use simclr_worker::engine::train::{BnMode, OptimizerName, PretrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
 fn main() {
@@ -48,7 +48,7 @@ fn main() {
             ..PretrainConfig::default()
         };
         let per = batch / world;
-        let timed = Arc::new(simclr_worker::collective::Timed::new(Arc::clone(&collective)));
+        let timed = Arc::new(simclr_worker::comm::Timed::new(Arc::clone(&collective)));
         let mut trainer =
             Trainer::distributed(config, per * (steps + 2), Device::Cpu, Arc::clone(&timed) as _).unwrap();
         let images =

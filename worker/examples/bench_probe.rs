@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use simclr_worker::model::with_torch_seed;
+use simclr_worker::engine::model::with_torch_seed;
 use simclr_worker::probe::{train_probe, ProbeConfig};
 use tch::{Device, Kind, Tensor};
 

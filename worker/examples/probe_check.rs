@@ -15,7 +15,7 @@ use simclr_data::cache::{CacheKey, DecodeCache};
 use simclr_data::dataset::{split_studies, Dataset};
 use simclr_data::index::index_tree;
 use simclr_data::labels::LabelTable;
-use simclr_worker::model::{load_encoder, with_torch_seed, Arch, Encoder, EncoderConfig, Stem};
+use simclr_worker::engine::model::{load_encoder, with_torch_seed, Arch, Encoder, EncoderConfig, Stem};
 use simclr_worker::probe::{embed, train_probe, ProbeConfig};
 use tch::{nn, Device, Tensor};
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use simclr_worker::model::{load_encoder, save_encoder, Arch, Encoder, EncoderConfig, Stem};
+use simclr_worker::engine::model::{load_encoder, save_encoder, Arch, Encoder, EncoderConfig, Stem};
 use tch::{nn, Device, Kind, Tensor};
 
 fn python() -> PathBuf {
@@ -75,58 +75,86 @@ fn resnet50_round_trips_through_torchvision() {
     check(Arch::Resnet50, "resnet50");
 }
 
-/// One whole training step (forward in training mode with batch statistics, NT-Xent, backward, SGD
-/// with momentum) against the same step in PyTorch from the same weights: the loss and every weight
-/// and running statistic after the step agree within 1e-5.
+/// One whole training step (forward in training mode with batch statistics, NT-Xent, backward, the
+/// optimiser) against the same step in PyTorch from the same weights (tests/python/one_step.py): SGD
+/// with momentum and a 2-layer head, and LARS with weight decay and SimCLR v2's 3-layer head with
+/// BatchNorm. The loss agrees within 1e-5, and the update of every variable (after - before, running
+/// statistics included) within 1e-3 of that variable's largest update element.
 #[test]
 fn one_step_matches_pytorch() {
-    use simclr_worker::augment::AugmentConfig;
-    use simclr_worker::train::{LrScalingName, OptimizerName, PretrainConfig, Trainer};
-    let dir = tempfile::tempdir().unwrap();
-    let config = PretrainConfig {
+    use simclr_worker::engine::augment::AugmentConfig;
+    use simclr_worker::engine::train::{LrScalingName, OptimizerName, PretrainConfig, Trainer};
+    let base = PretrainConfig {
         arch: Arch::Resnet18,
         head_out: 16,
         batch_size: 4,
         epochs: 10,
         input_size: 32,
         augment: AugmentConfig::disabled(),
-        optimizer: OptimizerName::Sgd,
-        base_lr: 0.1,
         lr_scaling: LrScalingName::None,
-        weight_decay: 0.0,
         warmup_epochs: 0.0,
         temperature: 0.5,
         seed: 11,
         ..PretrainConfig::default()
     };
-    let mut trainer = Trainer::new(config.clone(), 4, Device::Cpu).unwrap();
-    let before = trainer.save_checkpoint(&dir.path().join("before")).unwrap();
-    let images = simclr_worker::model::with_torch_seed(5, || Tensor::rand([4, 1, 32, 32], (Kind::Float, Device::Cpu)));
-    let stats = trainer.train_step(&images, &[0, 1, 2, 3]).unwrap();
-    let after = trainer.save_checkpoint(&dir.path().join("after")).unwrap();
-    let io_path = dir.path().join("io.safetensors");
-    Tensor::write_safetensors(
-        &[
-            ("images", images.shallow_clone()),
-            ("lr", Tensor::from(stats.lr)),
-            ("tau", Tensor::from(config.temperature)),
-            ("loss", Tensor::from(stats.loss)),
-        ],
-        &io_path,
-    )
-    .unwrap();
-    let python = python();
-    let output = Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/one_step.py"))
-        .args([before.to_str().unwrap(), after.to_str().unwrap(), io_path.to_str().unwrap()])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/setup.sh --python", python.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "the step differs from PyTorch's ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let cases = [
+        PretrainConfig { optimizer: OptimizerName::Sgd, base_lr: 0.1, weight_decay: 0.0, ..base.clone() },
+        PretrainConfig {
+            optimizer: OptimizerName::Lars,
+            base_lr: 1.0,
+            weight_decay: 1e-4,
+            head_layers: 3,
+            head_batch_norm: true,
+            head_hidden: 64,
+            ..base.clone()
+        },
+    ];
+    for config in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = Trainer::new(config.clone(), 4, Device::Cpu).unwrap();
+        let before = trainer.save_checkpoint(&dir.path().join("before")).unwrap();
+        let images = simclr_worker::engine::model::with_torch_seed(5, || {
+            Tensor::rand([4, 1, 32, 32], (Kind::Float, Device::Cpu))
+        });
+        let stats = trainer.train_step(&images, &[0, 1, 2, 3]).unwrap();
+        let after = trainer.save_checkpoint(&dir.path().join("after")).unwrap();
+        let io_path = dir.path().join("io.safetensors");
+        Tensor::write_safetensors(
+            &[
+                ("images", images.shallow_clone()),
+                ("lr", Tensor::from(stats.lr)),
+                ("tau", Tensor::from(config.temperature)),
+                ("loss", Tensor::from(stats.loss)),
+            ],
+            &io_path,
+        )
+        .unwrap();
+        let settings = serde_json::json!({
+            "optimizer": match config.optimizer {
+                OptimizerName::Sgd => "sgd",
+                OptimizerName::Lars => "lars",
+                other => panic!("no PyTorch reference for {other:?}"),
+            },
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            "trust_coefficient": 0.001,
+            "head_layers": config.head_layers,
+            "head_batch_norm": config.head_batch_norm,
+        });
+        let python = python();
+        let output = Command::new(&python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/one_step.py"))
+            .args([before.to_str().unwrap(), after.to_str().unwrap(), io_path.to_str().unwrap()])
+            .arg(settings.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/setup.sh --python", python.display()));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        println!("{stdout}");
+        assert!(
+            output.status.success(),
+            "the step differs from PyTorch's ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

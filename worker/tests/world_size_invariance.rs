@@ -2,15 +2,16 @@
 //! one optimiser step over the same global batch gives the same loss and the same updated weights (and
 //! BatchNorm running statistics) with 1, 2 and 4 workers, each rank holding different images, in any
 //! rank order, over both CPU backends (loopback TCP-ring and gRPC peers in this process: real sockets,
-//! real ring collectives). A trainer that drops the gather's backward must fail the same comparison.
+//! real ring collectives). A collective that drops the gather's backward must fail the same comparison.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use simclr_worker::collective::loopback;
-use simclr_worker::loss::{nt_xent, AnchorRows};
-use simclr_worker::model::{with_torch_seed, Arch};
-use simclr_worker::train::{BnMode, LrScalingName, OptimizerName, PretrainConfig, Trainer};
+use simclr_worker::comm::{Collective, CollectiveError};
+use simclr_worker::engine::loss::{nt_xent, AnchorRows};
+use simclr_worker::engine::model::{with_torch_seed, Arch};
+use simclr_worker::engine::train::{BnMode, LrScalingName, OptimizerName, PretrainConfig, Trainer};
+use simclr_worker::testing::loopback;
 use tch::{Device, Kind, Tensor};
 
 const GLOBAL_BATCH: usize = 8;
@@ -51,6 +52,39 @@ fn weights(trainer: &Trainer) -> Weights {
 
 type Backend = fn(usize, Duration) -> loopback::Group;
 
+/// The bug the invariance test must catch: a reduce-scatter that keeps this rank's own block of the
+/// key gradients instead of summing every rank's (the gradient flowing back through the all-gather is
+/// dropped). Every other collective passes through.
+struct DropGatherBackward(std::sync::Arc<dyn Collective>);
+
+impl Collective for DropGatherBackward {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.0.all_reduce_sum(t)
+    }
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.0.all_reduce_sum_in_place(t)
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.0.all_gather(t)
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let block = t.size()[0] / self.world_size() as i64;
+        Ok(t.narrow(0, self.rank() as i64 * block, block).copy())
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+        self.0.broadcast(t, root)
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.0.barrier()
+    }
+}
+
 /// One step with the global batch split over `order.len()` ranks, rank r holding block `order[r]`.
 fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode, backend: Backend) -> Vec<(f64, Weights)> {
     let world = order.len();
@@ -58,14 +92,11 @@ fn distributed_step(order: &[usize], sabotage: bool, bn: BnMode, backend: Backen
     let per = GLOBAL_BATCH / world;
     loopback::run(&group, |rank, collective| {
         assert_eq!(collective.rank(), rank);
-        let mut trainer = Trainer::distributed(
-            PretrainConfig { bn, ..config() },
-            per,
-            Device::Cpu,
-            std::sync::Arc::clone(&group.members[rank]) as _,
-        )
-        .unwrap();
-        trainer.sabotage_drop_gather_backward = sabotage;
+        let member = std::sync::Arc::clone(&group.members[rank]);
+        let collective: std::sync::Arc<dyn Collective> =
+            if sabotage { std::sync::Arc::new(DropGatherBackward(member)) } else { member };
+        let mut trainer =
+            Trainer::distributed(PretrainConfig { bn, ..config() }, per, Device::Cpu, collective).unwrap();
         let start = order[rank] * per;
         let ids: Vec<u64> = (start..start + per).map(|i| i as u64).collect();
         let local = images().narrow(0, start as i64, per as i64);

@@ -11,7 +11,8 @@ use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{
-    data_plan, finalize_config, metrics, progress, run_dir_path, Coordinator, CoordinatorError, JobOutcome, RunDir,
+    data_plan, finalize_config, metrics, progress, restart, run_dir_path, Coordinator, CoordinatorError, JobOutcome,
+    RunDir,
 };
 use simclr_data::pixels::check_decode;
 use simclr_data::synth::{write_dataset, SynthError, SynthOptions};
@@ -297,8 +298,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let mut signalled = false;
     // Each attempt: the workers (their launcher restarts them: Kubernetes' restart policy, the sbatch
     // script's loop) join, run, and after a retryable failure join the next attempt.
-    let outcome = loop {
-        let job = coordinator.job();
+    let outcome = restart::run_attempts(&mut coordinator, false, async |coordinator, job| {
         tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
         let outcome = {
             let mut wait = Box::pin(coordinator.outcome());
@@ -313,12 +313,9 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             }
         };
         progress::clear();
-        if !coordinator.should_restart(&outcome) {
-            break outcome;
-        }
-        tracing::warn!(message = %outcome.message, "attempt failed; waiting for the workers to join the next one");
-        coordinator.restart(None)?;
-    };
+        Ok(outcome)
+    })
+    .await?;
     coordinator.close().await;
     let status = report(outcome);
     if args.linger && !signalled {
@@ -369,16 +366,17 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
         extra_args: tls_args,
         device: args.device.clone(),
     };
-    // Each attempt: a fresh group of workers; after a retryable failure (a worker died, a collective
-    // was cut off) the whole group goes and a new one resumes from the last checkpoint.
-    let outcome = loop {
-        let job = coordinator.job();
+    // Each attempt: a fresh group of workers (as many as the attempt's job has: fewer after an elastic
+    // restart); after a retryable failure (a worker died, a collective was cut off) the whole group goes
+    // and a new one resumes from the last checkpoint.
+    let outcome = restart::run_attempts(&mut coordinator, args.elastic, async |coordinator, job| {
         tokio::spawn(progress::show(job.clone(), log_format == LogFormat::Text));
+        options.workers = job.config.cluster.world_size;
         let mut launched = match launcher::spawn_workers(coordinator.addr, &options) {
             Ok(launched) => launched,
             Err(e) => {
                 job.abort(StopReason::Aborted, e.to_string(), e.exit_status());
-                coordinator.wait().await;
+                coordinator.outcome().await;
                 return Err(e);
             }
         };
@@ -413,38 +411,12 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
             }
         }
         progress::clear();
-        if !coordinator.should_restart(&outcome) {
-            break outcome;
-        }
-        let smaller = if args.elastic { elastic_world_size(&job) } else { None };
-        if let Some(n) = smaller {
-            tracing::warn!(
-                workers = n,
-                was = options.workers,
-                "continuing with {n} of {} workers (--elastic)",
-                options.workers
-            );
-            options.workers = n;
-        }
-        coordinator.restart(smaller)?;
-    };
+        Ok(outcome)
+    })
+    .await;
     coordinator.close().await;
     progress::clear();
-    Ok(report(outcome))
-}
-
-/// The group of an elastic restart: the workers not lost, down to a number that divides the global
-/// batch when pretraining runs; `None` when that is the whole group (or nobody is left).
-fn elastic_world_size(job: &simclr_coordinator::Job) -> Option<u32> {
-    let members = job.members();
-    let world = members.len() as u32;
-    let alive =
-        members.iter().filter(|m| !matches!(m.status, simclr_coordinator::job::MemberStatus::Lost { .. })).count()
-            as u32;
-    let batch = job.config.pretrain.batch_size as u32;
-    let fits = |n: u32| !job.config.pretrain.enabled || batch.is_multiple_of(n);
-    let n = (1..=alive).rev().find(|&n| fits(n))?;
-    (n < world).then_some(n)
+    Ok(report(outcome?))
 }
 
 /// SIGINT and SIGTERM, watched from before the job starts so that neither kills the process outright.

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use simclr_proto::client::AttachToken;
-use simclr_worker::collective::{Collective, GrpcCollective, Mailbox};
-use simclr_worker::peer::{serve, Control};
-use simclr_worker::tcp::{listen, TcpRing};
+use simclr_worker::comm::tcp::{listen, TcpRing};
+use simclr_worker::comm::{Collective, GrpcCollective, Mailbox};
+use simclr_worker::session::peer::{serve, Control};
 
 pub struct Pair {
     pub grpc: Arc<dyn Collective>,

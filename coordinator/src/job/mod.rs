@@ -1,0 +1,315 @@
+//! The job's shared state and its state machine: rendezvous -> phases -> stop -> drain. Owns liveness
+//! (heartbeat deadlines, lost workers), progress, stop notices and the job outcome. The gRPC handlers in
+//! `service` and the dev-mode launcher only call into it; it never touches sockets except to push stop
+//! notices to workers and to check a peer that another worker reported.
+//!
+//! Locking: one std mutex around `State`, never held across an await. Every change bumps a watch
+//! channel, and waiters re-check their condition after each bump.
+//!
+//! Each concern lives in its own file: `membership` (rendezvous, liveness, departures), `phases`
+//! (progress), `outcome` (the stop), `shared_values`, `assignments`, `sweep` (the probe tasks, with the queue
+//! in `sweep_queue`), `driver` (the job from start to end); the plain types others read are in `crate::events`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use simclr_common::probe::ProbeOutcome;
+use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, PHASES};
+use simclr_data::dataset::epoch_shards;
+use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
+use simclr_proto::wire;
+use tokio::sync::{broadcast, watch};
+use tonic::Status;
+
+use crate::data_plan::PreparedData;
+use crate::rendezvous::{Registration, Rendezvous, RendezvousError};
+use crate::run_dir::RunDir;
+use sweep::probe_fingerprint;
+use sweep_queue::{Next, SweepQueue};
+
+mod assignments;
+mod driver;
+mod membership;
+mod outcome;
+mod phases;
+mod shared_values;
+mod sweep;
+pub mod sweep_queue;
+
+pub use crate::events::{JobEvent, JobOutcome, Member, MemberStatus};
+
+struct State {
+    rendezvous: Rendezvous,
+    members: Vec<Member>,
+    /// phase -> rank -> metric -> value
+    results: BTreeMap<String, BTreeMap<u32, BTreeMap<String, f64>>>,
+    /// Files the workers could not use: (phase, rank, path, reason).
+    file_issues: Vec<(String, u32, String, String)>,
+    outcome: Option<(StopNotice, ExitStatus)>,
+    /// Whether the recorded outcome is a retryable failure.
+    retryable: bool,
+    /// Values published by one rank for the others (`share_value`).
+    shared: BTreeMap<String, Vec<u8>>,
+    /// The probe sweep's queue, from the first rank that asks for a task.
+    sweep: Option<SweepQueue>,
+    /// Ranks lost during the sweep: their tasks went back to the queue, the job goes on without them.
+    excused: BTreeSet<u32>,
+    /// Probe results an earlier attempt (or coordinator) recorded for this configuration; the sweep
+    /// starts with them done.
+    recovered: Vec<ProbeOutcome>,
+}
+
+pub struct Job {
+    pub job_id: String,
+    pub config: JobConfig,
+    config_toml: String,
+    token: AttachToken,
+    run_dir: RunDir,
+    started: Instant,
+    state: Mutex<State>,
+    changed: watch::Sender<()>,
+    events: broadcast::Sender<JobEvent>,
+    worker_clients: OnceLock<Vec<WorkerClient>>,
+    data: Option<Arc<PreparedData>>,
+    /// 0 for the first attempt, k for the k-th restart.
+    pub attempt: u32,
+}
+
+impl Job {
+    /// `config` must be validated and carry the final job id. `attempt`: 0, or the restart's number.
+    pub fn new(
+        config: JobConfig,
+        token: Option<&str>,
+        run_dir: RunDir,
+        data: Option<Arc<PreparedData>>,
+        attempt: u32,
+    ) -> Result<Arc<Job>, Status> {
+        let job_id = config.job.id.clone();
+        let world_size = config.cluster.world_size;
+        let (changed, _) = watch::channel(());
+        let (events, _) = broadcast::channel(1024);
+        let recovered = match run_dir.open_probe_journal(&probe_fingerprint(&config)) {
+            Ok(recovered) => recovered,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the probe journal; probe results will not survive a restart");
+                Vec::new()
+            }
+        };
+        Ok(Arc::new(Job {
+            attempt,
+            config_toml: config.to_toml(),
+            token: AttachToken::new(token)?,
+            run_dir,
+            started: Instant::now(),
+            state: Mutex::new(State {
+                rendezvous: Rendezvous::new(job_id.clone(), world_size, simclr_common::VERSION),
+                members: Vec::new(),
+                results: BTreeMap::new(),
+                file_issues: Vec::new(),
+                outcome: None,
+                retryable: false,
+                shared: BTreeMap::new(),
+                sweep: None,
+                excused: BTreeSet::new(),
+                recovered,
+            }),
+            changed,
+            events,
+            worker_clients: OnceLock::new(),
+            data,
+            job_id,
+            config,
+        }))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn config_toml(&self) -> &str {
+        &self.config_toml
+    }
+
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run_dir
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug elsewhere; the state itself stays consistent
+        // because every mutation is a single assignment, so keep serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn emit(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+        self.changed.send_replace(());
+    }
+
+    /// Waits until `done` holds for the state (checked after every change).
+    async fn wait_for(&self, mut done: impl FnMut(&State) -> bool) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if done(&self.lock()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn peer_table(&self) -> Option<PeerTable> {
+        self.lock().rendezvous.table().cloned()
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        self.lock().members.clone()
+    }
+
+    pub fn stop_notice(&self) -> Option<StopNotice> {
+        self.lock().outcome.as_ref().map(|(n, _)| n.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use simclr_common::WorkerIdentity;
+
+    use super::*;
+    use std::path::Path;
+
+    fn worker(n: u32) -> Registration {
+        Registration {
+            worker: WorkerIdentity {
+                instance_id: format!("w{n}"),
+                host: "localhost".into(),
+                peer_addr: format!("127.0.0.1:{}", 40000 + n),
+                device: "cpu".into(),
+                pid: n,
+                version: simclr_common::VERSION.into(),
+            },
+            requested_rank: Some(n),
+            expected_world_size: None,
+            expected_job_id: String::new(),
+        }
+    }
+
+    async fn two_member_job(dir: &Path) -> Arc<Job> {
+        let mut config = JobConfig::default();
+        config.job.id = "share-test".into();
+        config.cluster.world_size = 2;
+        let job = Job::new(config, None, RunDir::create(dir).unwrap(), None, 0).unwrap();
+        let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+        assert_eq!((a.unwrap().0, b.unwrap().0), (0, 1));
+        job
+    }
+
+    /// A lost worker is a retryable failure: with restarts left, the notice says so and a worker that
+    /// registers before the next attempt is told UNAVAILABLE (it retries); without, it says none are
+    /// left and such a worker is refused for good. A worker's failure it marks permanent says so.
+    #[tokio::test]
+    async fn a_lost_worker_is_retryable_and_a_permanent_failure_is_not() {
+        for (max_restarts, restarts_left) in [(2, true), (0, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = JobConfig::default();
+            config.job.id = "restart-test".into();
+            config.cluster.world_size = 2;
+            config.cluster.max_restarts = max_restarts;
+            let job = Job::new(config, None, RunDir::create(dir.path()).unwrap(), None, 0).unwrap();
+            let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+            assert!(a.is_ok() && b.is_ok());
+            assert!(job.declare_lost(1, "killed".into()));
+            let notice = job.stop_notice().unwrap();
+            assert_eq!(notice.message.contains("restarting from the last checkpoint (restart 1 of 2)"), restarts_left);
+            assert_eq!(notice.message.contains("no restarts left"), !restarts_left, "{notice}");
+            let e = job.register(worker(2)).await.unwrap_err();
+            let expected = if restarts_left { tonic::Code::Unavailable } else { tonic::Code::FailedPrecondition };
+            assert_eq!(e.code(), expected, "{e:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let job = two_member_job(dir.path()).await;
+        let request = wire::ReportProgressRequest {
+            rank: 0,
+            instance_id: "w0".into(),
+            phase: "decode".into(),
+            error: "train/broken.dcm: not a DICOM file".into(),
+            retryable: false,
+            ..Default::default()
+        };
+        job.report_progress(request).unwrap();
+        let notice = job.stop_notice().unwrap();
+        assert!(notice.message.ends_with("a permanent failure: not restarted"), "{notice}");
+    }
+
+    /// Every assigned image carries its study's target label, and the columns are named.
+    #[tokio::test]
+    async fn assignments_carry_the_target_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let opts = simclr_data::synth::SynthOptions { studies: 16, seed: 3, image_size: 32 };
+        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
+        let mut config = JobConfig::default();
+        config.job.id = "labels-test".into();
+        config.cluster.world_size = 2;
+        config.data.path = Some(data_dir.clone());
+        let prepared = crate::data_plan::prepare(&config.data, 0, 2).unwrap();
+        let mut truth: BTreeMap<String, f32> = BTreeMap::new();
+        for study in &prepared.dataset.studies {
+            let value = study.labels.as_ref().unwrap()[prepared.targets[0]];
+            for &i in &study.images {
+                truth.insert(prepared.dataset.index.images[i].sop_uid.clone(), value);
+            }
+        }
+        let run_dir = RunDir::create(&dir.path().join("run")).unwrap();
+        let job = Job::new(config, None, run_dir, Some(Arc::new(prepared)), 0).unwrap();
+        let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+        assert!(a.is_ok() && b.is_ok());
+        let mut seen = 0;
+        for rank in 0..2 {
+            let response = job.assignment(rank, &format!("w{rank}"), 0, false).unwrap();
+            assert_eq!(response.label_columns, vec!["Typical Appearance".to_string()]);
+            for image in response.train.iter().chain(&response.test) {
+                assert_eq!(image.labels, vec![truth[&image.sop_uid]], "{}", image.path);
+                seen += 1;
+            }
+        }
+        assert!(seen > 0);
+        assert!(truth.values().any(|&v| v == 1.0) && truth.values().any(|&v| v == 0.0));
+    }
+
+    /// The NCCL unique id's path: readers wait for the publisher, members only, one value per key,
+    /// and a job that stops releases the readers with an error instead of leaving them waiting.
+    #[tokio::test]
+    async fn a_shared_value_reaches_readers_that_asked_before_it_was_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = two_member_job(dir.path()).await;
+        let reader = {
+            let job = Arc::clone(&job);
+            tokio::spawn(async move { job.share_value(1, "w1", "nccl-unique-id/pretrain", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the reader did not wait for the value");
+        let id = vec![7u8; 128];
+        assert_eq!(job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(id.clone())).await.unwrap(), id);
+        assert_eq!(reader.await.unwrap().unwrap(), id);
+        // Publishing the same value again is harmless; a different one is refused.
+        assert!(job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(id.clone())).await.is_ok());
+        let e = job.share_value(0, "w0", "nccl-unique-id/pretrain", Some(vec![1; 128])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        let e = job.share_value(1, "intruder", "nccl-unique-id/pretrain", None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let e = job.share_value(0, "w0", "big", Some(vec![0; 65 << 10])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+        let waiting = {
+            let job = Arc::clone(&job);
+            tokio::spawn(async move { job.share_value(1, "w1", "never", None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        job.abort(StopReason::Aborted, "rank 0 failed".into(), ExitStatus::JobAborted);
+        let e = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+        assert!(e.message().contains("rank 0 failed"), "{e:?}");
+    }
+}

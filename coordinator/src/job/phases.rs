@@ -1,0 +1,116 @@
+//! Progress through the phases: per-rank reports, the metrics and unusable files they carry, and the
+//! end of a phase (every active rank done), which completes the job after the last one.
+
+use super::*;
+
+impl Job {
+    pub fn report_progress(&self, req: wire::ReportProgressRequest) -> Result<(), Status> {
+        let mut state = self.lock();
+        let i = self.member_index(&state, req.rank, &req.instance_id)?;
+        {
+            let m = &mut state.members[i];
+            m.phase.clone_from(&req.phase);
+            m.step = req.step;
+            m.total = req.total;
+        }
+        for issue in &req.issues {
+            tracing::warn!(rank = req.rank, phase = %req.phase, path = %issue.path, reason = %issue.reason, "unusable file");
+            state.file_issues.push((req.phase.clone(), req.rank, issue.path.clone(), issue.reason.clone()));
+        }
+        if !req.error.is_empty() {
+            tracing::error!(rank = req.rank, phase = %req.phase, error = %req.error, "phase failed on a worker");
+            let message = format!("rank {} failed in phase {}: {}", req.rank, req.phase, req.error);
+            let status = ExitStatus::JobAborted;
+            if let Some(notice) = self.set_outcome(&mut state, StopReason::Aborted, message, status, req.retryable) {
+                drop(state);
+                self.changed.send_replace(());
+                self.announce_stop(notice);
+            }
+            return Ok(());
+        }
+        if !req.checkpoint.is_empty() {
+            tracing::info!(rank = req.rank, phase = %req.phase, step = req.step, path = %req.checkpoint, "checkpoint written");
+            if let Err(e) = self.run_dir.write_checkpoint(&req.phase, req.rank, req.step, &req.checkpoint) {
+                tracing::warn!(error = %e, "cannot record the checkpoint");
+            }
+        }
+        if !req.phase_done {
+            if req.rank == 0 && !req.metrics.is_empty() {
+                let mut metrics: Vec<(&String, &f64)> = req.metrics.iter().collect();
+                metrics.sort_by(|a, b| a.0.cmp(b.0));
+                let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", format_metric(**v))).collect();
+                tracing::info!(phase = %req.phase, step = req.step, total = req.total, "{}", text.join(" "));
+                drop(state);
+                self.emit(JobEvent::Progress {
+                    phase: req.phase,
+                    step: req.step,
+                    total: req.total,
+                    metrics: req.metrics.into_iter().collect(),
+                });
+            } else {
+                tracing::debug!(rank = req.rank, phase = %req.phase, step = req.step, total = req.total, "progress");
+            }
+            return Ok(());
+        }
+        // Ranks move through the phases at their own pace; each reports them in order. A phase is
+        // complete once every rank has reported it, the job once every phase is.
+        let Some(position) = PHASES.iter().position(|p| *p == req.phase) else {
+            return Err(Status::invalid_argument(format!("rank {} reported unknown phase '{}'", req.rank, req.phase)));
+        };
+        if let Some(missing) =
+            PHASES[..position].iter().find(|p| !state.results.get(**p).is_some_and(|r| r.contains_key(&req.rank)))
+        {
+            return Err(Status::failed_precondition(format!(
+                "rank {} finished phase '{}' before phase '{missing}'",
+                req.rank, req.phase
+            )));
+        }
+        state.results.entry(req.phase.clone()).or_default().insert(req.rank, req.metrics.into_iter().collect());
+        if !self.phase_complete(&state, &req.phase) {
+            return Ok(());
+        }
+        tracing::info!(job = %self.job_id, phase = %req.phase, "phase complete on every rank");
+        let notice = self.finish_if_complete(&mut state);
+        drop(state);
+        self.emit(JobEvent::PhaseComplete { phase: req.phase });
+        if let Some(notice) = notice {
+            self.announce_stop(notice);
+        }
+        Ok(())
+    }
+
+    /// Whether every rank has reported `phase`, a rank lost during the probe sweep excepted.
+    pub(super) fn phase_complete(&self, state: &State, phase: &str) -> bool {
+        let reported = state.results.get(phase);
+        (0..state.members.len() as u32)
+            .all(|r| state.excused.contains(&r) || reported.is_some_and(|results| results.contains_key(&r)))
+    }
+
+    /// Sets the successful outcome once every phase is complete; returns the notice to announce.
+    pub(super) fn finish_if_complete(&self, state: &mut State) -> Option<StopNotice> {
+        if !PHASES.iter().all(|p| self.phase_complete(state, p)) {
+            return None;
+        }
+        let world_size = state.members.len();
+        let finished = world_size - state.excused.len();
+        let mut message = format!("all {finished} ranks finished: {}", PHASES.join(", "));
+        if !state.excused.is_empty() {
+            let lost: Vec<String> = state.excused.iter().map(u32::to_string).collect();
+            message = format!(
+                "{finished} of {world_size} ranks finished: {} (rank {} lost during the probe sweep; its tasks were re-run)",
+                PHASES.join(", "),
+                lost.join(", ")
+            );
+        }
+        self.set_outcome(state, StopReason::Completed, message, ExitStatus::Success, false)
+    }
+}
+
+/// A metric for a log line: 4 significant digits.
+pub(super) fn format_metric(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
+        format!("{v:.3e}")
+    } else {
+        format!("{}", (v * 1e4).round() / 1e4)
+    }
+}

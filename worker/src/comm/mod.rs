@@ -1,0 +1,272 @@
+//! Collectives between the workers of a job: all-gather, all-reduce (sum), reduce-scatter (sum),
+//! broadcast and barrier, each bounded by a timeout, so a dead or stalled peer becomes an error on every
+//! other rank instead of a hang.
+//!
+//! [`Solo`] is the world of one. [`GrpcCollective`] is the CPU backend: peer to peer over the workers'
+//! own gRPC endpoints (never through the coordinator), ring algorithms (each rank sends to rank + 1 and
+//! receives from rank - 1, so every link carries 2 (W - 1) / W of the data once), messages streamed in
+//! bounded chunks into a mailbox keyed by (sender, collective number, ring step).
+//!
+//! Every rank issues the same collectives in the same order, so a per-rank counter names each one
+//! consistently across ranks. Results are bitwise identical on every rank: each element of an
+//! all-reduce is summed once, by one rank, in a fixed order, and then copied to the others, which keeps
+//! the replicas' weights identical step after step.
+//!
+//! The calls block the calling thread (a training thread, never an async task) on the worker's tokio
+//! runtime.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tch::Tensor;
+
+mod grpc;
+pub mod nccl;
+mod ring;
+pub mod tcp;
+
+pub use grpc::{GrpcCollective, Mailbox};
+pub(crate) use ring::{ring_collective, Buffer, RingExecutor, RingStep};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("{op}: no message from rank {peer} ({addr}) within {timeout_ms} ms (cluster.collective_timeout_ms)")]
+    Timeout { op: &'static str, peer: usize, addr: String, timeout_ms: u64 },
+    #[error("{op}: sending to rank {peer} ({addr}) failed: {message}")]
+    Send { op: &'static str, peer: usize, addr: String, message: String },
+    #[error("{op}: the connection with rank {peer} ({addr}) failed: {message}")]
+    Link { op: &'static str, peer: usize, addr: String, message: String },
+    #[error("{op}: {message}")]
+    Invalid { op: &'static str, message: String },
+    /// A set-up that cannot work as configured, whatever is retried (NCCL's invalid usage, say).
+    #[error("{op}: {message}")]
+    Unusable { op: &'static str, message: String },
+}
+
+impl CollectiveError {
+    /// Whether a restart cannot cure it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, CollectiveError::Unusable { .. })
+    }
+}
+
+/// The operations the training and probe loops need. Tensors are float32; results come back on the
+/// input's device.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The element-wise sum over ranks, the same on every rank.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// The same sum written over `t`. Backends work in the tensor's own memory where they can (a
+    /// contiguous float32 tensor on their device), which saves allocating and copying a buffer of its
+    /// size: for gradients, tens of megabytes per step.
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let sum = self.all_reduce_sum(t)?;
+        t.copy_(&sum);
+        Ok(())
+    }
+    /// Every rank's tensor (all of one shape) concatenated along dimension 0 in rank order.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// `t`'s dimension 0 holds world-size equal blocks; returns block `rank` summed over ranks.
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// Rank `root`'s tensor on every rank (`t` gives the shape elsewhere).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError>;
+    fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// The world of one: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn all_reduce_sum_in_place(&self, _t: &mut Tensor) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor, CollectiveError> {
+        Ok(t.detach().copy())
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// A collective that adds up the time spent in its calls (the communication share of a step).
+pub struct Timed {
+    inner: Arc<dyn Collective>,
+    nanos: AtomicU64,
+}
+
+impl Timed {
+    pub fn new(inner: Arc<dyn Collective>) -> Timed {
+        Timed { inner, nanos: AtomicU64::new(0) }
+    }
+
+    /// Seconds spent in collectives so far.
+    pub fn seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn time<T>(&self, f: impl FnOnce(&dyn Collective) -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = f(&*self.inner);
+        self.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.all_reduce_sum(t))
+    }
+    fn all_reduce_sum_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.time(|c| c.all_reduce_sum_in_place(t))
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.all_gather(t))
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.reduce_scatter_sum(t))
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.broadcast(t, root))
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.time(|c| c.barrier())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::grpc::CHUNK_BYTES;
+    use super::*;
+    use crate::testing::{loopback, to_f64};
+
+    fn rank_data(rank: usize, n: usize) -> Vec<f32> {
+        (0..n).map(|i| (rank * 1000 + i) as f32 * 0.5 - 3.0).collect()
+    }
+
+    /// Both point-to-point backends: gRPC and the TCP ring.
+    type MakeGroup = fn(usize, Duration) -> loopback::Group;
+    const BACKENDS: [(&str, MakeGroup); 2] = [("grpc", loopback::group), ("tcp", loopback::tcp_group)];
+
+    #[test]
+    fn ring_collectives_match_their_definitions() {
+        for (world, (backend, make)) in [2usize, 3, 4].into_iter().flat_map(|w| BACKENDS.map(|b| (w, b))) {
+            let group = make(world, Duration::from_secs(20));
+            let n = 10; // not a multiple of 3 or 4: uneven chunks
+            let results = loopback::run(&group, |rank, c| {
+                let t = Tensor::from_slice(&rank_data(rank, n));
+                let sum = to_f64(&c.all_reduce_sum(&t).unwrap());
+                let gathered = c.all_gather(&t.view([1, n as i64])).unwrap();
+                assert_eq!(gathered.size(), [world as i64, n as i64]);
+                let blocks = Tensor::from_slice(&rank_data(rank, 2 * world)).view([world as i64, 2]);
+                let scattered = to_f64(&c.reduce_scatter_sum(&blocks).unwrap());
+                let root = world - 1;
+                let b = to_f64(&c.broadcast(&Tensor::from_slice(&rank_data(rank, 5)), root).unwrap());
+                c.barrier().unwrap();
+                (sum, to_f64(&gathered), scattered, b)
+            });
+            for (rank, (sum, gathered, scattered, b)) in results.into_iter().enumerate() {
+                let want: Vec<f64> = (0..n).map(|i| (0..world).map(|r| f64::from(rank_data(r, n)[i])).sum()).collect();
+                assert_eq!(sum, want, "{backend} all-reduce, world {world}, rank {rank}");
+                let want: Vec<f64> = (0..world).flat_map(|r| rank_data(r, n)).map(f64::from).collect();
+                assert_eq!(gathered, want, "{backend} all-gather, world {world}");
+                let want: Vec<f64> = (0..2)
+                    .map(|j| (0..world).map(|r| f64::from(rank_data(r, 2 * world)[rank * 2 + j])).sum())
+                    .collect();
+                assert_eq!(scattered, want, "{backend} reduce-scatter, world {world}, rank {rank}");
+                let want: Vec<f64> = rank_data(world - 1, 5).into_iter().map(f64::from).collect();
+                assert_eq!(b, want, "{backend} broadcast, world {world}, rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_messages_stream_in_chunks() {
+        for (backend, make) in BACKENDS {
+            let group = make(2, Duration::from_secs(30));
+            let n = 3 * CHUNK_BYTES / 4 * 3 + 7; // several chunks per ring step
+            let results = loopback::run(&group, |rank, c| {
+                let t = Tensor::from_slice(&rank_data(rank, n));
+                Vec::<f32>::try_from(&c.all_reduce_sum(&t).unwrap()).unwrap()
+            });
+            let (a, b) = (rank_data(0, n), rank_data(1, n));
+            let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            assert_eq!(results[0], want, "{backend}");
+            assert_eq!(results[1], want, "{backend}");
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_is_an_error_naming_it_within_the_timeout() {
+        for (backend, make) in BACKENDS {
+            let group = make(3, Duration::from_millis(500));
+            let started = std::time::Instant::now();
+            // Rank 2 never calls: ranks 0 and 1 must fail, not hang.
+            let results = loopback::run(&group, |rank, c| {
+                if rank == 2 {
+                    return None;
+                }
+                Some(c.all_reduce_sum(&Tensor::from_slice(&[1f32, 2.0, 3.0])).map(|_| ()))
+            });
+            assert!(started.elapsed() < Duration::from_secs(5), "{backend} took {:?}", started.elapsed());
+            let err = results[0].clone().unwrap().unwrap_err().to_string();
+            assert!(err.contains("rank 2") && err.contains("cluster.collective_timeout_ms"), "{backend}: {err}");
+            assert!(results[1].clone().unwrap().is_err(), "{backend}");
+            if backend == "tcp" {
+                // The ring is broken for good: the next call fails at once, saying why.
+                let again = group.members[0].barrier().unwrap_err().to_string();
+                assert!(again.contains("earlier collective"), "{again}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        for (backend, make) in BACKENDS {
+            let group = make(2, Duration::from_secs(5));
+            let results = loopback::run(&group, |rank, c| {
+                c.all_reduce_sum(&Tensor::from_slice(&rank_data(rank, 4 + rank))).map(|_| ()).map_err(|e| e.to_string())
+            });
+            assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("bytes"))), "{backend}: {results:?}");
+        }
+    }
+
+    /// A peer process that dies mid-job: its neighbours fail at once, naming it, well before the
+    /// timeout (a closed connection is not a silence).
+    #[test]
+    fn a_peer_that_goes_away_is_named_at_once() {
+        let group = loopback::tcp_group(2, Duration::from_secs(30));
+        let mut members = group.members.clone();
+        let survivor = members.remove(0);
+        drop(members);
+        drop(group);
+        let started = std::time::Instant::now();
+        let err = survivor.all_reduce_sum(&Tensor::from_slice(&[1f32; 1000])).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(err.contains("rank 1"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Everything that touches tensors in pretraining: the encoder and head ([`model`]), the views
+//! ([`augment`]), NT-Xent ([`loss`]), synchronised BatchNorm ([`syncbn`]), optimisers and schedules
+//! ([`optim`]), and the step, the monitor and checkpoints ([`train`]). Uses the collectives through the
+//! [`crate::comm::Collective`] trait only.
+
+pub mod augment;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod syncbn;
+pub mod train;

@@ -1,0 +1,721 @@
+//! SimCLR pretraining on one worker: the step (two views, encoder, head, NT-Xent, optimiser), the
+//! online monitor (loss, contrastive accuracy, learning rate, images/s) and checkpoints that resume
+//! exactly. The distributed engine reuses the step with gathered keys.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` holding `encoder.safetensors` (torchvision names: it
+//! loads into torchvision as it is), `head.safetensors`, `optimizer.safetensors` and `state.json`
+//! (step, epoch, position in the epoch, the effective configuration). It is written into a temporary
+//! directory and renamed into place, and `latest` (the name of the newest) is replaced atomically, so a
+//! crash leaves the previous checkpoint intact. The augmentations' randomness derives from (seed,
+//! sample, epoch, view) and the epoch order from (seed, epoch), so nothing else needs saving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use simclr_common::atomic_file;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::comm::{Collective, CollectiveError, Solo};
+use crate::engine::augment::two_views;
+use crate::engine::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
+use crate::engine::model::{
+    load_encoder, save_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm,
+    NormPass, ProjectionHead, HEAD_PREFIX,
+};
+use crate::engine::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
+use crate::engine::syncbn::SyncNorm;
+
+pub use simclr_common::pretrain::{BnMode, LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("non-finite loss {loss} at step {step}; last good checkpoint: {}", last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()))]
+    NonFinite { step: u64, loss: f64, last_checkpoint: Option<PathBuf> },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("stopped: {0}")]
+    Interrupted(String),
+}
+
+/// One epoch's images on this rank (N x 1 x S x S in [0, 1]) and each image's sample id (what its
+/// augmentations derive from, so it must name the image the same way whatever the world size).
+pub struct EpochData {
+    pub images: Tensor,
+    pub ids: Vec<u64>,
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    /// Share of anchors whose most similar key (itself excluded) is their positive.
+    pub contrastive_accuracy: f64,
+    pub lr: f64,
+    pub images_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SavedState {
+    step: u64,
+    epoch: u64,
+    position: usize,
+    config: PretrainConfig,
+}
+
+/// A model, its optimiser and where training stands.
+pub struct Trainer {
+    pub config: PretrainConfig,
+    pub vs: nn::VarStore,
+    pub encoder: Encoder,
+    pub head: ProjectionHead,
+    optimizer: Optimizer,
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of the current epoch already done.
+    pub position: usize,
+    steps_per_epoch: u64,
+    last_checkpoint: Option<PathBuf>,
+    collective: Arc<dyn Collective>,
+    /// Images per step on this rank: the global batch divided by the world size.
+    local_batch: usize,
+    /// The flat gradient buffer of the all-reduce, kept from step to step.
+    grad_buffer: Option<Tensor>,
+}
+
+impl Trainer {
+    /// A freshly initialised model (weights from `seed`) for a dataset of `dataset_len` images.
+    pub fn new(config: PretrainConfig, dataset_len: usize, device: Device) -> Result<Trainer, TrainError> {
+        Trainer::distributed(config, dataset_len, device, Arc::new(Solo))
+    }
+
+    /// A replica of the model on one rank of `collective`'s world, for a shard of `dataset_len` images
+    /// per epoch (the same length on every rank). Every rank draws the same initial weights from the seed.
+    pub fn distributed(
+        config: PretrainConfig,
+        dataset_len: usize,
+        device: Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Trainer, TrainError> {
+        let world = collective.world_size();
+        if !config.batch_size.is_multiple_of(world) {
+            return Err(TrainError::Config(format!(
+                "pretrain.batch_size {} is not a multiple of the world size {world}",
+                config.batch_size
+            )));
+        }
+        let local_batch = config.batch_size / world;
+        if local_batch == 0 || dataset_len < local_batch {
+            return Err(TrainError::Config(format!(
+                "batch size {} ({local_batch} per rank) with {dataset_len} images per rank: need one full batch",
+                config.batch_size
+            )));
+        }
+        if config.batch_size < 2 {
+            return Err(TrainError::Config("pretrain.batch_size: need at least 2 images per batch".into()));
+        }
+        let (vs, (encoder, head)) = with_torch_seed(config.seed, || {
+            var_store_drawn_on_cpu(device, |root| {
+                let encoder =
+                    Encoder::new(root, EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
+                let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
+                let head = ProjectionHead::new(
+                    &(root / HEAD_PREFIX),
+                    encoder.feature_dim,
+                    HeadConfig {
+                        layers: config.head_layers,
+                        hidden,
+                        out: config.head_out,
+                        batch_norm: config.head_batch_norm,
+                    },
+                );
+                (encoder, head)
+            })
+        });
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        // Every gradient exists from the start (zeros), so that each rank contributes a value for every
+        // parameter to the gradient all-reduce.
+        let zero: Tensor = named.iter().map(|(_, t)| (t * 0.0).sum(Kind::Float)).sum();
+        zero.backward();
+        let params = named.into_iter().map(|(name, t)| Param::new(name, t)).collect();
+        let algorithm = match config.optimizer {
+            OptimizerName::Lars => Algorithm::Lars {
+                momentum: config.momentum,
+                trust_coefficient: 0.001,
+                weight_decay: config.weight_decay,
+            },
+            OptimizerName::Sgd => {
+                Algorithm::Sgd { momentum: config.momentum, nesterov: false, weight_decay: config.weight_decay }
+            }
+            OptimizerName::Adamw => {
+                Algorithm::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay }
+            }
+        };
+        let steps_per_epoch = (dataset_len / local_batch) as u64;
+        Ok(Trainer {
+            collective,
+            local_batch,
+            grad_buffer: None,
+            optimizer: Optimizer::new(algorithm, params),
+            config,
+            vs,
+            encoder,
+            head,
+            step: 0,
+            epoch: 0,
+            position: 0,
+            steps_per_epoch,
+            last_checkpoint: None,
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        let all = self.steps_per_epoch * self.config.epochs;
+        if self.config.max_steps > 0 {
+            all.min(self.config.max_steps)
+        } else {
+            all
+        }
+    }
+
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let scaling = match self.config.lr_scaling {
+            LrScalingName::Linear => LrScaling::Linear,
+            LrScalingName::Sqrt => LrScaling::Sqrt,
+            LrScalingName::None => LrScaling::None,
+        };
+        let peak = scaled_lr(self.config.base_lr, self.config.batch_size, scaling);
+        let warmup = (self.config.warmup_epochs * self.steps_per_epoch as f64).round() as u64;
+        warmup_cosine(peak, step, warmup, self.steps_per_epoch * self.config.epochs)
+    }
+
+    /// The order of the dataset's images in `epoch`, from (seed, epoch).
+    pub fn epoch_order(&self, dataset_len: usize, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..dataset_len).collect();
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        order
+    }
+
+    /// One optimisation step on a batch: `images` B x 1 x S x S in [0, 1] with their sample ids.
+    pub fn train_step(&mut self, images: &Tensor, samples: &[u64]) -> Result<StepStats, TrainError> {
+        let images = images.to_device(self.vs.device());
+        let views =
+            two_views(&self.config.augment, &images, samples, self.config.seed, self.epoch, self.config.input_size);
+        self.step_on_views(views, samples.len())
+    }
+
+    /// The step on the batch's two views (each n x 1 x input x input, n = this rank's images),
+    /// computed ahead by [`Trainer::fit`].
+    ///
+    /// With more than one rank: the projections z of every rank are all-gathered (rank-major, so this
+    /// rank's 2n rows start at rank x 2n); this rank's loss is that of its own anchors against every key,
+    /// divided by the global anchor count, so the ranks' losses add up to the single-process loss. Its
+    /// backward gives a gradient for every gathered key; those are summed back to the rank that owns
+    /// each key (reduce-scatter) and continue into its encoder. Parameter gradients are then summed over
+    /// the ranks (all-reduce), never rescaled: every replica applies the same update.
+    fn step_on_views(&mut self, (v0, v1): (Tensor, Tensor), n: usize) -> Result<StepStats, TrainError> {
+        let started = Instant::now();
+        let n = n as i64;
+        let world = self.collective.world_size() as i64;
+        let rank = self.collective.rank() as i64;
+        let views = Tensor::cat(&[v0, v1], 0).to_kind(Kind::Float);
+        let sync_bn = world > 1 && self.config.bn == BnMode::Sync;
+        let collective = Arc::clone(&self.collective);
+        let mut sync = SyncNorm::new(&*collective);
+        let mut local = LocalNorm { train: true };
+        let pass: &mut dyn NormPass = if sync_bn { &mut sync } else { &mut local };
+        let z = self.head.forward_with(&self.encoder.forward_with(&views, pass), pass);
+        self.optimizer.zero_grad();
+        let rows = AnchorRows::rank_block(n, rank);
+        let (loss, correct) = if world == 1 {
+            let similarity = cosine_similarity(&z, &z);
+            let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n);
+            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
+            let value = loss.double_value(&[]);
+            if value.is_finite() {
+                loss.backward();
+            }
+            (value, correct)
+        } else {
+            let keys = collective.all_gather(&z.detach())?.set_requires_grad(true);
+            let anchors = keys.narrow(0, rank * 2 * n, 2 * n);
+            let similarity = cosine_similarity(&anchors, &keys);
+            let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n * world);
+            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
+            loss.backward();
+            let key_grads = keys.grad();
+            let own = collective.reduce_scatter_sum(&key_grads)?;
+            if sync_bn {
+                sync.backward(&z, &own)?;
+            } else {
+                (&z * own).sum(Kind::Float).backward();
+            }
+            self.all_reduce_gradients()?;
+            let totals =
+                collective.all_reduce_sum(&Tensor::from_slice(&[loss.double_value(&[]) as f32, correct as f32]))?;
+            (totals.double_value(&[0]), totals.double_value(&[1]))
+        };
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { step: self.step, loss, last_checkpoint: self.last_checkpoint.clone() });
+        }
+        let lr = self.lr_at(self.step);
+        self.optimizer.step(lr);
+        self.step += 1;
+        self.position += 1;
+        let stats = StepStats {
+            step: self.step,
+            epoch: self.epoch,
+            loss,
+            contrastive_accuracy: correct / (2 * n * world) as f64,
+            lr,
+            images_per_second: (n * world) as f64 / started.elapsed().as_secs_f64(),
+        };
+        if self.position as u64 >= self.steps_per_epoch {
+            self.epoch += 1;
+            self.position = 0;
+        }
+        Ok(stats)
+    }
+
+    /// Sums every parameter gradient over the ranks, in one flat buffer that lives as long as the
+    /// trainer: a fresh buffer of this size would cost its page faults on every step (tens of
+    /// milliseconds for ResNet-18's 45 MB, as much as the transfer).
+    fn all_reduce_gradients(&mut self) -> Result<(), TrainError> {
+        let grads: Vec<Tensor> = self.optimizer.params().iter().map(|p| p.tensor.grad()).collect();
+        let total: i64 = grads.iter().map(|g| g.numel() as i64).sum();
+        let mut flat = match self.grad_buffer.take() {
+            Some(buffer) if buffer.numel() as i64 == total => buffer,
+            _ => Tensor::zeros([total], (Kind::Float, grads.first().map_or(Device::Cpu, |g| g.device()))),
+        };
+        tch::no_grad(|| {
+            let mut offset = 0;
+            for g in &grads {
+                let numel = g.numel() as i64;
+                flat.narrow(0, offset, numel).copy_(&g.detach().view([-1]));
+                offset += numel;
+            }
+        });
+        self.collective.all_reduce_sum_in_place(&mut flat)?;
+        tch::no_grad(|| {
+            let mut offset = 0;
+            for g in &grads {
+                let numel = g.numel() as i64;
+                g.shallow_clone().copy_(&flat.narrow(0, offset, numel).view(g.size().as_slice()));
+                offset += numel;
+            }
+        });
+        self.grad_buffer = Some(flat);
+        Ok(())
+    }
+
+    /// Trains over `images` (N x 1 x S x S, sample id = row) until the configured end, checkpointing
+    /// into `checkpoints` when given; `monitor` sees every step.
+    pub fn fit(
+        &mut self,
+        images: &Tensor,
+        checkpoints: Option<&Path>,
+        mut monitor: impl FnMut(&StepStats),
+    ) -> Result<(), TrainError> {
+        let ids: Vec<u64> = (0..images.size()[0] as u64).collect();
+        self.fit_epochs(
+            |_| Ok(EpochData { images: images.shallow_clone(), ids: ids.clone() }),
+            checkpoints,
+            |stats| {
+                monitor(stats);
+                Ok(())
+            },
+        )
+    }
+
+    /// Trains until the configured end on this rank's data of each epoch (`data(epoch)`, asked once
+    /// per epoch, the next epoch's while the last step of the current one is prepared); `monitor` sees
+    /// every step and may stop the run with an error.
+    pub fn fit_epochs(
+        &mut self,
+        mut data: impl FnMut(u64) -> Result<EpochData, TrainError>,
+        checkpoints: Option<&Path>,
+        mut monitor: impl FnMut(&StepStats) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        let total = self.total_steps();
+        let mut loaded: Vec<(u64, EpochData)> = Vec::new();
+        let needed = self.steps_per_epoch * self.local_batch as u64;
+        let mut load = |epoch: u64, loaded: &mut Vec<(u64, EpochData)>| -> Result<usize, TrainError> {
+            if let Some(i) = loaded.iter().position(|(e, _)| *e == epoch) {
+                return Ok(i);
+            }
+            let d = data(epoch)?;
+            if d.ids.len() != d.images.size()[0] as usize || (d.ids.len() as u64) < needed {
+                return Err(TrainError::Config(format!(
+                    "epoch {epoch}: {} images with {} ids, but this run needs {needed} per epoch",
+                    d.images.size()[0],
+                    d.ids.len(),
+                )));
+            }
+            loaded.push((epoch, d));
+            Ok(loaded.len() - 1)
+        };
+        // The views of the next batch are computed on another thread while this step runs.
+        let mut ahead: Option<std::thread::JoinHandle<(Tensor, Tensor)>> = None;
+        while self.step < total {
+            let views = match ahead.take() {
+                Some(handle) => handle.join().expect("the augmentation thread panicked"),
+                None => {
+                    let i = load(self.epoch, &mut loaded)?;
+                    let (batch, ids) = self.batch_at(&loaded[i].1, self.epoch, self.position);
+                    two_views(&self.config.augment, &batch, &ids, self.config.seed, self.epoch, self.config.input_size)
+                }
+            };
+            if self.step + 1 < total {
+                let (epoch, position) = if self.position as u64 + 1 >= self.steps_per_epoch {
+                    (self.epoch + 1, 0)
+                } else {
+                    (self.epoch, self.position + 1)
+                };
+                let i = load(epoch, &mut loaded)?;
+                let (batch, ids) = self.batch_at(&loaded[i].1, epoch, position);
+                let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
+                ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
+            }
+            let stats = self.step_on_views(views, self.local_batch)?;
+            loaded.retain(|(e, _)| *e >= self.epoch);
+            monitor(&stats)?;
+            if let Some(dir) = checkpoints {
+                let every = self.config.checkpoint_every;
+                if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
+                    self.save_checkpoint(dir)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The images and sample ids of batch `position` of `epoch`, on the model's device.
+    fn batch_at(&self, data: &EpochData, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
+        let order = self.epoch_order(data.ids.len(), epoch);
+        let start = position * self.local_batch;
+        let batch = &order[start..start + self.local_batch];
+        let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        (data.images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| data.ids[i]).collect())
+    }
+
+    /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it. Every file is synced
+    /// before the renames that publish it, so neither a killed process nor a lost machine leaves
+    /// `latest` naming an incomplete checkpoint; the one it named before stays untouched until then.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf, TrainError> {
+        let fail = |path: &Path, message: String| TrainError::Checkpoint { path: path.to_path_buf(), message };
+        std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
+        let name = format!("step-{:08}", self.step);
+        let final_dir = dir.join(&name);
+        if latest_checkpoint(dir).is_ok_and(|latest| latest == final_dir) {
+            // This very step is the last good checkpoint (a run resumed at its end): keep it.
+            return Ok(final_dir);
+        }
+        for path in atomic_file::remove_stale_temporaries(dir) {
+            tracing::info!(path = %path.display(), "removed a checkpoint left half-written by a killed writer");
+        }
+        let head: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(HEAD_PREFIX))
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        let opt: Vec<(String, Tensor)> =
+            self.optimizer.state().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous())).collect();
+        let state =
+            SavedState { step: self.step, epoch: self.epoch, position: self.position, config: self.config.clone() };
+        let _ = std::fs::remove_dir_all(&final_dir);
+        atomic_file::write_atomic(&final_dir, |tmp| {
+            let io = |e: tch::TchError| std::io::Error::other(e.to_string());
+            std::fs::create_dir(tmp)?;
+            save_encoder(&self.vs, &self.encoder, &tmp.join("encoder.safetensors")).map_err(std::io::Error::other)?;
+            Tensor::write_safetensors(&head, tmp.join("head.safetensors")).map_err(io)?;
+            Tensor::write_safetensors(&opt, tmp.join("optimizer.safetensors")).map_err(io)?;
+            std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
+        })
+        .map_err(|e| fail(&final_dir, e.to_string()))?;
+        atomic_file::write_bytes_atomic(&dir.join("latest"), name.as_bytes()).map_err(|e| fail(dir, e.to_string()))?;
+        self.last_checkpoint = Some(final_dir.clone());
+        Ok(final_dir)
+    }
+
+    /// Restores a checkpoint directory (or, given the checkpoints directory, the one `latest` names).
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), TrainError> {
+        let dir = if path.join("latest").is_file() {
+            latest_checkpoint(path)
+                .map_err(|e| TrainError::Checkpoint { path: path.join("latest"), message: e.to_string() })?
+        } else {
+            path.to_path_buf()
+        };
+        let fail = |message: String| TrainError::Checkpoint { path: dir.clone(), message };
+        let state: SavedState =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| fail(e.to_string()))?)
+                .map_err(|e| fail(format!("state.json: {e}")))?;
+        if state.config.arch != self.config.arch
+            || state.config.width != self.config.width
+            || state.config.stem != self.config.stem
+        {
+            return Err(fail(format!(
+                "saved for {:?} width {} ({:?} stem), this run is {:?} width {} ({:?} stem)",
+                state.config.arch,
+                state.config.width,
+                state.config.stem,
+                self.config.arch,
+                self.config.width,
+                self.config.stem
+            )));
+        }
+        load_encoder(&mut self.vs, &self.encoder, &dir.join("encoder.safetensors")).map_err(fail)?;
+        let head = Tensor::read_safetensors(dir.join("head.safetensors")).map_err(|e| fail(e.to_string()))?;
+        let mut vars = self.vs.variables();
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (name, value) in &head {
+                let target = vars.get_mut(name).ok_or_else(|| fail(format!("head.safetensors: unknown '{name}'")))?;
+                if target.size() != value.size() {
+                    return Err(fail(format!("head.safetensors: '{name}' has shape {:?}", value.size())));
+                }
+                target.copy_(value);
+            }
+            Ok(())
+        })?;
+        let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors")).map_err(|e| fail(e.to_string()))?;
+        self.optimizer.load_state(&opt).map_err(fail)?;
+        self.step = state.step;
+        self.epoch = state.epoch;
+        self.position = state.position;
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+}
+
+/// The checkpoint directory that `dir/latest` names.
+pub fn latest_checkpoint(dir: &Path) -> std::io::Result<PathBuf> {
+    Ok(dir.join(std::fs::read_to_string(dir.join("latest"))?.trim()))
+}
+
+/// Share of anchors whose most similar other view is their positive.
+pub fn contrastive_accuracy(similarity: &Tensor, rows: &AnchorRows) -> f64 {
+    let positive = Tensor::from_slice(&rows.positive).to_device(similarity.device());
+    let best = mask_own(similarity, rows).argmax(1, false);
+    best.eq_tensor(&positive).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::augment::AugmentConfig;
+    use crate::engine::model::Arch;
+
+    fn tiny(batch_size: usize, epochs: u64) -> PretrainConfig {
+        PretrainConfig {
+            arch: Arch::Tiny,
+            head_out: 8,
+            batch_size,
+            epochs,
+            input_size: 32,
+            base_lr: 1.0,
+            warmup_epochs: 1.0,
+            seed: 3,
+            ..PretrainConfig::default()
+        }
+    }
+
+    /// Set in the child process of `a_writer_killed_at_random_points_never_damages_the_last_checkpoint`:
+    /// the checkpoints directory it writes into.
+    const WRITER_ENV: &str = "SIMCLR_TEST_CHECKPOINT_WRITER";
+
+    /// Every weight of the model set to `value`, so that a checkpoint's files tell which step wrote them.
+    fn stamp(t: &mut Trainer, value: f64) {
+        tch::no_grad(|| {
+            for (_, mut v) in t.vs.variables() {
+                let _ = v.fill_(value);
+            }
+        });
+    }
+
+    /// A writer process is killed (SIGKILL) at random moments while it writes checkpoints back to back;
+    /// after each kill the latest checkpoint loads, is whole (its weights are the ones its step wrote),
+    /// never goes back in time, and the next writer resumes from it.
+    #[test]
+    fn a_writer_killed_at_random_points_never_damages_the_last_checkpoint() {
+        if let Ok(dir) = std::env::var(WRITER_ENV) {
+            let dir = PathBuf::from(dir);
+            let mut t = Trainer::new(tiny(4, 1), 16, Device::Cpu).unwrap();
+            if dir.join("latest").is_file() {
+                t.load_checkpoint(&dir).unwrap();
+            }
+            loop {
+                t.step += 1;
+                let step = t.step as f64;
+                stamp(&mut t, step);
+                t.save_checkpoint(&dir).unwrap();
+            }
+        }
+        use rand::Rng;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut last = 0u64;
+        let mut rounds_with_progress = 0;
+        // This test's name as the harness knows it (the module path without the crate).
+        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+        let test_name = format!("{module}::a_writer_killed_at_random_points_never_damages_the_last_checkpoint");
+        for round in 0..12 {
+            let mut writer = std::process::Command::new(&exe)
+                .args(["--exact", &test_name])
+                .args(["--test-threads", "1", "--nocapture"])
+                .env(WRITER_ENV, dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(300..1500)));
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+            if !dir.path().join("latest").is_file() {
+                continue; // killed before its first checkpoint
+            }
+            let mut t = Trainer::new(tiny(4, 1), 16, Device::Cpu).unwrap();
+            t.load_checkpoint(dir.path())
+                .unwrap_or_else(|e| panic!("round {round}: the latest checkpoint does not load: {e}"));
+            assert!(t.step >= last, "round {round}: went back from step {last} to {}", t.step);
+            rounds_with_progress += usize::from(t.step > last);
+            last = t.step;
+            for (name, v) in t.vs.variables() {
+                let wrong = v.ne(t.step as f64).any().int64_value(&[]) != 0;
+                assert!(!wrong, "round {round}: '{name}' of step {} holds another step's values", t.step);
+            }
+        }
+        assert!(rounds_with_progress >= 6, "the writer rarely got to write: {rounds_with_progress} rounds");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.len() <= 2, "half-written checkpoints pile up: {leftovers:?}");
+    }
+
+    fn dataset(n: i64) -> Tensor {
+        // Smooth blobs, so that crops of one image resemble each other more than other images.
+        let base = with_torch_seed(42, || Tensor::rand([n, 1, 4, 4], (Kind::Float, Device::Cpu)));
+        base.upsample_bilinear2d([32, 32], false, None, None)
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = t.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn a_resumed_run_ends_with_the_same_weights() {
+        tch::set_num_threads(1);
+        let data = dataset(16);
+        let mut whole = Trainer::new(tiny(4, 2), 16, Device::Cpu).unwrap();
+        whole.fit(&data, None, |_| {}).unwrap();
+        assert_eq!(whole.step, 8);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(PretrainConfig { max_steps: 5, ..tiny(4, 2) }, 16, Device::Cpu).unwrap();
+        first.fit(&data, Some(dir.path()), |_| {}).unwrap();
+        assert_eq!((first.step, first.epoch, first.position), (5, 1, 1));
+        assert!(dir.path().join("step-00000005/encoder.safetensors").is_file());
+        assert_eq!(std::fs::read_to_string(dir.path().join("latest")).unwrap(), "step-00000005");
+
+        // A new process: other initial weights, then the checkpoint.
+        let mut resumed = Trainer::new(PretrainConfig { seed: 1000, ..tiny(4, 2) }, 16, Device::Cpu).unwrap();
+        resumed.config.seed = 3; // the run's seed (augmentations, order); the weights come from the checkpoint
+        resumed.load_checkpoint(dir.path()).unwrap();
+        resumed.fit(&data, None, |_| {}).unwrap();
+        for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed).iter()) {
+            assert!(a.equal(b), "{name} differs after resuming");
+        }
+    }
+
+    #[test]
+    fn fit_with_views_prefetched_equals_plain_steps() {
+        let data = dataset(12);
+        let mut fitted = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
+        fitted.fit(&data, None, |_| {}).unwrap();
+        let mut stepped = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
+        while stepped.step < stepped.total_steps() {
+            let order = stepped.epoch_order(12, stepped.epoch);
+            let batch: Vec<i64> =
+                order[stepped.position * 4..stepped.position * 4 + 4].iter().map(|&i| i as i64).collect();
+            let ids: Vec<u64> = batch.iter().map(|&i| i as u64).collect();
+            stepped.train_step(&data.index_select(0, &Tensor::from_slice(&batch)), &ids).unwrap();
+        }
+        assert_eq!(fitted.step, 6);
+        for ((name, a), (_, b)) in weights(&fitted).iter().zip(weights(&stepped).iter()) {
+            assert!(a.equal(b), "{name} differs");
+        }
+    }
+
+    #[test]
+    fn the_loss_falls_and_the_monitor_reports_every_step() {
+        let data = dataset(32);
+        // Mild augmentations, so that a model of a few thousand parameters learns in a few steps.
+        let augment = AugmentConfig {
+            crop_scale: (0.7, 1.0),
+            rotation_degrees: 0.0,
+            blur_p: 0.0,
+            jitter_strength: 0.2,
+            ..AugmentConfig::simclr()
+        };
+        let config = PretrainConfig {
+            optimizer: OptimizerName::Adamw,
+            base_lr: 0.01,
+            lr_scaling: LrScalingName::None,
+            warmup_epochs: 0.0,
+            augment,
+            ..tiny(16, 15)
+        };
+        let mut trainer = Trainer::new(config, 32, Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        trainer.fit(&data, None, |s| seen.push(*s)).unwrap();
+        assert_eq!(seen.len(), 30);
+        assert!(seen.iter().all(|s| s.loss.is_finite() && (0.0..=1.0).contains(&s.contrastive_accuracy)));
+        let mean = |s: &[StepStats]| s.iter().map(|x| x.loss).sum::<f64>() / s.len() as f64;
+        let (early, late) = (mean(&seen[..10]), mean(&seen[20..]));
+        assert!(late < early - 0.05, "loss {early} -> {late}");
+    }
+
+    #[test]
+    fn a_non_finite_loss_names_the_step_and_the_last_checkpoint() {
+        let data = dataset(8);
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = Trainer::new(PretrainConfig { max_steps: 1, ..tiny(4, 5) }, 8, Device::Cpu).unwrap();
+        trainer.fit(&data, Some(dir.path()), |_| {}).unwrap();
+        let poisoned = data.narrow(0, 0, 4).fill_(f64::NAN);
+        let err = trainer.train_step(&poisoned, &[0, 1, 2, 3]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("at step 1") && text.contains("step-00000001"), "{text}");
+    }
+
+    #[test]
+    fn contrastive_accuracy_counts_top_matches() {
+        // Anchor 0's best other key is 2 (its positive), anchor 1's is 0 (not its positive 3).
+        let sim = Tensor::from_slice(&[
+            1.0, 0.2, 0.9, 0.1, //
+            0.8, 1.0, 0.1, 0.3, //
+            0.9, 0.1, 1.0, 0.2, //
+            0.1, 0.7, 0.2, 1.0,
+        ])
+        .view([4, 4]);
+        let acc = contrastive_accuracy(&sim, &AnchorRows::whole_batch(2));
+        assert!((acc - 0.75).abs() < 1e-12, "{acc}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Data access of the phases that read images (decode, pretrain, probe): this rank's share, asked of the
+//! coordinator and checked against what this worker may read, and the decode-cache key of each image.
+
+use std::path::{Path, PathBuf};
+
+use simclr_data::cache::CacheKey;
+use simclr_proto::client::CoordinatorClient;
+use simclr_proto::wire;
+
+/// Where a phase asks for this rank's images: the coordinator, with what it answers checked against
+/// what this worker may read.
+#[derive(Clone)]
+pub(crate) struct Assignments {
+    pub client: CoordinatorClient,
+    pub rank: u32,
+    pub instance_id: String,
+    /// `--data-root`: the dataset root the coordinator names must lie inside it.
+    pub data_root_limit: Option<PathBuf>,
+}
+
+impl Assignments {
+    /// This rank's images for `epoch` (or, with `probe`, for the probe sweep). An answer that would
+    /// read outside the dataset (an image path with `..` or an absolute one, a root outside
+    /// `--data-root`) is refused whole, naming the path.
+    pub(crate) async fn fetch(&self, epoch: u64, probe: bool) -> Result<wire::GetAssignmentResponse, String> {
+        let request =
+            wire::GetAssignmentRequest { rank: self.rank, instance_id: self.instance_id.clone(), epoch, probe };
+        let assignment = self
+            .client
+            .clone()
+            .get_assignment(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))?;
+        check_assignment(&assignment, self.data_root_limit.as_deref())?;
+        Ok(assignment)
+    }
+}
+
+fn check_assignment(a: &wire::GetAssignmentResponse, limit: Option<&Path>) -> Result<(), String> {
+    if a.data_root.is_empty() {
+        return Ok(());
+    }
+    let root = Path::new(&a.data_root);
+    if let Some(limit) = limit {
+        let inside = root.is_absolute()
+            && !root.components().any(|c| c == std::path::Component::ParentDir)
+            && root.starts_with(limit);
+        if !inside {
+            return Err(format!(
+                "refused: the coordinator's dataset root {} is outside this worker's --data-root {}",
+                root.display(),
+                limit.display()
+            ));
+        }
+    }
+    for image in a.train.iter().chain(&a.test) {
+        simclr_data::check_inside_root(Path::new(&image.path))
+            .map_err(|e| format!("refused an assignment from the coordinator: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The decode-cache key of an assigned image preprocessed to `image_size`.
+pub(crate) fn cache_key(r: &wire::ImageRef, image_size: u32) -> CacheKey {
+    CacheKey {
+        path: PathBuf::from(&r.path),
+        sop_uid: r.sop_uid.clone(),
+        file_size: r.file_size,
+        modified_ns: r.modified_ns,
+        image_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(root: &str, paths: &[&str]) -> wire::GetAssignmentResponse {
+        wire::GetAssignmentResponse {
+            data_root: root.into(),
+            train: paths.iter().map(|p| wire::ImageRef { path: p.to_string(), ..Default::default() }).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn assignments_that_would_read_outside_the_dataset_are_refused() {
+        let limit = Path::new("/data");
+        assert!(check_assignment(&assignment("/data/siim", &["a/b.dcm"]), Some(limit)).is_ok());
+        assert!(check_assignment(&assignment("/anywhere", &["a/b.dcm"]), None).is_ok());
+        for (a, why) in [
+            (assignment("/data/siim", &["ok.dcm", "../../etc/shadow"]), "../../etc/shadow"),
+            (assignment("/data/siim", &["/etc/shadow"]), "absolute"),
+            (assignment("/etc", &["passwd"]), "outside this worker's --data-root /data"),
+            (assignment("/data/../etc", &["passwd"]), "outside"),
+            (assignment("data/siim", &["a.dcm"]), "outside"),
+        ] {
+            let err = check_assignment(&a, Some(limit)).unwrap_err();
+            assert!(err.starts_with("refused") && err.contains(why), "{err}");
+        }
+    }
+}

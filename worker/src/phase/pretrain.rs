@@ -1,0 +1,330 @@
+//! The pretrain phase: SimCLR over the whole cluster. Every rank builds the same model from the job's
+//! seed (or from `pretrain.init_weights`, or resumes from the run directory's latest checkpoint), then
+//! steps in lockstep: each epoch it asks the coordinator for its shard (reshuffled per epoch), reads the
+//! images from the decode cache (decoding any it has not seen yet), and trains on its share of every
+//! global batch with the exact distributed NT-Xent (see `train`), synchronised BatchNorm by default.
+//!
+//! Rank 0 writes the checkpoints into `<run dir>/checkpoints/` and the final encoder (torchvision names)
+//! to `<run dir>/encoder.safetensors`, and tells the coordinator, which records them. Progress (loss,
+//! contrastive accuracy, learning rate, images/s) goes to the coordinator every few seconds; the phase
+//! result splits the time into data loading, communication and compute.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use simclr_data::cache::{fnv1a, DecodeCache};
+use simclr_proto::wire;
+use tch::{Kind, Tensor};
+use tokio::sync::mpsc;
+
+use crate::comm::{Collective, Timed};
+use crate::engine::model::load_encoder;
+use crate::engine::model::save_encoder;
+use crate::engine::train::{latest_checkpoint, EpochData, StepStats, TrainError, Trainer};
+use crate::phase::assignments::cache_key;
+use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
+
+const PHASE: &str = "pretrain";
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// What the training thread tells the async side.
+enum Event {
+    /// Training begins; `total` steps in all (including those of a run resumed from).
+    Start {
+        total: u64,
+    },
+    Step(StepStats),
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
+    let config = ctx.config.pretrain.clone();
+    let mut output = PhaseOutput::default();
+    if !config.enabled {
+        tracing::info!("pretraining disabled (pretrain.enabled = false)");
+        output.metrics.insert("skipped".into(), 1.0);
+        return Ok(output);
+    }
+    let run_dir =
+        ctx.config.job.run_dir.clone().ok_or("the coordinator sent no job.run_dir; checkpoints have nowhere to go")?;
+    let first = ctx.assignments().fetch(0, false).await?;
+    if first.data_root.is_empty() {
+        // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
+        tracing::info!("no dataset in this job: nothing to pretrain");
+        output.metrics.insert("skipped".into(), 1.0);
+        return Ok(output);
+    }
+    let collective = ctx.collective(PHASE).await?;
+    let timed = Arc::new(Timed::new(collective));
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let job = TrainJob {
+        rank: ctx.rank,
+        assignments: ctx.assignments(),
+        run_dir,
+        per_rank: first.train.len(),
+        device: ctx.device,
+        collective: Arc::clone(&timed),
+        config,
+        cancel: ctx.interrupt.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        events,
+        issues: Arc::new(Mutex::new(Vec::new())),
+    };
+    let issues = Arc::clone(&job.issues);
+    let mut work = tokio::task::spawn_blocking(move || job.train());
+    let mut last_report = Instant::now() - REPORT_EVERY;
+    let mut latest: Option<StepStats> = None;
+    let mut total = 0;
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r.map_err(|e| format!("training thread failed: {e}"))?,
+            Some(event) = rx.recv() => match event {
+                Event::Start { total: t } => total = t,
+                Event::Step(stats) => {
+                    latest = Some(stats);
+                    if last_report.elapsed() >= REPORT_EVERY {
+                        last_report = Instant::now();
+                        report(ctx, &stats, total, None, timed.seconds()).await;
+                    }
+                }
+                Event::Checkpoint { step, path } => {
+                    if let Some(stats) = &latest {
+                        report(ctx, stats, total, Some(&path), timed.seconds()).await;
+                    } else {
+                        tracing::info!(step, path = %path.display(), "checkpoint");
+                    }
+                }
+            },
+        }
+    };
+    // Events still queued when the thread ended: the last steps and the final checkpoint.
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Start { total: t } => total = t,
+            Event::Step(stats) => latest = Some(stats),
+            Event::Checkpoint { path, .. } => {
+                if let Some(stats) = &latest {
+                    report(ctx, stats, total, Some(&path), timed.seconds()).await;
+                }
+            }
+        }
+    }
+    output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
+    output.metrics = result.map_err(|e| match e {
+        // A peer that died or froze cuts the collectives off; a restart from the checkpoint cures it.
+        TrainError::Collective(_) | TrainError::Interrupted(_) => PhaseError::retryable(e.to_string()),
+        other => PhaseError::from(other.to_string()),
+    })?;
+    Ok(output)
+}
+
+/// Rank 0's progress report: the step's metrics and `comm_s`, the seconds this rank has spent in
+/// collectives so far.
+async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: Option<&Path>, comm_s: f64) {
+    let metrics = [
+        ("loss", stats.loss),
+        ("contrastive_accuracy", stats.contrastive_accuracy),
+        ("lr", stats.lr),
+        ("images_per_s", stats.images_per_second),
+        ("epoch", stats.epoch as f64),
+        ("comm_s", comm_s),
+    ];
+    let request = wire::ReportProgressRequest {
+        rank: ctx.rank,
+        instance_id: ctx.instance_id.clone(),
+        phase: PHASE.into(),
+        step: stats.step,
+        total,
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        checkpoint: checkpoint.map(|p| p.display().to_string()).unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Err(e) = ctx.coordinator.clone().report_progress(request).await {
+        tracing::debug!(error = %e.message(), "progress report failed");
+    }
+}
+
+struct TrainJob {
+    rank: u32,
+    assignments: crate::phase::assignments::Assignments,
+    run_dir: PathBuf,
+    per_rank: usize,
+    device: tch::Device,
+    collective: Arc<Timed>,
+    config: simclr_common::pretrain::PretrainSection,
+    cancel: tokio_util::sync::CancellationToken,
+    runtime: tokio::runtime::Handle,
+    events: mpsc::UnboundedSender<Event>,
+    issues: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl TrainJob {
+    /// Runs on a blocking thread: the whole training loop, returning the phase's metrics.
+    fn train(self) -> Result<std::collections::BTreeMap<String, f64>, TrainError> {
+        let started = Instant::now();
+        let collective: Arc<dyn Collective> = Arc::clone(&self.collective) as _;
+        // Every rank must step the same number of times per epoch, or the collectives would pair
+        // different steps: check before the first one.
+        let counts = collective.all_gather(&Tensor::from_slice(&[self.per_rank as f32]))?;
+        let counts = Vec::<f32>::try_from(&counts).map_err(|e| TrainError::Config(e.to_string()))?;
+        if counts.iter().any(|&c| c != counts[0]) {
+            return Err(TrainError::Config(format!("ranks hold shards of different lengths {counts:?}")));
+        }
+        let mut trainer = Trainer::distributed(self.config.clone(), self.per_rank, self.device, collective)?;
+        let checkpoints = self.run_dir.join("checkpoints");
+        if checkpoints.join("latest").is_file() {
+            trainer.load_checkpoint(&checkpoints)?;
+            tracing::info!(step = trainer.step, epoch = trainer.epoch, dir = %checkpoints.display(), "resuming from the latest checkpoint");
+        } else if let Some(path) = &self.config.init_weights {
+            load_encoder(&mut trainer.vs, &trainer.encoder, path)
+                .map_err(|message| TrainError::Checkpoint { path: path.clone(), message })?;
+            tracing::info!(path = %path.display(), "encoder initialised from pretrain.init_weights");
+        }
+        let total = trainer.total_steps();
+        let _ = self.events.send(Event::Start { total });
+        tracing::info!(
+            world_size = self.collective.world_size(),
+            images_per_rank = self.per_rank,
+            global_batch = self.config.batch_size,
+            steps = total,
+            arch = ?self.config.arch,
+            bn = ?self.config.bn,
+            "pretraining"
+        );
+        let data_seconds = Mutex::new(0.0f64);
+        let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
+            .map_err(|e| TrainError::Config(format!("decode cache: {e}")))?;
+        let mut history: Vec<StepStats> = Vec::new();
+        let mut last_checkpoint_seen = latest_checkpoint(&checkpoints).ok();
+        let rank0 = self.rank == 0;
+        let first_step = trainer.step;
+        trainer.fit_epochs(
+            |epoch| {
+                let t = Instant::now();
+                let data = self.epoch_data(&cache, epoch);
+                *data_seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
+                data
+            },
+            rank0.then_some(checkpoints.as_path()),
+            |stats| {
+                if self.cancel.is_cancelled() {
+                    return Err(TrainError::Interrupted(format!("the worker was told to stop at step {}", stats.step)));
+                }
+                history.push(*stats);
+                let _ = self.events.send(Event::Step(*stats));
+                // A checkpoint written after the previous step (the trainer writes them after the
+                // monitor has seen the step) is announced now.
+                if rank0 {
+                    self.announce_checkpoint(&checkpoints, stats.step - 1, &mut last_checkpoint_seen);
+                }
+                Ok(())
+            },
+        )?;
+        if rank0 {
+            self.announce_checkpoint(&checkpoints, trainer.step, &mut last_checkpoint_seen);
+            let path = self.run_dir.join("encoder.safetensors");
+            save_encoder(&trainer.vs, &trainer.encoder, &path)
+                .map_err(|message| TrainError::Checkpoint { path: path.clone(), message })?;
+            tracing::info!(path = %path.display(), "encoder written");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let data = *data_seconds.lock().unwrap_or_else(|p| p.into_inner());
+        let comm = self.collective.seconds();
+        // The last epoch's steps (at most 20) summarise where training ended.
+        let tail = &history[history.len().saturating_sub(20)..];
+        let mean = |f: fn(&StepStats) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
+        let steps = trainer.step - first_step;
+        let images = steps as f64 * self.config.batch_size as f64;
+        let mut m = std::collections::BTreeMap::new();
+        for (k, v) in [
+            ("steps", trainer.step as f64),
+            ("steps_this_run", steps as f64),
+            ("epochs", trainer.epoch as f64),
+            ("world_size", self.collective.world_size() as f64),
+            ("global_batch", self.config.batch_size as f64),
+            ("final_loss", mean(|s| s.loss)),
+            ("final_contrastive_accuracy", mean(|s| s.contrastive_accuracy)),
+            ("first_loss", history.first().map(|s| s.loss).unwrap_or(f64::NAN)),
+            // This rank's share of the global batch per second; the cluster's is their sum.
+            ("images_per_s", images / self.collective.world_size() as f64 / seconds.max(1e-9)),
+            ("cluster_images_per_s", images / seconds.max(1e-9)),
+            ("seconds", seconds),
+            ("data_seconds", data),
+            ("communication_seconds", comm),
+            ("compute_seconds", (seconds - data - comm).max(0.0)),
+        ] {
+            m.insert(k.to_string(), v);
+        }
+        Ok(m)
+    }
+
+    fn announce_checkpoint(&self, dir: &Path, step: u64, seen: &mut Option<PathBuf>) {
+        if let Ok(latest) = latest_checkpoint(dir) {
+            if seen.as_ref() != Some(&latest) {
+                let _ = self.events.send(Event::Checkpoint { step, path: latest.clone() });
+                *seen = Some(latest);
+            }
+        }
+    }
+
+    /// This rank's images of `epoch` from the decode cache; an image that cannot be decoded is
+    /// reported and its slot filled with another image of the shard, so every rank keeps the same
+    /// number of steps.
+    fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, TrainError> {
+        let a = self.runtime.block_on(self.assignments.fetch(epoch, false)).map_err(TrainError::Config)?;
+        if a.train.is_empty() {
+            return Err(TrainError::Config(format!("epoch {epoch}: the coordinator assigned no images to this rank")));
+        }
+        // Shards are made of whole studies, so their length in images varies a little from epoch to
+        // epoch; every epoch has the steps of epoch 0. Extra images sit this epoch out (the epoch order
+        // takes the first ones of a shuffle); a short shard repeats its own first images.
+        let mut refs = a.train.clone();
+        let short = self.per_rank.saturating_sub(refs.len());
+        if short > 0 {
+            tracing::debug!(epoch, short, "shard shorter than epoch 0's: repeating some of its images");
+            refs.extend((0..short).map(|i| a.train[i % a.train.len()].clone()));
+        }
+        let root = PathBuf::from(&a.data_root);
+        let side = a.image_size as i64;
+        let decoded: Vec<Result<Vec<f32>, String>> = refs
+            .par_iter()
+            .map(|r| {
+                let key = cache_key(r, a.image_size);
+                cache.get_or_decode(&root, &key).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
+            })
+            .collect();
+        let good: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].is_ok()).collect();
+        if good.is_empty() {
+            return Err(TrainError::Config(format!(
+                "epoch {epoch}: none of this rank's {} images decodes",
+                a.train.len()
+            )));
+        }
+        let mut pixels = Vec::with_capacity(decoded.len() * (side * side) as usize);
+        let mut ids = Vec::with_capacity(decoded.len());
+        let mut k = 0;
+        for (i, result) in decoded.iter().enumerate() {
+            let source = match result {
+                Ok(_) => i,
+                Err(reason) => {
+                    self.issues
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((refs[i].path.clone(), format!("decode: {reason}")));
+                    k += 1;
+                    good[(k - 1) % good.len()]
+                }
+            };
+            let Ok(p) = &decoded[source] else { unreachable!("source is a decoded image") };
+            pixels.extend_from_slice(p);
+            ids.push(fnv1a(refs[source].sop_uid.as_bytes()));
+        }
+        let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
+        Ok(EpochData { images, ids })
+    }
+}

@@ -1,0 +1,281 @@
+//! The probe phase: the transfer sweep on the frozen encoder.
+//!
+//! 1. Features, once. Rank 0 loads the encoder (`probe.encoder`, else the run's `encoder.safetensors`)
+//!    and broadcasts it, checksum verified on every rank (`features::broadcast_encoder`); the random
+//!    baseline encoder is broadcast the same way. Each rank embeds its share of the labelled training
+//!    and test images (from the decode cache; BatchNorm in eval mode, no gradient) through both, and the
+//!    shares are gathered, so every rank holds every feature row and label.
+//! 2. The sweep. The rank asks the coordinator for a task (`NextProbeTask`), trains and evaluates that
+//!    probe on the cached features (`probe::run_task`), reports the outcome (`ReportProbeResult`), and
+//!    asks again until the coordinator says the sweep is finished. No collectives here: a rank that dies
+//!    costs only its running task, which the coordinator hands to another rank.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use simclr_common::probe::{EncoderSource, ProbeOutcome, ProbeTask};
+use simclr_data::cache::DecodeCache;
+use simclr_proto::wire;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::comm::Collective;
+use crate::engine::model::{load_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig};
+use crate::phase::assignments::cache_key;
+use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
+use crate::probe::features::{broadcast_encoder, gather_rows};
+use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
+
+const PHASE: &str = "probe";
+/// Added to the job's seed for the random baseline encoder's weights, so they differ from the weights
+/// pretraining started from.
+const RANDOM_ENCODER_SEED: u64 = 0x5eed_0001;
+
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
+    let section = ctx.config.probe.clone();
+    let mut output = PhaseOutput::default();
+    if !section.enabled {
+        tracing::info!("probe sweep disabled (probe.enabled = false)");
+        output.metrics.insert("skipped".into(), 1.0);
+        return Ok(output);
+    }
+    let assignment = ctx.assignments().fetch(0, true).await.map_err(|e| format!("probe sweep: {e}"))?;
+    if assignment.data_root.is_empty() {
+        tracing::info!("no dataset in this job: nothing to probe");
+        output.metrics.insert("skipped".into(), 1.0);
+        return Ok(output);
+    }
+    let encoder_path = match (&section.encoder, &ctx.config.job.run_dir) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => dir.join("encoder.safetensors"),
+        (None, None) => return Err("no probe.encoder and no job.run_dir: no encoder to probe".into()),
+    };
+    let started = Instant::now();
+    let collective = ctx.collective(PHASE).await?;
+    let job = FeatureJob {
+        rank: ctx.rank,
+        assignment,
+        encoder_path,
+        config: EncoderConfig {
+            arch: ctx.config.pretrain.arch,
+            width: ctx.config.pretrain.width,
+            stem: ctx.config.pretrain.stem,
+        },
+        input_size: ctx.config.pretrain.input_size,
+        seed: ctx.config.job.seed,
+        random_baseline: section.random_baseline,
+        finetune: section.finetune,
+        device: ctx.device,
+    };
+    let (data, mut metrics, issues) = tokio::task::spawn_blocking(move || {
+        let result = job.features(collective.as_ref());
+        // The ring is closed here: the sweep needs no collectives, so a lost peer cannot stall it.
+        drop(collective);
+        result
+    })
+    .await
+    .map_err(|e| format!("feature thread failed: {e}"))??;
+    output.issues = issues;
+    metrics.insert("feature_seconds".into(), started.elapsed().as_secs_f64());
+    tracing::info!(
+        train = metrics["train_images"],
+        test = metrics["test_images"],
+        dim = metrics["feature_dim"],
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "features ready on every rank; sweeping"
+    );
+
+    let swept = Instant::now();
+    let mut data = data;
+    let mut tasks = 0u32;
+    loop {
+        if ctx.interrupt.is_cancelled() {
+            return Err("the worker was told to stop during the probe sweep".into());
+        }
+        let request = wire::NextProbeTaskRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone() };
+        let next = ctx
+            .coordinator
+            .clone()
+            .next_probe_task(request)
+            .await
+            .map_err(|e| format!("asking the coordinator for a probe task: {}", e.message()))?
+            .into_inner();
+        match wire::SweepState::try_from(next.state).unwrap_or(wire::SweepState::Unspecified) {
+            wire::SweepState::Task => {}
+            wire::SweepState::Wait => continue,
+            wire::SweepState::Finished => break,
+            wire::SweepState::Unspecified => {
+                return Err(format!("the coordinator answered sweep state {}", next.state).into())
+            }
+        }
+        let task: ProbeTask = serde_json::from_str(&next.task_json)
+            .map_err(|e| format!("the coordinator sent a probe task this worker cannot read: {e}"))?;
+        let (rank, section_copy) = (ctx.rank, section.clone());
+        let (back, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = run_task(&task, &section_copy, &data, rank);
+            (data, outcome)
+        })
+        .await
+        .map_err(|e| format!("probe thread failed: {e}"))?;
+        data = back;
+        report(ctx, &outcome?).await?;
+        tasks += 1;
+    }
+    metrics.insert("tasks".into(), f64::from(tasks));
+    metrics.insert("sweep_seconds".into(), swept.elapsed().as_secs_f64());
+    metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
+    output.metrics = metrics;
+    Ok(output)
+}
+
+async fn report(ctx: &PhaseContext, outcome: &ProbeOutcome) -> Result<(), String> {
+    let outcome_json = serde_json::to_string(outcome).map_err(|e| format!("probe result: {e}"))?;
+    let request = wire::ReportProbeResultRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone(), outcome_json };
+    let answer = ctx
+        .coordinator
+        .clone()
+        .report_probe_result(request)
+        .await
+        .map_err(|e| format!("reporting probe task {}: {}", outcome.task.id, e.message()))?;
+    if !answer.into_inner().accepted {
+        tracing::info!(task = outcome.task.id, "the coordinator already had this task's result");
+    }
+    Ok(())
+}
+
+type Issues = Vec<(String, String)>;
+type Features = (SweepData, std::collections::BTreeMap<String, f64>, Issues);
+
+struct FeatureJob {
+    rank: u32,
+    assignment: wire::GetAssignmentResponse,
+    encoder_path: PathBuf,
+    config: EncoderConfig,
+    input_size: i64,
+    seed: u64,
+    random_baseline: bool,
+    /// Keep every image and the encoders' weights for fine-tuning tasks.
+    finetune: bool,
+    device: Device,
+}
+
+impl FeatureJob {
+    /// Runs on a blocking thread: both encoders onto every rank, this rank's images through them, every
+    /// rank's features gathered.
+    fn features(self, collective: &dyn Collective) -> Result<Features, String> {
+        let mut metrics = std::collections::BTreeMap::new();
+        // Rank 0 loads the pretrained encoder; every rank learns whether that worked before waiting
+        // for a broadcast that would otherwise never come.
+        let (mut vs, encoder) = self.build(self.seed);
+        let loaded = if self.rank == 0 { load_encoder(&mut vs, &encoder, &self.encoder_path) } else { Ok(()) };
+        let flags = collective
+            .all_gather(&Tensor::from_slice(&[if loaded.is_ok() { 1.0f32 } else { 0.0 }]))
+            .map_err(|e| format!("probe set-up: {e}"))?;
+        if let Err(e) = loaded {
+            return Err(format!("cannot load the encoder to probe from {}: {e}", self.encoder_path.display()));
+        }
+        if Vec::<f32>::try_from(&flags).map_err(|e| e.to_string())?[0] != 1.0 {
+            return Err(format!("rank 0 could not load the encoder to probe ({})", self.encoder_path.display()));
+        }
+        let checksum = broadcast_encoder(&vs, collective, 0)?;
+        metrics.insert("encoder_checksum_low32".into(), (checksum & 0xffff_ffff) as f64);
+        let mut encoders = vec![(EncoderSource::Simclr, vs, encoder)];
+        if self.random_baseline {
+            let (vs, encoder) = self.build(self.seed.wrapping_add(RANDOM_ENCODER_SEED));
+            broadcast_encoder(&vs, collective, 0)?;
+            encoders.push((EncoderSource::Random, vs, encoder));
+        }
+
+        let (train_x, train_y, mut issues) = self.images(&self.assignment.train)?;
+        let (test_x, test_y, test_issues) = self.images(&self.assignment.test)?;
+        issues.extend(test_issues);
+        let columns = self.assignment.label_columns.clone();
+        let train_y = gather_rows(collective, &train_y)?;
+        let test_y = gather_rows(collective, &test_y)?;
+        let resize = |x: &Tensor| {
+            if x.size()[2] == self.input_size {
+                x.shallow_clone()
+            } else {
+                x.upsample_bilinear2d([self.input_size, self.input_size], false, None, None)
+            }
+        };
+        let (train_x, test_x) = (resize(&train_x), resize(&test_x));
+        let mut features = Vec::new();
+        for (source, _vs, encoder) in &encoders {
+            let embed_all = |x: &Tensor| gather_rows(collective, &embed(encoder, x, EMBED_BATCH, self.device));
+            features.push((*source, embed_all(&train_x)?, embed_all(&test_x)?));
+        }
+        let finetune = if self.finetune {
+            // Every rank fine-tunes on every image: gather the pixels too (N x S*S rows).
+            let side = self.input_size;
+            let gather_images = |x: &Tensor| -> Result<Tensor, String> {
+                let n = x.size()[0];
+                Ok(gather_rows(collective, &x.reshape([n, side * side]))?.view([-1, 1, side, side]))
+            };
+            let states = encoders
+                .iter()
+                .map(|(source, vs, _)| {
+                    (*source, vs.variables().into_iter().map(|(name, t)| (name, t.detach().copy())).collect())
+                })
+                .collect();
+            Some(FineTuneData {
+                train_images: gather_images(&train_x)?,
+                test_images: gather_images(&test_x)?,
+                encoders: states,
+                config: self.config,
+                device: self.device,
+            })
+        } else {
+            None
+        };
+        let (n_train, n_test) = (train_y.size()[0], test_y.size()[0]);
+        if n_train < 2 || n_test < 1 {
+            return Err(format!(
+                "the probe sweep needs labelled images in both splits; it has {n_train} training and {n_test} test images"
+            ));
+        }
+        metrics.insert("train_images".into(), n_train as f64);
+        metrics.insert("test_images".into(), n_test as f64);
+        metrics.insert("train_images_this_rank".into(), train_x.size()[0] as f64);
+        metrics.insert("feature_dim".into(), features[0].1.size()[1] as f64);
+        let data = SweepData { columns, train_y, test_y, features, finetune };
+        Ok((data, metrics, issues))
+    }
+
+    fn build(&self, seed: u64) -> (nn::VarStore, Encoder) {
+        with_torch_seed(seed, || var_store_drawn_on_cpu(self.device, |root| Encoder::new(root, self.config)))
+    }
+
+    /// The pixels (N x 1 x S x S) and labels (N x columns) of `refs` from the decode cache; an image
+    /// that does not decode is left out and reported.
+    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Issues), String> {
+        let root = Path::new(&self.assignment.data_root);
+        let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded")).map_err(|e| e.to_string())?;
+        let size = self.assignment.image_size;
+        let columns = self.assignment.label_columns.len();
+        let decoded: Vec<Result<Vec<f32>, String>> = refs
+            .par_iter()
+            .map(|r| {
+                if r.labels.len() != columns {
+                    return Err(format!("{} labels for {columns} label columns", r.labels.len()));
+                }
+                cache.get_or_decode(root, &cache_key(r, size)).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
+            })
+            .collect();
+        let (mut pixels, mut labels, mut issues) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, result) in refs.iter().zip(decoded) {
+            match result {
+                Ok(p) => {
+                    pixels.extend_from_slice(&p);
+                    labels.extend_from_slice(&r.labels);
+                }
+                Err(reason) => issues.push((r.path.clone(), format!("probe: {reason}"))),
+            }
+        }
+        let n = (labels.len() / columns.max(1)) as i64;
+        let side = size as i64;
+        let x = Tensor::from_slice(&pixels).view([n, 1, side, side]).to_kind(Kind::Float);
+        let y = Tensor::from_slice(&labels).view([n, columns as i64]);
+        Ok((x, y, issues))
+    }
+}
