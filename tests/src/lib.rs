@@ -292,9 +292,12 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 pub async fn http_get(addr: &str, path: &str) -> Result<(String, String)> {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    // One request per connection: the server closes it after the answer, which ends the read.
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut text = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await?;
+    tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text))
+        .await
+        .with_context(|| format!("GET {path} from {addr}: no complete answer within 30 s"))??;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((head.to_string(), body.to_string()))
 }

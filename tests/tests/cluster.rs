@@ -294,7 +294,7 @@ async fn the_metrics_endpoint_shows_workers_and_progress_in_prometheus_format() 
     };
     assert!(simclr_tests::eventually(GENEROUS, reported).await, "{}", cluster.logs());
     let (head, body) = http_get(&addr.to_string(), "/metrics").await?;
-    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains(simclr_coordinator::metrics::CONTENT_TYPE), "{head}");
     for line in
         ["simclr_world_size 2", "simclr_workers{state=\"active\"} 2", "simclr_job_running 1", "simclr_restarts_total 0"]
     {
