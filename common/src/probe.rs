@@ -156,9 +156,17 @@ pub struct ProbeOutcome {
     pub seconds: f64,
     pub curves: Vec<EpochPoint>,
     pub classes: Vec<ClassOutcome>,
+    /// Why the task failed (a probe that diverged, say): a failed row, with no curves or classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl ProbeOutcome {
+    /// The row of a task that failed on `rank` after `seconds`, for `reason`.
+    pub fn failed(task: ProbeTask, rank: u32, seconds: f64, reason: String) -> ProbeOutcome {
+        ProbeOutcome { task, rank, seconds, curves: Vec::new(), classes: Vec::new(), error: Some(reason) }
+    }
+
     /// The last epoch's point.
     pub fn last(&self) -> Option<&EpochPoint> {
         self.curves.last()

@@ -29,8 +29,12 @@ pub fn write_probe_reports(
 }
 
 fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
-    let columns: Vec<String> =
-        outcomes.first().map(|o| o.classes.iter().map(|c| c.column.clone()).collect()).unwrap_or_default();
+    // The label columns of a task that did not fail (a failed row has none).
+    let columns: Vec<String> = outcomes
+        .iter()
+        .find(|o| o.error.is_none())
+        .map(|o| o.classes.iter().map(|c| c.column.clone()).collect())
+        .unwrap_or_default();
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header: Vec<String> = [
         "task",
@@ -56,6 +60,7 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
             header.push(format!("{c}:{m}"));
         }
     }
+    header.push("error".into());
     w.write_record(&header)?;
     let num = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     for o in outcomes {
@@ -91,6 +96,9 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
                 num(c.average_precision_ci.map(|i| i.1)),
             ]);
         }
+        // A failed row: its class columns empty, its reason in the last one.
+        row.resize(header.len() - 1, String::new());
+        row.push(o.error.clone().unwrap_or_default());
         w.write_record(&row)?;
     }
     let bytes = w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -204,7 +212,9 @@ pub(crate) fn describe(key: ConfigKey) -> String {
 }
 
 fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
-    let grouped = Grouped::new(outcomes);
+    let (failed, succeeded): (Vec<&ProbeOutcome>, Vec<&ProbeOutcome>) =
+        outcomes.iter().partition(|o| o.error.is_some());
+    let grouped = Grouped::new(&succeeded);
     let (order, groups) = (&grouped.order, &grouped.groups);
     let has_random = groups.keys().any(|(_, e)| *e == EncoderSource::Random);
     let mut out = String::from(
@@ -279,6 +289,17 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     if let Some(rate) = majority_rate {
         out.push_str(&format!("Majority-class rate on the test split: {rate:.3}.\n"));
     }
+    if !failed.is_empty() {
+        out.push_str(&format!(
+            "{} of {} tasks failed and are left out of the table (their reasons are in results.csv):\n",
+            failed.len(),
+            outcomes.len()
+        ));
+        for o in &failed {
+            let reason = o.error.as_deref().unwrap_or_default();
+            out.push_str(&format!("- task {} ({}): {reason}\n", o.task.id, o.task.configuration()));
+        }
+    }
     out
 }
 
@@ -312,6 +333,7 @@ pub(crate) mod tests {
                 roc: vec![(0.0, 0.0), (0.2, 0.6), (1.0, 1.0)],
             }],
             task,
+            error: None,
         }
     }
 
@@ -355,5 +377,32 @@ pub(crate) mod tests {
         assert!(table.contains("Majority-class rate on the test split: 0.597"), "{table}");
         assert!(table.contains("Best configuration by mean test AUC"), "{table}");
         assert_eq!(std::fs::read_to_string(dir.path().join("results.md")).unwrap(), table);
+    }
+
+    #[test]
+    fn a_failed_task_is_a_row_with_its_reason_and_stays_out_of_the_table() {
+        let tasks = ProbeSection::default().expand(0);
+        let mut outcomes: Vec<ProbeOutcome> = tasks.iter().map(|t| outcome(t.clone(), 0.7)).collect();
+        // The first task (its configuration's only SimCLR run at this seed) diverged.
+        outcomes[0] = ProbeOutcome::failed(tasks[0].clone(), 1, 0.2, "non-finite loss at epoch 3".into());
+        let dir = tempfile::tempdir().unwrap();
+        let table = write_probe_reports(&RunDir::create(dir.path()).unwrap(), &outcomes, None).unwrap();
+
+        let mut reader = csv::Reader::from_path(dir.path().join("results.csv")).unwrap();
+        let header = reader.headers().unwrap().clone();
+        assert_eq!(header.iter().next_back(), Some("error"));
+        assert!(header.iter().any(|h| h == "Typical Appearance:auc"), "{header:?}");
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), tasks.len(), "every task is a row, the failed one too");
+        let failed = &rows[0];
+        assert_eq!(&failed[failed.len() - 1], "non-finite loss at epoch 3");
+        assert_eq!(&failed[header.iter().position(|h| h == "mean_auc").unwrap()], "");
+        assert!(rows[1..].iter().all(|r| r[r.len() - 1].is_empty()));
+
+        assert!(table.contains("1 of 90 tasks failed"), "{table}");
+        assert!(table.contains(&format!("- task 0 ({}): non-finite loss at epoch 3", tasks[0].configuration())));
+        // Its configuration still has its other seeds' rows in the table.
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| hidden")).collect();
+        assert_eq!(rows.len(), 15, "{table}");
     }
 }

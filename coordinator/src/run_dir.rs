@@ -216,8 +216,14 @@ mod tests {
         let run = RunDir::create(dir.path()).unwrap();
         assert!(run.open_probe_journal("config A").unwrap().is_empty());
         let tasks = simclr_common::probe::ProbeSection::default().expand(0);
-        let outcome =
-            |i: usize| ProbeOutcome { task: tasks[i].clone(), rank: 1, seconds: 0.5, curves: vec![], classes: vec![] };
+        let outcome = |i: usize| ProbeOutcome {
+            task: tasks[i].clone(),
+            rank: 1,
+            seconds: 0.5,
+            curves: vec![],
+            classes: vec![],
+            error: None,
+        };
         for i in [3, 5] {
             run.append_probe_result(&serde_json::to_string(&outcome(i)).unwrap()).unwrap();
         }

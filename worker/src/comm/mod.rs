@@ -44,9 +44,14 @@ pub enum CollectiveError {
 }
 
 impl CollectiveError {
-    /// Whether a restart cannot cure it.
+    /// Whether a restart cannot cure it: a peer that went silent or a link that broke may be back for
+    /// the next attempt; a call the ranks disagree on (shapes, a root outside the world) or a set-up
+    /// that cannot work as configured fails the same way every time.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, CollectiveError::Unusable { .. })
+        match self {
+            CollectiveError::Timeout { .. } | CollectiveError::Send { .. } | CollectiveError::Link { .. } => false,
+            CollectiveError::Invalid { .. } | CollectiveError::Unusable { .. } => true,
+        }
     }
 }
 

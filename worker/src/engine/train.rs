@@ -43,6 +43,10 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("stopped: {0}")]
     Interrupted(String),
+    /// The epoch's data could not be had; `retryable`: whether another attempt may get it (the
+    /// coordinator unreachable) or not (no image decodes).
+    #[error("{message}")]
+    Data { message: String, retryable: bool },
 }
 
 /// One epoch's images on this rank (N x 1 x S x S in [0, 1]) and each image's sample id (what its

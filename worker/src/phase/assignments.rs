@@ -7,6 +7,8 @@ use simclr_data::cache::CacheKey;
 use simclr_proto::client::CoordinatorClient;
 use simclr_proto::wire;
 
+use crate::phase::PhaseError;
+
 /// Where a phase asks for this rank's images: the coordinator, with what it answers checked against
 /// what this worker may read.
 #[derive(Clone)]
@@ -22,17 +24,15 @@ impl Assignments {
     /// This rank's images for `epoch` (or, with `probe`, for the probe sweep). An answer that would
     /// read outside the dataset (an image path with `..` or an absolute one, a root outside
     /// `--data-root`) is refused whole, naming the path.
-    pub(crate) async fn fetch(&self, epoch: u64, probe: bool) -> Result<wire::GetAssignmentResponse, String> {
+    /// A failed call is retryable (the coordinator may be back for the next attempt); a refused answer
+    /// is permanent.
+    pub(crate) async fn fetch(&self, epoch: u64, probe: bool) -> Result<wire::GetAssignmentResponse, PhaseError> {
         let request =
             wire::GetAssignmentRequest { rank: self.rank, instance_id: self.instance_id.clone(), epoch, probe };
-        let assignment = self
-            .client
-            .clone()
-            .get_assignment(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|e| format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))?;
-        check_assignment(&assignment, self.data_root_limit.as_deref())?;
+        let assignment = self.client.clone().get_assignment(request).await.map(|r| r.into_inner()).map_err(|e| {
+            PhaseError::retryable(format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))
+        })?;
+        check_assignment(&assignment, self.data_root_limit.as_deref()).map_err(PhaseError::permanent)?;
         Ok(assignment)
     }
 }

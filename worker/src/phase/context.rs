@@ -81,7 +81,9 @@ impl PhaseContext {
         // joined), CPU collectives go over the peers' gRPC links, which do.
         if backend == CollectiveBackend::Tcp && self.config.tls.enabled() {
             if asked == CollectiveBackend::Tcp {
-                return Err("cluster.collective = tcp: the TCP ring has no TLS; with [tls] use grpc or nccl".into());
+                return Err(PhaseError::permanent(
+                    "cluster.collective = tcp: the TCP ring has no TLS; with [tls] use grpc or nccl",
+                ));
             }
             backend = CollectiveBackend::Grpc;
         }
@@ -93,21 +95,22 @@ impl PhaseContext {
         }
         if backend == CollectiveBackend::Nccl && (world > 1 || asked == CollectiveBackend::Nccl) {
             if let Some((rank, (_, device))) = placement().enumerate().find(|(_, (_, d))| !d.starts_with("cuda")) {
-                return Err(format!(
+                return Err(PhaseError::permanent(format!(
                     "cluster.collective = nccl (--collective) needs every worker on a CUDA device; rank {rank} runs on {device}"
-                )
-                .into());
+                )));
             }
             let tch::Device::Cuda(ordinal) = self.device else {
-                return Err(format!("cluster.collective = nccl: this worker's device is {:?}", self.device).into());
+                return Err(PhaseError::permanent(format!(
+                    "cluster.collective = nccl: this worker's device is {:?}",
+                    self.device
+                )));
             };
             if let Some((first, second)) = simclr_common::config::shared_gpu(placement()) {
                 let w = &self.table.workers[second];
-                return Err(format!(
+                return Err(PhaseError::permanent(format!(
                     "cluster.collective = nccl (--collective): ranks {first} and {second} both use {} on {}, and NCCL needs a GPU of its own for each rank; give each worker its own GPU (dev --device cuda) or use collective = auto, tcp or grpc",
                     w.device, w.host
-                )
-                .into());
+                )));
             }
             let rank = self.rank;
             let key = format!("nccl-unique-id/{phase}");
@@ -119,7 +122,7 @@ impl PhaseContext {
             })
             .await
             .map_err(|e| PhaseError::retryable(format!("NCCL set-up thread failed: {e}")))?
-            .map_err(|e| PhaseError { retryable: !e.is_permanent(), message: e.to_string() })?;
+            .map_err(PhaseError::from)?;
             return Ok(Arc::new(nccl));
         }
         if world == 1 {
@@ -137,7 +140,7 @@ impl PhaseContext {
             timeout,
             tokio::runtime::Handle::current(),
         )
-        .map_err(|e| PhaseError::retryable(e.to_string()))?;
+        .map_err(PhaseError::from)?;
         Ok(Arc::new(grpc))
     }
 }
@@ -208,34 +211,79 @@ pub struct PhaseOutput {
     pub issues: Vec<(String, String)>,
 }
 
-/// Why a phase failed on this rank, and whether a restart from the last checkpoint may cure it (a peer
-/// lost, a collective cut off) or not (a bad configuration, bad data: the coordinator stops at once).
-#[derive(Debug, Clone, PartialEq)]
+/// Whether a restart of the job from its last checkpoint may cure a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A peer lost, a link cut, the coordinator briefly unreachable: the next attempt may succeed.
+    Retryable,
+    /// A bad configuration, bad data, a bug: every attempt would fail the same way, so the job stops.
+    Permanent,
+}
+
+/// Why a phase failed on this rank. The kind is decided where the cause is known (each phase names it
+/// as it maps its errors); there is no blanket conversion from a message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
 pub struct PhaseError {
+    pub kind: ErrorKind,
     pub message: String,
-    pub retryable: bool,
 }
 
 impl PhaseError {
     pub fn retryable(message: impl Into<String>) -> PhaseError {
-        PhaseError { message: message.into(), retryable: true }
+        PhaseError { kind: ErrorKind::Retryable, message: message.into() }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> PhaseError {
+        PhaseError { kind: ErrorKind::Permanent, message: message.into() }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        match self.kind {
+            ErrorKind::Retryable => true,
+            ErrorKind::Permanent => false,
+        }
+    }
+
+    /// The same error with `context` before its message.
+    pub fn context(self, context: impl std::fmt::Display) -> PhaseError {
+        PhaseError { kind: self.kind, message: format!("{context}: {}", self.message) }
     }
 }
 
-impl From<String> for PhaseError {
-    fn from(message: String) -> PhaseError {
-        PhaseError { message, retryable: false }
+/// A collective's failure: permanent when it can never work as configured, else (a peer gone, a
+/// timeout) retryable.
+impl From<crate::comm::CollectiveError> for PhaseError {
+    fn from(e: crate::comm::CollectiveError) -> PhaseError {
+        if e.is_permanent() {
+            PhaseError::permanent(e.to_string())
+        } else {
+            PhaseError::retryable(e.to_string())
+        }
     }
 }
 
-impl From<&str> for PhaseError {
-    fn from(message: &str) -> PhaseError {
-        PhaseError::from(message.to_string())
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::CollectiveError;
 
-impl std::fmt::Display for PhaseError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+    #[test]
+    fn a_collective_failure_is_retryable_unless_it_can_never_work() {
+        let (op, addr) = ("all-gather", "h:1".to_string());
+        for (e, retryable) in [
+            (CollectiveError::Timeout { op, peer: 1, addr: addr.clone(), timeout_ms: 5 }, true),
+            (CollectiveError::Send { op, peer: 1, addr: addr.clone(), message: "reset".into() }, true),
+            (CollectiveError::Link { op, peer: 1, addr: addr.clone(), message: "closed".into() }, true),
+            (CollectiveError::Invalid { op, message: "shapes differ".into() }, false),
+            (CollectiveError::Unusable { op: "setup", message: "ncclInvalidUsage".into() }, false),
+        ] {
+            let message = e.to_string();
+            let phase = PhaseError::from(e);
+            assert_eq!(phase.is_retryable(), retryable, "{message}");
+            assert_eq!(phase.to_string(), message);
+        }
+        let e = PhaseError::retryable("peer gone").context("probe set-up");
+        assert_eq!((e.kind, e.to_string().as_str()), (ErrorKind::Retryable, "probe set-up: peer gone"));
     }
 }

@@ -13,11 +13,11 @@ use simclr_common::config::OnBadFile;
 use simclr_data::cache::{CacheKey, CacheOutcome, DecodeCache};
 
 use crate::phase::assignments::cache_key;
-use crate::phase::{PhaseContext, PhaseOutput};
+use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 
 const PHASE: &str = "decode";
 
-pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
+pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let assignment = ctx.assignments().fetch(0, false).await?;
     let mut output = PhaseOutput::default();
     if assignment.data_root.is_empty() {
@@ -26,13 +26,13 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let root = PathBuf::from(&assignment.data_root);
     if !root.is_dir() {
-        return Err(format!(
+        return Err(PhaseError::permanent(format!(
             "dataset root {} is not visible on this host: workers need the dataset at the same path as the coordinator",
             root.display()
-        ));
+        )));
     }
     let cache_path = simclr_data::cache_dir().join("decoded");
-    let cache = DecodeCache::open(&cache_path).map_err(|e| e.to_string())?;
+    let cache = DecodeCache::open(&cache_path).map_err(|e| PhaseError::permanent(e.to_string()))?;
     let keys: Vec<CacheKey> =
         assignment.train.iter().chain(&assignment.test).map(|r| cache_key(r, assignment.image_size)).collect();
     let total = keys.len();
@@ -51,7 +51,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     });
     let results = loop {
         tokio::select! {
-            r = &mut work => break r.map_err(|e| format!("decode task failed: {e}"))?,
+            r = &mut work => break r.map_err(|e| PhaseError::permanent(format!("decode task failed: {e}")))?,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 ctx.report_progress(PHASE, done.load(Ordering::Relaxed) as u64, total as u64).await;
             }
@@ -68,7 +68,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, String> {
     }
     let seconds = started.elapsed().as_secs_f64();
     if let (OnBadFile::Fail, Some((path, reason))) = (ctx.config.data.on_bad_file, output.issues.first()) {
-        return Err(format!("{path}: {reason} (data.on_bad_file = \"fail\")"));
+        return Err(PhaseError::permanent(format!("{path}: {reason} (data.on_bad_file = \"fail\")")));
     }
     for (name, value) in [
         ("images", total as f64),

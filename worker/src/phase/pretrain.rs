@@ -51,7 +51,9 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         return Ok(output);
     }
     let run_dir =
-        ctx.config.job.run_dir.clone().ok_or("the coordinator sent no job.run_dir; checkpoints have nowhere to go")?;
+        ctx.config.job.run_dir.clone().ok_or_else(|| {
+            PhaseError::permanent("the coordinator sent no job.run_dir; checkpoints have nowhere to go")
+        })?;
     let first = ctx.assignments().fetch(0, false).await?;
     if first.data_root.is_empty() {
         // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
@@ -82,7 +84,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let mut total = 0;
     let result = loop {
         tokio::select! {
-            r = &mut work => break r.map_err(|e| format!("training thread failed: {e}"))?,
+            r = &mut work => break r.map_err(|e| PhaseError::permanent(format!("training thread failed: {e}")))?,
             Some(event) = rx.recv() => match event {
                 Event::Start { total: t } => total = t,
                 Event::Step(stats) => {
@@ -115,12 +117,27 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         }
     }
     output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
-    output.metrics = result.map_err(|e| match e {
-        // A peer that died or froze cuts the collectives off; a restart from the checkpoint cures it.
-        TrainError::Collective(_) | TrainError::Interrupted(_) => PhaseError::retryable(e.to_string()),
-        other => PhaseError::from(other.to_string()),
-    })?;
+    output.metrics = result?;
     Ok(output)
+}
+
+/// Whether a restart from the last checkpoint may cure a training failure.
+impl From<TrainError> for PhaseError {
+    fn from(e: TrainError) -> PhaseError {
+        match &e {
+            // A peer that died or froze cuts the collectives off; a restart from the checkpoint cures it.
+            TrainError::Collective(c) => PhaseError::from(c.clone()),
+            TrainError::Interrupted(_) | TrainError::Data { retryable: true, .. } => {
+                PhaseError::retryable(e.to_string())
+            }
+            // The same data and weights diverge again, and a configuration or a checkpoint that cannot
+            // be used stays so.
+            TrainError::NonFinite { .. }
+            | TrainError::Checkpoint { .. }
+            | TrainError::Config(_)
+            | TrainError::Data { retryable: false, .. } => PhaseError::permanent(e.to_string()),
+        }
+    }
 }
 
 /// Rank 0's progress report: the step's metrics and `comm_s`, the seconds this rank has spent in
@@ -165,7 +182,7 @@ struct TrainJob {
 
 impl TrainJob {
     /// Runs on a blocking thread: the whole training loop, returning the phase's metrics.
-    fn train(self) -> Result<std::collections::BTreeMap<String, f64>, TrainError> {
+    fn train(self) -> Result<std::collections::BTreeMap<String, f64>, PhaseError> {
         let started = Instant::now();
         let collective: Arc<dyn Collective> = Arc::clone(&self.collective) as _;
         // Every rank must step the same number of times per epoch, or the collectives would pair
@@ -173,7 +190,7 @@ impl TrainJob {
         let counts = collective.all_gather(&Tensor::from_slice(&[self.per_rank as f32]))?;
         let counts = Vec::<f32>::try_from(&counts).map_err(|e| TrainError::Config(e.to_string()))?;
         if counts.iter().any(|&c| c != counts[0]) {
-            return Err(TrainError::Config(format!("ranks hold shards of different lengths {counts:?}")));
+            return Err(PhaseError::permanent(format!("ranks hold shards of different lengths {counts:?}")));
         }
         let mut trainer = Trainer::distributed(self.config.clone(), self.per_rank, self.device, collective)?;
         let checkpoints = self.run_dir.join("checkpoints");
@@ -206,7 +223,9 @@ impl TrainJob {
         trainer.fit_epochs(
             |epoch| {
                 let t = Instant::now();
-                let data = self.epoch_data(&cache, epoch);
+                let data = self
+                    .epoch_data(&cache, epoch)
+                    .map_err(|e| TrainError::Data { retryable: e.is_retryable(), message: e.message });
                 *data_seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
                 data
             },
@@ -275,10 +294,12 @@ impl TrainJob {
     /// This rank's images of `epoch` from the decode cache; an image that cannot be decoded is
     /// reported and its slot filled with another image of the shard, so every rank keeps the same
     /// number of steps.
-    fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, TrainError> {
-        let a = self.runtime.block_on(self.assignments.fetch(epoch, false)).map_err(TrainError::Config)?;
+    fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, PhaseError> {
+        let a = self.runtime.block_on(self.assignments.fetch(epoch, false))?;
         if a.train.is_empty() {
-            return Err(TrainError::Config(format!("epoch {epoch}: the coordinator assigned no images to this rank")));
+            return Err(PhaseError::permanent(format!(
+                "epoch {epoch}: the coordinator assigned no images to this rank"
+            )));
         }
         // Shards are made of whole studies, so their length in images varies a little from epoch to
         // epoch; every epoch has the steps of epoch 0. Extra images sit this epoch out (the epoch order
@@ -300,7 +321,7 @@ impl TrainJob {
             .collect();
         let good: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].is_ok()).collect();
         if good.is_empty() {
-            return Err(TrainError::Config(format!(
+            return Err(PhaseError::permanent(format!(
                 "epoch {epoch}: none of this rank's {} images decodes",
                 a.train.len()
             )));
@@ -326,5 +347,28 @@ impl TrainJob {
         }
         let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
         Ok(EpochData { images, ids })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::CollectiveError;
+
+    #[test]
+    fn training_failures_are_retryable_only_where_a_restart_may_cure_them() {
+        let timeout = CollectiveError::Timeout { op: "all-reduce", peer: 1, addr: "h:1".into(), timeout_ms: 5 };
+        for (e, retryable) in [
+            (TrainError::Collective(timeout), true),
+            (TrainError::Interrupted("stop".into()), true),
+            (TrainError::Data { message: "coordinator unreachable".into(), retryable: true }, true),
+            (TrainError::Data { message: "no image decodes".into(), retryable: false }, false),
+            (TrainError::NonFinite { step: 3, loss: f64::NAN, last_checkpoint: None }, false),
+            (TrainError::Checkpoint { path: "c".into(), message: "torn".into() }, false),
+            (TrainError::Config("batch".into()), false),
+        ] {
+            let message = e.to_string();
+            assert_eq!(PhaseError::from(e).is_retryable(), retryable, "{message}");
+        }
     }
 }

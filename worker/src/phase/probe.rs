@@ -39,7 +39,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let assignment = ctx.assignments().fetch(0, true).await.map_err(|e| format!("probe sweep: {e}"))?;
+    let assignment = ctx.assignments().fetch(0, true).await.map_err(|e| e.context("probe sweep"))?;
     if assignment.data_root.is_empty() {
         tracing::info!("no dataset in this job: nothing to probe");
         output.metrics.insert("skipped".into(), 1.0);
@@ -48,7 +48,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let encoder_path = match (&section.encoder, &ctx.config.job.run_dir) {
         (Some(path), _) => path.clone(),
         (None, Some(dir)) => dir.join("encoder.safetensors"),
-        (None, None) => return Err("no probe.encoder and no job.run_dir: no encoder to probe".into()),
+        (None, None) => return Err(PhaseError::permanent("no probe.encoder and no job.run_dir: no encoder to probe")),
     };
     let started = Instant::now();
     let collective = ctx.collective(PHASE).await?;
@@ -74,7 +74,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         result
     })
     .await
-    .map_err(|e| format!("feature thread failed: {e}"))??;
+    .map_err(|e| PhaseError::permanent(format!("feature thread failed: {e}")))??;
     output.issues = issues;
     metrics.insert("feature_seconds".into(), started.elapsed().as_secs_f64());
     tracing::info!(
@@ -90,7 +90,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let mut tasks = 0u32;
     loop {
         if ctx.interrupt.is_cancelled() {
-            return Err("the worker was told to stop during the probe sweep".into());
+            return Err(PhaseError::retryable("the worker was told to stop during the probe sweep"));
         }
         let request = wire::NextProbeTaskRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone() };
         let next = ctx
@@ -98,27 +98,34 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
             .clone()
             .next_probe_task(request)
             .await
-            .map_err(|e| format!("asking the coordinator for a probe task: {}", e.message()))?
+            .map_err(|e| PhaseError::retryable(format!("asking the coordinator for a probe task: {}", e.message())))?
             .into_inner();
         match wire::SweepState::try_from(next.state).unwrap_or(wire::SweepState::Unspecified) {
             wire::SweepState::Task => {}
             wire::SweepState::Wait => continue,
             wire::SweepState::Finished => break,
             wire::SweepState::Unspecified => {
-                return Err(format!("the coordinator answered sweep state {}", next.state).into())
+                return Err(PhaseError::permanent(format!("the coordinator answered sweep state {}", next.state)))
             }
         }
-        let task: ProbeTask = serde_json::from_str(&next.task_json)
-            .map_err(|e| format!("the coordinator sent a probe task this worker cannot read: {e}"))?;
+        let task: ProbeTask = serde_json::from_str(&next.task_json).map_err(|e| {
+            PhaseError::permanent(format!("the coordinator sent a probe task this worker cannot read: {e}"))
+        })?;
         let (rank, section_copy) = (ctx.rank, section.clone());
+        let started_task = Instant::now();
         let (back, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = run_task(&task, &section_copy, &data, rank);
+            // A task that fails (a probe that diverges, say) becomes a failed row of the results with
+            // its reason; the sweep goes on with the other tasks.
+            let outcome = run_task(&task, &section_copy, &data, rank).unwrap_or_else(|reason| {
+                tracing::warn!(task = task.id, %reason, "probe task failed; recorded as a failed row");
+                ProbeOutcome::failed(task, rank, started_task.elapsed().as_secs_f64(), reason)
+            });
             (data, outcome)
         })
         .await
-        .map_err(|e| format!("probe thread failed: {e}"))?;
+        .map_err(|e| PhaseError::permanent(format!("probe thread failed: {e}")))?;
         data = back;
-        report(ctx, &outcome?).await?;
+        report(ctx, &outcome).await?;
         tasks += 1;
     }
     metrics.insert("tasks".into(), f64::from(tasks));
@@ -128,15 +135,16 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     Ok(output)
 }
 
-async fn report(ctx: &PhaseContext, outcome: &ProbeOutcome) -> Result<(), String> {
-    let outcome_json = serde_json::to_string(outcome).map_err(|e| format!("probe result: {e}"))?;
+async fn report(ctx: &PhaseContext, outcome: &ProbeOutcome) -> Result<(), PhaseError> {
+    let outcome_json =
+        serde_json::to_string(outcome).map_err(|e| PhaseError::permanent(format!("probe result: {e}")))?;
     let request = wire::ReportProbeResultRequest { rank: ctx.rank, instance_id: ctx.instance_id.clone(), outcome_json };
     let answer = ctx
         .coordinator
         .clone()
         .report_probe_result(request)
         .await
-        .map_err(|e| format!("reporting probe task {}: {}", outcome.task.id, e.message()))?;
+        .map_err(|e| PhaseError::retryable(format!("reporting probe task {}: {}", outcome.task.id, e.message())))?;
     if !answer.into_inner().accepted {
         tracing::info!(task = outcome.task.id, "the coordinator already had this task's result");
     }
@@ -162,7 +170,7 @@ struct FeatureJob {
 impl FeatureJob {
     /// Runs on a blocking thread: both encoders onto every rank, this rank's images through them, every
     /// rank's features gathered.
-    fn features(self, collective: &dyn Collective) -> Result<Features, String> {
+    fn features(self, collective: &dyn Collective) -> Result<Features, PhaseError> {
         let mut metrics = std::collections::BTreeMap::new();
         // Rank 0 loads the pretrained encoder; every rank learns whether that worked before waiting
         // for a broadcast that would otherwise never come.
@@ -170,28 +178,36 @@ impl FeatureJob {
         let loaded = if self.rank == 0 { load_encoder(&mut vs, &encoder, &self.encoder_path) } else { Ok(()) };
         let flags = collective
             .all_gather(&Tensor::from_slice(&[if loaded.is_ok() { 1.0f32 } else { 0.0 }]))
-            .map_err(|e| format!("probe set-up: {e}"))?;
+            .map_err(|e| PhaseError::from(e).context("probe set-up"))?;
         if let Err(e) = loaded {
-            return Err(format!("cannot load the encoder to probe from {}: {e}", self.encoder_path.display()));
+            return Err(PhaseError::permanent(format!(
+                "cannot load the encoder to probe from {}: {e}",
+                self.encoder_path.display()
+            )));
         }
-        if Vec::<f32>::try_from(&flags).map_err(|e| e.to_string())?[0] != 1.0 {
-            return Err(format!("rank 0 could not load the encoder to probe ({})", self.encoder_path.display()));
+        if Vec::<f32>::try_from(&flags).map_err(|e| PhaseError::permanent(e.to_string()))?[0] != 1.0 {
+            return Err(PhaseError::permanent(format!(
+                "rank 0 could not load the encoder to probe ({})",
+                self.encoder_path.display()
+            )));
         }
-        let checksum = broadcast_encoder(&vs, collective, 0)?;
+        // Moving features between ranks fails when a peer does: retryable.
+        let moved = PhaseError::retryable;
+        let checksum = broadcast_encoder(&vs, collective, 0).map_err(moved)?;
         metrics.insert("encoder_checksum_low32".into(), (checksum & 0xffff_ffff) as f64);
         let mut encoders = vec![(EncoderSource::Simclr, vs, encoder)];
         if self.random_baseline {
             let (vs, encoder) = self.build(self.seed.wrapping_add(RANDOM_ENCODER_SEED));
-            broadcast_encoder(&vs, collective, 0)?;
+            broadcast_encoder(&vs, collective, 0).map_err(moved)?;
             encoders.push((EncoderSource::Random, vs, encoder));
         }
 
-        let (train_x, train_y, mut issues) = self.images(&self.assignment.train)?;
-        let (test_x, test_y, test_issues) = self.images(&self.assignment.test)?;
+        let (train_x, train_y, mut issues) = self.images(&self.assignment.train).map_err(PhaseError::permanent)?;
+        let (test_x, test_y, test_issues) = self.images(&self.assignment.test).map_err(PhaseError::permanent)?;
         issues.extend(test_issues);
         let columns = self.assignment.label_columns.clone();
-        let train_y = gather_rows(collective, &train_y)?;
-        let test_y = gather_rows(collective, &test_y)?;
+        let train_y = gather_rows(collective, &train_y).map_err(moved)?;
+        let test_y = gather_rows(collective, &test_y).map_err(moved)?;
         let resize = |x: &Tensor| {
             if x.size()[2] == self.input_size {
                 x.shallow_clone()
@@ -202,15 +218,16 @@ impl FeatureJob {
         let (train_x, test_x) = (resize(&train_x), resize(&test_x));
         let mut features = Vec::new();
         for (source, _vs, encoder) in &encoders {
-            let embed_all = |x: &Tensor| gather_rows(collective, &embed(encoder, x, EMBED_BATCH, self.device));
+            let embed_all =
+                |x: &Tensor| gather_rows(collective, &embed(encoder, x, EMBED_BATCH, self.device)).map_err(moved);
             features.push((*source, embed_all(&train_x)?, embed_all(&test_x)?));
         }
         let finetune = if self.finetune {
             // Every rank fine-tunes on every image: gather the pixels too (N x S*S rows).
             let side = self.input_size;
-            let gather_images = |x: &Tensor| -> Result<Tensor, String> {
+            let gather_images = |x: &Tensor| -> Result<Tensor, PhaseError> {
                 let n = x.size()[0];
-                Ok(gather_rows(collective, &x.reshape([n, side * side]))?.view([-1, 1, side, side]))
+                Ok(gather_rows(collective, &x.reshape([n, side * side])).map_err(moved)?.view([-1, 1, side, side]))
             };
             let states = encoders
                 .iter()
@@ -230,9 +247,9 @@ impl FeatureJob {
         };
         let (n_train, n_test) = (train_y.size()[0], test_y.size()[0]);
         if n_train < 2 || n_test < 1 {
-            return Err(format!(
+            return Err(PhaseError::permanent(format!(
                 "the probe sweep needs labelled images in both splits; it has {n_train} training and {n_test} test images"
-            ));
+            )));
         }
         metrics.insert("train_images".into(), n_train as f64);
         metrics.insert("test_images".into(), n_test as f64);

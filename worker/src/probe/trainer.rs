@@ -441,6 +441,7 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
             .zip(&data.columns)
             .map(|(m, column)| ClassOutcome { column: column.clone(), ..m.clone() })
             .collect(),
+        error: None,
     })
 }
 

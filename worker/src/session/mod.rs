@@ -193,12 +193,12 @@ async fn session(
                 // A phase end the coordinator refuses would leave the job waiting for this rank
                 // forever: report it as this rank's failure instead.
                 if let Err(refused) = report_phase(&ctx, phase, output, None).await {
-                    report_phase(&ctx, phase, PhaseOutput::default(), Some(refused.into())).await.ok();
+                    report_phase(&ctx, phase, PhaseOutput::default(), Some(PhaseError::permanent(refused))).await.ok();
                     break;
                 }
             }
             Ok(Err(error)) => {
-                tracing::error!(phase, %error, retryable = error.retryable, "phase failed");
+                tracing::error!(phase, %error, retryable = error.is_retryable(), "phase failed");
                 report_phase(&ctx, phase, PhaseOutput::default(), Some(error)).await.ok();
                 break;
             }
@@ -272,10 +272,13 @@ async fn run_phase(phase: &str, ctx: &PhaseContext) -> Result<PhaseOutput, Phase
             .await
             .map(|metrics| PhaseOutput { metrics, issues: Vec::new() })
             .map_err(PhaseError::retryable),
-        "decode" => Ok(decode::run(ctx).await?),
+        "decode" => decode::run(ctx).await,
         "pretrain" => pretrain::run(ctx).await,
-        "probe" => Ok(probe::run(ctx).await?),
-        other => Err(format!("this worker does not know phase '{other}' (version {})", simclr_common::VERSION).into()),
+        "probe" => probe::run(ctx).await,
+        other => Err(PhaseError::permanent(format!(
+            "this worker does not know phase '{other}' (version {})",
+            simclr_common::VERSION
+        ))),
     }
 }
 
@@ -287,7 +290,7 @@ async fn report_phase(
     output: PhaseOutput,
     error: Option<PhaseError>,
 ) -> Result<(), String> {
-    let (error, retryable) = error.map(|e| (e.message, e.retryable)).unwrap_or_default();
+    let (error, retryable) = error.map(|e| (e.to_string(), e.is_retryable())).unwrap_or_default();
     let request = wire::ReportProgressRequest {
         rank: ctx.rank,
         instance_id: ctx.instance_id.clone(),
