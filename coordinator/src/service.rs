@@ -44,6 +44,7 @@ impl Coordinator for CoordinatorService {
             job_id: job.job_id.clone(),
             config_toml: job.config_toml().to_string(),
             peers: simclr_proto::peer_table_to_wire(&table),
+            attempt: job.attempt,
         }))
     }
 

@@ -55,6 +55,7 @@ pub mod loopback {
                 .enumerate()
                 .map(|(rank, mailbox)| {
                     let c = GrpcCollective::new(
+                        "test",
                         rank,
                         &addrs,
                         mailbox,

@@ -69,6 +69,7 @@ impl Pair {
         let collective = {
             let _context = runtime.enter();
             GrpcCollective::new(
+                "bench",
                 rank,
                 &addrs,
                 mailbox,

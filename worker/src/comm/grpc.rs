@@ -1,7 +1,7 @@
 //! The gRPC backend of the collectives: ring steps travel over the workers' own peer endpoints, streamed
 //! in bounded chunks into the receiver's [`Mailbox`], keyed by (sender, collective number, ring step).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,9 @@ use super::CollectiveError;
 
 // ---- the mailbox: what peers sent, waiting for the collective that expects it ----------------------
 
-type Key = (u32, u64, u32);
+/// (phase, sender, collective number, ring step). Collective numbers restart with every phase's
+/// collective, so the phase is part of the key.
+type Key = (String, u32, u64, u32);
 
 /// One received message: its chunks as they arrived (slices of the receive buffers, not copied again).
 type Message = Vec<Bytes>;
@@ -30,26 +32,81 @@ enum Slot {
     Arrived(Message),
 }
 
-/// Messages from peers, delivered by the peer server's `Transfer` handler.
+#[derive(Default)]
+struct Boxes {
+    slots: HashMap<Key, Slot>,
+    /// The job attempt this worker joined (`None` until it has, and in tests without a job).
+    attempt: Option<u32>,
+    /// The phase whose collective this worker runs now, and the ones it has left.
+    current: Option<String>,
+    left: HashSet<String>,
+}
+
+/// Messages from peers, delivered by the peer server's `Transfer` handler. A message of a phase this
+/// worker has left, or of another attempt of the job, is dropped (and its sender told so): its
+/// collective number would otherwise name a collective of the phase running now. A message of a phase
+/// not yet entered is kept: a faster peer may start the next phase's collective first.
 pub struct Mailbox {
-    slots: Mutex<HashMap<Key, Slot>>,
+    boxes: Mutex<Boxes>,
     /// Largest message accepted (the gRPC limits bound each chunk, this bounds the whole).
     pub max_message_bytes: u64,
 }
 
 impl Default for Mailbox {
     fn default() -> Self {
-        Mailbox { slots: Mutex::new(HashMap::new()), max_message_bytes: 4 << 30 }
+        Mailbox { boxes: Mutex::new(Boxes::default()), max_message_bytes: 4 << 30 }
     }
 }
 
 impl Mailbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Boxes> {
+        self.boxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the job attempt this worker joined; messages of other attempts are dropped from now on.
+    pub fn join_attempt(&self, attempt: u32) {
+        self.lock().attempt = Some(attempt);
+    }
+
+    fn attempt(&self) -> u32 {
+        self.lock().attempt.unwrap_or(0)
+    }
+
+    /// Starts `phase`'s collectives: the phase before it is left, and whatever of it is still here
+    /// (late messages nobody will read) is dropped.
+    fn enter_phase(&self, phase: &str) {
+        let mut boxes = self.lock();
+        if boxes.current.as_deref() == Some(phase) {
+            return;
+        }
+        if let Some(previous) = boxes.current.replace(phase.to_string()) {
+            boxes.left.insert(previous);
+        }
+        let Boxes { slots, left, .. } = &mut *boxes;
+        let before = slots.len();
+        slots.retain(|key, _| !left.contains(&key.0));
+        if slots.len() < before {
+            tracing::warn!(phase, dropped = before - slots.len(), "dropped messages of a phase this worker has left");
+        }
+    }
+
+    /// Why a message of `phase` and `attempt` from `from` is not for this worker now, if it is not.
+    fn stale(&self, phase: &str, attempt: u32, from: u32) -> Option<String> {
+        let boxes = self.lock();
+        match boxes.attempt {
+            Some(mine) if mine != attempt => {
+                Some(format!("a message of attempt {attempt} from rank {from}; this worker is in attempt {mine}"))
+            }
+            _ if boxes.left.contains(phase) => {
+                Some(format!("a message of phase '{phase}' from rank {from}, a phase this worker has left"))
+            }
+            _ => None,
+        }
     }
 
     fn deliver(&self, key: Key, message: Message) -> Result<(), Status> {
-        let mut slots = self.lock();
+        let mut boxes = self.lock();
+        let slots = &mut boxes.slots;
         match slots.remove(&key) {
             Some(Slot::Waiting(tx)) => {
                 // A collective that gave up (timed out) has dropped its receiver: nothing to do.
@@ -57,11 +114,12 @@ impl Mailbox {
                 Ok(())
             }
             Some(arrived @ Slot::Arrived(_)) => {
+                let (phase, from, op, step) = (&key.0, key.1, key.2, key.3);
+                let status = Status::already_exists(format!(
+                    "duplicate transfer from rank {from} for collective {op} step {step} of phase '{phase}'"
+                ));
                 slots.insert(key, arrived);
-                Err(Status::already_exists(format!(
-                    "duplicate transfer from rank {} for collective {} step {}",
-                    key.0, key.1, key.2
-                )))
+                Err(status)
             }
             None => {
                 slots.insert(key, Slot::Arrived(message));
@@ -71,7 +129,7 @@ impl Mailbox {
     }
 
     fn expect(&self, key: Key) -> Result<Message, oneshot::Receiver<Message>> {
-        let mut slots = self.lock();
+        let slots = &mut self.lock().slots;
         match slots.remove(&key) {
             Some(Slot::Arrived(message)) => Ok(message),
             _ => {
@@ -83,12 +141,16 @@ impl Mailbox {
     }
 
     /// Reads one streamed transfer and files it. Chunks must agree on the header and add up to exactly
-    /// `total_bytes`.
+    /// `total_bytes`; a stale one (see the type) is refused at its first chunk.
     pub async fn receive(&self, mut stream: tonic::Streaming<wire::TransferChunk>) -> Result<(), Status> {
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("empty transfer"));
         };
-        let key = (first.from_rank, first.op, first.step);
+        if let Some(why) = self.stale(&first.phase, first.attempt, first.from_rank) {
+            tracing::warn!("dropped {why}");
+            return Err(Status::failed_precondition(format!("dropped: {why}")));
+        }
+        let header = (first.phase.clone(), first.attempt, first.from_rank, first.op, first.step);
         if first.total_bytes > self.max_message_bytes {
             return Err(Status::resource_exhausted(format!(
                 "transfer of {} bytes exceeds the limit of {} bytes",
@@ -100,7 +162,10 @@ impl Mailbox {
         let mut chunks = Vec::with_capacity((total as usize).div_ceil(CHUNK_BYTES).max(1));
         let mut chunk = Some(first);
         while let Some(c) = chunk {
-            if (c.from_rank, c.op, c.step) != key || c.total_bytes != total {
+            if (c.phase.as_str(), c.attempt, c.from_rank, c.op, c.step)
+                != (header.0.as_str(), header.1, header.2, header.3, header.4)
+                || c.total_bytes != total
+            {
                 return Err(Status::invalid_argument("transfer chunks disagree on their header"));
             }
             received += c.data.len() as u64;
@@ -115,7 +180,8 @@ impl Mailbox {
                 "transfer ended after {received} of its declared {total} bytes"
             )));
         }
-        self.deliver(key, chunks)
+        let (phase, _, from, op, step) = header;
+        self.deliver((phase, from, op, step), chunks)
     }
 }
 
@@ -155,6 +221,9 @@ fn absorb(dst: &mut [f32], message: &Message, add: bool, op: &'static str) -> Re
 
 pub struct GrpcCollective {
     rank: usize,
+    /// The job phase and attempt its messages carry (see [`Mailbox`]).
+    phase: String,
+    attempt: u32,
     /// (address, client) of every rank; this rank's own entry is never dialled.
     peers: Vec<(String, WorkerClient)>,
     mailbox: Arc<Mailbox>,
@@ -164,9 +233,11 @@ pub struct GrpcCollective {
 }
 
 impl GrpcCollective {
-    /// `peer_addrs` are every rank's peer endpoints in rank order; `mailbox` is the one this worker's
-    /// peer server delivers into. Connections are made on first use.
+    /// The collectives of `phase`: `peer_addrs` are every rank's peer endpoints in rank order;
+    /// `mailbox` is the one this worker's peer server delivers into, which from now on drops messages of
+    /// the phase before. Connections are made on first use.
     pub fn new(
+        phase: &str,
         rank: usize,
         peer_addrs: &[String],
         mailbox: Arc<Mailbox>,
@@ -190,7 +261,18 @@ impl GrpcCollective {
                 Ok((addr.clone(), worker_client(channel, token.clone())))
             })
             .collect::<Result<Vec<_>, CollectiveError>>()?;
-        Ok(GrpcCollective { rank, peers, mailbox, next_op: AtomicU64::new(0), timeout, runtime })
+        mailbox.enter_phase(phase);
+        let attempt = mailbox.attempt();
+        Ok(GrpcCollective {
+            rank,
+            phase: phase.to_string(),
+            attempt,
+            peers,
+            mailbox,
+            next_op: AtomicU64::new(0),
+            timeout,
+            runtime,
+        })
     }
 
     fn world(&self) -> usize {
@@ -218,6 +300,8 @@ impl GrpcCollective {
         let from_rank = self.rank as u32;
         let chunks: Vec<wire::TransferChunk> = (0..total.div_ceil(CHUNK_BYTES).max(1))
             .map(|i| wire::TransferChunk {
+                phase: self.phase.clone(),
+                attempt: self.attempt,
                 from_rank,
                 op,
                 step,
@@ -235,7 +319,7 @@ impl GrpcCollective {
     }
 
     async fn recv(&self, op_name: &'static str, from: usize, op: u64, step: u32) -> Result<Message, CollectiveError> {
-        let rx = match self.mailbox.expect((from as u32, op, step)) {
+        let rx = match self.mailbox.expect((self.phase.clone(), from as u32, op, step)) {
             Ok(message) => return Ok(message),
             Err(rx) => rx,
         };
@@ -307,3 +391,34 @@ impl RingExecutor for GrpcCollective {
 }
 
 ring_collective!(GrpcCollective);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(phase: &str, op: u64) -> Key {
+        (phase.to_string(), 1, op, 0)
+    }
+
+    #[test]
+    fn messages_of_a_left_phase_or_another_attempt_are_dropped_and_the_next_phase_is_kept() {
+        let mailbox = Mailbox::default();
+        mailbox.join_attempt(2);
+        mailbox.enter_phase("pretrain");
+        // A late message of pretrain's collective 0 and an early one of the probe phase's collective 0.
+        mailbox.deliver(key("pretrain", 0), vec![Bytes::from_static(b"late")]).unwrap();
+        mailbox.deliver(key("probe", 0), vec![Bytes::from_static(b"early")]).unwrap();
+        assert_eq!(mailbox.stale("pretrain", 2, 1), None);
+        assert!(mailbox.stale("pretrain", 1, 1).unwrap().contains("attempt 1"), "another attempt is refused");
+
+        mailbox.enter_phase("probe");
+        let why = mailbox.stale("pretrain", 2, 1).expect("pretrain is left");
+        assert!(why.contains("phase 'pretrain'") && why.contains("rank 1"), "{why}");
+        assert_eq!(mailbox.lock().slots.len(), 1, "pretrain's late message is gone");
+        // The probe phase's collective 0 gets its own message, not pretrain's.
+        match mailbox.expect(key("probe", 0)) {
+            Ok(got) => assert_eq!(got, vec![Bytes::from_static(b"early")]),
+            Err(_) => panic!("the early message should wait for its collective"),
+        }
+    }
+}

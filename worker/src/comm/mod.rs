@@ -5,7 +5,8 @@
 //! [`Solo`] is the world of one. [`GrpcCollective`] is the CPU backend: peer to peer over the workers'
 //! own gRPC endpoints (never through the coordinator), ring algorithms (each rank sends to rank + 1 and
 //! receives from rank - 1, so every link carries 2 (W - 1) / W of the data once), messages streamed in
-//! bounded chunks into a mailbox keyed by (sender, collective number, ring step).
+//! bounded chunks into a mailbox keyed by (phase, sender, collective number, ring step), which drops
+//! messages of a phase it has left or of another attempt of the job.
 //!
 //! Every rank issues the same collectives in the same order, so a per-rank counter names each one
 //! consistently across ranks. Results are bitwise identical on every rank: each element of an

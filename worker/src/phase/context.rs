@@ -133,6 +133,7 @@ impl PhaseContext {
         }
         let addrs: Vec<String> = self.table.workers.iter().map(|w| w.peer_addr.clone()).collect();
         let grpc = GrpcCollective::new(
+            phase,
             self.rank as usize,
             &addrs,
             Arc::clone(&self.mailbox),

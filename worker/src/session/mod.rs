@@ -138,7 +138,8 @@ async fn session(
         .map_err(|e| WorkerError::JobConfig(e.to_string()))?;
     let table =
         simclr_proto::peer_table_from_wire(registered.peers).map_err(|e| WorkerError::JobConfig(e.message().into()))?;
-    tracing::info!(world_size = registered.world_size, "joined the job");
+    tracing::info!(world_size = registered.world_size, attempt = registered.attempt, "joined the job");
+    mailbox.join_attempt(registered.attempt);
 
     let coordinator_lost = CancellationToken::new();
     let lost_reason = Arc::new(std::sync::Mutex::new(String::new()));
@@ -314,6 +315,7 @@ struct Registered {
     job_id: String,
     config_toml: String,
     peers: Vec<wire::PeerEntry>,
+    attempt: u32,
 }
 
 /// Registers, retrying with backoff while the coordinator is unreachable, up to the connect timeout.
@@ -340,6 +342,7 @@ async fn register(
                     job_id: r.job_id,
                     config_toml: r.config_toml,
                     peers: r.peers,
+                    attempt: r.attempt,
                 });
             }
             Err(status) if status.code() == tonic::Code::Unavailable => status,
