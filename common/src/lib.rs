@@ -18,8 +18,7 @@ pub use exit::ExitStatus;
 pub use membership::{PeerTable, StopNotice, StopReason, WorkerIdentity};
 
 /// The phases every worker runs after rendezvous, in order; the coordinator advances through them once
-/// every rank has finished the current one. Later stages of the pipeline (pretraining, broadcast, probe
-/// sweep) append theirs here.
+/// every rank has finished the current one.
 pub const PHASES: &[&str] = &["preflight", "decode", "pretrain", "probe"];
 
 /// Version of this build, sent at registration so that mixed deployments are caught at rendezvous.

@@ -2,10 +2,13 @@
 //! expansion into tasks (configuration x encoder x seed). Pure data, so the coordinator expands and
 //! validates it and the workers read the same types.
 //!
-//! The default grid is the reference report's Table 3.2 fully crossed (hidden units {100, 500} x
+//! The default grid is Skluzacek's (2022) Table 3.2 fully crossed (hidden units {100, 500} x
 //! dropout {none, 20%} x epochs {20, 25, 30}, sigmoid output, binary cross-entropy, SGD) plus a linear
 //! probe (the SimCLR paper's protocol), each repeated over 3 seeds, through the pretrained encoder and
 //! through a randomly initialised one (the baseline).
+//!
+//! Skluzacek (2022): T. Skluzacek, *An Analysis of Transfer Learning using the SimCLR Contrastive Learning
+//! Framework*, University of Minnesota capstone report, 2022.
 
 use serde::{Deserialize, Serialize};
 

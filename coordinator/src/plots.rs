@@ -1,6 +1,6 @@
 //! The probe sweep's figures, as PNG and SVG in `<run dir>/plots/`:
 //! - `accuracy_by_epoch`: train and test accuracy per epoch of the best configuration (mean over
-//!   seeds), the reference report's Figure 3.2;
+//!   seeds), Skluzacek's (2022) Figure 3.2;
 //! - `loss_by_epoch`: its train and test loss (Figure 3.3);
 //! - `configurations`: test AUC and test accuracy of every configuration, pretrained vs random encoder
 //!   (mean ± sd over seeds);
@@ -8,6 +8,9 @@
 //!
 //! Text is drawn with a bundled DejaVu Sans Mono (assets/, Bitstream Vera licence), so the figures need
 //! no system fonts or fontconfig.
+//!
+//! Skluzacek (2022): T. Skluzacek, *An Analysis of Transfer Learning using the SimCLR Contrastive Learning
+//! Framework*, University of Minnesota capstone report, 2022.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,9 +1,12 @@
 //! The probe sweep's reports in the run directory: `results.csv` and `results.json` (one row per
-//! configuration, encoder and seed), and `results.md`, a table laid out like the reference report's
+//! configuration, encoder and seed), and `results.md`, a table laid out like Skluzacek's (2022)
 //! Table 3.2 (hidden nodes, dropout, epochs, train and test accuracy) with test AUC and average
 //! precision, their 95% bootstrap intervals, and the random-encoder baseline beside it; every value the
 //! mean ± standard deviation over seeds. With several label columns the AUC and AP are the means over
 //! columns (the Kaggle study-level metric is the mean AP); the CSV has every column's own.
+//!
+//! Skluzacek (2022): T. Skluzacek, *An Analysis of Transfer Learning using the SimCLR Contrastive Learning
+//! Framework*, University of Minnesota capstone report, 2022.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! Classifier probes on frozen features: the reference report's MLP (dropout, a hidden ReLU layer,
+//! Classifier probes on frozen features: Skluzacek's (2022) MLP (dropout, a hidden ReLU layer,
 //! dropout, a sigmoid output per class, binary cross-entropy, SGD) or, with `hidden = 0`, a linear
 //! probe (the SimCLR paper's protocol). A probe trains on cached features, so one configuration costs
 //! seconds, not an encoder pass per epoch.
@@ -6,6 +6,9 @@
 //! Features are standardised with the training split's per-dimension mean and deviation (the test
 //! split never informs them). Everything random (initial weights, dropout masks, the epoch order) comes
 //! from the configuration's seed, so a configuration and seed give the same result on any worker.
+//!
+//! Skluzacek (2022): T. Skluzacek, *An Analysis of Transfer Learning using the SimCLR Contrastive Learning
+//! Framework*, University of Minnesota capstone report, 2022.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
