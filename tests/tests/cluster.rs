@@ -267,10 +267,10 @@ async fn an_oversize_message_is_refused_and_the_coordinator_goes_on() -> anyhow:
     Ok(())
 }
 
-/// The exposition parsed by Prometheus' own Python client (where the test set-up installed it): the
+/// The exposition parsed by the OpenMetrics parser of Prometheus' own Python client (where the test set-up installed it): the
 /// samples as "name{labels} value" lines.
 fn parsed_by_prometheus_client(body: &str) -> anyhow::Result<Option<Vec<String>>> {
-    let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+    let script = "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
                   for f in parse(sys.stdin.read()):\n    for s in f.samples:\n        \
                   print(s.name + '{' + ','.join(f'{k}={v}' for k, v in sorted(s.labels.items())) + '} ' + repr(float(s.value)))";
     let Some(out) = simclr_tests::run_python("prometheus_client", script, &[], body.as_bytes())? else {
