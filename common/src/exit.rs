@@ -1,4 +1,4 @@
-//! Process exit codes, one per failure class, documented in the README. Scripts and schedulers (SLURM
+//! Process exit codes, one per failure class, documented in docs/configuration.md. Scripts and schedulers (SLURM
 //! requeue, Kubernetes backoff) depend on them, so a code never changes meaning.
 
 /// How a simclr process ends.

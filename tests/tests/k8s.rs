@@ -10,7 +10,7 @@
 //! mount path maps to a directory (ConfigMap volumes hold the ConfigMap's keys as files, a claim is one
 //! directory shared by every pod, an emptyDir is the pod's own); `$(VAR)` in arguments expands from the
 //! container's environment; `JOB_COMPLETION_INDEX` is set on each pod of the Indexed Job; the Secret
-//! `simclr-cluster-token` holds a fresh token, as the README's command makes it.
+//! `simclr-cluster-token` holds a fresh token, as the command in docs/kubernetes.md makes it.
 //!
 //! The tools (`kubectl`, `kubernetes-validate`, and PyYAML to read the rendered YAML) come from the
 //! project's `.venv` (`scripts/setup.sh --k8s`); without them the tests skip, unless
