@@ -216,14 +216,22 @@ pub struct DataSection {
     pub synthetic_studies: usize,
     /// Side in pixels of the synthetic images as written.
     pub synthetic_size: usize,
-    /// Side in pixels of the preprocessed images (64, as the reference experiment).
-    pub image_size: u32,
+    /// Side in pixels of the preprocessed images; unset: `pretrain.input_size`, so that the model sees
+    /// the images at the resolution they are stored at (configs/report.toml keeps the reference
+    /// experiment's 64 px fed at 224).
+    pub image_size: Option<u32>,
     /// Label column the probes learn (SIIM: `Typical Appearance`, as the reference did).
     pub target: String,
     /// Learn every label column at once instead of `target`.
     pub multi_label: bool,
     /// Share of studies held out for testing (the reference used 85/15).
     pub test_fraction: f64,
+    /// Share of the remaining studies held out for validation: probe configurations are chosen on it,
+    /// so the test split informs no choice. Patient-level like the test split; 0: no validation side.
+    pub validation_fraction: f64,
+    /// Seed of the split (and of the synthetic dataset), independent of `job.seed`: pretraining runs
+    /// with different seeds are compared on the same studies.
+    pub split_seed: u64,
     /// What to do with files that cannot be used: `skip` (list them in the run directory) or `fail`.
     pub on_bad_file: OnBadFile,
     /// How per-epoch shards are brought to equal length: `drop` or `pad`.
@@ -236,10 +244,12 @@ impl Default for DataSection {
             path: None,
             synthetic_studies: 400,
             synthetic_size: 256,
-            image_size: 64,
+            image_size: None,
             target: "Typical Appearance".into(),
             multi_label: false,
             test_fraction: 0.15,
+            validation_fraction: 0.15,
+            split_seed: 0,
             on_bad_file: OnBadFile::Skip,
             shard_policy: ShardPolicy::Drop,
         }
@@ -253,15 +263,16 @@ pub enum OnBadFile {
     Fail,
 }
 
-/// What happens to the images left over when the ranks' shares of an epoch differ in length.
+/// What happens to the training images left over when the epoch's global order does not fill a
+/// whole number of global batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShardPolicy {
-    /// Every rank keeps as many images as the smallest share; the rest sit out this epoch (a different
-    /// few each epoch, as shards are reshuffled). No image is seen twice in an epoch, so no image meets
-    /// its own copy as a negative.
+    /// The last partial batch sits this epoch out (a different few images each epoch, as the order is
+    /// reshuffled). No image is seen twice in an epoch.
     Drop,
-    /// Every rank fills up to the largest share by repeating its own images from the start.
+    /// The last batch is completed with the first images of the order, again (each with views of its
+    /// own, drawn for its second occurrence).
     Pad,
 }
 
@@ -269,6 +280,11 @@ pub enum ShardPolicy {
 const MAX_WORLD_SIZE: u32 = 4096;
 
 impl JobConfig {
+    /// Side of the preprocessed images: `data.image_size`, or else `pretrain.input_size`.
+    pub fn image_size(&self) -> u32 {
+        self.data.image_size.unwrap_or(u32::try_from(self.pretrain.input_size).unwrap_or(224))
+    }
+
     pub fn from_file(path: &Path) -> Result<JobConfig, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
@@ -327,8 +343,15 @@ impl JobConfig {
                 "expected a number between 0 and 1, e.g. 0.15".into(),
             ));
         }
-        if !(8..=4096).contains(&d.image_size) {
-            return Err(invalid("data.image_size", d.image_size, "expected 8..=4096 pixels".into()));
+        if !(0.0..1.0).contains(&d.validation_fraction) {
+            return Err(invalid(
+                "data.validation_fraction",
+                d.validation_fraction,
+                "expected a number in [0, 1), e.g. 0.15 (0: no validation side)".into(),
+            ));
+        }
+        if let Some(size) = d.image_size.filter(|s| !(8..=4096).contains(s)) {
+            return Err(invalid("data.image_size", size, "expected 8..=4096 pixels".into()));
         }
         if d.synthetic_studies == 0 {
             return Err(invalid("data.synthetic_studies", d.synthetic_studies, "expected at least 1".into()));
@@ -422,6 +445,17 @@ mod tests {
         let config = JobConfig::default();
         config.validate().unwrap();
         assert_eq!(JobConfig::from_toml(&config.to_toml(), "test").unwrap(), config);
+    }
+
+    #[test]
+    fn the_image_size_follows_the_model_input_unless_set() {
+        let config = JobConfig::from_toml("[pretrain]\ninput_size = 96\n", "t").unwrap();
+        assert_eq!(config.image_size(), 96);
+        let report = JobConfig::from_toml("[data]\nimage_size = 64\n[pretrain]\ninput_size = 224\n", "t").unwrap();
+        assert_eq!(report.image_size(), 64);
+        assert_eq!(JobConfig::default().image_size(), 224);
+        let err = JobConfig::from_toml("[data]\nvalidation_fraction = 1.0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("data.validation_fraction"), "{err}");
     }
 
     #[test]

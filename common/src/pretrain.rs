@@ -267,6 +267,9 @@ pub struct PretrainSection {
     pub bn: BnMode,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: u64,
+    /// Keys (`pretrain.temperature`, `data.split_seed`, ...) that may differ from the checkpoint's
+    /// when a run resumes (`--allow-config-change`); any other difference refuses the checkpoint.
+    pub allow_config_change: Vec<String>,
     /// Seed of the weights, the epoch order and the augmentations: always `job.seed`.
     #[serde(skip)]
     pub seed: u64,
@@ -287,7 +290,7 @@ impl Default for PretrainSection {
             batch_size: 256,
             epochs: 100,
             max_steps: 0,
-            temperature: 0.5,
+            temperature: 0.1,
             optimizer: OptimizerName::Lars,
             base_lr: 0.3,
             lr_scaling: LrScalingName::Linear,
@@ -298,6 +301,7 @@ impl Default for PretrainSection {
             augment: AugmentConfig::cxr(),
             bn: BnMode::Sync,
             checkpoint_every: 0,
+            allow_config_change: Vec::new(),
             seed: 0,
         }
     }

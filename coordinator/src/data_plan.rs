@@ -1,6 +1,6 @@
 //! The coordinator's side of the data plane: finds the dataset (or generates the synthetic one),
-//! indexes its headers, joins the labels, splits studies into train and test, computes the epoch
-//! shards, and writes what it found into the run directory: `dataset.json` (the summary), `split.csv`
+//! indexes its headers, joins the labels, splits studies into train, validation and test, checks that
+//! the training images fill a global batch, and writes what it found into the run directory: `dataset.json` (the summary), `split.csv`
 //! (every study's side) and `data_issues.csv` (every file or label row that cannot be used, with why).
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use simclr_common::config::{DataSection, OnBadFile};
 use simclr_data::cache_dir;
-use simclr_data::dataset::{epoch_shards, split_studies, Dataset, StudySplit};
+use simclr_data::dataset::{epoch_order, patient_groups, split_studies, Dataset, StudySplit};
 use simclr_data::index::index_tree;
 use simclr_data::labels::LabelTable;
 use simclr_data::synth::{ensure_synthetic, SynthOptions};
@@ -25,15 +25,18 @@ pub struct PreparedData {
     pub synthetic: bool,
     pub dataset: Dataset,
     pub split: StudySplit,
+    /// Each study's bootstrap group (`dataset::patient_groups`).
+    pub groups: Vec<usize>,
     /// The label columns the probes learn: one (`data.target`), every column (`data.multi_label`), or
     /// none (an unlabelled dataset: pretraining only).
     pub targets: Vec<usize>,
     pub summary: serde_json::Value,
 }
 
-/// Finds or generates the dataset, indexes it and splits it; `world_size` is checked against the
-/// training studies.
-pub fn prepare(data: &DataSection, seed: u64, world_size: usize) -> Result<PreparedData, CoordinatorError> {
+/// Finds or generates the dataset (the synthetic one from `data.split_seed`), indexes it and splits it;
+/// with `batch_size` (pretraining's global batch), checks that the training images fill one.
+pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<PreparedData, CoordinatorError> {
+    let seed = data.split_seed;
     let (root, synthetic) = match &data.path {
         Some(path) => (path.clone(), false),
         None => {
@@ -69,13 +72,19 @@ pub fn prepare(data: &DataSection, seed: u64, world_size: usize) -> Result<Prepa
             ))
         })?]
     };
-    let split =
-        split_studies(&dataset.studies, data.test_fraction, seed).map_err(|e| CoordinatorError::Data(e.to_string()))?;
-    let train: Vec<_> = split.train.iter().map(|&i| &dataset.studies[i]).collect();
-    let shards = epoch_shards(&train, world_size, seed, 0, data.shard_policy)
+    let split = split_studies(&dataset.studies, data.test_fraction, data.validation_fraction, seed)
         .map_err(|e| CoordinatorError::Data(e.to_string()))?;
-    let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, Some(&shards));
-    Ok(PreparedData { root, synthetic, dataset, split, targets, summary })
+    let steps = match batch_size {
+        Some(b) => {
+            let order = epoch_order(&split.training_images(&dataset.studies), b, 0, 0, data.shard_policy)
+                .map_err(|e| CoordinatorError::Data(e.to_string()))?;
+            Some(order.len() / b)
+        }
+        None => None,
+    };
+    let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, steps);
+    let groups = patient_groups(&dataset.studies);
+    Ok(PreparedData { root, synthetic, dataset, split, groups, targets, summary })
 }
 
 /// Indexes `root` (headers only, all threads) and joins its labels.
@@ -139,7 +148,7 @@ pub fn summarize(
     d: &Dataset,
     split: Option<&StudySplit>,
     targets: &[usize],
-    shards: Option<&[Vec<usize>]>,
+    steps_per_epoch: Option<usize>,
 ) -> serde_json::Value {
     let images = &d.index.images;
     let patients = count(d.studies.iter().filter_map(|s| s.patient.clone())).len();
@@ -194,8 +203,8 @@ pub fn summarize(
         "bits_stored": count(images.iter().map(|i| i.bits_stored.to_string())),
         "image_sizes": count(images.iter().map(|i| format!("{}x{}", i.cols, i.rows))),
         "multi_frame_files": images.iter().filter(|i| i.frames > 1).count(),
-        "split": split.map(|s| json!({"train": side(&s.train), "test": side(&s.test)})),
-        "epoch0_shard_sizes": shards.map(|s| s.iter().map(Vec::len).collect::<Vec<_>>()),
+        "split": split.map(|s| json!({"train": side(&s.train), "validation": side(&s.validation), "test": side(&s.test)})),
+        "pretrain_steps_per_epoch": steps_per_epoch,
     })
 }
 
@@ -236,8 +245,8 @@ pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunD
     run_dir.write_atomic("dataset.json", summary.as_bytes()).map_err(CoordinatorError::RunDir)?;
     run_dir.write_atomic("data_issues.csv", issues_csv(d).as_bytes()).map_err(CoordinatorError::RunDir)?;
     let mut rows: Vec<[String; 4]> = Vec::new();
-    for (side, studies) in [("train", &prepared.split.train), ("test", &prepared.split.test)] {
-        for &i in studies.iter() {
+    for (side, studies) in prepared.split.sides() {
+        for &i in studies {
             let s = &d.studies[i];
             rows.push([s.uid.clone(), s.patient.clone().unwrap_or_default(), side.into(), s.images.len().to_string()]);
         }
@@ -274,7 +283,7 @@ mod tests {
             multi_label,
             ..DataSection::default()
         };
-        prepare(&data, 3, 2)
+        prepare(&data, Some(4))
     }
 
     #[test]
@@ -291,7 +300,7 @@ mod tests {
         assert_eq!(multi.targets, vec![0, 1, 2, 3]);
         assert_eq!(multi.summary["task"], "multi-label");
         // The four SIIM study classes are one-hot: on each side the positive rates add up to one.
-        for side in ["train", "test"] {
+        for side in ["train", "validation", "test"] {
             let rates = multi.summary["split"][side]["positive_rate"].as_object().unwrap();
             assert_eq!(rates.len(), 4, "{side}: {rates:?}");
             let total: f64 = rates.values().map(|v| v.as_f64().unwrap()).sum();

@@ -82,7 +82,7 @@ fn load(root: &Path, side: u32) -> Loaded {
     let images =
         dataset.index.images.iter().map(|img| resize(&decode_file(&root.join(&img.path)).unwrap(), side)).collect();
     let typical = study_of.iter().map(|&s| dataset.studies[s].labels.as_ref().unwrap()[typical_col] > 0.5).collect();
-    let split = split_studies(&dataset.studies, 0.15, 0).unwrap();
+    let split = split_studies(&dataset.studies, 0.15, 0.0, 0).unwrap();
     let paths = dataset.index.images.iter().map(|i| root.join(&i.path)).collect();
     Loaded { paths, images, typical, split, study_of }
 }

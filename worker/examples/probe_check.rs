@@ -45,7 +45,7 @@ fn main() {
         .iter()
         .position(|c| *c == target)
         .unwrap_or_else(|| fail(format!("no label column '{target}' (columns: {:?})", dataset.label_columns)));
-    let split = split_studies(&dataset.studies, 0.15, 0).unwrap_or_else(|e| fail(e.to_string()));
+    let split = split_studies(&dataset.studies, 0.15, 0.0, 0).unwrap_or_else(|e| fail(e.to_string()));
     let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded")).unwrap_or_else(|e| fail(e.to_string()));
     let (train_x, train_y) = images(&dataset, &split.train, column, &root, &cache, size);
     let (test_x, test_y) = images(&dataset, &split.test, column, &root, &cache, size);

@@ -136,6 +136,11 @@ struct PretrainOverrides {
     /// (cluster.max_restarts; 0: none). Permanent failures (bad config, bad data) never restart.
     #[arg(long)]
     max_restarts: Option<u32>,
+    /// Resume from the run directory's checkpoint although these keys of its training config differ
+    /// from this run's, e.g. pretrain.epochs,pretrain.base_lr (pretrain.allow_config_change). Any other
+    /// difference refuses the checkpoint, naming the keys.
+    #[arg(long, value_delimiter = ',')]
+    allow_config_change: Vec<String>,
 }
 
 impl PretrainOverrides {
@@ -156,6 +161,9 @@ impl PretrainOverrides {
         }
         if let Some(n) = self.max_restarts {
             config.cluster.max_restarts = n;
+        }
+        if !self.allow_config_change.is_empty() {
+            config.pretrain.allow_config_change = self.allow_config_change.clone();
         }
         match self.collective.as_deref() {
             Some("auto") => config.cluster.collective = CollectiveBackend::Auto,
@@ -447,7 +455,7 @@ fn cancel(job: &simclr_coordinator::Job, signal: i32) {
 
 /// Finds (or generates), indexes and splits the dataset, and writes its reports into the run directory.
 fn prepare_data(config: &JobConfig) -> Result<data_plan::PreparedData, CoordinatorError> {
-    let prepared = data_plan::prepare(&config.data, config.job.seed, config.cluster.world_size as usize)?;
+    let prepared = data_plan::prepare(&config.data, config.pretrain.enabled.then_some(config.pretrain.batch_size))?;
     let run_dir = RunDir::create(&run_dir_path(config)).map_err(CoordinatorError::RunDir)?;
     data_plan::write_reports(&prepared, &config.data, &run_dir)?;
     let split = &prepared.split;

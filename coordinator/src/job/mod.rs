@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use simclr_common::probe::ProbeOutcome;
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, PHASES};
-use simclr_data::dataset::epoch_shards;
 use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
 use simclr_proto::wire;
 use tokio::sync::{broadcast, watch};
@@ -253,7 +252,8 @@ mod tests {
         config.job.id = "labels-test".into();
         config.cluster.world_size = 2;
         config.data.path = Some(data_dir.clone());
-        let prepared = crate::data_plan::prepare(&config.data, 0, 2).unwrap();
+        config.pretrain.batch_size = 4;
+        let prepared = crate::data_plan::prepare(&config.data, Some(config.pretrain.batch_size)).unwrap();
         let mut truth: BTreeMap<String, f32> = BTreeMap::new();
         for study in &prepared.dataset.studies {
             let value = study.labels.as_ref().unwrap()[prepared.targets[0]];

@@ -80,6 +80,16 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<(), CollectiveError>;
 }
 
+/// A u64 as four exact float32 values (16 bits each), to travel through float32 collectives.
+pub fn u64_to_f32s(v: u64) -> [f32; 4] {
+    [0, 16, 32, 48].map(|shift| ((v >> shift) & 0xffff) as f32)
+}
+
+/// The inverse of [`u64_to_f32s`].
+pub fn f32s_to_u64(v: &[f32]) -> u64 {
+    v.iter().zip([0, 16, 32, 48]).map(|(&x, shift)| (x as u64) << shift).sum()
+}
+
 /// The world of one: every collective is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Solo;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use simclr_common::atomic_file;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::comm::{Collective, CollectiveError, Solo};
+use crate::comm::{f32s_to_u64, u64_to_f32s, Collective, CollectiveError, Solo};
 use crate::engine::augment::two_views;
 use crate::engine::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::engine::model::{
@@ -49,8 +49,9 @@ pub enum TrainError {
     Data { message: String, retryable: bool },
 }
 
-/// One epoch's images on this rank (N x 1 x S x S in [0, 1]) and each image's sample id (what its
-/// augmentations derive from, so it must name the image the same way whatever the world size).
+/// One epoch's images on this rank (N x 1 x S x S in [0, 1]) in step order: batch t is rows
+/// [t b, (t + 1) b) for the local batch b. Each row's sample id is what its augmentations derive from,
+/// so it must name the image (and its occurrence in the epoch) the same way whatever the world size.
 pub struct EpochData {
     pub images: Tensor,
     pub ids: Vec<u64>,
@@ -74,6 +75,70 @@ struct SavedState {
     epoch: u64,
     position: usize,
     config: PretrainConfig,
+    /// The run's seed (`job.seed`: weights, order, augmentations).
+    #[serde(default)]
+    seed: Option<u64>,
+    /// What else the run's course depends on (`Trainer::run_keys`).
+    #[serde(default)]
+    run: serde_json::Value,
+}
+
+/// Keys that never change a run's course: a resumed run may differ in them freely.
+const FREE_KEYS: [&str; 5] = [
+    "pretrain.checkpoint_every",
+    "pretrain.max_steps",
+    "pretrain.enabled",
+    "pretrain.init_weights",
+    "pretrain.allow_config_change",
+];
+
+/// `value` as dotted keys under `prefix` ("pretrain.augment.crop_scale" = [0.8, 1.0]).
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (k, v) in fields {
+                flatten(&format!("{prefix}.{k}"), v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// The keys in which a checkpoint's training config differs from this run's, with both values,
+/// leaving out `FREE_KEYS` and the ones the run allows to change.
+fn config_changes(saved: &SavedState, config: &PretrainConfig, run: &serde_json::Value) -> Vec<String> {
+    let keys = |c: &PretrainConfig, seed: Option<u64>, run: &serde_json::Value| {
+        let mut out = std::collections::BTreeMap::new();
+        flatten("pretrain", &serde_json::to_value(c).unwrap_or_default(), &mut out);
+        if let Some(seed) = seed {
+            out.insert("job.seed".into(), seed.to_string());
+        }
+        if let serde_json::Value::Object(fields) = run {
+            for (k, v) in fields {
+                out.insert(k.clone(), v.to_string());
+            }
+        }
+        out
+    };
+    // A checkpoint from before the run keys were saved compares on the pretrain keys alone.
+    let current_run = if saved.run.is_null() { &serde_json::Value::Null } else { run };
+    let (before, now) =
+        (keys(&saved.config, saved.seed, &saved.run), keys(config, saved.seed.map(|_| config.seed), current_run));
+    let mut all: Vec<&String> = before.keys().chain(now.keys()).collect();
+    all.sort();
+    all.dedup();
+    all.into_iter()
+        .filter(|k| !FREE_KEYS.contains(&k.as_str()) && !config.allow_config_change.iter().any(|a| a == *k))
+        .filter_map(|k| {
+            let (a, b) = (before.get(k), now.get(k));
+            (a != b).then(|| {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
+                format!("{k}: {} in the checkpoint, {} now", show(a), show(b))
+            })
+        })
+        .collect()
 }
 
 /// A model, its optimiser and where training stands.
@@ -94,6 +159,9 @@ pub struct Trainer {
     local_batch: usize,
     /// The flat gradient buffer of the all-reduce, kept from step to step.
     grad_buffer: Option<Tensor>,
+    /// What the run's course depends on beyond `config` and its seed (the data's split and order), as
+    /// {"data.split_seed": .., ...}: saved with each checkpoint and compared on resuming.
+    pub run_keys: serde_json::Value,
 }
 
 impl Trainer {
@@ -180,6 +248,7 @@ impl Trainer {
             position: 0,
             steps_per_epoch,
             last_checkpoint: None,
+            run_keys: serde_json::Value::Null,
         })
     }
 
@@ -201,15 +270,6 @@ impl Trainer {
         let peak = scaled_lr(self.config.base_lr, self.config.batch_size, scaling);
         let warmup = (self.config.warmup_epochs * self.steps_per_epoch as f64).round() as u64;
         warmup_cosine(peak, step, warmup, self.steps_per_epoch * self.config.epochs)
-    }
-
-    /// The order of the dataset's images in `epoch`, from (seed, epoch).
-    pub fn epoch_order(&self, dataset_len: usize, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..dataset_len).collect();
-        let mut rng =
-            rand_chacha::ChaCha8Rng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        order.shuffle(&mut rng);
-        order
     }
 
     /// One optimisation step on a batch: `images` B x 1 x S x S in [0, 1] with their sample ids.
@@ -324,17 +384,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// Trains over `images` (N x 1 x S x S, sample id = row) until the configured end, checkpointing
-    /// into `checkpoints` when given; `monitor` sees every step.
+    /// Trains over `images` (N x 1 x S x S, sample id = row), in an order reshuffled every epoch from
+    /// (seed, epoch), until the configured end, checkpointing into `checkpoints` when given; `monitor`
+    /// sees every step.
     pub fn fit(
         &mut self,
         images: &Tensor,
         checkpoints: Option<&Path>,
         mut monitor: impl FnMut(&StepStats),
     ) -> Result<(), TrainError> {
-        let ids: Vec<u64> = (0..images.size()[0] as u64).collect();
+        let n = images.size()[0] as usize;
+        let seed = self.config.seed;
         self.fit_epochs(
-            |_| Ok(EpochData { images: images.shallow_clone(), ids: ids.clone() }),
+            |epoch| {
+                let order = shuffled(n, seed, epoch);
+                let index = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                Ok(EpochData { images: images.index_select(0, &index), ids: order.iter().map(|&i| i as u64).collect() })
+            },
             checkpoints,
             |stats| {
                 monitor(stats);
@@ -377,7 +443,7 @@ impl Trainer {
                 Some(handle) => handle.join().expect("the augmentation thread panicked"),
                 None => {
                     let i = load(self.epoch, &mut loaded)?;
-                    let (batch, ids) = self.batch_at(&loaded[i].1, self.epoch, self.position);
+                    let (batch, ids) = self.batch_at(&loaded[i].1, self.position);
                     two_views(&self.config.augment, &batch, &ids, self.config.seed, self.epoch, self.config.input_size)
                 }
             };
@@ -388,7 +454,7 @@ impl Trainer {
                     (self.epoch, self.position + 1)
                 };
                 let i = load(epoch, &mut loaded)?;
-                let (batch, ids) = self.batch_at(&loaded[i].1, epoch, position);
+                let (batch, ids) = self.batch_at(&loaded[i].1, position);
                 let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
                 ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
             }
@@ -405,13 +471,53 @@ impl Trainer {
         Ok(())
     }
 
-    /// The images and sample ids of batch `position` of `epoch`, on the model's device.
-    fn batch_at(&self, data: &EpochData, epoch: u64, position: usize) -> (Tensor, Vec<u64>) {
-        let order = self.epoch_order(data.ids.len(), epoch);
+    /// The images and sample ids of batch `position` of an epoch (the epoch's rows in step order), on
+    /// the model's device.
+    fn batch_at(&self, data: &EpochData, position: usize) -> (Tensor, Vec<u64>) {
         let start = position * self.local_batch;
-        let batch = &order[start..start + self.local_batch];
-        let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        (data.images.index_select(0, &index).to_device(self.vs.device()), batch.iter().map(|&i| data.ids[i]).collect())
+        let images = data.images.narrow(0, start as i64, self.local_batch as i64).to_device(self.vs.device());
+        (images, data.ids[start..start + self.local_batch].to_vec())
+    }
+
+    /// CRC-32 over every variable of the model (head included, BatchNorm statistics included) and the
+    /// optimiser's state, in name order.
+    pub fn state_checksum(&self) -> u64 {
+        let mut crc = crc32fast::Hasher::new();
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in vars.into_iter().chain(self.optimizer.state()) {
+            crc.update(name.as_bytes());
+            let values = Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default();
+            crc.update(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        }
+        u64::from(crc.finalize())
+    }
+
+    /// Before the first step of a run: every rank must stand at the same step with the same weights and
+    /// optimiser state, or the replicas would drift apart from the start (a checkpoint or
+    /// `init_weights` file that differs between hosts, say). Compares (step, epoch, position,
+    /// [`Trainer::state_checksum`]) over the ranks; a mismatch names every rank that differs from rank 0.
+    pub fn check_same_start(&self) -> Result<(), TrainError> {
+        let mine = [self.step, self.epoch, self.position as u64, self.state_checksum()];
+        let row: Vec<f32> = mine.iter().flat_map(|&v| u64_to_f32s(v)).collect();
+        let all = self.collective.all_gather(&Tensor::from_slice(&row).view([1, 16]))?;
+        let all = Vec::<f32>::try_from(all.flatten(0, -1)).map_err(|e| TrainError::Config(e.to_string()))?;
+        let state =
+            |r: usize| -> [u64; 4] { std::array::from_fn(|k| f32s_to_u64(&all[r * 16 + k * 4..r * 16 + k * 4 + 4])) };
+        let describe = |r: usize| {
+            let [step, epoch, position, crc] = state(r);
+            format!("rank {r} at step {step} (epoch {epoch}, batch {position}) with state checksum {crc:08x}")
+        };
+        let differ: Vec<String> =
+            (1..self.collective.world_size()).filter(|&r| state(r) != state(0)).map(describe).collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(TrainError::Config(format!(
+            "the ranks would start pretraining from different states: {}, but {}",
+            describe(0),
+            differ.join(", ")
+        )))
     }
 
     /// Writes `dir/step-NNNNNNNN/` atomically and points `dir/latest` at it. Every file is synced
@@ -438,8 +544,14 @@ impl Trainer {
             .collect();
         let opt: Vec<(String, Tensor)> =
             self.optimizer.state().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous())).collect();
-        let state =
-            SavedState { step: self.step, epoch: self.epoch, position: self.position, config: self.config.clone() };
+        let state = SavedState {
+            step: self.step,
+            epoch: self.epoch,
+            position: self.position,
+            config: self.config.clone(),
+            seed: Some(self.config.seed),
+            run: self.run_keys.clone(),
+        };
         let _ = std::fs::remove_dir_all(&final_dir);
         atomic_file::write_atomic(&final_dir, |tmp| {
             let io = |e: tch::TchError| std::io::Error::other(e.to_string());
@@ -467,18 +579,13 @@ impl Trainer {
         let state: SavedState =
             serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| fail(e.to_string()))?)
                 .map_err(|e| fail(format!("state.json: {e}")))?;
-        if state.config.arch != self.config.arch
-            || state.config.width != self.config.width
-            || state.config.stem != self.config.stem
-        {
+        let changes = config_changes(&state, &self.config, &self.run_keys);
+        if !changes.is_empty() {
             return Err(fail(format!(
-                "saved for {:?} width {} ({:?} stem), this run is {:?} width {} ({:?} stem)",
-                state.config.arch,
-                state.config.width,
-                state.config.stem,
-                self.config.arch,
-                self.config.width,
-                self.config.stem
+                "saved by a run with another training config ({}); resume with the same config, or pass \
+                 --allow-config-change {} to resume anyway",
+                changes.join("; "),
+                changes.iter().filter_map(|c| c.split(':').next()).collect::<Vec<_>>().join(",")
             )));
         }
         load_encoder(&mut self.vs, &self.encoder, &dir.join("encoder.safetensors")).map_err(fail)?;
@@ -502,6 +609,13 @@ impl Trainer {
         self.last_checkpoint = Some(dir);
         Ok(())
     }
+}
+
+/// 0..n shuffled from (seed, epoch): the epoch order of [`Trainer::fit`].
+pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    order
 }
 
 /// The checkpoint directory that `dir/latest` names.
@@ -650,13 +764,67 @@ mod tests {
     }
 
     #[test]
+    fn resuming_under_another_training_config_is_refused_naming_the_keys() {
+        let data = dataset(16);
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(PretrainConfig { max_steps: 2, ..tiny(4, 2) }, 16, Device::Cpu).unwrap();
+        first.run_keys = serde_json::json!({ "data.split_seed": 0 });
+        first.fit(&data, Some(dir.path()), |_| {}).unwrap();
+        let resume = |config: PretrainConfig, run: serde_json::Value| {
+            let mut t = Trainer::new(config, 16, Device::Cpu).unwrap();
+            t.run_keys = run;
+            t.load_checkpoint(dir.path()).map_err(|e| e.to_string())
+        };
+        let same = serde_json::json!({ "data.split_seed": 0 });
+        // The same config (the step limit and checkpoint interval are free to change) resumes.
+        resume(PretrainConfig { max_steps: 0, checkpoint_every: 1, ..tiny(4, 2) }, same.clone()).unwrap();
+        let e = resume(PretrainConfig { temperature: 0.2, epochs: 3, ..tiny(4, 2) }, same.clone()).unwrap_err();
+        assert!(e.contains("pretrain.temperature: 0.1 in the checkpoint, 0.2 now"), "{e}");
+        assert!(
+            e.contains("pretrain.epochs") && e.contains("--allow-config-change pretrain.epochs,pretrain.temperature"),
+            "{e}"
+        );
+        let e = resume(PretrainConfig { seed: 4, ..tiny(4, 2) }, same.clone()).unwrap_err();
+        assert!(e.contains("job.seed: 3 in the checkpoint, 4 now"), "{e}");
+        let e = resume(tiny(4, 2), serde_json::json!({ "data.split_seed": 1 })).unwrap_err();
+        assert!(e.contains("data.split_seed"), "{e}");
+        let e = resume(PretrainConfig { augment: AugmentConfig::simclr(), ..tiny(4, 2) }, same.clone()).unwrap_err();
+        assert!(e.contains("pretrain.augment.preset"), "{e}");
+        // Allowed keys pass.
+        let allowed = vec!["pretrain.temperature".to_string(), "pretrain.epochs".to_string()];
+        resume(PretrainConfig { temperature: 0.2, epochs: 3, allow_config_change: allowed, ..tiny(4, 2) }, same)
+            .unwrap();
+    }
+
+    #[test]
+    fn ranks_that_would_start_from_different_weights_are_named() {
+        let group = crate::testing::loopback::tcp_group(3, std::time::Duration::from_secs(20));
+        let results = crate::testing::loopback::run(&group, |rank, _| {
+            let t = Trainer::distributed(tiny(6, 1), 8, Device::Cpu, Arc::clone(&group.members[rank])).unwrap();
+            let same = t.check_same_start().map_err(|e| e.to_string());
+            if rank == 2 {
+                tch::no_grad(|| {
+                    let (_, mut v) = t.vs.variables().into_iter().next().unwrap();
+                    let _ = v.g_add_scalar_(1e-3);
+                });
+            }
+            (same, t.check_same_start().map_err(|e| e.to_string()))
+        });
+        for (same, different) in results {
+            assert_eq!(same, Ok(()));
+            let e = different.unwrap_err();
+            assert!(e.contains("rank 2 at step 0") && !e.contains("but rank 1"), "{e}");
+        }
+    }
+
+    #[test]
     fn fit_with_views_prefetched_equals_plain_steps() {
         let data = dataset(12);
         let mut fitted = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
         fitted.fit(&data, None, |_| {}).unwrap();
         let mut stepped = Trainer::new(tiny(4, 2), 12, Device::Cpu).unwrap();
         while stepped.step < stepped.total_steps() {
-            let order = stepped.epoch_order(12, stepped.epoch);
+            let order = shuffled(12, stepped.config.seed, stepped.epoch);
             let batch: Vec<i64> =
                 order[stepped.position * 4..stepped.position * 4 + 4].iter().map(|&i| i as i64).collect();
             let ids: Vec<u64> = batch.iter().map(|&i| i as u64).collect();

@@ -54,7 +54,7 @@ fn check_assignment(a: &wire::GetAssignmentResponse, limit: Option<&Path>) -> Re
             ));
         }
     }
-    for image in a.train.iter().chain(&a.test) {
+    for image in a.train.iter().chain(&a.validation).chain(&a.test) {
         simclr_data::check_inside_root(Path::new(&image.path))
             .map_err(|e| format!("refused an assignment from the coordinator: {e}"))?;
     }

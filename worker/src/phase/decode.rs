@@ -1,5 +1,5 @@
-//! The decode phase: this rank decodes its assigned images (its epoch-0 training shard and its share
-//! of the test images) once through the pixel pipeline into the host's decode cache, so that training
+//! The decode phase: this rank decodes its assigned images (its epoch-0 training slots and its share
+//! of the validation and test images) once through the pixel pipeline into the host's decode cache, so that training
 //! and probing read preprocessed pixels instead of DICOM. Unusable files are reported with their reason;
 //! with `data.on_bad_file = "fail"` the first one fails the phase.
 
@@ -33,8 +33,13 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     }
     let cache_path = simclr_data::cache_dir().join("decoded");
     let cache = DecodeCache::open(&cache_path).map_err(|e| PhaseError::permanent(e.to_string()))?;
-    let keys: Vec<CacheKey> =
-        assignment.train.iter().chain(&assignment.test).map(|r| cache_key(r, assignment.image_size)).collect();
+    let keys: Vec<CacheKey> = assignment
+        .train
+        .iter()
+        .chain(&assignment.validation)
+        .chain(&assignment.test)
+        .map(|r| cache_key(r, assignment.image_size))
+        .collect();
     let total = keys.len();
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -73,6 +78,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     for (name, value) in [
         ("images", total as f64),
         ("train_images", assignment.train.len() as f64),
+        ("validation_images", assignment.validation.len() as f64),
         ("test_images", assignment.test.len() as f64),
         ("cache_hits", hits as f64),
         ("decoded", decoded as f64),

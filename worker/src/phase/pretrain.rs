@@ -1,8 +1,10 @@
 //! The pretrain phase: SimCLR over the whole cluster. Every rank builds the same model from the job's
-//! seed (or from `pretrain.init_weights`, or resumes from the run directory's latest checkpoint), then
-//! steps in lockstep: each epoch it asks the coordinator for its shard (reshuffled per epoch), reads the
-//! images from the decode cache (decoding any it has not seen yet), and trains on its share of every
-//! global batch with the exact distributed NT-Xent (see `train`), synchronised BatchNorm by default.
+//! seed (or from `pretrain.init_weights`, or resumes from the run directory's latest checkpoint, refused
+//! if its training config differs), checks that every rank holds the same state, then steps in
+//! lockstep: each epoch it asks the coordinator for its slice of every global batch of the epoch's
+//! order (one order from (seed, epoch), whatever the world size), reads the images from the decode cache
+//! (decoding any it has not seen yet), and trains on its slice with the exact distributed NT-Xent (see
+//! `train`), synchronised BatchNorm by default.
 //!
 //! Rank 0 writes the checkpoints into `<run dir>/checkpoints/` and the final encoder (torchvision names)
 //! to `<run dir>/encoder.safetensors`, and tells the coordinator, which records them. Progress (loss,
@@ -76,6 +78,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         runtime: tokio::runtime::Handle::current(),
         events,
         issues: Arc::new(Mutex::new(Vec::new())),
+        run_keys: run_keys(&ctx.config),
     };
     let issues = Arc::clone(&job.issues);
     let mut work = tokio::task::spawn_blocking(move || job.train());
@@ -119,6 +122,21 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
     output.metrics = result?;
     Ok(output)
+}
+
+/// The data settings a pretraining run's course depends on (which images, in which order, at which
+/// size), compared when a run resumes from a checkpoint.
+fn run_keys(config: &simclr_common::JobConfig) -> serde_json::Value {
+    let d = &config.data;
+    serde_json::json!({
+        "data.path": d.path.as_ref().map(|p| p.display().to_string()),
+        "data.synthetic_studies": d.synthetic_studies,
+        "data.image_size": config.image_size(),
+        "data.test_fraction": d.test_fraction,
+        "data.validation_fraction": d.validation_fraction,
+        "data.split_seed": d.split_seed,
+        "data.shard_policy": d.shard_policy,
+    })
 }
 
 /// Whether a restart from the last checkpoint may cure a training failure.
@@ -178,6 +196,8 @@ struct TrainJob {
     runtime: tokio::runtime::Handle,
     events: mpsc::UnboundedSender<Event>,
     issues: Arc<Mutex<Vec<(String, String)>>>,
+    /// The data keys the epoch order depends on (`Trainer::run_keys`).
+    run_keys: serde_json::Value,
 }
 
 impl TrainJob {
@@ -193,6 +213,7 @@ impl TrainJob {
             return Err(PhaseError::permanent(format!("ranks hold shards of different lengths {counts:?}")));
         }
         let mut trainer = Trainer::distributed(self.config.clone(), self.per_rank, self.device, collective)?;
+        trainer.run_keys = self.run_keys.clone();
         let checkpoints = self.run_dir.join("checkpoints");
         if checkpoints.join("latest").is_file() {
             trainer.load_checkpoint(&checkpoints)?;
@@ -202,6 +223,7 @@ impl TrainJob {
                 .map_err(|message| TrainError::Checkpoint { path: path.clone(), message })?;
             tracing::info!(path = %path.display(), "encoder initialised from pretrain.init_weights");
         }
+        trainer.check_same_start()?;
         let total = trainer.total_steps();
         let _ = self.events.send(Event::Start { total });
         tracing::info!(
@@ -291,25 +313,19 @@ impl TrainJob {
         }
     }
 
-    /// This rank's images of `epoch` from the decode cache; an image that cannot be decoded is
-    /// reported and its slot filled with another image of the shard, so every rank keeps the same
-    /// number of steps.
+    /// This rank's slots of `epoch` (its slice of every global batch, in step order) from the decode
+    /// cache. An image that cannot be decoded is reported and its slot filled with another image of this
+    /// rank's epoch, with views of its own, so every rank keeps the same number of steps.
     fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, PhaseError> {
         let a = self.runtime.block_on(self.assignments.fetch(epoch, false))?;
-        if a.train.is_empty() {
+        if a.train.len() != self.per_rank {
             return Err(PhaseError::permanent(format!(
-                "epoch {epoch}: the coordinator assigned no images to this rank"
+                "epoch {epoch}: the coordinator assigned {} slots to this rank, epoch 0 had {}",
+                a.train.len(),
+                self.per_rank
             )));
         }
-        // Shards are made of whole studies, so their length in images varies a little from epoch to
-        // epoch; every epoch has the steps of epoch 0. Extra images sit this epoch out (the epoch order
-        // takes the first ones of a shuffle); a short shard repeats its own first images.
-        let mut refs = a.train.clone();
-        let short = self.per_rank.saturating_sub(refs.len());
-        if short > 0 {
-            tracing::debug!(epoch, short, "shard shorter than epoch 0's: repeating some of its images");
-            refs.extend((0..short).map(|i| a.train[i % a.train.len()].clone()));
-        }
+        let refs = a.train.clone();
         let root = PathBuf::from(&a.data_root);
         let side = a.image_size as i64;
         let decoded: Vec<Result<Vec<f32>, String>> = refs
@@ -343,17 +359,45 @@ impl TrainJob {
             };
             let Ok(p) = &decoded[source] else { unreachable!("source is a decoded image") };
             pixels.extend_from_slice(p);
-            ids.push(fnv1a(refs[source].sop_uid.as_bytes()));
+            // A substitute is another occurrence of its image: the k-th gets occurrence u32::MAX - k.
+            let occurrence = if source == i { refs[i].occurrence } else { u32::MAX - k as u32 };
+            ids.push(view_id(&refs[source].sop_uid, occurrence));
         }
         let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
         Ok(EpochData { images, ids })
     }
 }
 
+/// The sample id of an image's `occurrence` in an epoch (what its views derive from): the first
+/// occurrence's is the SOP Instance UID's hash, every other one's differs, so two occurrences of an image
+/// in one batch are two different pairs of views, not copies NT-Xent would have to push apart.
+pub(crate) fn view_id(sop_uid: &str, occurrence: u32) -> u64 {
+    fnv1a(sop_uid.as_bytes()) ^ u64::from(occurrence).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::comm::CollectiveError;
+
+    #[test]
+    fn every_occurrence_of_an_image_gets_views_of_its_own() {
+        use crate::engine::augment::two_views;
+        use simclr_common::pretrain::AugmentConfig;
+        let ids: Vec<u64> = (0..4).map(|k| view_id("1.2.3", k)).chain([view_id("1.2.3", u32::MAX)]).collect();
+        let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+        assert_eq!(view_id("1.2.3", 0), fnv1a(b"1.2.3"));
+        // One image twice in a batch: its two occurrences' views differ.
+        let image =
+            crate::engine::model::with_torch_seed(5, || Tensor::rand([1, 1, 16, 16], (Kind::Float, tch::Device::Cpu)));
+        let batch = Tensor::cat(&[&image, &image], 0);
+        let (v0, v1) = two_views(&AugmentConfig::cxr(), &batch, &ids[..2], 0, 0, 16);
+        for v in [&v0, &v1] {
+            let gap = (v.get(0) - v.get(1)).abs().max().double_value(&[]);
+            assert!(gap > 1e-3, "identical views of two occurrences ({gap})");
+        }
+    }
 
     #[test]
     fn training_failures_are_retryable_only_where_a_restart_may_cure_them() {

@@ -4,7 +4,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::comm::Collective;
+use crate::comm::{f32s_to_u64, u64_to_f32s, Collective};
 use crate::engine::model::HEAD_PREFIX;
 
 /// CRC-32 over every encoder variable (names and float32 bytes, in name order), computed one variable
@@ -25,15 +25,6 @@ fn encoder_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         vs.variables().into_iter().filter(|(name, _)| !name.starts_with(HEAD_PREFIX)).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
-}
-
-/// A u64 as four exact float32 values (16 bits each), to travel through float32 collectives.
-fn u64_to_f32s(v: u64) -> [f32; 4] {
-    [0, 16, 32, 48].map(|shift| ((v >> shift) & 0xffff) as f32)
-}
-
-fn f32s_to_u64(v: &[f32]) -> u64 {
-    v.iter().zip([0, 16, 32, 48]).map(|(&x, shift)| (x as u64) << shift).sum()
 }
 
 /// Replaces every rank's encoder weights (BatchNorm statistics included) with `root`'s, then checks
