@@ -1,6 +1,7 @@
 //! Metrics of a binary classifier's scores, as the probe sweep reports them: accuracy, ROC AUC,
-//! average precision (the Kaggle study-level metric's building block), the ROC curve, and percentile
-//! bootstrap intervals. Pure Rust in f64, so that the coordinator and the workers compute them alike.
+//! average precision (the Kaggle study-level metric's building block), the ROC curve, study-level
+//! predictions (the mean of a study's image scores) and percentile bootstrap intervals that resample
+//! whole clusters (studies, patients). Pure Rust in f64, so that the coordinator and the workers compute them alike.
 //!
 //! Ties are handled as scikit-learn does: tied scores share one threshold, so the AUC counts a tied
 //! positive-negative pair as half, and the average precision steps once per distinct score.
@@ -80,8 +81,7 @@ pub fn average_precision(scores: &[f64], labels: &[bool]) -> Option<f64> {
 }
 
 /// A 95% percentile bootstrap interval of `metric` over `resamples` resamples (with replacement) of
-/// the (score, label) pairs, from `seed`. Resamples where the metric is undefined (one class drawn
-/// only) are skipped; None when fewer than half are usable.
+/// the (score, label) pairs, from `seed`: [`cluster_bootstrap_interval`] with every pair its own cluster.
 pub fn bootstrap_interval(
     scores: &[f64],
     labels: &[bool],
@@ -89,19 +89,44 @@ pub fn bootstrap_interval(
     resamples: usize,
     seed: u64,
 ) -> Option<(f64, f64)> {
+    let own: Vec<u64> = (0..scores.len() as u64).collect();
+    cluster_bootstrap_interval(scores, labels, &own, metric, resamples, seed)
+}
+
+/// A 95% percentile bootstrap interval of `metric` that resamples whole clusters (with replacement),
+/// from `seed`: rows of one cluster (a study's images, a patient's studies) share a label and much of
+/// their appearance, so resampling them one by one would pretend to more independent evidence than
+/// there is and give too narrow an interval. `clusters[i]` is row i's cluster. Resamples where the
+/// metric is undefined (one class drawn only) are skipped; None when fewer than half are usable.
+pub fn cluster_bootstrap_interval(
+    scores: &[f64],
+    labels: &[bool],
+    clusters: &[u64],
+    metric: impl Fn(&[f64], &[bool]) -> Option<f64>,
+    resamples: usize,
+    seed: u64,
+) -> Option<(f64, f64)> {
     assert_eq!(scores.len(), labels.len());
-    let n = scores.len();
-    if n == 0 || resamples == 0 {
+    assert_eq!(scores.len(), clusters.len());
+    if scores.is_empty() || resamples == 0 {
         return None;
     }
+    let mut members: std::collections::BTreeMap<u64, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, &c) in clusters.iter().enumerate() {
+        members.entry(c).or_default().push(i);
+    }
+    let members: Vec<Vec<usize>> = members.into_values().collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (mut s, mut y) = (vec![0.0; n], vec![false; n]);
+    let (mut s, mut y) = (Vec::with_capacity(scores.len()), Vec::with_capacity(scores.len()));
     let mut values = Vec::with_capacity(resamples);
     for _ in 0..resamples {
-        for k in 0..n {
-            let i = rng.gen_range(0..n);
-            s[k] = scores[i];
-            y[k] = labels[i];
+        s.clear();
+        y.clear();
+        for _ in 0..members.len() {
+            for &i in &members[rng.gen_range(0..members.len())] {
+                s.push(scores[i]);
+                y.push(labels[i]);
+            }
         }
         if let Some(v) = metric(&s, &y) {
             values.push(v);
@@ -113,6 +138,24 @@ pub fn bootstrap_interval(
     values.sort_by(f64::total_cmp);
     let at = |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
     Some((at(0.025), at(0.975)))
+}
+
+/// Study-level predictions from image-level ones: per study (in study order), the mean of its images'
+/// scores, its label (a study-level label: its images share it; the first image's), and its cluster.
+pub fn by_study(scores: &[f64], labels: &[bool], studies: &[u64], clusters: &[u64]) -> (Vec<f64>, Vec<bool>, Vec<u64>) {
+    let mut acc: std::collections::BTreeMap<u64, (f64, usize, bool, u64)> = std::collections::BTreeMap::new();
+    for i in 0..scores.len() {
+        let e = acc.entry(studies[i]).or_insert((0.0, 0, labels[i], clusters[i]));
+        e.0 += scores[i];
+        e.1 += 1;
+    }
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (sum, n, label, cluster) in acc.into_values() {
+        out.0.push(sum / n as f64);
+        out.1.push(label);
+        out.2.push(cluster);
+    }
+    out
 }
 
 /// Mean and sample standard deviation (0 for a single value).
@@ -212,6 +255,47 @@ mod tests {
         let (s, y) = make(2000, &mut rng);
         let (lo2, hi2) = bootstrap_interval(&s, &y, roc_auc, 500, 3).unwrap();
         assert!(hi2 - lo2 < (hi - lo) / 2.0, "{lo2}..{hi2} against {lo}..{hi}");
+    }
+
+    #[test]
+    fn study_level_predictions_and_the_cluster_bootstrap_on_a_hand_computed_case() {
+        // Three studies: A (2 images, positive), B (3 images, negative), C (1 image, positive); A and B
+        // belong to one patient (cluster 0), C to another (cluster 1).
+        let scores = [0.9, 0.5, 0.2, 0.4, 0.6, 0.3];
+        let labels = [true, true, false, false, false, true];
+        let studies = [10, 10, 20, 20, 20, 30];
+        let clusters = [0, 0, 0, 0, 0, 1];
+        let (s, y, c) = by_study(&scores, &labels, &studies, &clusters);
+        assert_eq!(y, vec![true, false, true]);
+        assert_eq!(c, vec![0, 0, 1]);
+        assert!((s[0] - 0.7).abs() < 1e-12 && (s[1] - 0.4).abs() < 1e-12 && (s[2] - 0.3).abs() < 1e-12, "{s:?}");
+        // Study level: positives 0.7 and 0.3 against the negative 0.4: one pair of two right.
+        assert_eq!(roc_auc(&s, &y), Some(0.5));
+        // AP: ranked 0.7 (+), 0.4 (-), 0.3 (+): precisions 1 and 2/3 at the positives.
+        assert!((average_precision(&s, &y).unwrap() - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+        // Image level: 6 pairs, right: 0.9 > all 3, 0.5 > 0.2, 0.4 (2), 0.3 > 0.2 (1): 6 of 9.
+        assert!((roc_auc(&scores, &labels).unwrap() - 6.0 / 9.0).abs() < 1e-12);
+        // Two clusters: a resample is cluster 1 twice (positives only: skipped), cluster 0 twice (A
+        // against B: AUC 1) or one of each (AUC 0.5), so the interval's ends are among those two.
+        let (lo, hi) = cluster_bootstrap_interval(&s, &y, &c, roc_auc, 400, 1).unwrap();
+        let possible = [roc_auc(&s, &y).unwrap(), roc_auc(&s[..2], &y[..2]).unwrap()];
+        assert!(possible.contains(&lo) && possible.contains(&hi), "{lo} {hi}");
+        // Resampling the six images one by one gives a narrower interval than resampling patients
+        // (a case where images of one patient are alike): clusters make it honest.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (mut s, mut y, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        for patient in 0..30u64 {
+            let label = patient % 2 == 0;
+            let level = rng.gen_range(0.0..1.0) + if label { 0.3 } else { 0.0 };
+            for _ in 0..8 {
+                s.push(level + rng.gen_range(0.0..0.05));
+                y.push(label);
+                c.push(patient);
+            }
+        }
+        let (a, b) = bootstrap_interval(&s, &y, roc_auc, 500, 2).unwrap();
+        let (ca, cb) = cluster_bootstrap_interval(&s, &y, &c, roc_auc, 500, 2).unwrap();
+        assert!(cb - ca > 1.5 * (b - a), "clustered {ca}..{cb}, rows {a}..{b}");
     }
 
     #[test]

@@ -134,9 +134,11 @@ pub struct EpochPoint {
     pub test_accuracy: f64,
 }
 
-/// A probe's test metrics for one label column. Undefined values (one class only in the test split)
-/// are None.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A probe's metrics on one split (test, or validation without intervals) for one label column.
+/// Image level: every image scored on its own; study level: a study's score is the mean of its images'
+/// (the Kaggle task is a study-level one). Intervals are 95% percentile bootstraps that resample
+/// patients (studies where the PatientID is unknown). Undefined values (one class only) are None.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClassOutcome {
     pub column: String,
     pub accuracy: f64,
@@ -149,6 +151,14 @@ pub struct ClassOutcome {
     /// when undefined.
     #[serde(default)]
     pub roc: Vec<(f64, f64)>,
+    #[serde(default)]
+    pub study_auc: Option<f64>,
+    #[serde(default)]
+    pub study_average_precision: Option<f64>,
+    #[serde(default)]
+    pub study_auc_ci: Option<(f64, f64)>,
+    #[serde(default)]
+    pub study_average_precision_ci: Option<(f64, f64)>,
 }
 
 /// What a worker reports for a task.
@@ -158,7 +168,12 @@ pub struct ProbeOutcome {
     pub rank: u32,
     pub seconds: f64,
     pub curves: Vec<EpochPoint>,
+    /// Test metrics per label column.
     pub classes: Vec<ClassOutcome>,
+    /// Validation metrics per label column (no intervals): what configurations are chosen on. Empty
+    /// without a validation side (`data.validation_fraction = 0`).
+    #[serde(default)]
+    pub validation: Vec<ClassOutcome>,
     /// Why the task failed (a probe that diverged, say): a failed row, with no curves or classes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -167,7 +182,15 @@ pub struct ProbeOutcome {
 impl ProbeOutcome {
     /// The row of a task that failed on `rank` after `seconds`, for `reason`.
     pub fn failed(task: ProbeTask, rank: u32, seconds: f64, reason: String) -> ProbeOutcome {
-        ProbeOutcome { task, rank, seconds, curves: Vec::new(), classes: Vec::new(), error: Some(reason) }
+        ProbeOutcome {
+            task,
+            rank,
+            seconds,
+            curves: Vec::new(),
+            classes: Vec::new(),
+            validation: Vec::new(),
+            error: Some(reason),
+        }
     }
 
     /// The last epoch's point.
@@ -176,6 +199,12 @@ impl ProbeOutcome {
     }
 
     /// The mean over label columns of a metric, None if any column lacks it.
+    /// The mean over label columns of a validation metric (None without validation metrics).
+    pub fn validation_mean(&self, metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
+        let values: Option<Vec<f64>> = self.validation.iter().map(metric).collect();
+        values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+    }
+
     pub fn mean_over_classes(&self, metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
         let values: Option<Vec<f64>> = self.classes.iter().map(metric).collect();
         values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)

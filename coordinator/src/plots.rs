@@ -1,10 +1,10 @@
 //! The probe sweep's figures, as PNG and SVG in `<run dir>/plots/`:
-//! - `accuracy_by_epoch`: train and test accuracy per epoch of the best configuration (mean over
+//! - `accuracy_by_epoch`: train and test accuracy per epoch of the configuration chosen on validation (mean over
 //!   seeds), Skluzacek's (2022) Figure 3.2;
 //! - `loss_by_epoch`: its train and test loss (Figure 3.3);
 //! - `configurations`: test AUC and test accuracy of every configuration, pretrained vs random encoder
 //!   (mean ± sd over seeds);
-//! - `roc`: the test ROC curves of the best configuration (every seed, both encoders).
+//! - `roc`: the test ROC curves of the configuration chosen on validation (every seed, both encoders).
 //!
 //! Text is drawn with a bundled DejaVu Sans Mono (assets/, Bitstream Vera licence), so the figures need
 //! no system fonts or fontconfig.
@@ -49,7 +49,7 @@ pub fn write_probe_plots(run_dir: &RunDir, outcomes: &[ProbeOutcome]) -> std::io
     std::fs::create_dir_all(&dir)?;
     let refs: Vec<&ProbeOutcome> = outcomes.iter().collect();
     let grouped = Grouped::new(&refs);
-    let Some((best, _)) = grouped.best() else { return Ok(Vec::new()) };
+    let Some(best) = grouped.shown() else { return Ok(Vec::new()) };
     let mut written = Vec::new();
     for name in ["accuracy_by_epoch", "loss_by_epoch", "configurations", "roc"] {
         for ext in ["png", "svg"] {

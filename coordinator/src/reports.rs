@@ -55,11 +55,30 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
         "test_accuracy",
         "mean_auc",
         "mean_average_precision",
+        "mean_study_auc",
+        "validation_mean_auc",
     ]
     .map(String::from)
     .to_vec();
     for c in &columns {
-        for m in ["accuracy", "accuracy_lo", "accuracy_hi", "auc", "auc_lo", "auc_hi", "ap", "ap_lo", "ap_hi"] {
+        for m in [
+            "accuracy",
+            "accuracy_lo",
+            "accuracy_hi",
+            "auc",
+            "auc_lo",
+            "auc_hi",
+            "ap",
+            "ap_lo",
+            "ap_hi",
+            "study_auc",
+            "study_auc_lo",
+            "study_auc_hi",
+            "study_ap",
+            "study_ap_lo",
+            "study_ap_hi",
+            "validation_auc",
+        ] {
             header.push(format!("{c}:{m}"));
         }
     }
@@ -85,8 +104,10 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
             num(last.map(|p| p.test_accuracy)),
             num(o.mean_over_classes(|c| c.auc)),
             num(o.mean_over_classes(|c| c.average_precision)),
+            num(o.mean_over_classes(|c| c.study_auc)),
+            num(o.validation_mean(|c| c.auc)),
         ];
-        for c in &o.classes {
+        for (k, c) in o.classes.iter().enumerate() {
             row.extend([
                 num(Some(c.accuracy)),
                 num(c.accuracy_ci.map(|i| i.0)),
@@ -97,6 +118,13 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
                 num(c.average_precision),
                 num(c.average_precision_ci.map(|i| i.0)),
                 num(c.average_precision_ci.map(|i| i.1)),
+                num(c.study_auc),
+                num(c.study_auc_ci.map(|i| i.0)),
+                num(c.study_auc_ci.map(|i| i.1)),
+                num(c.study_average_precision),
+                num(c.study_average_precision_ci.map(|i| i.0)),
+                num(c.study_average_precision_ci.map(|i| i.1)),
+                num(o.validation.get(k).and_then(|v| v.auc)),
             ]);
         }
         // A failed row: its class columns empty, its reason in the last one.
@@ -185,17 +213,26 @@ impl<'a> Grouped<'a> {
         (!values.is_empty()).then(|| mean_std(&values))
     }
 
-    /// The SimCLR configuration with the highest mean test AUC (mean over label columns).
-    pub fn best(&self) -> Option<(ConfigKey, f64)> {
+    /// The configuration of `encoder` with the highest mean validation AUC (mean over label columns
+    /// and seeds), with that AUC; None without validation metrics. The test split chooses nothing.
+    pub fn chosen(&self, encoder: EncoderSource) -> Option<(ConfigKey, f64)> {
         let mut best: Option<(ConfigKey, f64)> = None;
         for &key in &self.order {
-            if let Some((auc, _)) = self.mean_std(key, EncoderSource::Simclr, |o| o.mean_over_classes(|c| c.auc)) {
+            if let Some((auc, _)) = self.mean_std(key, encoder, |o| o.validation_mean(|c| c.auc)) {
                 if best.is_none_or(|(_, b)| auc > b) {
                     best = Some((key, auc));
                 }
             }
         }
         best
+    }
+
+    /// The configuration the figures show: the SimCLR encoder's chosen one, else the sweep's first
+    /// with a SimCLR run; None without SimCLR runs.
+    pub fn shown(&self) -> Option<ConfigKey> {
+        self.chosen(EncoderSource::Simclr)
+            .map(|(k, _)| k)
+            .or_else(|| self.order.iter().copied().find(|&k| !self.runs(k, EncoderSource::Simclr).is_empty()))
     }
 }
 
@@ -221,13 +258,13 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     let (order, groups) = (&grouped.order, &grouped.groups);
     let has_random = groups.keys().any(|(_, e)| *e == EncoderSource::Random);
     let mut out = String::from(
-        "| hidden nodes | dropout | epochs | train accuracy | test accuracy | test AUC [95% CI] | test AP [95% CI] |",
+        "| hidden nodes | dropout | epochs | train accuracy | validation AUC | test accuracy | test AUC [95% CI] | test AP [95% CI] |",
     );
     if has_random {
-        out.push_str(" random encoder: test accuracy | AUC | AP |");
+        out.push_str(" random encoder: validation AUC | test AUC | test AP |");
     }
     out.push('\n');
-    out.push_str("|---|---|---|---|---|---|---|");
+    out.push_str("|---|---|---|---|---|---|---|---|");
     if has_random {
         out.push_str("---|---|---|");
     }
@@ -239,7 +276,7 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
             hidden_text.push_str(" (fine-tuned)");
         }
         let dropout_text = if dropout == 0.0 { "none".to_string() } else { format!("{}%", dropout * 100.0) };
-        let cells = |e: EncoderSource| -> Option<[String; 4]> {
+        let cells = |e: EncoderSource| -> Option<[String; 5]> {
             let runs = groups.get(&(*key, e))?;
             let pick = |f: &dyn Fn(&ProbeOutcome) -> Option<f64>| runs.iter().map(|o| f(o)).collect::<Vec<_>>();
             let auc = pick(&|o| o.mean_over_classes(|c| c.auc));
@@ -248,6 +285,7 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
             let ap_ci: Vec<_> = runs.iter().map(|o| mean_interval(o, |c| c.average_precision_ci)).collect();
             Some([
                 summarise(&pick(&|o| o.last().map(|p| p.train_accuracy))),
+                summarise(&pick(&|o| o.validation_mean(|c| c.auc))),
                 summarise(&pick(&|o| o.last().map(|p| p.test_accuracy))),
                 format!("{}{}", summarise(&auc), interval(&auc_ci)),
                 format!("{}{}", summarise(&ap), interval(&ap_ci)),
@@ -255,23 +293,20 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
         };
         let Some(ours) = cells(EncoderSource::Simclr) else { continue };
         out.push_str(&format!(
-            "| {hidden_text} | {dropout_text} | {epochs} | {} | {} | {} | {} |",
-            ours[0], ours[1], ours[2], ours[3]
+            "| {hidden_text} | {dropout_text} | {epochs} | {} | {} | {} | {} | {} |",
+            ours[0], ours[1], ours[2], ours[3], ours[4]
         ));
         if has_random {
             match cells(EncoderSource::Random) {
-                Some(r) => out.push_str(&format!(" {} | {} | {} |", r[1], r[2], r[3])),
+                Some(r) => out.push_str(&format!(" {} | {} | {} |", r[1], r[3], r[4])),
                 None => out.push_str(" – | – | – |"),
             }
         }
         out.push('\n');
     }
     out.push('\n');
-    if let Some((key, auc)) = grouped.best() {
-        out.push_str(&format!("Best configuration by mean test AUC: {} ({auc:.3}).\n", describe(key)));
-    }
-    // The headline comparison: each encoder's mean test AUC over every configuration and seed, and the
-    // spread of the per-configuration means.
+    out.push_str(&chosen_summary(&grouped, has_random));
+    // Every configuration's test AUC, averaged: a description of the sweep, not a choice.
     let overall = |e: EncoderSource| -> Option<(f64, f64)> {
         let per_config: Vec<(f64, f64)> =
             order.iter().filter_map(|&k| grouped.mean_std(k, e, |o| o.mean_over_classes(|c| c.auc))).collect();
@@ -306,6 +341,74 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     out
 }
 
+/// The configurations chosen on validation AUC, one per encoder, and their test metrics, reported once:
+/// image level and study level (a study's score the mean of its images'), with patient-level bootstrap
+/// intervals; then the SimCLR-minus-random difference against the spread over probe seeds.
+fn chosen_summary(grouped: &Grouped, has_random: bool) -> String {
+    let mut out = String::new();
+    let Some((ours, ours_validation)) = grouped.chosen(EncoderSource::Simclr) else {
+        out.push_str(
+            "No validation split (data.validation_fraction = 0): no configuration is chosen; the table describes the sweep.\n",
+        );
+        return out;
+    };
+    let stat = |key: ConfigKey, e: EncoderSource, f: &dyn Fn(&ProbeOutcome) -> Option<f64>| -> String {
+        summarise(&grouped.runs(key, e).iter().map(|o| f(o)).collect::<Vec<_>>())
+    };
+    let ci = |key: ConfigKey, e: EncoderSource, f: &dyn Fn(&ProbeOutcome) -> Option<(f64, f64)>| -> String {
+        interval(&grouped.runs(key, e).iter().map(|o| f(o)).collect::<Vec<_>>())
+    };
+    let columns = grouped.runs(ours, EncoderSource::Simclr).first().map_or(1, |o| o.classes.len());
+    let (auc_name, ap_name) = if columns > 1 { ("mean AUC over columns", "mAP") } else { ("AUC", "AP") };
+    let describe_test = |key: ConfigKey, e: EncoderSource| {
+        format!(
+            "image level {auc_name} {}{}, {ap_name} {}; study level {auc_name} {}{}, {ap_name} {}{}; accuracy {}",
+            stat(key, e, &|o| o.mean_over_classes(|c| c.auc)),
+            ci(key, e, &|o| mean_interval(o, |c| c.auc_ci)),
+            stat(key, e, &|o| o.mean_over_classes(|c| c.average_precision)),
+            stat(key, e, &|o| o.mean_over_classes(|c| c.study_auc)),
+            ci(key, e, &|o| mean_interval(o, |c| c.study_auc_ci)),
+            stat(key, e, &|o| o.mean_over_classes(|c| c.study_average_precision)),
+            ci(key, e, &|o| mean_interval(o, |c| c.study_average_precision_ci)),
+            stat(key, e, &|o| o.last().map(|p| p.test_accuracy)),
+        )
+    };
+    let seeds = grouped.runs(ours, EncoderSource::Simclr).len();
+    out.push_str(&format!(
+        "Chosen on validation AUC (SimCLR encoder): {} (validation AUC {ours_validation:.3}). Test, reported once: {}.\n",
+        describe(ours),
+        describe_test(ours, EncoderSource::Simclr)
+    ));
+    let random = if has_random { grouped.chosen(EncoderSource::Random) } else { None };
+    if let Some((theirs, theirs_validation)) = random {
+        out.push_str(&format!(
+            "Chosen on validation AUC (random encoder): {} (validation AUC {theirs_validation:.3}). Test: {}.\n",
+            describe(theirs),
+            describe_test(theirs, EncoderSource::Random)
+        ));
+        let auc = |key, e| grouped.mean_std(key, e, |o| o.mean_over_classes(|c| c.auc));
+        if let (Some(a), Some(b)) = (auc(ours, EncoderSource::Simclr), auc(theirs, EncoderSource::Random)) {
+            let spread = a.1.max(b.1);
+            let verdict = if a.0 - b.0 > 2.0 * spread {
+                "more than twice the larger spread over probe seeds"
+            } else {
+                "within twice the larger spread over probe seeds: not a clear difference"
+            };
+            out.push_str(&format!(
+                "SimCLR minus random, test AUC of the configurations chosen on validation: {:+.3} (sd over probe seeds {:.3} and {:.3}; {verdict}).\n",
+                a.0 - b.0,
+                a.1,
+                b.1
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "Values: mean ± sd over {seeds} probe seeds; [95% intervals]: bootstrap over patients (studies without PatientID count as their own), mean over seeds; study level: a study's score is the mean of its images'; AP: the step-wise sum over thresholds of recall gained x precision (scikit-learn's average_precision_score, not interpolated){}.\n",
+        if columns > 1 { "; mAP: its mean over label columns, as the Kaggle study-level task averages over its four classes" } else { "" }
+    ));
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -334,6 +437,16 @@ pub(crate) mod tests {
                 auc_ci: Some((auc - 0.05, auc + 0.05)),
                 average_precision_ci: None,
                 roc: vec![(0.0, 0.0), (0.2, 0.6), (1.0, 1.0)],
+                study_auc: Some(auc + 0.01),
+                study_auc_ci: Some((auc - 0.09, auc + 0.06)),
+                ..ClassOutcome::default()
+            }],
+            // Validation ranks the configurations the other way round from test (a test-chosen
+            // report would pick another row).
+            validation: vec![ClassOutcome {
+                column: "Typical Appearance".into(),
+                auc: Some(1.5 - auc),
+                ..ClassOutcome::default()
             }],
             task,
             error: None,
@@ -350,11 +463,13 @@ pub(crate) mod tests {
             .iter()
             .rev()
             .map(|t| {
+                // One configuration tests best, and validates worst (the helper mirrors them).
+                let bump = if (t.hidden, t.epochs) == (500, 25) && t.dropout > 0.0 { 0.1 } else { 0.0 };
                 let auc = match t.encoder {
                     EncoderSource::Simclr if t.seed == 0 => 0.8,
                     EncoderSource::Simclr => 0.6,
                     EncoderSource::Random => 0.5,
-                };
+                } + bump;
                 outcome(t.clone(), auc)
             })
             .collect();
@@ -373,12 +488,23 @@ pub(crate) mod tests {
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| hidden")).collect();
         assert_eq!(rows.len(), 15, "{table}");
         let row = rows.iter().find(|r| r.starts_with("| 500 | 20% | 25 |")).unwrap();
-        // AUC over the two seeds: mean 0.7, sample sd 0.141; interval the mean of [auc -+ 0.05].
-        assert!(row.contains("0.700 ± 0.141 [0.650, 0.750]"), "{row}");
-        assert!(row.contains("0.500 ± 0.000"), "{row}");
+        // AUC over the two seeds: mean 0.8, sample sd 0.141; interval the mean of [auc -+ 0.05].
+        assert!(row.contains("0.800 ± 0.141 [0.750, 0.850]"), "{row}");
+        assert!(row.contains("0.600 ± 0.000"), "{row}");
         assert!(rows[0].starts_with("| linear | none | 20 |"), "{}", rows[0]);
         assert!(table.contains("Majority-class rate on the test split: 0.597"), "{table}");
-        assert!(table.contains("Best configuration by mean test AUC"), "{table}");
+        // The choice is made on validation: not the row that tests best.
+        assert!(
+            table.contains("Chosen on validation AUC (SimCLR encoder): linear, 20 epochs (validation AUC 0.800)"),
+            "{table}"
+        );
+        assert!(table.contains("Test, reported once: image level AUC 0.700 ± 0.141 [0.650, 0.750]"), "{table}");
+        assert!(table.contains("study level AUC 0.710 ± 0.141 [0.610, 0.760]"), "{table}");
+        assert!(
+            table.contains("SimCLR minus random, test AUC of the configurations chosen on validation: +0.200"),
+            "{table}"
+        );
+        assert!(table.contains("not a clear difference"), "{table}");
         assert_eq!(std::fs::read_to_string(dir.path().join("results.md")).unwrap(), table);
     }
 

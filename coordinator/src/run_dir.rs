@@ -222,6 +222,7 @@ mod tests {
             seconds: 0.5,
             curves: vec![],
             classes: vec![],
+            validation: vec![],
             error: None,
         };
         for i in [3, 5] {

@@ -109,7 +109,7 @@ mod tests {
     use simclr_common::probe::ProbeSection;
 
     fn outcome(task: ProbeTask, rank: u32) -> ProbeOutcome {
-        ProbeOutcome { task, rank, seconds: 0.0, curves: vec![], classes: vec![], error: None }
+        ProbeOutcome { task, rank, seconds: 0.0, curves: vec![], classes: vec![], validation: vec![], error: None }
     }
 
     /// Three ranks drain the default sweep; rank 2 dies holding two tasks, which the others finish.

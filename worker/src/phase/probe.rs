@@ -2,9 +2,10 @@
 //!
 //! 1. Features, once. Rank 0 loads the encoder (`probe.encoder`, else the run's `encoder.safetensors`)
 //!    and broadcasts it, checksum verified on every rank (`features::broadcast_encoder`); the random
-//!    baseline encoder is broadcast the same way. Each rank embeds its share of the labelled training
-//!    and test images (from the decode cache; BatchNorm in eval mode, no gradient) through both, and the
-//!    shares are gathered, so every rank holds every feature row and label.
+//!    baseline encoder is broadcast the same way. Each rank embeds its share of the labelled training,
+//!    validation and test images (from the decode cache; BatchNorm in eval mode, no gradient) through
+//!    both, and the shares are gathered and sorted by image, so every rank holds every feature row and
+//!    label in the same order for any world size.
 //! 2. The sweep. The rank asks the coordinator for a task (`NextProbeTask`), trains and evaluates that
 //!    probe on the cached features (`probe::run_task`), reports the outcome (`ReportProbeResult`), and
 //!    asks again until the coordinator says the sweep is finished. No collectives here: a rank that dies
@@ -19,12 +20,12 @@ use simclr_data::cache::DecodeCache;
 use simclr_proto::wire;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::comm::Collective;
+use crate::comm::{f32s_to_u64, u64_to_f32s, Collective};
 use crate::engine::model::{load_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig};
 use crate::phase::assignments::cache_key;
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 use crate::probe::features::{broadcast_encoder, gather_rows};
-use crate::probe::{embed, run_task, FineTuneData, SweepData, EMBED_BATCH};
+use crate::probe::{embed, run_task, FineTuneData, Rows, SweepData, ValidationData, EMBED_BATCH};
 
 const PHASE: &str = "probe";
 /// Added to the job's seed for the random baseline encoder's weights, so they differ from the weights
@@ -202,12 +203,20 @@ impl FeatureJob {
             encoders.push((EncoderSource::Random, vs, encoder));
         }
 
-        let (train_x, train_y, mut issues) = self.images(&self.assignment.train).map_err(PhaseError::permanent)?;
-        let (test_x, test_y, test_issues) = self.images(&self.assignment.test).map_err(PhaseError::permanent)?;
-        issues.extend(test_issues);
+        // Each split: this rank's images, then every rank's labels and row keys gathered, and the
+        // order that sorts the gathered rows by their image's place in the dataset index, so that
+        // every rank holds the same rows in the same order whatever the world size.
+        let mut issues = Vec::new();
+        let mut splits = Vec::new();
+        for refs in [&self.assignment.train, &self.assignment.validation, &self.assignment.test] {
+            let (x, y, keys, split_issues) = self.images(refs).map_err(PhaseError::permanent)?;
+            issues.extend(split_issues);
+            let y = gather_rows(collective, &y).map_err(moved)?;
+            let keys = gather_rows(collective, &keys).map_err(moved)?;
+            let (order, rows) = sorted_rows(&keys).map_err(PhaseError::permanent)?;
+            splits.push((x, y.index_select(0, &order), order, rows));
+        }
         let columns = self.assignment.label_columns.clone();
-        let train_y = gather_rows(collective, &train_y).map_err(moved)?;
-        let test_y = gather_rows(collective, &test_y).map_err(moved)?;
         let resize = |x: &Tensor| {
             if x.size()[2] == self.input_size {
                 x.shallow_clone()
@@ -215,35 +224,61 @@ impl FeatureJob {
                 x.upsample_bilinear2d([self.input_size, self.input_size], false, None, None)
             }
         };
-        let (train_x, test_x) = (resize(&train_x), resize(&test_x));
-        let mut features = Vec::new();
-        for (source, _vs, encoder) in &encoders {
-            let embed_all =
-                |x: &Tensor| gather_rows(collective, &embed(encoder, x, EMBED_BATCH, self.device)).map_err(moved);
-            features.push((*source, embed_all(&train_x)?, embed_all(&test_x)?));
+        for split in &mut splits {
+            split.0 = resize(&split.0);
         }
-        let finetune = if self.finetune {
+        // Every rank's rows of `x` (this rank's), in the split's sorted order.
+        let gathered = |x: &Tensor, order: &Tensor| -> Result<Tensor, PhaseError> {
+            Ok(gather_rows(collective, x).map_err(moved)?.index_select(0, order))
+        };
+        let mut per_encoder = Vec::new();
+        for (source, _vs, encoder) in &encoders {
+            let mut f = Vec::new();
+            for (x, _, order, _) in &splits {
+                f.push(gathered(&embed(encoder, x, EMBED_BATCH, self.device), order)?);
+            }
+            per_encoder.push((*source, f));
+        }
+        let finetune_images = if self.finetune {
             // Every rank fine-tunes on every image: gather the pixels too (N x S*S rows).
             let side = self.input_size;
-            let gather_images = |x: &Tensor| -> Result<Tensor, PhaseError> {
+            let mut images = Vec::new();
+            for (x, _, order, _) in &splits {
                 let n = x.size()[0];
-                Ok(gather_rows(collective, &x.reshape([n, side * side])).map_err(moved)?.view([-1, 1, side, side]))
-            };
-            let states = encoders
-                .iter()
-                .map(|(source, vs, _)| {
-                    (*source, vs.variables().into_iter().map(|(name, t)| (name, t.detach().copy())).collect())
-                })
-                .collect();
-            Some(FineTuneData {
-                train_images: gather_images(&train_x)?,
-                test_images: gather_images(&test_x)?,
-                encoders: states,
-                config: self.config,
-                device: self.device,
-            })
+                images.push(gathered(&x.reshape([n, side * side]), order)?.view([-1, 1, side, side]));
+            }
+            Some(images)
         } else {
             None
+        };
+        let [(train_x, train_y, _, _), (_, validation_y, _, validation_rows), (_, test_y, _, test_rows)] =
+            <[_; 3]>::try_from(splits).map_err(|_| PhaseError::permanent("three splits"))?;
+        let has_validation = validation_y.size()[0] > 0;
+        let validation = has_validation.then(|| ValidationData {
+            y: validation_y.shallow_clone(),
+            features: per_encoder.iter().map(|(s, f)| (*s, f[1].shallow_clone())).collect(),
+            images: finetune_images.as_ref().map(|i| i[1].shallow_clone()),
+            rows: validation_rows,
+        });
+        let features: Vec<_> =
+            per_encoder.iter().map(|(s, f)| (*s, f[0].shallow_clone(), f[2].shallow_clone())).collect();
+        let finetune = match finetune_images {
+            Some(images) => {
+                let states = encoders
+                    .iter()
+                    .map(|(source, vs, _)| {
+                        (*source, vs.variables().into_iter().map(|(name, t)| (name, t.detach().copy())).collect())
+                    })
+                    .collect();
+                Some(FineTuneData {
+                    train_images: images[0].shallow_clone(),
+                    test_images: images[2].shallow_clone(),
+                    encoders: states,
+                    config: self.config,
+                    device: self.device,
+                })
+            }
+            None => None,
         };
         let (n_train, n_test) = (train_y.size()[0], test_y.size()[0]);
         if n_train < 2 || n_test < 1 {
@@ -253,9 +288,10 @@ impl FeatureJob {
         }
         metrics.insert("train_images".into(), n_train as f64);
         metrics.insert("test_images".into(), n_test as f64);
+        metrics.insert("validation_images".into(), validation_y.size()[0] as f64);
         metrics.insert("train_images_this_rank".into(), train_x.size()[0] as f64);
         metrics.insert("feature_dim".into(), features[0].1.size()[1] as f64);
-        let data = SweepData { columns, train_y, test_y, features, finetune };
+        let data = SweepData { columns, train_y, test_y, features, test_rows, validation, finetune };
         Ok((data, metrics, issues))
     }
 
@@ -263,9 +299,10 @@ impl FeatureJob {
         with_torch_seed(seed, || var_store_drawn_on_cpu(self.device, |root| Encoder::new(root, self.config)))
     }
 
-    /// The pixels (N x 1 x S x S) and labels (N x columns) of `refs` from the decode cache; an image
-    /// that does not decode is left out and reported.
-    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Issues), String> {
+    /// The pixels (N x 1 x S x S), labels (N x columns) and row keys (N x 12: image index, study,
+    /// cluster, each as four exact float32s) of `refs` from the decode cache; an image that does not
+    /// decode is left out and reported.
+    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Tensor, Issues), String> {
         let root = Path::new(&self.assignment.data_root);
         let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded")).map_err(|e| e.to_string())?;
         let size = self.assignment.image_size;
@@ -279,12 +316,15 @@ impl FeatureJob {
                 cache.get_or_decode(root, &cache_key(r, size)).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
             })
             .collect();
-        let (mut pixels, mut labels, mut issues) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pixels, mut labels, mut keys, mut issues) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, result) in refs.iter().zip(decoded) {
             match result {
                 Ok(p) => {
                     pixels.extend_from_slice(&p);
                     labels.extend_from_slice(&r.labels);
+                    for v in [r.index, r.study, r.group] {
+                        keys.extend(u64_to_f32s(v));
+                    }
                 }
                 Err(reason) => issues.push((r.path.clone(), format!("probe: {reason}"))),
             }
@@ -293,6 +333,22 @@ impl FeatureJob {
         let side = size as i64;
         let x = Tensor::from_slice(&pixels).view([n, 1, side, side]).to_kind(Kind::Float);
         let y = Tensor::from_slice(&labels).view([n, columns as i64]);
-        Ok((x, y, issues))
+        let keys = Tensor::from_slice(&keys).view([n, 12]);
+        Ok((x, y, keys, issues))
     }
+}
+
+/// The order that sorts gathered rows by image index (N x 12 keys from `FeatureJob::images`), and the
+/// sorted rows' studies and clusters.
+fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows), String> {
+    let flat = Vec::<f32>::try_from(keys.flatten(0, -1)).map_err(|e| e.to_string())?;
+    let rows: Vec<[u64; 3]> =
+        flat.chunks(12).map(|k| [f32s_to_u64(&k[0..4]), f32s_to_u64(&k[4..8]), f32s_to_u64(&k[8..12])]).collect();
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i][0]);
+    let sorted = Rows {
+        study: order.iter().map(|&i| rows[i][1]).collect(),
+        cluster: order.iter().map(|&i| rows[i][2]).collect(),
+    };
+    Ok((Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>()), sorted))
 }

@@ -6,6 +6,6 @@ pub mod features;
 pub mod trainer;
 
 pub use trainer::{
-    embed, finetune_probe, run_task, train_probe, FineTune, FineTuneData, ProbeConfig, ProbeOptimizer, ProbeResult,
-    SweepData, EMBED_BATCH,
+    class_metrics, embed, finetune_probe, run_task, train_probe, train_probe_validated, FineTune, FineTuneData,
+    ProbeConfig, ProbeOptimizer, ProbeResult, Rows, SweepData, ValidationData, EMBED_BATCH,
 };

@@ -68,6 +68,8 @@ pub struct ProbeResult {
     pub classes: Vec<ClassOutcome>,
     /// Test scores (sigmoid outputs), N_test x classes, row-major.
     pub test_scores: Vec<f64>,
+    /// Validation scores, N_validation x classes, row-major (empty without a validation split).
+    pub validation_scores: Vec<f64>,
 }
 
 impl ProbeResult {
@@ -103,6 +105,18 @@ pub fn train_probe(
     test_y: &Tensor,
     config: &ProbeConfig,
 ) -> Result<ProbeResult, String> {
+    train_probe_validated(train_x, train_y, None, test_x, test_y, config)
+}
+
+/// [`train_probe`], also scoring a validation split (features and labels).
+pub fn train_probe_validated(
+    train_x: &Tensor,
+    train_y: &Tensor,
+    validation: Option<(&Tensor, &Tensor)>,
+    test_x: &Tensor,
+    test_y: &Tensor,
+    config: &ProbeConfig,
+) -> Result<ProbeResult, String> {
     let (n, d) = match train_x.size().as_slice() {
         &[n, d] => (n, d),
         other => return Err(format!("probe features must be N x d, got {other:?}")),
@@ -111,20 +125,26 @@ pub fn train_probe(
     if train_y.size() != [n, classes] || classes == 0 {
         return Err(format!("probe labels must be {n} x classes, got {:?}", train_y.size()));
     }
-    if test_x.size().get(1) != Some(&d) || test_y.size() != [test_x.size()[0], classes] {
-        return Err(format!("test features {:?} / labels {:?} do not match training", test_x.size(), test_y.size()));
+    for (x, y) in [(test_x, test_y)].into_iter().chain(validation) {
+        if x.size().get(1) != Some(&d) || y.size() != [x.size()[0], classes] {
+            return Err(format!("evaluation features {:?} / labels {:?} do not match training", x.size(), y.size()));
+        }
     }
     if n == 0 || config.epochs == 0 || config.batch_size == 0 {
         return Err("a probe needs training data, epochs and a batch size".into());
     }
-    let (train_x, test_x) = standardise(train_x, test_x);
-    fit(&train_x, train_y, &test_x, test_y, d, config, None)
+    let (mean, std) = standardisation(train_x);
+    let scale = |x: &Tensor| (x.to_kind(Kind::Float) - &mean) / &std;
+    let validation_x = validation.map(|(x, _)| scale(x));
+    let validation = validation_x.as_ref().zip(validation.map(|(_, y)| y));
+    fit(&scale(train_x), train_y, &scale(test_x), test_y, validation, d, config, None)
 }
 
 /// Fine-tuning: the encoder trains together with the probe, on images, at `lr_scale` times the probe's
 /// learning rate; the whole encoder (`stages` 0) or only its last `stages` residual stages. BatchNorm
-/// keeps the encoder's statistics (eval mode: a probe's batches are small); dropout and the head are as
-/// for a frozen probe. The encoder's weights change: pass a copy.
+/// trains where the encoder does (batch statistics while fitting, running statistics updated, as
+/// supervised training does) and stays frozen elsewhere; evaluation uses the running statistics.
+/// Dropout and the head are as for a frozen probe. The encoder's weights change: pass a copy.
 pub struct FineTune<'a> {
     pub encoder: &'a crate::engine::model::Encoder,
     pub vs: &'a nn::VarStore,
@@ -142,6 +162,19 @@ pub fn finetune_probe(
     test_y: &Tensor,
     config: &ProbeConfig,
 ) -> Result<ProbeResult, String> {
+    finetune_probe_validated(tune, train_images, train_y, None, test_images, test_y, config)
+}
+
+/// [`finetune_probe`], also scoring a validation split (images and labels).
+pub fn finetune_probe_validated(
+    tune: &FineTune,
+    train_images: &Tensor,
+    train_y: &Tensor,
+    validation: Option<(&Tensor, &Tensor)>,
+    test_images: &Tensor,
+    test_y: &Tensor,
+    config: &ProbeConfig,
+) -> Result<ProbeResult, String> {
     let device = tune.vs.device();
     let initial = embed(tune.encoder, train_images, EMBED_BATCH, device);
     let mean = initial.mean_dim([0i64].as_slice(), true, Kind::Float).to_device(device);
@@ -149,7 +182,11 @@ pub fn finetune_probe(
     let stage_count = tune.vs.variables().keys().filter_map(|name| stage_of(name)).max().unwrap_or(0);
     let trains = |name: &str| tune.stages == 0 || stage_of(name).is_some_and(|n| n + tune.stages > stage_count);
     let mut params = Vec::new();
+    let mut trained_norms = std::collections::HashSet::new();
     for (name, t) in tune.vs.variables() {
+        if name.ends_with("running_mean") && trains(&name) {
+            trained_norms.insert(t.data_ptr() as usize);
+        }
         if !t.requires_grad() {
             continue; // BatchNorm statistics
         }
@@ -168,9 +205,10 @@ pub fn finetune_probe(
         std,
         optimizer: Optimizer::new(algorithm(config), params),
         lr_scale: tune.lr_scale,
+        trained_norms,
     };
     let d = initial.size()[1];
-    fit(train_images, train_y, test_images, test_y, d, config, Some(backbone))
+    fit(train_images, train_y, test_images, test_y, validation, d, config, Some(backbone))
 }
 
 /// Images per encoder forward when embedding.
@@ -188,6 +226,22 @@ struct Backbone<'a> {
     std: Tensor,
     optimizer: Optimizer,
     lr_scale: f64,
+    /// The BatchNorm layers that train (by their running mean's storage).
+    trained_norms: std::collections::HashSet<usize>,
+}
+
+/// Fine-tuning's BatchNorm: train mode in the layers being fine-tuned, eval mode in the frozen ones.
+struct FineTuneNorm<'a> {
+    trained: &'a std::collections::HashSet<usize>,
+}
+
+impl crate::engine::model::NormPass for FineTuneNorm<'_> {
+    fn train(&self) -> bool {
+        !self.trained.is_empty()
+    }
+    fn norm(&mut self, bn: &nn::BatchNorm, x: &Tensor) -> Tensor {
+        nn::ModuleT::forward_t(bn, x, self.trained.contains(&(bn.running_mean.data_ptr() as usize)))
+    }
 }
 
 impl Backbone<'_> {
@@ -195,7 +249,7 @@ impl Backbone<'_> {
     /// without it (evaluation).
     fn features(&self, x: &Tensor, grad: bool) -> Tensor {
         let h = if grad {
-            self.encoder.forward_with(x, &mut crate::engine::model::LocalNorm { train: false })
+            self.encoder.forward_with(x, &mut FineTuneNorm { trained: &self.trained_norms })
         } else {
             embed(self.encoder, x, EMBED_BATCH, self.mean.device())
         };
@@ -219,11 +273,13 @@ fn algorithm(config: &ProbeConfig) -> Algorithm {
 
 /// The training loop shared by frozen and fine-tuned probes: `train_x`/`test_x` are the probe's inputs
 /// (standardised features of width `d`), or images when a backbone turns them into those.
+#[allow(clippy::too_many_arguments)]
 fn fit(
     train_x: &Tensor,
     train_y: &Tensor,
     test_x: &Tensor,
     test_y: &Tensor,
+    validation: Option<(&Tensor, &Tensor)>,
     d: i64,
     config: &ProbeConfig,
     mut backbone: Option<Backbone>,
@@ -266,6 +322,9 @@ fn fit(
         for epoch in 0..config.epochs {
             order.shuffle(&mut rng);
             for batch in order.chunks(config.batch_size) {
+                if backbone.is_some() && batch.len() < 2 {
+                    continue; // BatchNorm cannot train on a single image
+                }
                 let index = Tensor::from_slice(batch).to_device(train_x.device());
                 let x = inputs(&backbone, &train_x.index_select(0, &index), true);
                 let y = train_y.index_select(0, &index.to_device(device));
@@ -294,6 +353,14 @@ fn fit(
         let (_, _, scores) = evaluate(&mlp, &inputs(&backbone, test_x, false), &test_y);
         let scores: Vec<f64> =
             Vec::<f64>::try_from(scores.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let validation_scores = match validation {
+            Some((x, y)) if x.size()[0] > 0 => {
+                let y = y.to_kind(Kind::Float).to_device(device);
+                let (_, _, v) = evaluate(&mlp, &inputs(&backbone, x, false), &y);
+                Vec::<f64>::try_from(v.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?
+            }
+            _ => Vec::new(),
+        };
         let labels: Vec<f64> =
             Vec::<f64>::try_from(test_y.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
         let k = classes as usize;
@@ -301,33 +368,59 @@ fn fit(
             .map(|c| {
                 let s: Vec<f64> = scores.iter().skip(c).step_by(k).copied().collect();
                 let y: Vec<bool> = labels.iter().skip(c).step_by(k).map(|&v| v > 0.5).collect();
-                class_metrics(&s, &y, config.bootstrap, config.seed)
+                class_metrics(&s, &y, &Rows::default(), config.bootstrap, config.seed)
             })
             .collect();
-        Ok(ProbeResult { curves, classes: class_metrics, test_scores: scores })
+        Ok(ProbeResult { curves, classes: class_metrics, test_scores: scores, validation_scores })
     })
 }
 
 type Metric = dyn Fn(&[f64], &[bool]) -> Option<f64>;
 
-fn class_metrics(scores: &[f64], labels: &[bool], resamples: usize, seed: u64) -> ClassOutcome {
+/// Which study and which bootstrap cluster (patient, else study) each row of a split belongs to. Empty:
+/// every row is a study and a cluster of its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    pub study: Vec<u64>,
+    pub cluster: Vec<u64>,
+}
+
+impl Rows {
+    fn resolve(&self, n: usize) -> (Vec<u64>, Vec<u64>) {
+        if self.study.len() == n && self.cluster.len() == n {
+            (self.study.clone(), self.cluster.clone())
+        } else {
+            ((0..n as u64).collect(), (0..n as u64).collect())
+        }
+    }
+}
+
+/// One label column's metrics at image and study level, with intervals from `resamples` cluster
+/// bootstrap resamples (none when 0).
+pub fn class_metrics(scores: &[f64], labels: &[bool], rows: &Rows, resamples: usize, seed: u64) -> ClassOutcome {
+    let (studies, clusters) = rows.resolve(scores.len());
     let accuracy_of = |s: &[f64], y: &[bool]| Some(metrics::accuracy(s, y, 0.5));
-    let ci = |m: &Metric| {
+    let ci = |s: &[f64], y: &[bool], c: &[u64], m: &Metric| {
         if resamples == 0 {
             None
         } else {
-            metrics::bootstrap_interval(scores, labels, m, resamples, seed)
+            metrics::cluster_bootstrap_interval(s, y, c, m, resamples, seed)
         }
     };
+    let (study_scores, study_labels, study_clusters) = metrics::by_study(scores, labels, &studies, &clusters);
     ClassOutcome {
         column: String::new(),
         accuracy: metrics::accuracy(scores, labels, 0.5),
         auc: metrics::roc_auc(scores, labels),
         average_precision: metrics::average_precision(scores, labels),
-        accuracy_ci: ci(&accuracy_of),
-        auc_ci: ci(&metrics::roc_auc),
-        average_precision_ci: ci(&metrics::average_precision),
+        accuracy_ci: ci(scores, labels, &clusters, &accuracy_of),
+        auc_ci: ci(scores, labels, &clusters, &metrics::roc_auc),
+        average_precision_ci: ci(scores, labels, &clusters, &metrics::average_precision),
         roc: metrics::roc_curve(scores, labels).unwrap_or_default(),
+        study_auc: metrics::roc_auc(&study_scores, &study_labels),
+        study_average_precision: metrics::average_precision(&study_scores, &study_labels),
+        study_auc_ci: ci(&study_scores, &study_labels, &study_clusters, &metrics::roc_auc),
+        study_average_precision_ci: ci(&study_scores, &study_labels, &study_clusters, &metrics::average_precision),
     }
 }
 
@@ -345,22 +438,34 @@ fn evaluate(mlp: &Mlp, x: &Tensor, y: &Tensor) -> (f64, f64, Tensor) {
     })
 }
 
-/// Both splits standardised with the training split's per-dimension mean and deviation.
-fn standardise(train: &Tensor, test: &Tensor) -> (Tensor, Tensor) {
+/// The training split's per-dimension mean and deviation, which standardise every split.
+fn standardisation(train: &Tensor) -> (Tensor, Tensor) {
     let train = train.to_kind(Kind::Float);
     let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
     let std = train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
-    ((&train - &mean) / &std, (test.to_kind(Kind::Float) - &mean) / &std)
+    (mean, std)
 }
 
-/// Everything the probes of a sweep read: the labels of both splits (N x columns) and, per encoder,
-/// the features of both splits; for fine-tuning also the images and each encoder's variables.
+/// Everything the probes of a sweep read: the labels of the training and test splits (N x columns)
+/// and, per encoder, their features; the test rows' studies and clusters; the validation split; for
+/// fine-tuning also the images and each encoder's variables.
 pub struct SweepData {
     pub columns: Vec<String>,
     pub train_y: Tensor,
     pub test_y: Tensor,
     pub features: Vec<(EncoderSource, Tensor, Tensor)>,
+    pub test_rows: Rows,
+    pub validation: Option<ValidationData>,
     pub finetune: Option<FineTuneData>,
+}
+
+/// The validation split: labels, each encoder's features, the images (fine-tuning only), the rows'
+/// studies.
+pub struct ValidationData {
+    pub y: Tensor,
+    pub features: Vec<(EncoderSource, Tensor)>,
+    pub images: Option<Tensor>,
+    pub rows: Rows,
 }
 
 /// What fine-tuning tasks start from.
@@ -414,6 +519,9 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
         seed: task.seed,
         bootstrap: section.bootstrap,
     };
+    // The intervals come from the cluster bootstrap below, not from the image-level one.
+    let config = ProbeConfig { bootstrap: 0, ..config };
+    let validation_y = data.validation.as_ref().map(|v| &v.y);
     let result = if task.finetune {
         let tune = data.finetune.as_ref().ok_or("a fine-tuning task, but the sweep kept no images (probe.finetune)")?;
         let (vs, encoder) = tune.encoder(task.encoder)?;
@@ -423,27 +531,56 @@ pub fn run_task(task: &ProbeTask, section: &ProbeSection, data: &SweepData, rank
             stages: section.finetune_blocks,
             lr_scale: section.finetune_lr_scale,
         };
-        finetune_probe(&how, &tune.train_images, &data.train_y, &tune.test_images, &data.test_y, &config)
+        let validation = data.validation.as_ref().and_then(|v| v.images.as_ref()).zip(validation_y);
+        finetune_probe_validated(
+            &how,
+            &tune.train_images,
+            &data.train_y,
+            validation,
+            &tune.test_images,
+            &data.test_y,
+            &config,
+        )
     } else {
         let (_, train_x, test_x) = data
             .features
             .iter()
             .find(|(e, _, _)| *e == task.encoder)
             .ok_or_else(|| format!("task {}: no features for the {:?} encoder", task.id, task.encoder))?;
-        train_probe(train_x, &data.train_y, test_x, &data.test_y, &config)
+        let validation = data
+            .validation
+            .as_ref()
+            .and_then(|v| v.features.iter().find(|(e, _)| *e == task.encoder).map(|(_, x)| x))
+            .zip(validation_y);
+        train_probe_validated(train_x, &data.train_y, validation, test_x, &data.test_y, &config)
     }
     .map_err(|e| format!("task {} ({}): {e}", task.id, task.configuration()))?;
+    let outcomes = |scores: &[f64], y: &Tensor, rows: &Rows, resamples: usize| -> Result<Vec<ClassOutcome>, String> {
+        let labels = Vec::<f64>::try_from(y.to_kind(Kind::Double).flatten(0, -1)).map_err(|e| e.to_string())?;
+        let k = data.columns.len().max(1);
+        Ok(data
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(c, column)| {
+                let s: Vec<f64> = scores.iter().skip(c).step_by(k).copied().collect();
+                let y: Vec<bool> = labels.iter().skip(c).step_by(k).map(|&v| v > 0.5).collect();
+                ClassOutcome { column: column.clone(), ..class_metrics(&s, &y, rows, resamples, task.seed) }
+            })
+            .collect())
+    };
+    let classes = outcomes(&result.test_scores, &data.test_y, &data.test_rows, section.bootstrap)?;
+    let validation = match &data.validation {
+        Some(v) if !result.validation_scores.is_empty() => outcomes(&result.validation_scores, &v.y, &v.rows, 0)?,
+        _ => Vec::new(),
+    };
     Ok(ProbeOutcome {
         task: task.clone(),
         rank,
         seconds: started.elapsed().as_secs_f64(),
         curves: result.curves.clone(),
-        classes: result
-            .classes
-            .iter()
-            .zip(&data.columns)
-            .map(|(m, column)| ClassOutcome { column: column.clone(), ..m.clone() })
-            .collect(),
+        classes,
+        validation,
         error: None,
     })
 }
@@ -529,6 +666,8 @@ mod tests {
                 (EncoderSource::Simclr, train_x.shallow_clone(), test_x.shallow_clone()),
                 (EncoderSource::Random, train_x.shallow_clone() * 0.0, test_x.shallow_clone() * 0.0),
             ],
+            test_rows: Rows::default(),
+            validation: None,
             finetune: None,
         };
         let tasks = section.expand(0);
@@ -558,8 +697,8 @@ mod tests {
         })
     }
 
-    /// Fine-tuning the last stage trains exactly that stage (and the head): every other encoder
-    /// variable and every BatchNorm statistic stays bitwise the same, the kept copy is untouched, and
+    /// Fine-tuning the last stage trains exactly that stage (and the head), its BatchNorm in train mode:
+    /// every other encoder variable and BatchNorm statistic stays bitwise the same, the kept copy is untouched, and
     /// the training loss falls. Through `run_task`, a fine-tuning task reports like any other.
     #[test]
     fn fine_tuning_trains_only_the_stages_asked_for() {
@@ -587,8 +726,10 @@ mod tests {
         let mut changed = 0;
         for (name, old) in &before {
             let same = old.equal(&after[name]);
-            if name.starts_with(&last) && after[name].requires_grad() {
+            if name.starts_with(&last) {
                 changed += usize::from(!same);
+                // BatchNorm trains in the fine-tuned stage: its running statistics move.
+                assert!(!name.ends_with("running_mean") || !same, "{name}: a fine-tuned stage kept its statistics");
             } else {
                 assert!(same, "{name} changed, but only {last}* was fine-tuned");
             }
@@ -601,6 +742,8 @@ mod tests {
             train_y,
             test_y,
             features: vec![],
+            test_rows: Rows::default(),
+            validation: None,
             finetune: Some(FineTuneData {
                 train_images: train_x,
                 test_images: test_x,
