@@ -205,7 +205,7 @@ impl Default for PreflightSection {
     }
 }
 
-/// The dataset: where it is, how images are preprocessed, labelled, split and sharded.
+/// The dataset: where it is, how images are preprocessed, labelled, split and ordered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
@@ -234,7 +234,7 @@ pub struct DataSection {
     pub split_seed: u64,
     /// What to do with files that cannot be used: `skip` (list them in the run directory) or `fail`.
     pub on_bad_file: OnBadFile,
-    /// How per-epoch shards are brought to equal length: `drop` or `pad`.
+    /// What happens to the last partial global batch of an epoch: `drop` or `pad`.
     pub shard_policy: ShardPolicy,
 }
 

@@ -149,7 +149,8 @@ impl Coordinator {
     /// Starts the next attempt of the job on the same address and run directory: a new rendezvous
     /// (the whole group joins again, within `cluster.rendezvous_timeout_ms`), whose workers resume
     /// pretraining from the latest checkpoint and the sweep from the recorded probe results.
-    /// `world_size`: a smaller group for the next attempt (elastic), whose data is sharded anew.
+    /// `world_size`: a smaller group for the next attempt (elastic), each rank a larger slice of the same
+    /// global batches.
     pub fn restart(&mut self, world_size: Option<u32>) -> Result<Arc<Job>, CoordinatorError> {
         let previous = self.jobs.get();
         let mut config = previous.config.clone();

@@ -1,4 +1,4 @@
-//! The DICOM data plane, pure Rust (no libtorch): the coordinator indexes, splits and shards with it,
+//! The DICOM data plane, pure Rust (no libtorch): the coordinator indexes, splits and orders with it,
 //! workers decode with it, and `synth` writes the synthetic SIIM-format dataset with it.
 
 pub mod cache;

@@ -95,8 +95,9 @@ struct DevArgs {
     #[arg(long, env = "SIMCLR_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// After a lost worker, restart with the workers that are left (the largest number that divides
-    /// the global batch) instead of the whole group, the data sharded anew. The weights then differ
-    /// from an uninterrupted run's.
+    /// the global batch) instead of the whole group. The global batches stay the same (the epoch order
+    /// does not depend on the world size), so the weights agree with an uninterrupted run's up to
+    /// float summation order.
     #[arg(long)]
     elastic: bool,
     #[command(flatten)]

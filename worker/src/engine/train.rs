@@ -170,7 +170,7 @@ impl Trainer {
         Trainer::distributed(config, dataset_len, device, Arc::new(Solo))
     }
 
-    /// A replica of the model on one rank of `collective`'s world, for a shard of `dataset_len` images
+    /// A replica of the model on one rank of `collective`'s world, for `dataset_len` images (slots)
     /// per epoch (the same length on every rank). Every rank draws the same initial weights from the seed.
     pub fn distributed(
         config: PretrainConfig,

@@ -210,7 +210,9 @@ impl TrainJob {
         let counts = collective.all_gather(&Tensor::from_slice(&[self.per_rank as f32]))?;
         let counts = Vec::<f32>::try_from(&counts).map_err(|e| TrainError::Config(e.to_string()))?;
         if counts.iter().any(|&c| c != counts[0]) {
-            return Err(PhaseError::permanent(format!("ranks hold shards of different lengths {counts:?}")));
+            return Err(PhaseError::permanent(format!(
+                "ranks hold epochs of different lengths (slots per rank: {counts:?})"
+            )));
         }
         let mut trainer = Trainer::distributed(self.config.clone(), self.per_rank, self.device, collective)?;
         trainer.run_keys = self.run_keys.clone();
