@@ -459,6 +459,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_parse() {
+        for (name, text) in [
+            ("demo.toml", include_str!("../../configs/demo.toml")),
+            ("report.toml", include_str!("../../configs/report.toml")),
+            ("gpu_check.toml", include_str!("../../configs/gpu_check.toml")),
+        ] {
+            let config = JobConfig::from_toml(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name == "report.toml" {
+                assert_eq!((config.image_size(), config.pretrain.input_size), (64, 224));
+            } else {
+                assert_eq!(i64::from(config.image_size()), config.pretrain.input_size, "{name}");
+            }
+        }
+    }
+
+    #[test]
     fn fixture_pins_the_format() {
         let text = include_str!("../tests/fixtures/job.toml");
         let config = JobConfig::from_toml(text, "fixture").unwrap();

@@ -207,7 +207,10 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     assert!(run_dir.join("checkpoints").join(latest.trim()).join("encoder.safetensors").is_file());
     // The sweep: 24 tasks, each reported once, the table printed at the end (on stdout).
     check_sweep_results(&run_dir, 24, 1)?;
-    assert!(log.contains("| hidden nodes | dropout | epochs | train accuracy | test accuracy |"), "{log}");
+    assert!(
+        log.contains("| hidden nodes | dropout | epochs | train accuracy | validation AUC | test accuracy |"),
+        "{log}"
+    );
     let probe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("probe.json"))?)?;
     let labelled = split["train"]["images"].as_f64().unwrap();
     for r in 0..3 {
@@ -434,7 +437,7 @@ async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> 
     check_sweep_results(&run_dir, 12, 4)?;
 
     let run_dir = dir.path().join("fail");
-    let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n")?;
+    let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n[pretrain]\nbatch_size = 4\n")?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, ExitStatus::DataError.code(), "{log}");
