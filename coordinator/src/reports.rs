@@ -107,25 +107,20 @@ fn csv(outcomes: &[&ProbeOutcome]) -> std::io::Result<String> {
             num(o.mean_over_classes(|c| c.study_auc)),
             num(o.validation_mean(|c| c.auc)),
         ];
+        // A value and its interval's ends.
+        let with_interval =
+            |v: Option<f64>, ci: Option<(f64, f64)>| [num(v), num(ci.map(|i| i.0)), num(ci.map(|i| i.1))];
         for (k, c) in o.classes.iter().enumerate() {
-            row.extend([
-                num(Some(c.accuracy)),
-                num(c.accuracy_ci.map(|i| i.0)),
-                num(c.accuracy_ci.map(|i| i.1)),
-                num(c.auc),
-                num(c.auc_ci.map(|i| i.0)),
-                num(c.auc_ci.map(|i| i.1)),
-                num(c.average_precision),
-                num(c.average_precision_ci.map(|i| i.0)),
-                num(c.average_precision_ci.map(|i| i.1)),
-                num(c.study_auc),
-                num(c.study_auc_ci.map(|i| i.0)),
-                num(c.study_auc_ci.map(|i| i.1)),
-                num(c.study_average_precision),
-                num(c.study_average_precision_ci.map(|i| i.0)),
-                num(c.study_average_precision_ci.map(|i| i.1)),
-                num(o.validation.get(k).and_then(|v| v.auc)),
-            ]);
+            for cells in [
+                with_interval(Some(c.accuracy), c.accuracy_ci),
+                with_interval(c.auc, c.auc_ci),
+                with_interval(c.average_precision, c.average_precision_ci),
+                with_interval(c.study_auc, c.study_auc_ci),
+                with_interval(c.study_average_precision, c.study_average_precision_ci),
+            ] {
+                row.extend(cells);
+            }
+            row.push(num(o.validation.get(k).and_then(|v| v.auc)));
         }
         // A failed row: its class columns empty, its reason in the last one.
         row.resize(header.len() - 1, String::new());
@@ -521,12 +516,19 @@ pub(crate) mod tests {
         let header = reader.headers().unwrap().clone();
         assert_eq!(header.iter().next_back(), Some("error"));
         assert!(header.iter().any(|h| h == "Typical Appearance:auc"), "{header:?}");
+        let column = |name: &str| header.iter().position(|h| h == name).unwrap();
         let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
         assert_eq!(rows.len(), tasks.len(), "every task is a row, the failed one too");
         let failed = &rows[0];
         assert_eq!(&failed[failed.len() - 1], "non-finite loss at epoch 3");
         assert_eq!(&failed[header.iter().position(|h| h == "mean_auc").unwrap()], "");
         assert!(rows[1..].iter().all(|r| r[r.len() - 1].is_empty()));
+        // Study level and validation beside the image level: 0.7 + 0.01, interval [0.61, 0.76]; 1.5 - 0.7.
+        let row = &rows[1];
+        let cells =
+            ["Typical Appearance:study_auc", "Typical Appearance:study_auc_lo", "Typical Appearance:validation_auc"]
+                .map(|name| row[column(name)].to_string());
+        assert_eq!(cells, ["0.710000", "0.610000", "0.800000"].map(String::from), "{row:?}");
 
         assert!(table.contains("1 of 90 tasks failed"), "{table}");
         assert!(table.contains(&format!("- task 0 ({}): non-finite loss at epoch 3", tasks[0].configuration())));
