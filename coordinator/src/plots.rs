@@ -224,7 +224,7 @@ where
     Ok(())
 }
 
-/// The first label column's test ROC curve of every seed of the best configuration, both encoders.
+/// The first label column's test ROC curve of every seed of the configuration chosen on validation, both encoders.
 fn roc<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, grouped: &Grouped, best: ConfigKey) -> Result<(), Failure>
 where
     DB::ErrorType: 'static,
