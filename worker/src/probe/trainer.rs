@@ -774,6 +774,24 @@ mod tests {
         assert!(kept.iter().zip(&before).all(|((_, a), (_, b))| a.equal(b)), "run_task changed the kept encoder");
     }
 
+    /// Study-level metrics average each study's image scores: the hand-computed case of
+    /// `simclr_common::metrics` (three studies of 2, 3 and 1 images) through `class_metrics`; without
+    /// rows every image is its own study.
+    #[test]
+    fn class_metrics_score_studies_by_their_mean_image_score() {
+        let scores = [0.9, 0.5, 0.2, 0.4, 0.6, 0.3];
+        let labels = [true, true, false, false, false, true];
+        let rows = Rows { study: vec![10, 10, 20, 20, 20, 30], cluster: vec![0, 0, 0, 0, 0, 1] };
+        let m = class_metrics(&scores, &labels, &rows, 200, 1);
+        assert!((m.auc.unwrap() - 6.0 / 9.0).abs() < 1e-12, "{m:?}");
+        assert_eq!(m.study_auc, Some(0.5));
+        assert!((m.study_average_precision.unwrap() - 5.0 / 6.0).abs() < 1e-12, "{m:?}");
+        let (lo, hi) = m.study_auc_ci.unwrap();
+        assert!([0.5, 1.0].contains(&lo) && [0.5, 1.0].contains(&hi), "{m:?}");
+        let plain = class_metrics(&scores, &labels, &Rows::default(), 0, 1);
+        assert_eq!((plain.study_auc, plain.auc_ci), (plain.auc, None));
+    }
+
     #[test]
     fn several_classes_get_their_own_metrics() {
         let (train_x, a) = blobs(300, 8, 3);
