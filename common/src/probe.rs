@@ -201,14 +201,18 @@ impl ProbeOutcome {
     /// The mean over label columns of a metric, None if any column lacks it.
     /// The mean over label columns of a validation metric (None without validation metrics).
     pub fn validation_mean(&self, metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
-        let values: Option<Vec<f64>> = self.validation.iter().map(metric).collect();
-        values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        mean_over(&self.validation, metric)
     }
 
     pub fn mean_over_classes(&self, metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
-        let values: Option<Vec<f64>> = self.classes.iter().map(metric).collect();
-        values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        mean_over(&self.classes, metric)
     }
+}
+
+/// The mean of `metric` over label columns; None when a column lacks it or there are none.
+fn mean_over(classes: &[ClassOutcome], metric: impl Fn(&ClassOutcome) -> Option<f64>) -> Option<f64> {
+    let values: Option<Vec<f64>> = classes.iter().map(metric).collect();
+    values.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 impl ProbeSection {

@@ -27,6 +27,10 @@ pub struct PreparedData {
     pub split: StudySplit,
     /// Each study's bootstrap group (`dataset::patient_groups`).
     pub groups: Vec<usize>,
+    /// Each image's study (index into `dataset.studies`).
+    pub study_of: Vec<usize>,
+    /// The training studies' images, sorted: what every epoch's order shuffles.
+    pub training_images: Vec<usize>,
     /// The label columns the probes learn: one (`data.target`), every column (`data.multi_label`), or
     /// none (an unlabelled dataset: pretraining only).
     pub targets: Vec<usize>,
@@ -74,9 +78,10 @@ pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<Prepared
     };
     let split = split_studies(&dataset.studies, data.test_fraction, data.validation_fraction, seed)
         .map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let training_images = split.training_images(&dataset.studies);
     let steps = match batch_size {
         Some(b) => {
-            let order = epoch_order(&split.training_images(&dataset.studies), b, 0, 0, data.shard_policy)
+            let order = epoch_order(&training_images, b, 0, 0, data.shard_policy)
                 .map_err(|e| CoordinatorError::Data(e.to_string()))?;
             Some(order.len() / b)
         }
@@ -84,7 +89,13 @@ pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<Prepared
     };
     let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, steps);
     let groups = patient_groups(&dataset.studies);
-    Ok(PreparedData { root, synthetic, dataset, split, groups, targets, summary })
+    let mut study_of = vec![usize::MAX; dataset.index.images.len()];
+    for (s, study) in dataset.studies.iter().enumerate() {
+        for &i in &study.images {
+            study_of[i] = s;
+        }
+    }
+    Ok(PreparedData { root, synthetic, dataset, split, groups, study_of, training_images, targets, summary })
 }
 
 /// Indexes `root` (headers only, all threads) and joins its labels.

@@ -23,15 +23,9 @@ impl Job {
         };
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
         let d = &data.dataset;
-        let mut study_of = vec![usize::MAX; d.index.images.len()];
-        for (s, study) in d.studies.iter().enumerate() {
-            for &i in &study.images {
-                study_of[i] = s;
-            }
-        }
         let image_ref = |(i, occurrence): Slot| {
             let img = &d.index.images[i];
-            let study = study_of[i];
+            let study = data.study_of[i];
             let labels = d
                 .studies
                 .get(study)
@@ -72,14 +66,9 @@ impl Job {
                     "pretrain.batch_size {batch} is not a multiple of the world size {world_size}"
                 )));
             }
-            let order = epoch_order(
-                &data.split.training_images(&d.studies),
-                batch,
-                self.config.job.seed,
-                epoch,
-                self.config.data.shard_policy,
-            )
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let order =
+                epoch_order(&data.training_images, batch, self.config.job.seed, epoch, self.config.data.shard_policy)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
             rank_slots(&order, batch, world_size, rank as usize).into_iter().map(image_ref).collect()
         };
         Ok(wire::GetAssignmentResponse {
