@@ -236,6 +236,11 @@ pub struct DataSection {
     pub on_bad_file: OnBadFile,
     /// What happens to the last partial global batch of an epoch: `drop` or `pad`.
     pub shard_policy: ShardPolicy,
+    /// Colour images (RGB, YBR): `reject` (listed as unusable) or `luminance` (converted to grey).
+    pub color: ColorMode,
+    /// Read data sets that have no DICOM File Meta header (ACR-NEMA-style files), as implicit VR
+    /// little endian; otherwise such files are listed as unusable.
+    pub accept_no_meta: bool,
 }
 
 impl Default for DataSection {
@@ -252,8 +257,24 @@ impl Default for DataSection {
             split_seed: 0,
             on_bad_file: OnBadFile::Skip,
             shard_policy: ShardPolicy::Drop,
+            color: ColorMode::Reject,
+            accept_no_meta: false,
         }
     }
+}
+
+/// What happens to colour images (Samples per Pixel 3: RGB, YBR_FULL, YBR_FULL_422, and the
+/// RGB that JPEG / JPEG 2000 decoders return for YBR_RCT, YBR_ICT and YBR_PARTIAL_420).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorMode {
+    /// Listed as unusable at index time: a chest radiograph is monochrome, a colour file in the
+    /// folder is usually a screenshot, a report or a secondary capture.
+    #[default]
+    Reject,
+    /// Converted to grey: YBR to RGB as PS3.3 C.7.6.3.1.2 defines it, then ITU-R BT.601 luma
+    /// (0.299 R + 0.587 G + 0.114 B), over the stored range.
+    Luminance,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

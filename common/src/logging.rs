@@ -6,7 +6,15 @@ use std::io::{IsTerminal, Write};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use std::cell::RefCell;
+
+use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata};
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -36,15 +44,93 @@ pub fn init(format: LogFormat) {
         },
         _ => (EnvFilter::new("info"), None),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| Stderr).with_target(false);
-    let installed = match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(|| Stderr).with_target(false);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).boxed(),
     };
+    // The capture sees parser warnings whatever RUST_LOG says: they end up in the run directory.
+    let capture = Capture.with_filter(tracing_subscriber::filter::LevelFilter::WARN);
+    let installed =
+        tracing_subscriber::registry().with(fmt.with_filter(filter.and(NotCaptured))).with(capture).try_init();
     // A second init (tests in one process) keeps the first subscriber.
     if installed.is_ok() {
         if let Some(warning) = bad_filter {
             tracing::warn!("{warning}");
+        }
+    }
+}
+
+/// Targets of the third-party parsers whose warnings are about one input file (dicom-rs: "Unsupported
+/// character set", "MediaStorageSOPClassUID is missing", ...).
+const FILE_LEVEL_TARGETS: &[&str] = &["dicom_"];
+
+thread_local! {
+    static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+fn is_file_level(meta: &Metadata<'_>) -> bool {
+    FILE_LEVEL_TARGETS.iter().any(|t| meta.target().starts_with(t))
+}
+
+fn capturing() -> bool {
+    CAPTURED.with(|c| c.borrow().is_some())
+}
+
+/// Runs `f` and returns, with its result, the third-party parser warnings it raised on this thread,
+/// instead of logging them: the caller ties them to the file it was reading and reports them once
+/// (a folder of 100,000 files would otherwise log each warning 100,000 times, without a path).
+pub fn capture_file_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let outer = CAPTURED.with(|c| c.borrow_mut().replace(Vec::new()));
+    let result = f();
+    let captured = CAPTURED.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer)).unwrap_or_default();
+    (result, captured)
+}
+
+/// Keeps captured events out of the log.
+struct NotCaptured;
+
+impl<S> Filter<S> for NotCaptured {
+    fn enabled(&self, meta: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        !(is_file_level(meta) && capturing())
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if is_file_level(meta) {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    }
+}
+
+/// Collects file-level events while [`capture_file_warnings`] runs on the event's thread.
+struct Capture;
+
+impl<S: tracing::Subscriber> Layer<S> for Capture {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        if !is_file_level(event.metadata()) {
+            return;
+        }
+        CAPTURED.with(|c| {
+            if let Some(captured) = c.borrow_mut().as_mut() {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                captured.push(message.0);
+            }
+        });
+    }
+}
+
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
         }
     }
 }

@@ -3,7 +3,7 @@
 //! the training images fill a global batch, and writes what it found into the run directory: `dataset.json` (the summary), `split.csv`
 //! (every study's side) and `data_issues.csv` (every file or label row that cannot be used, with why).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,8 +12,9 @@ use serde_json::json;
 use simclr_common::config::{DataSection, OnBadFile};
 use simclr_data::cache_dir;
 use simclr_data::dataset::{epoch_order, patient_groups, split_studies, Dataset, StudySplit};
-use simclr_data::index::index_tree;
+use simclr_data::index::{index_tree, FileWarning};
 use simclr_data::labels::LabelTable;
+use simclr_data::pixels::DecodeOptions;
 use simclr_data::synth::{ensure_synthetic, SynthOptions};
 
 use crate::error::CoordinatorError;
@@ -29,8 +30,11 @@ pub struct PreparedData {
     pub groups: Vec<usize>,
     /// Each image's study (index into `dataset.studies`).
     pub study_of: Vec<usize>,
-    /// The training studies' images, sorted: what every epoch's order shuffles.
+    /// The training studies' images, sorted: what every epoch's order shuffles (less the files the
+    /// decode phase finds undecodable: `job::Job`).
     pub training_images: Vec<usize>,
+    /// Each image's index by its path relative to the root, as workers name files.
+    pub image_of_path: HashMap<String, usize>,
     /// The label columns the probes learn: one (`data.target`), every column (`data.multi_label`), or
     /// none (an unlabelled dataset: pretraining only).
     pub targets: Vec<usize>,
@@ -57,7 +61,7 @@ pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<Prepared
             root.display()
         )));
     }
-    let dataset = load(&root)?;
+    let dataset = load(&root, DecodeOptions::of(data))?;
     if dataset.index.images.is_empty() {
         return Err(CoordinatorError::Data(format!(
             "no usable image in {} ({} unusable files; see data_issues.csv)",
@@ -87,7 +91,7 @@ pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<Prepared
         }
         None => None,
     };
-    let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, steps);
+    let summary = summarize(&root, synthetic, &dataset, Some(&split), &targets, steps, &BTreeSet::new());
     let groups = patient_groups(&dataset.studies);
     let mut study_of = vec![usize::MAX; dataset.index.images.len()];
     for (s, study) in dataset.studies.iter().enumerate() {
@@ -95,11 +99,24 @@ pub fn prepare(data: &DataSection, batch_size: Option<usize>) -> Result<Prepared
             study_of[i] = s;
         }
     }
-    Ok(PreparedData { root, synthetic, dataset, split, groups, study_of, training_images, targets, summary })
+    let image_of_path =
+        dataset.index.images.iter().enumerate().map(|(i, img)| (img.path.display().to_string(), i)).collect();
+    Ok(PreparedData {
+        root,
+        synthetic,
+        dataset,
+        split,
+        groups,
+        study_of,
+        training_images,
+        image_of_path,
+        targets,
+        summary,
+    })
 }
 
 /// Indexes `root` (headers only, all threads) and joins its labels.
-pub fn load(root: &Path) -> Result<Dataset, CoordinatorError> {
+pub fn load(root: &Path, options: DecodeOptions) -> Result<Dataset, CoordinatorError> {
     let started = Instant::now();
     // On a terminal a progress bar; in a log (a batch job, a pod) a line every 2 s.
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -127,13 +144,14 @@ pub fn load(root: &Path) -> Result<Dataset, CoordinatorError> {
             }
         }
     };
-    let index = index_tree(root, &progress);
+    let index = index_tree(root, options, &progress);
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     let index = index.map_err(|e| CoordinatorError::Data(e.to_string()))?;
     let labels = LabelTable::load(root).map_err(|e| CoordinatorError::Data(e.to_string()))?;
-    let dataset = Dataset::assemble(index, &labels).map_err(|e| CoordinatorError::Data(e.to_string()))?;
+    let dataset = Dataset::assemble(index, &labels);
+    log_warnings(&dataset.index.warnings);
     tracing::info!(
         images = dataset.index.images.len(),
         unusable = dataset.index.bad.len(),
@@ -144,6 +162,20 @@ pub fn load(root: &Path) -> Result<Dataset, CoordinatorError> {
     Ok(dataset)
 }
 
+/// The parsers' warnings in a few lines: each distinct message once, with how many files raised it and
+/// the first few paths (every one is in `data_issues.csv`).
+fn log_warnings(warnings: &[FileWarning]) {
+    let mut by_message: BTreeMap<&str, Vec<&Path>> = BTreeMap::new();
+    for w in warnings {
+        by_message.entry(w.message.as_str()).or_default().push(&w.path);
+    }
+    for (message, paths) in by_message {
+        let first: Vec<String> = paths.iter().take(3).map(|p| p.display().to_string()).collect();
+        let more = if paths.len() > first.len() { ", ..." } else { "" };
+        tracing::warn!(files = paths.len(), "DICOM parser: {message} (in {}{more})", first.join(", "));
+    }
+}
+
 fn count<'a>(items: impl Iterator<Item = String> + 'a) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for item in items {
@@ -152,7 +184,8 @@ fn count<'a>(items: impl Iterator<Item = String> + 'a) -> BTreeMap<String, usize
     out
 }
 
-/// The dataset summary written as `dataset.json` and printed by `inspect`.
+/// The dataset summary written as `dataset.json` and printed by `inspect`; the `excluded` images (by
+/// index: those the decode phase could not decode) count as unusable files.
 pub fn summarize(
     root: &Path,
     synthetic: bool,
@@ -160,8 +193,11 @@ pub fn summarize(
     split: Option<&StudySplit>,
     targets: &[usize],
     steps_per_epoch: Option<usize>,
+    excluded: &BTreeSet<usize>,
 ) -> serde_json::Value {
-    let images = &d.index.images;
+    let images: Vec<&simclr_data::index::ImageRecord> =
+        d.index.images.iter().enumerate().filter(|(i, _)| !excluded.contains(i)).map(|(_, img)| img).collect();
+    let usable = |study: &simclr_data::dataset::Study| study.images.iter().filter(|i| !excluded.contains(i)).count();
     let patients = count(d.studies.iter().filter_map(|s| s.patient.clone())).len();
     let positives: BTreeMap<&str, f64> = d
         .label_columns
@@ -171,9 +207,9 @@ pub fn summarize(
             (name.as_str(), d.studies.iter().filter_map(|s| s.labels.as_ref()).map(|l| f64::from(l[c])).sum())
         })
         .collect();
-    let unlabelled_images: usize = d.studies.iter().filter(|s| s.labels.is_none()).map(|s| s.images.len()).sum();
+    let unlabelled_images: usize = d.studies.iter().filter(|s| s.labels.is_none()).map(usable).sum();
     let side = |studies: &[usize]| {
-        let n_images: usize = studies.iter().map(|&i| d.studies[i].images.len()).sum();
+        let n_images: usize = studies.iter().map(|&i| usable(&d.studies[i])).sum();
         // Per target column: the share of this side's labelled studies that are positive.
         let positive: BTreeMap<&str, f64> = targets
             .iter()
@@ -193,9 +229,12 @@ pub fn summarize(
     json!({
         "root": root.display().to_string(),
         "synthetic": synthetic,
-        "files": images.len() + d.index.bad.len(),
+        "files": d.index.images.len() + d.index.bad.len(),
         "usable_images": images.len(),
-        "unusable_files": d.index.bad.len(),
+        "unusable_files": d.index.bad.len() + excluded.len(),
+        "unusable_by_kind": count(
+            d.index.bad.iter().map(|b| b.kind.as_str().to_string()).chain(excluded.iter().map(|_| "undecodable".to_string()))
+        ),
         "studies": d.studies.len(),
         "patients_with_id": patients,
         "labelled_studies": d.labelled_studies(),
@@ -227,11 +266,15 @@ fn transfer_syntax_name(uid: &str) -> String {
     }
 }
 
-/// Every unusable file, label row without image and image without label, one per line.
+/// Every unusable file (its kind: unreadable, colour, labels_disagree, ...), parser warning, label row
+/// without image and image without label, one per line.
 pub fn issues_csv(d: &Dataset) -> String {
     let mut rows: Vec<[String; 3]> = Vec::new();
     for bad in &d.index.bad {
-        rows.push(["unusable_file".into(), bad.path.display().to_string(), bad.reason.clone()]);
+        rows.push([bad.kind.as_str().into(), bad.path.display().to_string(), bad.reason.clone()]);
+    }
+    for w in &d.index.warnings {
+        rows.push(["parser_warning".into(), w.path.display().to_string(), w.message.clone()]);
     }
     for row in &d.orphan_label_rows {
         rows.push(["label_without_image".into(), row.clone(), "no image of this study or path in the tree".into()]);
@@ -248,6 +291,45 @@ pub fn issues_csv(d: &Dataset) -> String {
     csv_text(&["kind", "item", "reason"], rows)
 }
 
+/// `split.csv`: every study's side and its number of usable images.
+fn write_split(prepared: &PreparedData, excluded: &BTreeSet<usize>, run_dir: &RunDir) -> Result<(), CoordinatorError> {
+    let d = &prepared.dataset;
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    for (side, studies) in prepared.split.sides() {
+        for &i in studies {
+            let s = &d.studies[i];
+            let images = s.images.iter().filter(|i| !excluded.contains(i)).count();
+            rows.push([s.uid.clone(), s.patient.clone().unwrap_or_default(), side.into(), images.to_string()]);
+        }
+    }
+    let split = csv_text(&["study", "patient", "side", "images"], rows);
+    run_dir.write_atomic("split.csv", split.as_bytes()).map_err(CoordinatorError::RunDir)
+}
+
+/// Once the decode phase is over: `dataset.json` and `split.csv` again, without the `excluded` images
+/// (those that did not decode; `worker_file_issues.csv` names them), and the steps per epoch of what
+/// is left.
+pub fn write_decoded_reports(
+    prepared: &PreparedData,
+    excluded: &BTreeSet<usize>,
+    steps_per_epoch: Option<usize>,
+    run_dir: &RunDir,
+) -> Result<(), CoordinatorError> {
+    let summary = summarize(
+        &prepared.root,
+        prepared.synthetic,
+        &prepared.dataset,
+        Some(&prepared.split),
+        &prepared.targets,
+        steps_per_epoch,
+        excluded,
+    );
+    let mut text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    text.push('\n');
+    run_dir.write_atomic("dataset.json", text.as_bytes()).map_err(CoordinatorError::RunDir)?;
+    write_split(prepared, excluded, run_dir)
+}
+
 /// Writes the data reports into the run directory and applies `on_bad_file`.
 pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunDir) -> Result<(), CoordinatorError> {
     let d = &prepared.dataset;
@@ -255,15 +337,7 @@ pub fn write_reports(prepared: &PreparedData, data: &DataSection, run_dir: &RunD
     summary.push('\n');
     run_dir.write_atomic("dataset.json", summary.as_bytes()).map_err(CoordinatorError::RunDir)?;
     run_dir.write_atomic("data_issues.csv", issues_csv(d).as_bytes()).map_err(CoordinatorError::RunDir)?;
-    let mut rows: Vec<[String; 4]> = Vec::new();
-    for (side, studies) in prepared.split.sides() {
-        for &i in studies {
-            let s = &d.studies[i];
-            rows.push([s.uid.clone(), s.patient.clone().unwrap_or_default(), side.into(), s.images.len().to_string()]);
-        }
-    }
-    let split = csv_text(&["study", "patient", "side", "images"], rows);
-    run_dir.write_atomic("split.csv", split.as_bytes()).map_err(CoordinatorError::RunDir)?;
+    write_split(prepared, &BTreeSet::new(), run_dir)?;
     if !d.index.bad.is_empty() {
         let first = &d.index.bad[0];
         let message = format!(

@@ -104,6 +104,27 @@ impl RunDir {
         self.write_atomic(name, csv_text(&["phase", "rank", "path", "reason"], rows).as_bytes())
     }
 
+    /// Records the files the decode phase could not decode (`undecodable.json`), each with what identifies
+    /// its content, so that a restarted job (or a new coordinator on this run directory) hands none of
+    /// them to a worker again, while a file that has since been replaced is tried afresh.
+    pub fn write_undecodable(&self, files: &[UndecodableFile]) -> std::io::Result<()> {
+        self.write_json(UNDECODABLE, &serde_json::json!({ "undecodable": files }))
+    }
+
+    /// The files an earlier attempt recorded with [`RunDir::write_undecodable`] (none when there is no
+    /// record or it cannot be read: the decode phase then finds them again).
+    pub fn read_undecodable(&self) -> Vec<UndecodableFile> {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            undecodable: Vec<UndecodableFile>,
+        }
+        std::fs::read(self.path.join(UNDECODABLE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+            .map(|r| r.undecodable)
+            .unwrap_or_default()
+    }
+
     /// Records the newest checkpoint of the job (`checkpoint.json`): where it is, its step, who wrote it.
     pub fn write_checkpoint(&self, phase: &str, rank: u32, step: u64, path: &str) -> std::io::Result<()> {
         self.write_json(
@@ -168,6 +189,19 @@ impl RunDir {
 
 /// `header` and `rows` as CSV text, quoted by the `csv` crate (a field with a comma, a quote or a line
 /// break is quoted).
+const UNDECODABLE: &str = "undecodable.json";
+
+/// A file that failed in the decode phase, and its identity when it did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UndecodableFile {
+    pub path: String,
+    /// The rank that reported it.
+    pub rank: u32,
+    pub file_size: u64,
+    pub modified_ns: u64,
+    pub reason: String,
+}
+
 pub fn csv_text<Row, Field>(header: &[&str], rows: impl IntoIterator<Item = Row>) -> String
 where
     Row: IntoIterator<Item = Field>,

@@ -85,7 +85,8 @@ impl Coordinator for CoordinatorService {
         request: Request<wire::GetAssignmentRequest>,
     ) -> Result<Response<wire::GetAssignmentResponse>, Status> {
         let req = request.into_inner();
-        self.job().assignment(req.rank, &req.instance_id, req.epoch, req.probe).map(Response::new)
+        // Waits (after the decode phase) until every rank has finished decoding: a long poll.
+        self.job().assignment(req.rank, &req.instance_id, req.epoch, req.probe, req.decode).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(job = %self.jobs.get().job_id))]

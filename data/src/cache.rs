@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::pixels::{decode_file, resize, DecodeError};
+use crate::pixels::{decode_file_with, resize, DecodeError, DecodeOptions};
 
 /// Bump when the pixel pipeline's output changes: old entries then miss instead of lying.
 pub const PIPELINE_VERSION: u32 = 1;
@@ -48,6 +48,7 @@ pub enum CacheOutcome {
 
 pub struct DecodeCache {
     dir: PathBuf,
+    options: DecodeOptions,
 }
 
 /// FNV-1a, 64 bits: a short stable name for a key (entry file names, sample ids). Not a checksum: entries
@@ -60,7 +61,14 @@ impl DecodeCache {
     pub fn open(dir: &Path) -> std::io::Result<DecodeCache> {
         std::fs::create_dir_all(dir)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create decode cache {}: {e}", dir.display())))?;
-        Ok(DecodeCache { dir: dir.to_path_buf() })
+        Ok(DecodeCache { dir: dir.to_path_buf(), options: DecodeOptions::default() })
+    }
+
+    /// Decodes misses with `options` (`data.color`, `data.accept_no_meta`). They decide which files
+    /// decode at all, never what a file decodes to, so they are not part of the key.
+    pub fn with_options(mut self, options: DecodeOptions) -> DecodeCache {
+        self.options = options;
+        self
     }
 
     fn entry_path(&self, key: &CacheKey) -> PathBuf {
@@ -82,7 +90,7 @@ impl DecodeCache {
             },
             Err(_) => CacheOutcome::Miss,
         };
-        let decoded = decode_file(&root.join(&key.path))?;
+        let decoded = decode_file_with(&root.join(&key.path), self.options)?;
         if decoded.frames > 1 {
             tracing::info!(image = %key.path.display(), frames = decoded.frames, "multi-frame file: using its first frame");
         }

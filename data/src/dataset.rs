@@ -13,7 +13,7 @@ use serde::Serialize;
 
 pub use simclr_common::config::ShardPolicy;
 
-use crate::index::DatasetIndex;
+use crate::index::{BadKind, DatasetIndex};
 use crate::labels::LabelTable;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -55,13 +55,48 @@ pub enum DatasetError {
     ValidationFraction(f64),
     #[error("{images} training images cannot fill one global batch of {batch_size} (pretrain.batch_size)")]
     TooFewImages { images: usize, batch_size: usize },
-    #[error("images of study {study} disagree on their labels in {path}")]
-    InconsistentStudy { study: String, path: PathBuf },
 }
 
 impl Dataset {
-    /// Groups the index's images into studies and joins the labels.
-    pub fn assemble(index: DatasetIndex, labels: &LabelTable) -> Result<Dataset, DatasetError> {
+    /// Groups the index's images into studies and joins the labels. A study's label is its row in the
+    /// SIIM table, or (labels.csv) the row of any of its images: rows of one study must agree, and a
+    /// study's images without a row of their own take the study's label. A study whose rows disagree
+    /// cannot be labelled: its images move to the unusable list (`BadKind::LabelsDisagree`), naming
+    /// each image's values; `data.on_bad_file` then decides whether the job goes on without them.
+    pub fn assemble(mut index: DatasetIndex, labels: &LabelTable) -> Dataset {
+        if let LabelTable::Plain { images: table, path, columns } = labels {
+            let mut rows_of: BTreeMap<&str, Vec<(&PathBuf, &Vec<f32>)>> = BTreeMap::new();
+            for img in &index.images {
+                if let Some(values) = table.get(&img.path) {
+                    rows_of.entry(img.study_uid.as_str()).or_default().push((&img.path, values));
+                }
+            }
+            let disagreeing: BTreeMap<String, String> = rows_of
+                .into_iter()
+                .filter(|(_, rows)| rows.iter().any(|(_, v)| *v != rows[0].1))
+                .map(|(study, rows)| {
+                    let shown: Vec<String> = rows
+                        .iter()
+                        .map(|(p, v)| {
+                            let named: Vec<String> =
+                                columns.iter().zip(v.iter()).map(|(c, x)| format!("{c}={x}")).collect();
+                            format!("{}: {}", p.display(), named.join(" "))
+                        })
+                        .collect();
+                    (
+                        study.to_string(),
+                        format!(
+                            "the images of study {study} disagree on their labels in {} ({}); the study is left out",
+                            path.display(),
+                            shown.join("; ")
+                        ),
+                    )
+                })
+                .collect();
+            if !disagreeing.is_empty() {
+                index.exclude(|img| disagreeing.get(&img.study_uid).map(|r| (BadKind::LabelsDisagree, r.clone())));
+            }
+        }
         let mut by_study: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, img) in index.images.iter().enumerate() {
             by_study.entry(img.study_uid.clone()).or_default().push(i);
@@ -78,21 +113,13 @@ impl Dataset {
                     }
                     found
                 }
-                LabelTable::Plain { images: table, path, .. } => {
-                    let mut found: Option<Vec<f32>> = None;
+                LabelTable::Plain { images: table, .. } => {
+                    let mut found = None;
                     for &i in &images {
                         let key = &index.images[i].path;
                         if let Some(values) = table.get(key) {
                             matched_rows.insert(key.display().to_string());
-                            match &found {
-                                Some(v) if v != values => {
-                                    return Err(DatasetError::InconsistentStudy {
-                                        study: uid.clone(),
-                                        path: path.clone(),
-                                    })
-                                }
-                                _ => found = Some(values.clone()),
-                            }
+                            found = Some(values.clone());
                         }
                     }
                     found
@@ -101,16 +128,20 @@ impl Dataset {
             };
             studies.push(Study { uid, patient, images, labels });
         }
+        let excluded: BTreeSet<String> = index.bad.iter().map(|b| b.path.display().to_string()).collect();
         let orphan_label_rows = match labels {
             LabelTable::Siim { studies: table, .. } => {
                 table.keys().filter(|k| !matched_rows.contains(*k)).map(|k| format!("{k}_study")).collect()
             }
-            LabelTable::Plain { images: table, .. } => {
-                table.keys().map(|k| k.display().to_string()).filter(|k| !matched_rows.contains(k)).collect()
-            }
+            // A row of a listed file (unusable, or left out with its study) is not an orphan.
+            LabelTable::Plain { images: table, .. } => table
+                .keys()
+                .map(|k| k.display().to_string())
+                .filter(|k| !matched_rows.contains(k) && !excluded.contains(k))
+                .collect(),
             LabelTable::Unlabelled => Vec::new(),
         };
-        Ok(Dataset { index, label_columns: labels.columns().to_vec(), studies, orphan_label_rows })
+        Dataset { index, label_columns: labels.columns().to_vec(), studies, orphan_label_rows }
     }
 
     pub fn labelled_studies(&self) -> usize {

@@ -32,18 +32,30 @@ pub enum Extent {
     UntilPixelData,
 }
 
+/// What the walk saw of the top-level Pixel Data element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelData {
+    /// With the declared length of native (not encapsulated) pixel data.
+    Present {
+        length: Option<u32>,
+    },
+    Absent,
+    /// The walk did not run: no DICM magic or no usable file meta group (the parser decides).
+    Unknown,
+}
+
 /// Checks the file at `path`; the error says which element declares what.
-pub fn check_file(path: &std::path::Path, extent: Extent) -> Result<(), String> {
+pub fn check_file(path: &std::path::Path, extent: Extent) -> Result<PixelData, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     check(io::BufReader::new(file), len, extent)
 }
 
-pub fn check_bytes(bytes: &[u8], extent: Extent) -> Result<(), String> {
+pub fn check_bytes(bytes: &[u8], extent: Extent) -> Result<PixelData, String> {
     check(io::Cursor::new(bytes), bytes.len() as u64, extent)
 }
 
-fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<(), String> {
+fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<PixelData, String> {
     let mut head = [0u8; 132];
     let n = read_up_to(&mut r, &mut head).map_err(|e| e.to_string())?;
     let start = if n == 132 && &head[128..132] == b"DICM" {
@@ -52,11 +64,11 @@ fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<(), Strin
         4
     } else {
         // No magic: the parser rejects the file on its own, before any large allocation.
-        return Ok(());
+        return Ok(PixelData::Unknown);
     };
     r.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
     let mut src = Seekable { r, pos: start, len };
-    let Some(syntax) = meta_group(&mut src)? else { return Ok(()) };
+    let Some(syntax) = meta_group(&mut src)? else { return Ok(PixelData::Unknown) };
     let encoding = Encoding { explicit: syntax != "1.2.840.10008.1.2", big_endian: syntax == "1.2.840.10008.1.2.2" };
     if syntax == DEFLATED {
         let rest = src.r.seek(SeekFrom::Start(src.pos)).map(|_| src.r).map_err(|e| e.to_string())?;
@@ -64,6 +76,18 @@ fn check<R: Read + Seek>(mut r: R, len: u64, extent: Extent) -> Result<(), Strin
         return walk(&mut inflated, encoding, extent);
     }
     walk(&mut src, encoding, extent)
+}
+
+/// Whether the bytes have neither the preamble's nor a bare "DICM" magic: no File Meta header.
+pub fn lacks_file_meta(bytes: &[u8]) -> bool {
+    !(bytes.len() >= 132 && &bytes[128..132] == b"DICM" || bytes.starts_with(b"DICM"))
+}
+
+/// Checks a data set that has no File Meta header, walked as implicit VR little endian from its first
+/// byte (how such files are read when `data.accept_no_meta` is on).
+pub fn check_bare_bytes(bytes: &[u8], extent: Extent) -> Result<PixelData, String> {
+    let mut src = Seekable { r: io::Cursor::new(bytes), pos: 0, len: bytes.len() as u64 };
+    walk(&mut src, Encoding { explicit: false, big_endian: false }, extent)
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -283,10 +307,11 @@ fn meta_group(src: &mut Seekable<impl Read + Seek>) -> Result<Option<String>, St
 /// skipping each value it would read and checking that value's length against what remains.
 /// Sequences and items are entered, not skipped (their contents are headers too); the open ones are
 /// counted, because the object builder recurses once per level.
-fn walk(src: &mut impl Source, enc: Encoding, extent: Extent) -> Result<(), String> {
+fn walk(src: &mut impl Source, enc: Encoding, extent: Extent) -> Result<PixelData, String> {
     // Ends of the open containers: Some(byte) for a defined length, None until a delimiter.
     let mut open: Vec<Option<u64>> = Vec::new();
     let mut in_fragments = false;
+    let mut pixel_data = PixelData::Absent;
     loop {
         while open.last().is_some_and(|end| end.is_some_and(|end| src.pos() >= end)) {
             open.pop();
@@ -294,7 +319,7 @@ fn walk(src: &mut impl Source, enc: Encoding, extent: Extent) -> Result<(), Stri
         if open.len() > MAX_DEPTH {
             return Err(format!("sequences nested deeper than {MAX_DEPTH} at byte {}", src.pos()));
         }
-        let Some(h) = header(src, enc)? else { return Ok(()) };
+        let Some(h) = header(src, enc)? else { return Ok(pixel_data) };
         if in_fragments {
             match h.tag {
                 SEQUENCE_END => in_fragments = false,
@@ -319,8 +344,11 @@ fn walk(src: &mut impl Source, enc: Encoding, extent: Extent) -> Result<(), Stri
             }
             _ => {}
         }
-        if h.tag == PIXEL_DATA && open.is_empty() && extent == Extent::UntilPixelData {
-            return Ok(());
+        if h.tag == PIXEL_DATA && open.is_empty() {
+            pixel_data = PixelData::Present { length: (h.len != UNDEFINED).then_some(h.len) };
+            if extent == Extent::UntilPixelData {
+                return Ok(pixel_data);
+            }
         }
         if h.len == UNDEFINED {
             if h.tag == PIXEL_DATA {
@@ -411,7 +439,7 @@ mod tests {
         body.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         body.extend(explicit((0x0009, 0x1001), b"OB", 4, true));
         body.extend_from_slice(&[1, 2, 3, 4]);
-        assert_eq!(check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything), Ok(()));
+        assert_eq!(check_bytes(&file(EXPLICIT_LE, &body), Extent::Everything), Ok(PixelData::Absent));
         // The same item's US declaring more than there is (its length field follows SQ 12 + item 8
         // + tag and VR 6 bytes).
         body[26..28].copy_from_slice(&0xFFFEu16.to_le_bytes());
@@ -443,7 +471,7 @@ mod tests {
 
     #[test]
     fn non_dicom_bytes_are_left_to_the_parser() {
-        assert_eq!(check_bytes(b"not a dicom file at all", Extent::Everything), Ok(()));
-        assert_eq!(check_bytes(&[], Extent::Everything), Ok(()));
+        assert_eq!(check_bytes(b"not a dicom file at all", Extent::Everything), Ok(PixelData::Unknown));
+        assert_eq!(check_bytes(&[], Extent::Everything), Ok(PixelData::Unknown));
     }
 }

@@ -14,6 +14,8 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
+use simclr_common::config::ColorMode;
+
 use crate::guard;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -22,6 +24,10 @@ pub enum DecodeError {
     NotDicom(String),
     #[error("no pixel data")]
     NoPixelData,
+    #[error("colour image ({0}); data.color = \"luminance\" converts colour images to grey")]
+    Color(String),
+    #[error("no DICOM File Meta header (an ACR-NEMA-style data set); data.accept_no_meta = true reads it as implicit VR little endian")]
+    NoFileMeta,
     #[error("unsupported transfer syntax {uid} ({name})")]
     UnsupportedTransferSyntax { uid: String, name: String },
     #[error("unsupported image: {0}")]
@@ -60,16 +66,82 @@ enum VoiFunction {
     Sigmoid,
 }
 
+/// What the pipeline accepts beyond monochrome files with a File Meta header (`data.color`,
+/// `data.accept_no_meta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeOptions {
+    pub color: ColorMode,
+    pub accept_no_meta: bool,
+}
+
+impl DecodeOptions {
+    pub fn of(data: &simclr_common::config::DataSection) -> DecodeOptions {
+        DecodeOptions { color: data.color, accept_no_meta: data.accept_no_meta }
+    }
+}
+
+/// The pipeline on a file, with the default options (monochrome files with a File Meta header).
+pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
+    decode_file_with(path, DecodeOptions::default())
+}
+
 /// The pipeline on a file. The file is read once into memory (the parser holds every value, pixel data
 /// included, in memory anyway), so the length guard and the parser do not read it twice.
-pub fn decode_file(path: &Path) -> Result<DecodedImage, DecodeError> {
-    decode_bytes(&std::fs::read(path).map_err(|e| DecodeError::NotDicom(format!("cannot read: {e}")))?)
+pub fn decode_file_with(path: &Path, options: DecodeOptions) -> Result<DecodedImage, DecodeError> {
+    decode_bytes_with(&std::fs::read(path).map_err(|e| DecodeError::NotDicom(format!("cannot read: {e}")))?, options)
 }
 
 /// The pipeline on a file's bytes (with or without the 128-byte preamble); the fuzz target's entry.
 pub fn decode_bytes(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
-    guard::check_bytes(bytes, guard::Extent::Everything).map_err(DecodeError::NotDicom)?;
-    decode_object(&parse_guarded(|| OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes))?)
+    decode_bytes_with(bytes, DecodeOptions::default())
+}
+
+pub fn decode_bytes_with(bytes: &[u8], options: DecodeOptions) -> Result<DecodedImage, DecodeError> {
+    let (obj, _) = open_bytes(bytes, guard::Extent::Everything, options)?;
+    decode_object_with(&obj, options)
+}
+
+/// Implicit VR little endian: what a data set without File Meta is read as (DICOM's default transfer
+/// syntax, and what ACR-NEMA files and pydicom's `force=True` assume).
+const NO_META_SYNTAX: &str = "1.2.840.10008.1.2";
+
+/// Parses a file's bytes into an object, checked by the length guard first: a file with its File Meta
+/// header, or (with `accept_no_meta`) a bare data set. Also says whether the data set has top-level
+/// Pixel Data (always `Present` or `Absent` after a whole-file read).
+pub fn open_bytes(
+    bytes: &[u8],
+    extent: guard::Extent,
+    options: DecodeOptions,
+) -> Result<(DefaultDicomObject, guard::PixelData), DecodeError> {
+    let pixel_data = guard::check_bytes(bytes, extent).map_err(DecodeError::NotDicom)?;
+    if pixel_data != guard::PixelData::Unknown || !guard::lacks_file_meta(bytes) {
+        let obj = parse_guarded(|| OpenFileOptions::new().read_preamble(ReadPreamble::Auto).from_reader(bytes))?;
+        let pixel_data = match pixel_data {
+            guard::PixelData::Unknown if obj.get(tags::PIXEL_DATA).is_some() => {
+                guard::PixelData::Present { length: None }
+            }
+            guard::PixelData::Unknown if extent == guard::Extent::Everything => guard::PixelData::Absent,
+            other => other,
+        };
+        return Ok((obj, pixel_data));
+    }
+    // No File Meta: read as a bare data set, guarded the same way, only where the user asked for it.
+    let pixel_data = guard::check_bare_bytes(bytes, extent).map_err(DecodeError::NotDicom)?;
+    let read = std::panic::catch_unwind(|| {
+        let ts = TransferSyntaxRegistry.get(NO_META_SYNTAX).expect("implicit VR little endian is built in");
+        let dataset = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())?;
+        dataset
+            .with_meta(dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax(NO_META_SYNTAX))
+            .map_err(|e| e.to_string())
+    });
+    let obj = match read {
+        Ok(Ok(obj)) if obj.get(tags::SOP_INSTANCE_UID).is_some() || obj.get(tags::STUDY_INSTANCE_UID).is_some() => obj,
+        _ => return Err(DecodeError::NotDicom("no DICOM preamble or File Meta header, and not a data set".into())),
+    };
+    if !options.accept_no_meta {
+        return Err(DecodeError::NoFileMeta);
+    }
+    Ok((obj, pixel_data))
 }
 
 /// The parser is third-party code fed untrusted bytes: its panics become this file's error.
@@ -81,39 +153,101 @@ fn parse_guarded(
         .map_err(|e| DecodeError::NotDicom(e.to_string()))
 }
 
-pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeError> {
+/// How the stored samples of an image are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Samples {
+    /// One sample per pixel; MONOCHROME1 shows low values bright.
+    Monochrome { inverse: bool },
+    /// Three samples per pixel, as the decoder hands them over (after decompression).
+    Color(ColorLayout),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColorLayout {
+    Rgb {
+        planar: bool,
+    },
+    YbrFull {
+        planar: bool,
+    },
+    /// Native YBR_FULL_422: each pair of pixels as Y1 Y2 Cb Cr.
+    YbrFull422,
+}
+
+/// The image attributes the pipeline reads, checked from the header alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLayout {
+    pub rows: u32,
+    pub cols: u32,
+    pub bits_allocated: u32,
+    pub bits_stored: u32,
+    pub high_bit: u32,
+    pub signed: bool,
+    pub samples: Samples,
+}
+
+/// Everything the pipeline refuses that the header alone shows: transfer syntax, samples per pixel and
+/// photometric interpretation (colour under `data.color`), bits, size. The index runs it on every
+/// file's header and the decoder again on the whole file, so that no file the index accepts is refused
+/// later for a reason its header already gave.
+pub fn check_header(obj: &DefaultDicomObject, options: DecodeOptions) -> Result<ImageLayout, DecodeError> {
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
-    match TransferSyntaxRegistry.get(&ts_uid) {
-        Some(ts) if ts.can_decode_all() => {}
+    let encapsulated = match TransferSyntaxRegistry.get(&ts_uid) {
+        Some(ts) if ts.can_decode_all() => ts.is_encapsulated_pixel_data(),
         Some(ts) => {
             return Err(DecodeError::UnsupportedTransferSyntax { uid: ts_uid.clone(), name: ts.name().to_string() })
         }
         None => return Err(DecodeError::UnsupportedTransferSyntax { uid: ts_uid, name: "unknown".into() }),
-    }
-    if obj.get(tags::PIXEL_DATA).is_none() {
-        return Err(DecodeError::NoPixelData);
-    }
+    };
     let samples = uint(obj, tags::SAMPLES_PER_PIXEL, "SamplesPerPixel").unwrap_or(1);
     let photometric = string(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
-    if samples != 1 || !matches!(photometric.as_str(), "MONOCHROME1" | "MONOCHROME2") {
-        return Err(DecodeError::Unsupported(format!(
-            "{samples} samples per pixel, photometric interpretation '{photometric}' (expected MONOCHROME1/2)"
-        )));
-    }
+    let bits_allocated = uint(obj, tags::BITS_ALLOCATED, "BitsAllocated")?;
+    let planar = uint(obj, tags::PLANAR_CONFIGURATION, "PlanarConfiguration").unwrap_or(0) == 1;
+    let samples = match (samples, photometric.as_str()) {
+        (1, "MONOCHROME1" | "MONOCHROME2") => Samples::Monochrome { inverse: photometric == "MONOCHROME1" },
+        (3, "RGB" | "YBR_FULL" | "YBR_FULL_422" | "YBR_RCT" | "YBR_ICT" | "YBR_PARTIAL_420") => {
+            if options.color == ColorMode::Reject {
+                return Err(DecodeError::Color(photometric));
+            }
+            // Decoders of compressed frames hand over interleaved RGB whatever the stored colour space.
+            let layout = match photometric.as_str() {
+                _ if encapsulated => ColorLayout::Rgb { planar: false },
+                "RGB" => ColorLayout::Rgb { planar },
+                "YBR_FULL" => ColorLayout::YbrFull { planar },
+                "YBR_FULL_422" if bits_allocated == 8 && !planar => ColorLayout::YbrFull422,
+                _ => {
+                    return Err(DecodeError::Unsupported(format!(
+                        "uncompressed {photometric} with {bits_allocated} bits allocated{} (PS3.3 C.7.6.3.1.2 allows \
+                         YBR_FULL_422 only interleaved, 8 bits, and YBR_RCT/ICT/PARTIAL_420 only compressed)",
+                        if planar { ", planar" } else { "" }
+                    )))
+                }
+            };
+            Samples::Color(layout)
+        }
+        _ => {
+            return Err(DecodeError::Unsupported(format!(
+                "{samples} samples per pixel, photometric interpretation '{photometric}' (expected MONOCHROME1/2, \
+                 or RGB/YBR with data.color = \"luminance\")"
+            )))
+        }
+    };
     let rows = uint(obj, tags::ROWS, "Rows")?;
     let cols = uint(obj, tags::COLUMNS, "Columns")?;
-    let bits_allocated = uint(obj, tags::BITS_ALLOCATED, "BitsAllocated")?;
     let bits_stored = uint(obj, tags::BITS_STORED, "BitsStored")?;
     let high_bit = uint(obj, tags::HIGH_BIT, "HighBit").unwrap_or(bits_stored.saturating_sub(1));
     let signed = uint(obj, tags::PIXEL_REPRESENTATION, "PixelRepresentation").unwrap_or(0) == 1;
+    let colour_bits_ok = matches!(samples, Samples::Monochrome { .. }) || (matches!(bits_allocated, 8 | 16) && !signed);
     if !matches!(bits_allocated, 8 | 16 | 32)
+        || !colour_bits_ok
         || bits_stored == 0
         || bits_stored > bits_allocated
         || high_bit >= bits_allocated
         || high_bit + 1 < bits_stored
     {
         return Err(DecodeError::Unsupported(format!(
-            "bits allocated {bits_allocated}, stored {bits_stored}, high bit {high_bit}"
+            "bits allocated {bits_allocated}, stored {bits_stored}, high bit {high_bit}{}",
+            if signed { ", signed" } else { "" }
         )));
     }
     if rows == 0 || cols == 0 {
@@ -122,8 +256,44 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
     if u64::from(rows) * u64::from(cols) > MAX_PIXELS {
         return Err(DecodeError::Unsupported(format!("{rows}x{cols} pixels (at most {MAX_PIXELS} are decoded)")));
     }
+    Ok(ImageLayout { rows, cols, bits_allocated, bits_stored, high_bit, signed, samples })
+}
+
+/// The pipeline on a parsed object, with the default options.
+pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeError> {
+    decode_object_with(obj, DecodeOptions::default())
+}
+
+pub fn decode_object_with(obj: &DefaultDicomObject, options: DecodeOptions) -> Result<DecodedImage, DecodeError> {
+    let layout = check_header(obj, options)?;
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DecodeError::NoPixelData);
+    }
+    let ImageLayout { rows, cols, bits_allocated, bits_stored, high_bit, signed, samples } = layout;
+    let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
     check_frame_header(obj, &ts_uid, rows, cols)?;
     let frames = string(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
+    if let Samples::Color(ColorLayout::YbrFull422) = samples {
+        // Uncompressed 8-bit YBR_FULL_422: two bytes per pixel, which dicom-pixeldata 0.10 takes for
+        // three; the frame is read from the element itself.
+        let bytes = obj
+            .get(tags::PIXEL_DATA)
+            .and_then(|e| e.to_bytes().ok())
+            .ok_or_else(|| DecodeError::Pixels("unreadable native pixel data".into()))?;
+        let n = n_pixels(rows, cols);
+        let pixels = luminance(&bytes, n, 1, bits_stored, high_bit, ColorLayout::YbrFull422).ok_or_else(|| {
+            DecodeError::Pixels(format!("{} bytes of pixel data for {rows}x{cols} YBR_FULL_422 pixels", bytes.len()))
+        })?;
+        return Ok(DecodedImage { rows, cols, pixels, frames });
+    }
+    if let Samples::Color(color) = samples {
+        if let Some(rgb) = rgb_jpeg_frame(obj, &ts_uid, frames)? {
+            let pixels = luminance(&rgb, n_pixels(rows, cols), 1, bits_stored, high_bit, color).ok_or_else(|| {
+                DecodeError::Pixels(format!("{} bytes of JPEG output for {rows}x{cols} RGB pixels", rgb.len()))
+            })?;
+            return Ok(DecodedImage { rows, cols, pixels, frames });
+        }
+    }
     // Decoders are third-party code fed untrusted bytes; a panic in one (dicom-rs 0.10's RLE decoder
     // indexes out of bounds on some corrupt segments) becomes this file's error, not the process's end.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
@@ -132,6 +302,18 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
     let bytes = decoded.data();
     let n = rows as usize * cols as usize;
     let width = bits_allocated as usize / 8;
+    let inverse = match samples {
+        Samples::Monochrome { inverse } => inverse,
+        Samples::Color(color) => {
+            let pixels = luminance(bytes, n, width, bits_stored, high_bit, color).ok_or_else(|| {
+                DecodeError::Pixels(format!(
+                    "{} bytes of pixel data for {rows}x{cols} {color:?} pixels of {bits_allocated} bits",
+                    bytes.len()
+                ))
+            })?;
+            return Ok(DecodedImage { rows, cols, pixels, frames });
+        }
+    };
     if bytes.len() < n * width {
         return Err(DecodeError::Pixels(format!(
             "{} bytes of pixel data for {rows}x{cols}x{bits_allocated} bits",
@@ -146,10 +328,97 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
         return Err(DecodeError::Attribute("RescaleSlope/RescaleIntercept"));
     }
     let voi = voi_of(obj)?;
-    let inverse =
-        photometric == "MONOCHROME1" || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
+    let inverse = inverse || string(obj, tags::PRESENTATION_LUT_SHAPE).is_some_and(|s| s == "INVERSE");
     let pixels = present(&stored, slope, intercept, &voi, inverse);
     Ok(DecodedImage { rows, cols, pixels, frames })
+}
+
+fn n_pixels(rows: u32, cols: u32) -> usize {
+    rows as usize * cols as usize
+}
+
+/// The first frame of a JPEG (baseline or extended) colour file whose Photometric Interpretation is
+/// RGB, decoded as RGB (no YCbCr conversion). PS3.5 8.2.1: such a frame stores R, G and B as they are,
+/// while dicom-rs 0.10 lets jpeg-decoder assume YCbCr for every 3-component frame without an Adobe
+/// marker, and so returns wrong colours for these files (GDCM writes them). None for every other file.
+fn rgb_jpeg_frame(obj: &DefaultDicomObject, ts_uid: &str, frames: u32) -> Result<Option<Vec<u8>>, DecodeError> {
+    use dicom_dictionary_std::uids::{JPEG_BASELINE8_BIT, JPEG_EXTENDED12_BIT};
+    let photometric = string(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
+    if !(ts_uid == JPEG_BASELINE8_BIT || ts_uid == JPEG_EXTENDED12_BIT) || photometric != "RGB" {
+        return Ok(None);
+    }
+    let fragments = obj
+        .get(tags::PIXEL_DATA)
+        .and_then(|e| e.fragments())
+        .ok_or_else(|| DecodeError::Pixels("JPEG pixel data has no fragment".into()))?;
+    // One frame: all its fragments; several: the first frame is the first fragment (PS3.5 A.4 allows a
+    // frame to span fragments only where the file holds one frame or an offset table says so).
+    let data: Vec<u8> = if frames == 1 {
+        fragments.iter().flatten().copied().collect()
+    } else {
+        fragments.first().cloned().unwrap_or_default()
+    };
+    let decoded = std::panic::catch_unwind(|| {
+        let mut decoder = jpeg_decoder::Decoder::new(data.as_slice());
+        decoder.set_color_transform(jpeg_decoder::ColorTransform::RGB);
+        decoder.decode()
+    })
+    .map_err(|panic| DecodeError::Pixels(format!("decoder failed on corrupt data: {}", panic_message(&panic))))?
+    .map_err(|e| DecodeError::Pixels(format!("JPEG: {e}")))?;
+    Ok(Some(decoded))
+}
+
+/// Grey values in [0, 1] of a colour frame's `n` pixels: YBR_FULL to RGB as PS3.3 C.7.6.3.1.2 defines
+/// it (rounded and clipped to the stored range, as decoders and pydicom store RGB), then ITU-R BT.601
+/// luma, over the stored range. None when the frame holds fewer bytes than its layout needs.
+fn luminance(
+    bytes: &[u8],
+    n: usize,
+    width: usize,
+    bits_stored: u32,
+    high_bit: u32,
+    color: ColorLayout,
+) -> Option<Vec<f32>> {
+    let shift = high_bit + 1 - bits_stored;
+    let top = ((1u64 << bits_stored) - 1) as f64;
+    let sample = |i: usize| -> Option<f64> {
+        let b = bytes.get(i * width..(i + 1) * width)?;
+        let raw = if width == 1 { u64::from(b[0]) } else { u64::from(u16::from_le_bytes([b[0], b[1]])) };
+        Some(((raw >> shift) & ((1u64 << bits_stored) - 1)) as f64)
+    };
+    // The i-th pixel's three samples, in stored order.
+    let triple = |i: usize, planar: bool| -> Option<[f64; 3]> {
+        if planar {
+            Some([sample(i)?, sample(n + i)?, sample(2 * n + i)?])
+        } else {
+            Some([sample(3 * i)?, sample(3 * i + 1)?, sample(3 * i + 2)?])
+        }
+    };
+    let half = (top + 1.0) / 2.0;
+    let to_rgb = |[y, cb, cr]: [f64; 3]| -> [f64; 3] {
+        let (cb, cr) = (cb - half, cr - half);
+        let round = |v: f64| (v + 0.5).floor().clamp(0.0, top);
+        [
+            round(y + 1.402 * cr),
+            round(y - 0.114 * 1.772 / 0.587 * cb - 0.299 * 1.402 / 0.587 * cr),
+            round(y + 1.772 * cb),
+        ]
+    };
+    let luma = |[r, g, b]: [f64; 3]| ((0.299 * r + 0.587 * g + 0.114 * b) / top) as f32;
+    (0..n)
+        .map(|i| {
+            let rgb = match color {
+                ColorLayout::Rgb { planar } => triple(i, planar)?,
+                ColorLayout::YbrFull { planar } => to_rgb(triple(i, planar)?),
+                ColorLayout::YbrFull422 => {
+                    // Pixels 2k and 2k + 1 share Cb and Cr: bytes 4k..4k+4 hold Y1 Y2 Cb Cr.
+                    let pair = i / 2;
+                    to_rgb([sample(4 * pair + i % 2)?, sample(4 * pair + 2)?, sample(4 * pair + 3)?])
+                }
+            };
+            Some(luma(rgb))
+        })
+        .collect()
 }
 
 /// The largest image decoded (about 6300 x 6300; chest radiographs are at most about 4300 x 4300):
@@ -408,23 +677,30 @@ pub fn resize(img: &DecodedImage, size: u32) -> Vec<f32> {
 
 /// Runs every image of the index through the pixel pipeline (all threads) and returns those that
 /// fail, with the reason. Multi-frame files are decoded for their first frame and counted.
-pub fn check_decode(root: &Path, images: &[crate::index::ImageRecord], size: u32) -> Vec<crate::index::BadFile> {
+pub fn check_decode(
+    root: &Path,
+    images: &[crate::index::ImageRecord],
+    size: u32,
+    options: DecodeOptions,
+) -> Vec<crate::index::BadFile> {
+    use crate::index::{BadFile, BadKind};
     use rayon::prelude::*;
-    let mut bad: Vec<crate::index::BadFile> = images
+    let mut bad: Vec<BadFile> = images
         .par_iter()
-        .filter_map(|img| match decode_file(&root.join(&img.path)) {
+        .filter_map(|img| match decode_file_with(&root.join(&img.path), options) {
             Ok(decoded) => {
                 let resized = resize(&decoded, size);
                 if resized.iter().all(|v| v.is_finite()) {
                     None
                 } else {
-                    Some(crate::index::BadFile {
+                    Some(BadFile {
                         path: img.path.clone(),
+                        kind: BadKind::Undecodable,
                         reason: "decode: non-finite pixel values".into(),
                     })
                 }
             }
-            Err(e) => Some(crate::index::BadFile { path: img.path.clone(), reason: format!("decode: {e}") }),
+            Err(e) => Some(BadFile { path: img.path.clone(), kind: BadKind::of(&e), reason: format!("decode: {e}") }),
         })
         .collect();
     bad.sort_by(|a, b| a.path.cmp(&b.path));

@@ -93,7 +93,7 @@ fn mutated_files_give_errors_or_images_never_panics() {
         }
     }
     // The index reads every mutated header without panicking and accounts for every file.
-    let index = index_tree(&cases, &|_, _| {}).unwrap();
+    let index = index_tree(&cases, Default::default(), &|_, _| {}).unwrap();
     assert_eq!(index.images.len() + index.bad.len(), CASES);
     eprintln!("{CASES} mutated files: {ok} decoded, {errors} rejected with an error");
 }

@@ -67,10 +67,10 @@ struct Loaded {
 }
 
 fn load(root: &Path, side: u32) -> Loaded {
-    let index = index_tree(root, &|_, _| {}).unwrap();
+    let index = index_tree(root, Default::default(), &|_, _| {}).unwrap();
     assert!(index.bad.is_empty(), "{:?}", index.bad);
     let labels = LabelTable::load(root).unwrap();
-    let dataset = Dataset::assemble(index, &labels).unwrap();
+    let dataset = Dataset::assemble(index, &labels);
     assert!(dataset.orphan_label_rows.is_empty());
     let typical_col = dataset.label_columns.iter().position(|c| c == "Typical Appearance").unwrap();
     let mut study_of = vec![0; dataset.index.images.len()];

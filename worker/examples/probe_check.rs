@@ -37,9 +37,9 @@ fn main() {
     let target = args.get(4).cloned().unwrap_or_else(|| "Typical Appearance".into());
     let size: u32 = args.get(5).map_or(64, |s| s.parse().unwrap_or_else(|_| fail(format!("image size '{s}'"))));
 
-    let index = index_tree(&root, &|_, _| {}).unwrap_or_else(|e| fail(e.to_string()));
+    let index = index_tree(&root, Default::default(), &|_, _| {}).unwrap_or_else(|e| fail(e.to_string()));
     let labels = LabelTable::load(&root).unwrap_or_else(|e| fail(e.to_string()));
-    let dataset = Dataset::assemble(index, &labels).unwrap_or_else(|e| fail(e.to_string()));
+    let dataset = Dataset::assemble(index, &labels);
     let column = dataset
         .label_columns
         .iter()

@@ -14,7 +14,7 @@ use simclr_coordinator::{
     data_plan, finalize_config, metrics, progress, restart, run_dir_path, Coordinator, CoordinatorError, JobOutcome,
     RunDir,
 };
-use simclr_data::pixels::check_decode;
+use simclr_data::pixels::{check_decode, DecodeOptions};
 use simclr_data::synth::{write_dataset, SynthError, SynthOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -69,6 +69,18 @@ struct InspectArgs {
     /// Preprocessed image size for --decode.
     #[arg(long, default_value_t = 64)]
     image_size: u32,
+    /// Colour images: reject (list them) or luminance (convert to grey), as data.color in a job.
+    #[arg(long, value_enum, default_value_t = ColorArg::Reject)]
+    color: ColorArg,
+    /// Read data sets without a File Meta header, as data.accept_no_meta = true in a job.
+    #[arg(long)]
+    accept_no_meta: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ColorArg {
+    Reject,
+    Luminance,
 }
 
 #[derive(Args)]
@@ -495,20 +507,23 @@ fn synth(args: SynthArgs) -> Result<ExitStatus, CoordinatorError> {
 }
 
 fn inspect(args: InspectArgs) -> Result<ExitStatus, CoordinatorError> {
-    let mut dataset = data_plan::load(&args.data)?;
+    let color = match args.color {
+        ColorArg::Reject => simclr_common::config::ColorMode::Reject,
+        ColorArg::Luminance => simclr_common::config::ColorMode::Luminance,
+    };
+    let options = DecodeOptions { color, accept_no_meta: args.accept_no_meta };
+    let mut dataset = data_plan::load(&args.data, options)?;
     if args.decode {
-        let failed = check_decode(&args.data, &dataset.index.images, args.image_size);
-        let failed_paths: std::collections::BTreeSet<_> = failed.iter().map(|b| b.path.clone()).collect();
-        dataset.index.images.retain(|i| !failed_paths.contains(&i.path));
-        dataset.index.bad.extend(failed);
-        dataset.index.bad.sort_by(|a, b| a.path.cmp(&b.path));
+        let failed = check_decode(&args.data, &dataset.index.images, args.image_size, options);
+        let failed: std::collections::BTreeMap<_, _> =
+            failed.into_iter().map(|b| (b.path.clone(), (b.kind, b.reason))).collect();
+        dataset.index.exclude(|image| failed.get(&image.path).cloned());
         // Studies refer to image positions: rebuild them over the images that decode.
         let labels =
             simclr_data::labels::LabelTable::load(&args.data).map_err(|e| CoordinatorError::Data(e.to_string()))?;
-        dataset = simclr_data::dataset::Dataset::assemble(dataset.index, &labels)
-            .map_err(|e| CoordinatorError::Data(e.to_string()))?;
+        dataset = simclr_data::dataset::Dataset::assemble(dataset.index, &labels);
     }
-    let mut summary = data_plan::summarize(&args.data, false, &dataset, None, &[], None);
+    let mut summary = data_plan::summarize(&args.data, false, &dataset, None, &[], None, &Default::default());
     // The task comes from a job's configuration, which inspect does not have.
     if let Some(fields) = summary.as_object_mut() {
         fields.remove("task");
@@ -517,7 +532,7 @@ fn inspect(args: InspectArgs) -> Result<ExitStatus, CoordinatorError> {
     summary["decoded"] = serde_json::Value::Bool(args.decode);
     println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
     for bad in &dataset.index.bad {
-        println!("unusable: {}: {}", bad.path.display(), bad.reason);
+        println!("unusable ({}): {}: {}", bad.kind.as_str(), bad.path.display(), bad.reason);
     }
     if let Some(path) = &args.json {
         summary["unusable"] = serde_json::to_value(&dataset.index.bad).unwrap_or_default();

@@ -1,20 +1,27 @@
-//! Which images each rank reads: its slots of every epoch's global order (the same order for any world
-//! size) and its share of the validation and test images, or the labelled images of the probe sweep.
+//! Which images each rank reads: in the decode phase, its share of every image the job reads; then its
+//! slots of every epoch's global order (the same order for any world size) and its share of the
+//! validation and test images, or the labelled images of the probe sweep. Those later answers wait
+//! until every rank has finished the decode phase and leave out every file that failed in it, so the
+//! same images are read, in the same order, for any number of workers.
 
 use simclr_data::dataset::{epoch_order, rank_slots, Slot};
 
 use super::*;
 
 impl Job {
-    /// `rank`'s images for `epoch`: its slice of every global batch of the epoch's order (from the
-    /// job's seed and the epoch alone) and every world-size-th labelled validation and test image.
-    /// With `probe`, every world-size-th labelled training image instead of the slots.
-    pub fn assignment(
+    /// `rank`'s images: with `decode`, every world-size-th image the job reads (the training images,
+    /// labelled or not, less those an earlier attempt found undecodable, and the labelled validation
+    /// and test images); else, once the decode phase is over everywhere, its slice of every global batch
+    /// of `epoch`'s order (from the job's seed and the epoch alone) and every world-size-th labelled
+    /// validation and test image, or with `probe` every world-size-th labelled training image instead
+    /// of the slots.
+    pub async fn assignment(
         &self,
         rank: u32,
         instance_id: &str,
         epoch: u64,
         probe: bool,
+        decode: bool,
     ) -> Result<wire::GetAssignmentResponse, Status> {
         let world_size = {
             let state = self.lock();
@@ -22,6 +29,20 @@ impl Job {
             state.members.len()
         };
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
+        let usable = if decode {
+            let state = self.lock();
+            let training =
+                data.training_images.iter().copied().filter(|i| !state.undecodable.contains_key(i)).collect();
+            Arc::new(Usable { training, excluded: state.undecodable.keys().copied().collect() })
+        } else {
+            self.wait_for(|s| s.usable.is_some() || s.outcome.is_some()).await;
+            let state = self.lock();
+            match (&state.usable, &state.outcome) {
+                (Some(usable), _) => Arc::clone(usable),
+                (None, Some((notice, _))) => return Err(Status::aborted(notice.message.clone())),
+                (None, None) => return Err(Status::internal("the decode phase ended without a result")),
+            }
+        };
         let d = &data.dataset;
         let image_ref = |(i, occurrence): Slot| {
             let img = &d.index.images[i];
@@ -50,6 +71,7 @@ impl Job {
                 .map(|&i| &d.studies[i])
                 .filter(|s| s.labels.is_some())
                 .flat_map(|s| s.images.iter().copied())
+                .filter(|i| !usable.excluded.contains(i))
                 .collect();
             images.sort_unstable();
             images
@@ -59,6 +81,8 @@ impl Job {
         };
         let train = if probe {
             mine(labelled_images_of(&data.split.train))
+        } else if decode {
+            mine(usable.training.clone())
         } else {
             let batch = self.config.pretrain.batch_size;
             if !batch.is_multiple_of(world_size) {
@@ -67,7 +91,7 @@ impl Job {
                 )));
             }
             let order =
-                epoch_order(&data.training_images, batch, self.config.job.seed, epoch, self.config.data.shard_policy)
+                epoch_order(&usable.training, batch, self.config.job.seed, epoch, self.config.data.shard_policy)
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
             rank_slots(&order, batch, world_size, rank as usize).into_iter().map(image_ref).collect()
         };

@@ -23,7 +23,7 @@ use tonic::Status;
 
 use crate::data_plan::PreparedData;
 use crate::rendezvous::{Registration, Rendezvous, RendezvousError};
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, UndecodableFile};
 use sweep::probe_fingerprint;
 use sweep_queue::{Next, SweepQueue};
 
@@ -37,6 +37,9 @@ mod sweep;
 pub mod sweep_queue;
 
 pub use crate::events::{JobEvent, JobOutcome, Member, MemberStatus};
+
+/// The phase whose failures are final for the job (`State::undecodable`).
+const PHASE_DECODE: &str = "decode";
 
 struct State {
     rendezvous: Rendezvous,
@@ -57,6 +60,20 @@ struct State {
     /// Probe results an earlier attempt (or coordinator) recorded for this configuration; the sweep
     /// starts with them done.
     recovered: Vec<ProbeOutcome>,
+    /// Images (by index) that failed in the decode phase, with the reason: this attempt's, and those an
+    /// earlier one recorded in the run directory (`undecodable.json`), which no worker is given again.
+    undecodable: BTreeMap<usize, String>,
+    /// What pretraining and the probes read, fixed once every rank has finished the decode phase.
+    usable: Option<Arc<Usable>>,
+}
+
+/// The images left for pretraining and the probes once the decode phase is over.
+#[derive(Debug)]
+pub(crate) struct Usable {
+    /// The training images that decoded, sorted: what every epoch's order shuffles.
+    training: Vec<usize>,
+    /// Every image that did not.
+    excluded: BTreeSet<usize>,
 }
 
 pub struct Job {
@@ -88,6 +105,12 @@ impl Job {
         let world_size = config.cluster.world_size;
         let (changed, _) = watch::channel(());
         let (events, _) = broadcast::channel(1024);
+        let recorded = data.as_deref().map(|d| recorded_undecodable(&run_dir, d)).unwrap_or_default();
+        let file_issues = recorded
+            .iter()
+            .map(|(_, f)| (PHASE_DECODE.to_string(), f.rank, f.path.clone(), f.reason.clone()))
+            .collect();
+        let undecodable = recorded.into_iter().map(|(i, f)| (i, f.reason)).collect();
         let recovered = match run_dir.open_probe_journal(&probe_fingerprint(&config)) {
             Ok(recovered) => recovered,
             Err(e) => {
@@ -105,13 +128,15 @@ impl Job {
                 rendezvous: Rendezvous::new(job_id.clone(), world_size, simclr_common::VERSION),
                 members: Vec::new(),
                 results: BTreeMap::new(),
-                file_issues: Vec::new(),
+                file_issues,
                 outcome: None,
                 retryable: false,
                 shared: BTreeMap::new(),
                 sweep: None,
                 excused: BTreeSet::new(),
                 recovered,
+                undecodable,
+                usable: None,
             }),
             changed,
             events,
@@ -169,6 +194,23 @@ impl Job {
     pub fn stop_notice(&self) -> Option<StopNotice> {
         self.lock().outcome.as_ref().map(|(n, _)| n.clone())
     }
+}
+
+/// The images an earlier attempt found undecodable and recorded in `run_dir`, where the file is still
+/// the same (same path, size and modification time): a file replaced since is tried again.
+fn recorded_undecodable(run_dir: &RunDir, data: &PreparedData) -> Vec<(usize, UndecodableFile)> {
+    let mut out = Vec::new();
+    for file in run_dir.read_undecodable() {
+        let Some(&i) = data.image_of_path.get(&file.path) else { continue };
+        let img = &data.dataset.index.images[i];
+        if img.file_size == file.file_size && u64::try_from(img.modified_ns).unwrap_or(u64::MAX) == file.modified_ns {
+            out.push((i, file));
+        }
+    }
+    if !out.is_empty() {
+        tracing::info!(files = out.len(), "files an earlier attempt could not decode are left out (undecodable.json)");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -267,7 +309,7 @@ mod tests {
         assert!(a.is_ok() && b.is_ok());
         let mut seen = 0;
         for rank in 0..2 {
-            let response = job.assignment(rank, &format!("w{rank}"), 0, false).unwrap();
+            let response = job.assignment(rank, &format!("w{rank}"), 0, false, true).await.unwrap();
             assert_eq!(response.label_columns, vec!["Typical Appearance".to_string()]);
             for image in response.train.iter().chain(&response.test) {
                 assert_eq!(image.labels, vec![truth[&image.sop_uid]], "{}", image.path);
@@ -276,6 +318,95 @@ mod tests {
         }
         assert!(seen > 0);
         assert!(truth.values().any(|&v| v == 1.0) && truth.values().any(|&v| v == 0.0));
+    }
+
+    /// A file that fails in the decode phase is final for the job: pretraining and probe assignments
+    /// wait until every rank has decoded, then leave it out of every epoch and every side; the run
+    /// directory lists it once; a restarted job (a new `Job` on the same run directory) does not even
+    /// hand it out for decoding, unless the file has changed since.
+    #[tokio::test]
+    async fn a_file_that_fails_to_decode_is_never_handed_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let opts = simclr_data::synth::SynthOptions { studies: 24, seed: 3, image_size: 32 };
+        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
+        let mut config = JobConfig::default();
+        config.job.id = "decode-test".into();
+        config.cluster.world_size = 2;
+        config.data.path = Some(data_dir.clone());
+        config.pretrain.batch_size = 4;
+        let prepared = Arc::new(crate::data_plan::prepare(&config.data, Some(4)).unwrap());
+        let bad_index = prepared.training_images[3];
+        let bad = prepared.dataset.index.images[bad_index].path.display().to_string();
+        let run_path = dir.path().join("run");
+        let new_job = || {
+            let job =
+                Job::new(config.clone(), None, RunDir::create(&run_path).unwrap(), Some(Arc::clone(&prepared)), 0)
+                    .unwrap();
+            async move {
+                let (a, b) = tokio::join!(job.register(worker(0)), job.register(worker(1)));
+                assert!(a.is_ok() && b.is_ok());
+                job
+            }
+        };
+        let done = |rank: u32, phase: &str, issues: Vec<wire::FileIssue>| wire::ReportProgressRequest {
+            rank,
+            instance_id: format!("w{rank}"),
+            phase: phase.into(),
+            phase_done: true,
+            issues,
+            ..Default::default()
+        };
+        let paths = |images: &[wire::ImageRef]| images.iter().map(|i| i.path.clone()).collect::<Vec<_>>();
+
+        let job = new_job().await;
+        let decode0 = job.assignment(0, "w0", 0, false, true).await.unwrap();
+        let decode1 = job.assignment(1, "w1", 0, false, true).await.unwrap();
+        let handed_out: Vec<String> = paths(&decode0.train).into_iter().chain(paths(&decode1.train)).collect();
+        assert_eq!(handed_out.len(), prepared.training_images.len(), "each training image once");
+        assert!(handed_out.contains(&bad));
+
+        let waiting = {
+            let job = Arc::clone(&job);
+            tokio::spawn(async move { job.assignment(0, "w0", 0, false, false).await })
+        };
+        for rank in 0..2 {
+            job.report_progress(done(rank, "preflight", vec![])).unwrap();
+        }
+        let issue = wire::FileIssue { path: bad.clone(), reason: "decode: pixel data cannot be decoded".into() };
+        job.report_progress(done(0, "decode", vec![issue.clone()])).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a pretraining assignment was answered before every rank had decoded");
+        // The same file reported again (another phase, another rank) stays one row.
+        job.report_progress(done(1, "decode", vec![issue])).unwrap();
+        let epoch0 = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+        let mut seen = paths(&epoch0.train);
+        for epoch in 0..3 {
+            for rank in 0..2 {
+                let a = job.assignment(rank, &format!("w{rank}"), epoch, false, false).await.unwrap();
+                seen.extend(paths(&a.train).into_iter().chain(paths(&a.validation)).chain(paths(&a.test)));
+            }
+        }
+        for rank in 0..2 {
+            seen.extend(paths(&job.assignment(rank, &format!("w{rank}"), 0, true, false).await.unwrap().train));
+        }
+        assert!(!seen.is_empty() && !seen.contains(&bad), "{bad} was handed out after it failed to decode");
+
+        let issues = std::fs::read_to_string(run_path.join("worker_file_issues.csv")).unwrap();
+        assert_eq!(issues.lines().filter(|l| l.contains(&bad)).count(), 1, "{issues}");
+        let dataset: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run_path.join("dataset.json")).unwrap()).unwrap();
+        assert_eq!(dataset["usable_images"], prepared.dataset.index.images.len() - 1, "{dataset}");
+        assert_eq!(dataset["unusable_by_kind"]["undecodable"], 1, "{dataset}");
+
+        // A restart remembers the file: not even the decode phase gets it.
+        let restarted = new_job().await;
+        let decode0 = restarted.assignment(0, "w0", 0, false, true).await.unwrap();
+        let decode1 = restarted.assignment(1, "w1", 0, false, true).await.unwrap();
+        let handed_out: Vec<String> = paths(&decode0.train).into_iter().chain(paths(&decode1.train)).collect();
+        assert_eq!(handed_out.len(), prepared.training_images.len() - 1);
+        assert!(!handed_out.contains(&bad));
+        assert_eq!(restarted.lock().file_issues.len(), 1, "the restarted job lists the file it remembers");
     }
 
     /// The NCCL unique id's path: readers wait for the publisher, members only, one value per key,

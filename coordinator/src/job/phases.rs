@@ -1,7 +1,10 @@
 //! Progress through the phases: per-rank reports, the metrics and unusable files they carry, and the
 //! end of a phase (every active rank done), which completes the job after the last one.
 
+use simclr_data::dataset::epoch_order;
+
 use super::*;
+use crate::error::CoordinatorError;
 
 impl Job {
     pub fn report_progress(&self, req: wire::ReportProgressRequest) -> Result<(), Status> {
@@ -14,8 +17,17 @@ impl Job {
             m.total = req.total;
         }
         for issue in &req.issues {
+            // One row per file: a file already listed (by another rank, phase or attempt) stays as it was.
+            if state.file_issues.iter().any(|(_, _, path, _)| *path == issue.path) {
+                continue;
+            }
             tracing::warn!(rank = req.rank, phase = %req.phase, path = %issue.path, reason = %issue.reason, "unusable file");
             state.file_issues.push((req.phase.clone(), req.rank, issue.path.clone(), issue.reason.clone()));
+            if req.phase == PHASE_DECODE {
+                if let Some(&i) = self.data.as_ref().and_then(|d| d.image_of_path.get(&issue.path)) {
+                    state.undecodable.insert(i, issue.reason.clone());
+                }
+            }
         }
         if !req.error.is_empty() {
             tracing::error!(rank = req.rank, phase = %req.phase, error = %req.error, "phase failed on a worker");
@@ -70,13 +82,80 @@ impl Job {
             return Ok(());
         }
         tracing::info!(job = %self.job_id, phase = %req.phase, "phase complete on every rank");
-        let notice = self.finish_if_complete(&mut state);
-        drop(state);
+        let mut notice = self.finish_if_complete(&mut state);
+        if req.phase == PHASE_DECODE {
+            notice = notice.or(self.fix_usable(state));
+        } else {
+            drop(state);
+        }
         self.emit(JobEvent::PhaseComplete { phase: req.phase });
         if let Some(notice) = notice {
             self.announce_stop(notice);
         }
         Ok(())
+    }
+
+    /// Once the decode phase is over everywhere: fixes what pretraining and the probes read (every image
+    /// but those that failed to decode), checks that the training images still fill a global batch,
+    /// and writes the run directory's record of it (`worker_file_issues.csv`, `undecodable.json`, and
+    /// `dataset.json` and `split.csv` without the failed files). Takes the lock; returns a stop notice
+    /// to announce when too few images are left.
+    fn fix_usable(&self, mut state: MutexGuard<'_, State>) -> Option<StopNotice> {
+        let data = self.data.as_ref()?;
+        let excluded: BTreeSet<usize> = state.undecodable.keys().copied().collect();
+        let training: Vec<usize> = data.training_images.iter().copied().filter(|i| !excluded.contains(i)).collect();
+        let batch = self.config.pretrain.batch_size;
+        let steps = match epoch_order(&training, batch, self.config.job.seed, 0, self.config.data.shard_policy) {
+            Ok(order) => Some(order.len() / batch),
+            Err(e) if self.config.pretrain.enabled => {
+                let message = format!(
+                    "after the decode phase: {e} ({} files did not decode; see worker_file_issues.csv)",
+                    excluded.len()
+                );
+                let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::DataError, false);
+                drop(state);
+                self.changed.send_replace(());
+                return notice;
+            }
+            Err(_) => None,
+        };
+        let issues = state.file_issues.clone();
+        let records: Vec<UndecodableFile> = state
+            .undecodable
+            .iter()
+            .map(|(&i, reason)| {
+                let img = &data.dataset.index.images[i];
+                let path = img.path.display().to_string();
+                let rank = issues.iter().find(|(_, _, p, _)| *p == path).map_or(0, |(_, r, _, _)| *r);
+                UndecodableFile {
+                    path,
+                    rank,
+                    file_size: img.file_size,
+                    modified_ns: u64::try_from(img.modified_ns).unwrap_or(u64::MAX),
+                    reason: reason.clone(),
+                }
+            })
+            .collect();
+        if !excluded.is_empty() {
+            tracing::warn!(
+                files = excluded.len(),
+                training_images = training.len(),
+                "files that did not decode are left out of pretraining and the probes (worker_file_issues.csv)"
+            );
+        }
+        state.usable = Some(Arc::new(Usable { training, excluded: excluded.clone() }));
+        drop(state);
+        self.changed.send_replace(());
+        let written = self
+            .run_dir
+            .write_file_issues("worker_file_issues.csv", &issues)
+            .and_then(|()| self.run_dir.write_undecodable(&records))
+            .map_err(CoordinatorError::RunDir)
+            .and_then(|()| crate::data_plan::write_decoded_reports(data, &excluded, steps, &self.run_dir));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record the decode phase's results in the run directory");
+        }
+        None
     }
 
     /// Whether every rank has reported `phase`, a rank lost during the probe sweep excepted.

@@ -20,17 +20,32 @@ pub(crate) struct Assignments {
     pub data_root_limit: Option<PathBuf>,
 }
 
+/// What a phase asks its images for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Every image the job reads, this rank's share, to decode into the cache.
+    Decode,
+    /// This rank's slots of one pretraining epoch.
+    Pretrain { epoch: u64 },
+    /// This rank's share of the labelled images, for the probe sweep's features.
+    Probe,
+}
+
 impl Assignments {
-    /// This rank's images for `epoch` (or, with `probe`, for the probe sweep). An answer that would
-    /// read outside the dataset (an image path with `..` or an absolute one, a root outside
-    /// `--data-root`) is refused whole, naming the path.
+    /// This rank's images for `purpose`. An answer that would read outside the dataset (an image path
+    /// with `..` or an absolute one, a root outside `--data-root`) is refused whole, naming the path.
     /// A failed call is retryable (the coordinator may be back for the next attempt); a refused answer
     /// is permanent.
-    pub(crate) async fn fetch(&self, epoch: u64, probe: bool) -> Result<wire::GetAssignmentResponse, PhaseError> {
+    pub(crate) async fn fetch(&self, purpose: Purpose) -> Result<wire::GetAssignmentResponse, PhaseError> {
+        let (epoch, probe, decode) = match purpose {
+            Purpose::Decode => (0, false, true),
+            Purpose::Pretrain { epoch } => (epoch, false, false),
+            Purpose::Probe => (0, true, false),
+        };
         let request =
-            wire::GetAssignmentRequest { rank: self.rank, instance_id: self.instance_id.clone(), epoch, probe };
+            wire::GetAssignmentRequest { rank: self.rank, instance_id: self.instance_id.clone(), epoch, probe, decode };
         let assignment = self.client.clone().get_assignment(request).await.map(|r| r.into_inner()).map_err(|e| {
-            PhaseError::retryable(format!("cannot get this rank's images for epoch {epoch}: {}", e.message()))
+            PhaseError::retryable(format!("cannot get this rank's images ({purpose:?}): {}", e.message()))
         })?;
         check_assignment(&assignment, self.data_root_limit.as_deref()).map_err(PhaseError::permanent)?;
         Ok(assignment)

@@ -1,7 +1,9 @@
-//! The decode phase: this rank decodes its assigned images (its epoch-0 training slots and its share
-//! of the validation and test images) once through the pixel pipeline into the host's decode cache, so that training
-//! and probing read preprocessed pixels instead of DICOM. Unusable files are reported with their reason;
-//! with `data.on_bad_file = "fail"` the first one fails the phase.
+//! The decode phase: this rank decodes its share of every image the job reads (training images,
+//! validation and test) once through the pixel pipeline into the host's decode cache, so that training
+//! and probing read preprocessed pixels instead of DICOM. Files that fail are reported with their
+//! reason, and the coordinator leaves them out of every later assignment; with
+//! `data.on_bad_file = "fail"` the first one fails the phase. Parser warnings are summarised in one log
+//! line per kind, not one per file.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,14 +13,15 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use simclr_common::config::OnBadFile;
 use simclr_data::cache::{CacheKey, CacheOutcome, DecodeCache};
+use simclr_data::pixels::DecodeOptions;
 
-use crate::phase::assignments::cache_key;
+use crate::phase::assignments::{cache_key, Purpose};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 
 const PHASE: &str = "decode";
 
 pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
-    let assignment = ctx.assignments().fetch(0, false).await?;
+    let assignment = ctx.assignments().fetch(Purpose::Decode).await?;
     let mut output = PhaseOutput::default();
     if assignment.data_root.is_empty() {
         output.metrics.insert("images".into(), 0.0);
@@ -32,7 +35,9 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         )));
     }
     let cache_path = simclr_data::cache_dir().join("decoded");
-    let cache = DecodeCache::open(&cache_path).map_err(|e| PhaseError::permanent(e.to_string()))?;
+    let cache = DecodeCache::open(&cache_path)
+        .map_err(|e| PhaseError::permanent(e.to_string()))?
+        .with_options(DecodeOptions::of(&ctx.config.data));
     let keys: Vec<CacheKey> = assignment
         .train
         .iter()
@@ -48,9 +53,11 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     let mut work = tokio::task::spawn_blocking(move || {
         keys.par_iter()
             .map(|key| {
-                let result = cache.get_or_decode(&root, key).map(|(_, outcome)| outcome);
+                let (result, warnings) = simclr_common::logging::capture_file_warnings(|| {
+                    cache.get_or_decode(&root, key).map(|(_, outcome)| outcome)
+                });
                 counter.fetch_add(1, Ordering::Relaxed);
-                (key.path.display().to_string(), result)
+                (key.path.display().to_string(), result, warnings)
             })
             .collect::<Vec<_>>()
     });
@@ -63,13 +70,25 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         }
     };
     let (mut hits, mut decoded, mut rebuilt) = (0usize, 0usize, 0usize);
-    for (path, result) in results {
+    let mut warned: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (path, result, warnings) in results {
+        for message in warnings.into_iter().collect::<std::collections::BTreeSet<_>>() {
+            warned.entry(message).or_default().push(path.clone());
+        }
         match result {
             Ok(CacheOutcome::Hit) => hits += 1,
             Ok(CacheOutcome::Miss) => decoded += 1,
             Ok(CacheOutcome::Rebuilt) => rebuilt += 1,
             Err(e) => output.issues.push((path, format!("decode: {e}"))),
         }
+    }
+    for (message, paths) in &warned {
+        let more = if paths.len() > 3 { ", ..." } else { "" };
+        tracing::warn!(
+            files = paths.len(),
+            "DICOM parser: {message} (in {}{more})",
+            paths[..paths.len().min(3)].join(", ")
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     if let (OnBadFile::Fail, Some((path, reason))) = (ctx.config.data.on_bad_file, output.issues.first()) {

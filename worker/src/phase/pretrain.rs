@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use simclr_data::cache::{fnv1a, DecodeCache};
+use simclr_data::pixels::DecodeOptions;
 use simclr_proto::wire;
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
@@ -25,7 +26,7 @@ use crate::comm::{Collective, Timed};
 use crate::engine::model::load_encoder;
 use crate::engine::model::save_encoder;
 use crate::engine::train::{latest_checkpoint, EpochData, StepStats, TrainError, Trainer};
-use crate::phase::assignments::cache_key;
+use crate::phase::assignments::{cache_key, Purpose};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 
 const PHASE: &str = "pretrain";
@@ -56,7 +57,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         ctx.config.job.run_dir.clone().ok_or_else(|| {
             PhaseError::permanent("the coordinator sent no job.run_dir; checkpoints have nowhere to go")
         })?;
-    let first = ctx.assignments().fetch(0, false).await?;
+    let first = ctx.assignments().fetch(Purpose::Pretrain { epoch: 0 }).await?;
     if first.data_root.is_empty() {
         // Only jobs built in code (membership tests) have no dataset; every launcher gives one.
         tracing::info!("no dataset in this job: nothing to pretrain");
@@ -79,6 +80,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         events,
         issues: Arc::new(Mutex::new(Vec::new())),
         run_keys: run_keys(&ctx.config),
+        decode: DecodeOptions::of(&ctx.config.data),
     };
     let issues = Arc::clone(&job.issues);
     let mut work = tokio::task::spawn_blocking(move || job.train());
@@ -198,6 +200,7 @@ struct TrainJob {
     issues: Arc<Mutex<Vec<(String, String)>>>,
     /// The data keys the epoch order depends on (`Trainer::run_keys`).
     run_keys: serde_json::Value,
+    decode: DecodeOptions,
 }
 
 impl TrainJob {
@@ -239,7 +242,8 @@ impl TrainJob {
         );
         let data_seconds = Mutex::new(0.0f64);
         let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
-            .map_err(|e| TrainError::Config(format!("decode cache: {e}")))?;
+            .map_err(|e| TrainError::Config(format!("decode cache: {e}")))?
+            .with_options(self.decode);
         let mut history: Vec<StepStats> = Vec::new();
         let mut last_checkpoint_seen = latest_checkpoint(&checkpoints).ok();
         let rank0 = self.rank == 0;
@@ -319,7 +323,7 @@ impl TrainJob {
     /// cache. An image that cannot be decoded is reported and its slot filled with another image of this
     /// rank's epoch, with views of its own, so every rank keeps the same number of steps.
     fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, PhaseError> {
-        let a = self.runtime.block_on(self.assignments.fetch(epoch, false))?;
+        let a = self.runtime.block_on(self.assignments.fetch(Purpose::Pretrain { epoch }))?;
         if a.train.len() != self.per_rank {
             return Err(PhaseError::permanent(format!(
                 "epoch {epoch}: the coordinator assigned {} slots to this rank, epoch 0 had {}",

@@ -17,12 +17,13 @@ use std::time::Instant;
 use rayon::prelude::*;
 use simclr_common::probe::{EncoderSource, ProbeOutcome, ProbeTask};
 use simclr_data::cache::DecodeCache;
+use simclr_data::pixels::DecodeOptions;
 use simclr_proto::wire;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::comm::{f32s_to_u64, u64_to_f32s, Collective};
 use crate::engine::model::{load_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig};
-use crate::phase::assignments::cache_key;
+use crate::phase::assignments::{cache_key, Purpose};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 use crate::probe::features::{broadcast_encoder, gather_rows};
 use crate::probe::{embed, run_task, FineTuneData, Rows, SweepData, ValidationData, EMBED_BATCH};
@@ -40,7 +41,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         output.metrics.insert("skipped".into(), 1.0);
         return Ok(output);
     }
-    let assignment = ctx.assignments().fetch(0, true).await.map_err(|e| e.context("probe sweep"))?;
+    let assignment = ctx.assignments().fetch(Purpose::Probe).await.map_err(|e| e.context("probe sweep"))?;
     if assignment.data_root.is_empty() {
         tracing::info!("no dataset in this job: nothing to probe");
         output.metrics.insert("skipped".into(), 1.0);
@@ -67,6 +68,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         random_baseline: section.random_baseline,
         finetune: section.finetune,
         device: ctx.device,
+        decode: DecodeOptions::of(&ctx.config.data),
     };
     let (data, mut metrics, issues) = tokio::task::spawn_blocking(move || {
         let result = job.features(collective.as_ref());
@@ -166,6 +168,7 @@ struct FeatureJob {
     /// Keep every image and the encoders' weights for fine-tuning tasks.
     finetune: bool,
     device: Device,
+    decode: DecodeOptions,
 }
 
 impl FeatureJob {
@@ -304,7 +307,9 @@ impl FeatureJob {
     /// decode is left out and reported.
     fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Tensor, Issues), String> {
         let root = Path::new(&self.assignment.data_root);
-        let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded")).map_err(|e| e.to_string())?;
+        let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
+            .map_err(|e| e.to_string())?
+            .with_options(self.decode);
         let size = self.assignment.image_size;
         let columns = self.assignment.label_columns.len();
         let decoded: Vec<Result<Vec<f32>, String>> = refs
