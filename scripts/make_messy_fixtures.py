@@ -4,7 +4,9 @@ each file made by third-party software (pydicom or GDCM):
 - colour images (RGB interleaved and planar, YBR_FULL, YBR_FULL_422 uncompressed; GDCM's YBR_FULL and
   its JPEG baseline, which it stores as YBR_FULL_422),
 - a data set without File Meta header (no preamble, no "DICM": ACR-NEMA style, implicit VR little
-  endian), monochrome.
+  endian), monochrome,
+- two monochrome files whose Specific Character Set names no known character set (dicom-rs reads
+  them, with a warning per file).
 
 `expected.json` holds, for every colour file, pydicom's reading of it: the pixels decoded by pydicom
 (its JPEG plugin for the JPEG file), converted to RGB by `pydicom.pixels.convert_color_space` where
@@ -153,6 +155,13 @@ def main():
     pydicom.dcmwrite(os.path.join(OUT, "pydicom_no_meta.dcm"), ds, implicit_vr=True, little_endian=True,
                      enforce_file_format=False)
 
+    # Usable files that make the parser warn: an unknown Specific Character Set.
+    for k in (1, 2):
+        ds = base(f"charset_{k}", 1, "MONOCHROME2")
+        ds.SpecificCharacterSet = "ISO_IR 999"
+        ds.PixelData = ((r * 5 + c * 3 + k) % 256).astype(np.uint8).tobytes()
+        save(ds, f"pydicom_unknown_charset_{k}.dcm")
+
     # GDCM, last (its zlib clashes with pydicom's deflate: see make_codec_fixtures.py).
     ds = base("gdcm_src", 3, "YBR_FULL")
     ds.PixelData = ybr.tobytes()
@@ -166,7 +175,7 @@ def main():
 
     expected = {}
     for name in sorted(os.listdir(OUT)):
-        if not name.endswith(".dcm") or name == "pydicom_no_meta.dcm":
+        if not name.endswith(".dcm") or name == "pydicom_no_meta.dcm" or "charset" in name:
             continue
         expected[name] = luma_by_pydicom(os.path.join(OUT, name))
         print(f"{name}: {expected[name]['photometric']}, {expected[name]['syntax']}, "

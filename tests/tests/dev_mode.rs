@@ -400,66 +400,198 @@ async fn nccl_on_cpu_workers_is_refused_by_name() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A dataset with a corrupt file: `skip` lists it and runs, `fail` stops before any worker starts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_file_is_listed_with_its_reason_or_stops_the_job_by_name() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
+/// A messy export folder, as a PACS export or a shared drive holds it.
+struct MessyFolder {
+    root: std::path::PathBuf,
+    /// What the index must refuse: path relative to the root -> kind.
+    refused: BTreeMap<String, &'static str>,
+    /// The one file whose header is sound but whose pixels do not decode (only a worker can find it).
+    undecodable: String,
+}
+
+/// Synthetic studies labelled per image in a plain `labels.csv`, one multi-image study whose rows
+/// disagree, the codec fixtures (GDCM, pydicom), colour files and a data set without File Meta
+/// (pydicom, GDCM), a text file named `.dcm`, a file whose pixel data was cut short, and a JPEG whose
+/// headers are intact but whose scan is gone.
+fn messy_folder(dir: &Path) -> anyhow::Result<MessyFolder> {
+    let root = dir.join("export");
     let status = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
-        .args(["synth", "--studies", "12", "--size", "32", "--out"])
-        .arg(&data)
+        .args(["synth", "--studies", "24", "--size", "32", "--out"])
+        .arg(&root)
         .env("RUST_LOG", "warn")
         .status()?;
     assert!(status.success());
-    let broken = data.join("train").join("broken.dcm");
-    std::fs::write(&broken, b"DICM? no: a file cut short by a failed copy")?;
-    // A real file whose pixel data was cut short: its header indexes, its pixels do not decode.
-    let victim = simclr_data::index::list_files(&data)?.into_iter().find(|p| p != &broken).unwrap();
-    let bytes = std::fs::read(&victim)?;
-    std::fs::write(&victim, &bytes[..bytes.len() - 500])?;
-    let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
-    let data_arg = data.display().to_string();
+    // labels.csv, one row per image, from the SIIM study table (which then goes).
+    let index = simclr_data::index::index_tree(&root, Default::default(), &|_, _| {})?;
+    let simclr_data::labels::LabelTable::Siim { studies, columns, .. } = simclr_data::labels::LabelTable::load(&root)?
+    else {
+        anyhow::bail!("synth wrote no SIIM table");
+    };
+    let typical = columns.iter().position(|c| c == "Typical Appearance").unwrap();
+    std::fs::remove_file(root.join(simclr_data::labels::SIIM_STUDY_CSV))?;
+    let mut per_study: BTreeMap<&str, Vec<&simclr_data::index::ImageRecord>> = BTreeMap::new();
+    for image in &index.images {
+        per_study.entry(image.study_uid.as_str()).or_default().push(image);
+    }
+    let (disagreeing, images) =
+        per_study.iter().find(|(_, images)| images.len() >= 2).expect("a synthetic study with several images");
+    let mut refused = BTreeMap::new();
+    let mut csv = String::from("path,Typical Appearance\n");
+    for image in &index.images {
+        let mut value = studies[&image.study_uid][typical];
+        if image.study_uid == *disagreeing {
+            refused.insert(image.path.display().to_string(), "labels_disagree");
+            if image.path == images[0].path {
+                value = 1.0 - value;
+            }
+        }
+        csv.push_str(&format!("{},{value}\n", image.path.display()));
+    }
+    std::fs::write(root.join("labels.csv"), csv)?;
 
-    // (Multi-label probes here: all four SIIM classes.)
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures");
+    for (folder, kind) in [("codecs", None), ("messy", Some("colour"))] {
+        std::fs::create_dir_all(root.join(folder))?;
+        for entry in std::fs::read_dir(fixtures.join(folder))? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with(".dcm") || name == "jpeg_baseline_8bit.dcm" {
+                continue;
+            }
+            std::fs::copy(&path, root.join(folder).join(&name))?;
+            let kind = if name.contains("no_meta") {
+                Some("no_file_meta")
+            } else if name.contains("charset") {
+                None // usable, with a parser warning
+            } else {
+                kind
+            };
+            if let Some(kind) = kind {
+                refused.insert(format!("{folder}/{name}"), kind);
+            }
+        }
+    }
+    // Transcodes of one source keep its SOP Instance UID: the copies after the first are duplicates.
+    for bad in simclr_data::index::index_tree(&root.join("codecs"), Default::default(), &|_, _| {})?.bad {
+        assert_eq!(bad.kind, simclr_data::index::BadKind::Duplicate, "{bad:?}");
+        refused.insert(format!("codecs/{}", bad.path.display()), "duplicate");
+    }
+    std::fs::write(root.join("train/broken.dcm"), b"DICM? no: a file cut short by a failed copy")?;
+    refused.insert("train/broken.dcm".into(), "unreadable");
+    // A real file whose pixel data was cut short: the index sees that the element overruns the file.
+    let victim = index.images.iter().find(|i| i.study_uid != *disagreeing).unwrap().path.clone();
+    let bytes = std::fs::read(root.join(&victim))?;
+    std::fs::write(root.join(&victim), &bytes[..bytes.len() - 500])?;
+    refused.insert(victim.display().to_string(), "unreadable");
+    // A JPEG whose scan marker became an end-of-image marker: every header is sound, the frame is not.
+    let mut jpeg = std::fs::read(fixtures.join("codecs/jpeg_baseline_8bit.dcm"))?;
+    // Under a SOP Instance UID of its own (the same length, so every length field stays right).
+    let single = dir.join("single");
+    std::fs::create_dir_all(&single)?;
+    std::fs::copy(fixtures.join("codecs/jpeg_baseline_8bit.dcm"), single.join("a.dcm"))?;
+    let uid = simclr_data::index::index_tree(&single, Default::default(), &|_, _| {})?.images[0].sop_uid.clone();
+    let mut own = uid.clone().into_bytes();
+    let last = own.len() - 1;
+    own[last] = if own[last] == b'1' { b'2' } else { b'1' };
+    while let Some(at) = jpeg.windows(uid.len()).position(|w| w == uid.as_bytes()) {
+        jpeg[at..at + uid.len()].copy_from_slice(&own);
+    }
+    let soi = jpeg.windows(2).position(|w| w == [0xFF, 0xD8]).unwrap();
+    let sos = soi + jpeg[soi..].windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    jpeg[sos + 1] = 0xD9;
+    std::fs::write(root.join("codecs/jpeg_baseline_no_scan.dcm"), jpeg)?;
+    Ok(MessyFolder { root, refused, undecodable: "codecs/jpeg_baseline_no_scan.dcm".into() })
+}
+
+/// Rows of a run-directory CSV whose first column is not the header's.
+fn csv_rows(path: &Path) -> anyhow::Result<Vec<csv::StringRecord>> {
+    let mut reader = csv::Reader::from_path(path)?;
+    Ok(reader.records().collect::<Result<_, _>>()?)
+}
+
+/// The messy folder: with `skip` the job runs to the end; `data_issues.csv` lists every file the index
+/// could refuse exactly once, with its kind, and `inspect` prints the same list before any job; the
+/// workers meet only the one file no header check could catch, once; `fail` stops before any worker
+/// starts, naming the file; with only that file left, `fail` stops the job from the worker at once,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messy_folder_runs_and_lists_each_unusable_file_once_with_its_reason() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let messy = messy_folder(dir.path())?;
+    let data_arg = messy.root.display().to_string();
+
+    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
+        .args(["inspect", "--data", &data_arg])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    assert_eq!(out.status.code(), Some(ExitStatus::DataError.code()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let inspected: BTreeMap<String, String> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("unusable ("))
+        .map(|l| {
+            let (kind, rest) = l.split_once("): ").unwrap();
+            (rest.split_once(": ").unwrap().0.to_string(), kind.to_string())
+        })
+        .collect();
+    let want: BTreeMap<String, String> = messy.refused.iter().map(|(p, k)| (p.clone(), k.to_string())).collect();
+    assert_eq!(inspected, want, "{stdout}");
+
     let run_dir = dir.path().join("skip");
-    let body = format!("[data]\nmulti_label = true\n{}", TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4"));
+    let body = TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4");
     let config = write_config(dir.path(), &body)?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, 0, "{log}");
-    let issues = std::fs::read_to_string(run_dir.join("data_issues.csv"))?;
-    assert!(issues.contains("train/broken.dcm") && issues.contains("not a readable DICOM file"), "{issues}");
+    let listed: Vec<(String, String)> = csv_rows(&run_dir.join("data_issues.csv"))?
+        .iter()
+        .filter(|r| !matches!(&r[0], "parser_warning" | "image_without_label" | "label_without_image"))
+        .map(|r| (r[1].to_string(), r[0].to_string()))
+        .collect();
+    assert_eq!(listed.iter().cloned().collect::<BTreeMap<_, _>>(), want, "{listed:?}");
+    assert_eq!(listed.len(), want.len(), "a file listed twice: {listed:?}");
+    let reasons = std::fs::read_to_string(run_dir.join("data_issues.csv"))?;
+    assert!(reasons.contains("disagree on their labels") && reasons.contains("data.color"), "{reasons}");
+    let worker_issues = csv_rows(&run_dir.join("worker_file_issues.csv"))?;
+    let tried: Vec<&str> = worker_issues.iter().map(|r| &r[2]).collect();
+    assert_eq!(tried, [messy.undecodable.as_str()], "workers met files the index could have refused");
+    assert_eq!(&worker_issues[0][0], "decode");
     let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
-    assert_eq!(dataset["unusable_files"], 1);
-    let worker_issues = std::fs::read_to_string(run_dir.join("worker_file_issues.csv"))?;
-    assert!(worker_issues.contains(&victim_name) && worker_issues.contains("decode"), "{worker_issues}");
-    // The sweep left the unreadable image out and learned the four classes.
-    check_sweep_results(&run_dir, 12, 4)?;
+    assert_eq!(dataset["unusable_files"], want.len() + 1, "{dataset}");
+    assert_eq!(dataset["unusable_by_kind"]["undecodable"], 1, "{dataset}");
+    check_sweep_results(&run_dir, 12, 1)?;
+    // Parser warnings: each file's in data_issues.csv, and in the log one line per kind of warning and
+    // process (the index, each rank's decode phase), never one per file.
+    let warned: Vec<String> = csv_rows(&run_dir.join("data_issues.csv"))?
+        .iter()
+        .filter(|r| &r[0] == "parser_warning")
+        .map(|r| format!("{}: {}", &r[1], &r[2]))
+        .collect();
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(warned.iter().all(|w| w.contains("charset") && w.contains("ISO_IR 999")), "{warned:?}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("Unsupported character set")).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.contains("DICOM parser:")), "{lines:#?}");
+    assert!(lines.len() <= 3 && lines[0].contains("files=2"), "{lines:#?}");
 
     let run_dir = dir.path().join("fail");
     let config = write_config(dir.path(), "[data]\non_bad_file = \"fail\"\n[pretrain]\nbatch_size = 4\n")?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, ExitStatus::DataError.code(), "{log}");
-    assert!(log.contains("broken.dcm") && log.contains("on_bad_file"), "{log}");
+    let first = messy.refused.keys().next().unwrap();
+    assert!(log.contains(first.as_str()) && log.contains("on_bad_file"), "{log}");
     assert!(!run_dir.join("cluster.json").exists(), "workers started despite on_bad_file = fail");
 
-    // inspect agrees, and exits non-zero.
-    let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
-        .args(["inspect", "--decode", "--data"])
-        .arg(&data)
-        .output()?;
-    assert_eq!(out.status.code(), Some(ExitStatus::DataError.code()));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("unusable: train/broken.dcm"));
-
-    // Only the file whose pixels do not decode: the workers find it, and bad data is a permanent
+    // Only the file no header check can catch: the workers find it, and bad data is a permanent
     // failure: the job stops at once, without a restart.
-    std::fs::remove_file(&broken)?;
+    for path in messy.refused.keys() {
+        std::fs::remove_file(messy.root.join(path))?;
+    }
     let run_dir = dir.path().join("fail-on-a-worker");
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
     assert_eq!(code, ExitStatus::JobAborted.code(), "{log}");
-    assert!(log.contains(&victim_name) && log.contains("a permanent failure: not restarted"), "{log}");
+    assert!(log.contains("jpeg_baseline_no_scan.dcm") && log.contains("a permanent failure: not restarted"), "{log}");
     assert!(!log.contains("restarting the job"), "{log}");
     Ok(())
 }
