@@ -5,6 +5,9 @@ each file made by third-party software (pydicom or GDCM):
   its JPEG baseline, which it stores as YBR_FULL_422),
 - a data set without File Meta header (no preamble, no "DICM": ACR-NEMA style, implicit VR little
   endian), monochrome,
+- pydicom's own test files without File Meta (copied from its package: `pydicom/data/test_files/`
+  ExplVR_LitEndNoMeta.dcm, ExplVR_BigEndNoMeta.dcm, rtstruct.dcm and the unreadable no_meta.dcm), with
+  the UIDs pydicom reads from them with `force=True` in `expected.json`,
 - two monochrome files whose Specific Character Set names no known character set (dicom-rs reads
   them, with a warning per file).
 
@@ -21,10 +24,12 @@ this script only documents and regenerates them:
 """
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage
@@ -173,6 +178,16 @@ def main():
     gdcm_transcode(src, os.path.join(OUT, "gdcm_jpeg_baseline_rgb.dcm"), "JPEGBaselineProcess1", lossy_quality=95)
     os.remove(src)
 
+    bare_dir = os.path.join(OUT, "pydicom_test_files")
+    os.makedirs(bare_dir, exist_ok=True)
+    bare_expected = {}
+    for name in ("ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm", "rtstruct.dcm", "no_meta.dcm"):
+        shutil.copy(get_testdata_file(name), os.path.join(bare_dir, name))
+        ds = pydicom.dcmread(os.path.join(bare_dir, name), force=True)
+        bare_expected[name] = {"sop_uid": ds.get("SOPInstanceUID"), "study_uid": ds.get("StudyInstanceUID"),
+                               "pixel_data": "PixelData" in ds}
+        print(f"pydicom_test_files/{name}: {bare_expected[name]}")
+
     expected = {}
     for name in sorted(os.listdir(OUT)):
         if not name.endswith(".dcm") or name == "pydicom_no_meta.dcm" or "charset" in name:
@@ -185,7 +200,7 @@ def main():
           f"starts with {open(os.path.join(OUT, 'pydicom_no_meta.dcm'), 'rb').read(4).hex()}")
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump({"generator": f"pydicom {pydicom.__version__}", "luma": "0.299 R + 0.587 G + 0.114 B, / 255",
-                   "files": expected}, f, indent=1)
+                   "files": expected, "no_meta": bare_expected}, f, indent=1)
         f.write("\n")
 
 

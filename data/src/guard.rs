@@ -83,11 +83,30 @@ pub fn lacks_file_meta(bytes: &[u8]) -> bool {
     !(bytes.len() >= 132 && &bytes[128..132] == b"DICM" || bytes.starts_with(b"DICM"))
 }
 
-/// Checks a data set that has no File Meta header, walked as implicit VR little endian from its first
-/// byte (how such files are read when `data.accept_no_meta` is on).
+/// The transfer syntax of a data set that has no File Meta header, from its first element header, as
+/// pydicom's `force=True` guesses it: little endian when the first group number reads smaller that
+/// way, explicit VR when bytes 4-5 name a VR. None when it reads as neither (or as implicit VR big
+/// endian, which does not exist).
+pub fn bare_syntax(bytes: &[u8]) -> Option<&'static str> {
+    let head = bytes.get(..6)?;
+    let little = u16::from_le_bytes([head[0], head[1]]) <= u16::from_be_bytes([head[0], head[1]]);
+    let explicit = head[4..6].iter().all(u8::is_ascii_uppercase)
+        && std::str::from_utf8(&head[4..6]).ok().and_then(|s| s.parse::<VR>().ok()).is_some();
+    match (little, explicit) {
+        (true, false) => Some("1.2.840.10008.1.2"),
+        (true, true) => Some("1.2.840.10008.1.2.1"),
+        (false, true) => Some("1.2.840.10008.1.2.2"),
+        (false, false) => None,
+    }
+}
+
+/// Checks a data set that has no File Meta header, walked from its first byte in the transfer syntax
+/// [`bare_syntax`] finds (how such files are read when `data.accept_no_meta` is on).
 pub fn check_bare_bytes(bytes: &[u8], extent: Extent) -> Result<PixelData, String> {
+    let syntax = bare_syntax(bytes).ok_or("neither a File Meta header nor a data set's first element")?;
+    let encoding = Encoding { explicit: syntax != "1.2.840.10008.1.2", big_endian: syntax == "1.2.840.10008.1.2.2" };
     let mut src = Seekable { r: io::Cursor::new(bytes), pos: 0, len: bytes.len() as u64 };
-    walk(&mut src, Encoding { explicit: false, big_endian: false }, extent)
+    walk(&mut src, encoding, extent)
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -256,9 +256,11 @@ fn read_header(path: &Path, relative: PathBuf, options: DecodeOptions) -> Result
     };
     let sop_uid = text(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?;
     let study_uid = text(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?;
+    if pixel_data == PixelData::Absent {
+        return Err((BadKind::NoPixelData, DecodeError::NoPixelData.to_string()));
+    }
     let layout = check_header(&obj, options).map_err(|e| (BadKind::of(&e), e.to_string()))?;
     match pixel_data {
-        PixelData::Absent => return Err((BadKind::NoPixelData, DecodeError::NoPixelData.to_string())),
         PixelData::Present { length: Some(length) } => {
             // Native pixel data must hold at least the first frame, which is what is decoded. Twice
             // the samples per pixel (YBR_FULL_422 stores two per pixel on average).
@@ -279,7 +281,7 @@ fn read_header(path: &Path, relative: PathBuf, options: DecodeOptions) -> Result
                 ));
             }
         }
-        PixelData::Present { length: None } | PixelData::Unknown => {}
+        PixelData::Present { length: None } | PixelData::Absent | PixelData::Unknown => {}
     }
     let modified_ns = meta
         .modified()

@@ -26,7 +26,7 @@ pub enum DecodeError {
     NoPixelData,
     #[error("colour image ({0}); data.color = \"luminance\" converts colour images to grey")]
     Color(String),
-    #[error("no DICOM File Meta header (an ACR-NEMA-style data set); data.accept_no_meta = true reads it as implicit VR little endian")]
+    #[error("no DICOM File Meta header (an ACR-NEMA-style data set); data.accept_no_meta = true reads it in the transfer syntax its first element shows")]
     NoFileMeta,
     #[error("unsupported transfer syntax {uid} ({name})")]
     UnsupportedTransferSyntax { uid: String, name: String },
@@ -101,10 +101,6 @@ pub fn decode_bytes_with(bytes: &[u8], options: DecodeOptions) -> Result<Decoded
     decode_object_with(&obj, options)
 }
 
-/// Implicit VR little endian: what a data set without File Meta is read as (DICOM's default transfer
-/// syntax, and what ACR-NEMA files and pydicom's `force=True` assume).
-const NO_META_SYNTAX: &str = "1.2.840.10008.1.2";
-
 /// Parses a file's bytes into an object, checked by the length guard first: a file with its File Meta
 /// header, or (with `accept_no_meta`) a bare data set. Also says whether the data set has top-level
 /// Pixel Data (always `Present` or `Absent` after a whole-file read).
@@ -125,18 +121,27 @@ pub fn open_bytes(
         };
         return Ok((obj, pixel_data));
     }
-    // No File Meta: read as a bare data set, guarded the same way, only where the user asked for it.
-    let pixel_data = guard::check_bare_bytes(bytes, extent).map_err(DecodeError::NotDicom)?;
+    // No File Meta: perhaps a bare data set (read only where the user asks for it), guarded the same
+    // way. Bytes whose first element is not of group 0008, where a data set starts, are simply not
+    // DICOM: say so rather than what their bytes would declare.
+    let not_a_data_set = || DecodeError::NotDicom("no DICOM preamble or File Meta header, and not a data set".into());
+    let starts_like_a_data_set = bytes.len() >= 2 && matches!(bytes[..2], [0x08, 0x00] | [0x00, 0x08]);
+    let pixel_data = match guard::check_bare_bytes(bytes, extent) {
+        Ok(pixel_data) => pixel_data,
+        Err(e) if starts_like_a_data_set => return Err(DecodeError::NotDicom(e)),
+        Err(_) => return Err(not_a_data_set()),
+    };
+    let syntax = guard::bare_syntax(bytes).unwrap_or("1.2.840.10008.1.2");
     let read = std::panic::catch_unwind(|| {
-        let ts = TransferSyntaxRegistry.get(NO_META_SYNTAX).expect("implicit VR little endian is built in");
+        let ts = TransferSyntaxRegistry.get(syntax).ok_or("no such transfer syntax")?;
         let dataset = dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())?;
         dataset
-            .with_meta(dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax(NO_META_SYNTAX))
+            .with_meta(dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax(syntax))
             .map_err(|e| e.to_string())
     });
     let obj = match read {
         Ok(Ok(obj)) if obj.get(tags::SOP_INSTANCE_UID).is_some() || obj.get(tags::STUDY_INSTANCE_UID).is_some() => obj,
-        _ => return Err(DecodeError::NotDicom("no DICOM preamble or File Meta header, and not a data set".into())),
+        _ => return Err(not_a_data_set()),
     };
     if !options.accept_no_meta {
         return Err(DecodeError::NoFileMeta);
@@ -265,10 +270,10 @@ pub fn decode_object(obj: &DefaultDicomObject) -> Result<DecodedImage, DecodeErr
 }
 
 pub fn decode_object_with(obj: &DefaultDicomObject, options: DecodeOptions) -> Result<DecodedImage, DecodeError> {
-    let layout = check_header(obj, options)?;
     if obj.get(tags::PIXEL_DATA).is_none() {
         return Err(DecodeError::NoPixelData);
     }
+    let layout = check_header(obj, options)?;
     let ImageLayout { rows, cols, bits_allocated, bits_stored, high_bit, signed, samples } = layout;
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
     check_frame_header(obj, &ts_uid, rows, cols)?;
@@ -646,7 +651,7 @@ fn voi_value(x: f64, voi: &Voi, range: (f64, f64)) -> f64 {
 }
 
 /// A string attribute, trimmed of padding.
-pub(crate) fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+pub fn string(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
     obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| s.trim().trim_end_matches('\0').to_string())
 }
 

@@ -1,5 +1,5 @@
 //! Colour images and data sets without File Meta, read from files that pydicom 3.0.1 and GDCM 3.2.6
-//! wrote (scripts/make_messy_fixtures.py). With `data.color = "luminance"` every colour file must give
+//! wrote, and from pydicom's own test files (scripts/make_messy_fixtures.py). With `data.color = "luminance"` every colour file must give
 //! the luma pydicom's own reading gives (`expected.json`: pydicom's pixels, YBR converted to RGB by
 //! pydicom's `convert_color_space`, then 0.299 R + 0.587 G + 0.114 B); with the default it is refused
 //! by name, at index time as at decode time.
@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 
 use simclr_common::config::ColorMode;
+use simclr_data::guard::Extent;
 use simclr_data::index::{index_tree, BadKind};
-use simclr_data::pixels::{decode_file, decode_file_with, DecodeError, DecodeOptions};
+use simclr_data::pixels::{decode_file, decode_file_with, open_bytes, string, DecodeError, DecodeOptions};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/messy").join(name)
@@ -82,4 +83,48 @@ fn a_data_set_without_file_meta_is_read_only_when_asked() {
         index_tree(dir.path(), DecodeOptions { accept_no_meta: true, ..Default::default() }, &|_, _| {}).unwrap();
     assert_eq!(index.images.len(), 1, "{:?}", index.bad);
     assert_eq!(index.images[0].study_uid, "2.25.7101");
+}
+
+/// pydicom's own test files without File Meta: implicit VR little endian, explicit VR little and big
+/// endian. With `accept_no_meta` each is read in the syntax its first element shows, with the UIDs
+/// pydicom reads with `force=True` (and refused for having no pixel data, as pydicom finds none);
+/// without, each is refused by name; `no_meta.dcm`, which pydicom cannot read either, is unreadable.
+#[test]
+fn pydicoms_files_without_file_meta_read_as_pydicom_reads_them() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("expected.json")).unwrap()).unwrap();
+    let accept = DecodeOptions { accept_no_meta: true, ..Default::default() };
+    for (name, want) in expected["no_meta"].as_object().unwrap() {
+        let bytes = std::fs::read(fixture("pydicom_test_files").join(name)).unwrap();
+        let refused = open_bytes(&bytes, Extent::Everything, DecodeOptions::default()).unwrap_err();
+        match want["sop_uid"].as_str() {
+            Some(sop) => {
+                assert_eq!(refused, DecodeError::NoFileMeta, "{name}");
+                let (obj, pixel_data) =
+                    open_bytes(&bytes, Extent::Everything, accept).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(string(&obj, dicom_dictionary_std::tags::SOP_INSTANCE_UID).as_deref(), Some(sop), "{name}");
+                assert_eq!(
+                    string(&obj, dicom_dictionary_std::tags::STUDY_INSTANCE_UID).as_deref(),
+                    want["study_uid"].as_str(),
+                    "{name}"
+                );
+                assert_eq!(pixel_data, simclr_data::guard::PixelData::Absent, "{name}");
+                assert_eq!(
+                    decode_file_with(&fixture("pydicom_test_files").join(name), accept),
+                    Err(DecodeError::NoPixelData)
+                );
+            }
+            None => {
+                assert!(matches!(refused, DecodeError::NotDicom(_)), "{name}: {refused}");
+                assert!(
+                    matches!(open_bytes(&bytes, Extent::Everything, accept), Err(DecodeError::NotDicom(_))),
+                    "{name}"
+                );
+            }
+        }
+    }
+    let index = index_tree(&fixture("pydicom_test_files"), accept, &|_, _| {}).unwrap();
+    let kinds: Vec<BadKind> = index.bad.iter().map(|b| b.kind).collect();
+    // ExplVR_BigEndNoMeta, ExplVR_LitEndNoMeta, no_meta, rtstruct (path order).
+    assert_eq!(kinds, [BadKind::NoPixelData, BadKind::NoPixelData, BadKind::Unreadable, BadKind::NoPixelData]);
 }
