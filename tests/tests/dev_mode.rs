@@ -436,16 +436,17 @@ fn messy_folder(dir: &Path) -> anyhow::Result<MessyFolder> {
     let (disagreeing, images) =
         per_study.iter().find(|(_, images)| images.len() >= 2).expect("a synthetic study with several images");
     let mut refused = BTreeMap::new();
-    let mut csv = String::from("path,Typical Appearance\n");
+    let mut csv = format!("path,{}\n", columns.join(","));
     for image in &index.images {
-        let mut value = studies[&image.study_uid][typical];
+        let mut values = studies[&image.study_uid].clone();
         if image.study_uid == *disagreeing {
             refused.insert(image.path.display().to_string(), "labels_disagree");
             if image.path == images[0].path {
-                value = 1.0 - value;
+                values[typical] = 1.0 - values[typical];
             }
         }
-        csv.push_str(&format!("{},{value}\n", image.path.display()));
+        let values: Vec<String> = values.iter().map(f32::to_string).collect();
+        csv.push_str(&format!("{},{}\n", image.path.display(), values.join(",")));
     }
     std::fs::write(root.join("labels.csv"), csv)?;
 
@@ -538,7 +539,8 @@ async fn a_messy_folder_runs_and_lists_each_unusable_file_once_with_its_reason()
     assert_eq!(inspected, want, "{stdout}");
 
     let run_dir = dir.path().join("skip");
-    let body = TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4");
+    // (Multi-label probes here: all four SIIM classes, from labels.csv's four columns.)
+    let body = format!("[data]\nmulti_label = true\n{}", TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 4"));
     let config = write_config(dir.path(), &body)?;
     let child = dev_command(&run_dir, &["--workers", "2", "--data", &data_arg, "--config", &config])?.spawn()?;
     let (code, log) = finish(child).await?;
@@ -559,7 +561,7 @@ async fn a_messy_folder_runs_and_lists_each_unusable_file_once_with_its_reason()
     let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
     assert_eq!(dataset["unusable_files"], want.len() + 1, "{dataset}");
     assert_eq!(dataset["unusable_by_kind"]["undecodable"], 1, "{dataset}");
-    check_sweep_results(&run_dir, 12, 1)?;
+    check_sweep_results(&run_dir, 12, 4)?;
     // Parser warnings: each file's in data_issues.csv, and in the log one line per kind of warning and
     // process (the index, each rank's decode phase), never one per file.
     let warned: Vec<String> = csv_rows(&run_dir.join("data_issues.csv"))?
@@ -779,7 +781,7 @@ async fn an_elastic_job_goes_on_with_the_workers_that_are_left() -> anyhow::Resu
     assert_eq!(ranks, ["0", "1"], "{pretrain}");
     let cluster: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("cluster.json"))?)?;
     assert_eq!(cluster["world_size"], 2, "{cluster}");
-    check_sweep_results(&run_dir, 12, 1)?;
+    check_sweep_results(&run_dir, 12, 4)?;
     Ok(())
 }
 
