@@ -30,10 +30,8 @@ impl Job {
         };
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
         let usable = if decode {
-            let state = self.lock();
-            let training =
-                data.training_images.iter().copied().filter(|i| !state.undecodable.contains_key(i)).collect();
-            Arc::new(Usable { training, excluded: state.undecodable.keys().copied().collect() })
+            let excluded = self.lock().undecodable.keys().copied().collect();
+            Arc::new(Usable::new(data, &excluded))
         } else {
             self.wait_for(|s| s.usable.is_some() || s.outcome.is_some()).await;
             let state = self.lock();
@@ -65,24 +63,14 @@ impl Job {
                 occurrence,
             }
         };
-        let labelled_images_of = |studies: &[usize]| {
-            let mut images: Vec<usize> = studies
-                .iter()
-                .map(|&i| &d.studies[i])
-                .filter(|s| s.labels.is_some())
-                .flat_map(|s| s.images.iter().copied())
-                .filter(|i| !usable.excluded.contains(i))
-                .collect();
-            images.sort_unstable();
-            images
+        let mine = |images: &[usize]| -> Vec<wire::ImageRef> {
+            images.iter().skip(rank as usize).step_by(world_size).map(|&i| image_ref((i, 0))).collect()
         };
-        let mine = |images: Vec<usize>| -> Vec<wire::ImageRef> {
-            images.into_iter().skip(rank as usize).step_by(world_size).map(|i| image_ref((i, 0))).collect()
-        };
+        let [labelled_train, labelled_validation, labelled_test] = &usable.labelled;
         let train = if probe {
-            mine(labelled_images_of(&data.split.train))
+            mine(labelled_train)
         } else if decode {
-            mine(usable.training.clone())
+            mine(&usable.training)
         } else {
             let batch = self.config.pretrain.batch_size;
             if !batch.is_multiple_of(world_size) {
@@ -90,18 +78,33 @@ impl Job {
                     "pretrain.batch_size {batch} is not a multiple of the world size {world_size}"
                 )));
             }
-            let order =
-                epoch_order(&usable.training, batch, self.config.job.seed, epoch, self.config.data.shard_policy)
-                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let order = self.epoch_order(&usable, epoch)?;
             rank_slots(&order, batch, world_size, rank as usize).into_iter().map(image_ref).collect()
         };
         Ok(wire::GetAssignmentResponse {
             data_root: data.root.display().to_string(),
             image_size: self.config.image_size(),
             train,
-            test: mine(labelled_images_of(&data.split.test)),
-            validation: mine(labelled_images_of(&data.split.validation)),
+            test: mine(labelled_test),
+            validation: mine(labelled_validation),
             label_columns: data.targets.iter().map(|&t| d.label_columns[t].clone()).collect(),
         })
+    }
+
+    /// `epoch`'s global order, computed once for every rank (the two latest epochs are kept).
+    fn epoch_order(&self, usable: &Usable, epoch: u64) -> Result<Arc<Vec<Slot>>, Status> {
+        let mut orders = usable.orders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(order) = orders.get(&epoch) {
+            return Ok(Arc::clone(order));
+        }
+        let c = &self.config;
+        let order = epoch_order(&usable.training, c.pretrain.batch_size, c.job.seed, epoch, c.data.shard_policy)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let order = Arc::new(order);
+        orders.insert(epoch, Arc::clone(&order));
+        while orders.len() > 2 {
+            orders.pop_first();
+        }
+        Ok(order)
     }
 }

@@ -67,13 +67,37 @@ struct State {
     usable: Option<Arc<Usable>>,
 }
 
-/// The images left for pretraining and the probes once the decode phase is over.
+/// The images left for pretraining and the probes once the decode phase is over, and what every rank's
+/// assignment is cut from, computed once for all ranks.
 #[derive(Debug)]
 pub(crate) struct Usable {
     /// The training images that decoded, sorted: what every epoch's order shuffles.
     training: Vec<usize>,
-    /// Every image that did not.
-    excluded: BTreeSet<usize>,
+    /// The labelled images of each side (train, validation, test) that decoded, sorted.
+    labelled: [Vec<usize>; 3],
+    /// The epochs' global orders computed so far; the two latest are kept (the ranks ask for an epoch
+    /// at about the same time, and never for one more than an epoch behind the others).
+    orders: Mutex<BTreeMap<u64, Arc<Vec<simclr_data::dataset::Slot>>>>,
+}
+
+impl Usable {
+    fn new(data: &PreparedData, excluded: &BTreeSet<usize>) -> Usable {
+        let training = data.training_images.iter().copied().filter(|i| !excluded.contains(i)).collect();
+        let labelled_of = |studies: &[usize]| {
+            let mut images: Vec<usize> = studies
+                .iter()
+                .map(|&i| &data.dataset.studies[i])
+                .filter(|s| s.labels.is_some())
+                .flat_map(|s| s.images.iter().copied())
+                .filter(|i| !excluded.contains(i))
+                .collect();
+            images.sort_unstable();
+            images
+        };
+        let labelled =
+            [labelled_of(&data.split.train), labelled_of(&data.split.validation), labelled_of(&data.split.test)];
+        Usable { training, labelled, orders: Mutex::new(BTreeMap::new()) }
+    }
 }
 
 pub struct Job {

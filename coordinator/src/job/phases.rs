@@ -103,9 +103,9 @@ impl Job {
     fn fix_usable(&self, mut state: MutexGuard<'_, State>) -> Option<StopNotice> {
         let data = self.data.as_ref()?;
         let excluded: BTreeSet<usize> = state.undecodable.keys().copied().collect();
-        let training: Vec<usize> = data.training_images.iter().copied().filter(|i| !excluded.contains(i)).collect();
+        let usable = Usable::new(data, &excluded);
         let batch = self.config.pretrain.batch_size;
-        let steps = match epoch_order(&training, batch, self.config.job.seed, 0, self.config.data.shard_policy) {
+        let steps = match epoch_order(&usable.training, batch, self.config.job.seed, 0, self.config.data.shard_policy) {
             Ok(order) => Some(order.len() / batch),
             Err(e) if self.config.pretrain.enabled => {
                 let message = format!(
@@ -139,11 +139,11 @@ impl Job {
         if !excluded.is_empty() {
             tracing::warn!(
                 files = excluded.len(),
-                training_images = training.len(),
+                training_images = usable.training.len(),
                 "files that did not decode are left out of pretraining and the probes (worker_file_issues.csv)"
             );
         }
-        state.usable = Some(Arc::new(Usable { training, excluded: excluded.clone() }));
+        state.usable = Some(Arc::new(usable));
         drop(state);
         self.changed.send_replace(());
         let written = self

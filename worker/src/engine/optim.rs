@@ -11,7 +11,7 @@
 //! Every update runs on the parameters' own device without autograd. The state (momentum buffers,
 //! moments, step) is exposed by name, for checkpoints that resume exactly.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// One trainable tensor and whether weight decay and LARS adaptation apply to it.
 #[derive(Debug)]
@@ -97,23 +97,27 @@ impl Optimizer {
             let w = &mut p.tensor;
             match self.algorithm {
                 Algorithm::Lars { momentum, trust_coefficient, weight_decay } => {
-                    let (d, scaled) = if p.adapted {
+                    // The trust ratio stays on the device (no read-back per parameter, which would
+                    // stall a GPU once per layer): a 0-dim double, lr * eta * |w| / |d|, or lr where
+                    // either norm is 0. Multiplying the f32 update by it rounds exactly as multiplying
+                    // by the same value as a host scalar does.
+                    let scaled = if p.adapted {
                         let d = &grad + &*w * weight_decay;
-                        let w_norm = w.norm().double_value(&[]);
-                        let d_norm = d.norm().double_value(&[]);
-                        let trust =
-                            if w_norm > 0.0 && d_norm > 0.0 { trust_coefficient * w_norm / d_norm } else { 1.0 };
-                        (d, lr * trust)
+                        let w_norm = w.norm().to_kind(Kind::Double);
+                        let d_norm = d.norm().to_kind(Kind::Double);
+                        let usable = w_norm.gt(0.0).logical_and(&d_norm.gt(0.0));
+                        let trust = (&w_norm * trust_coefficient / &d_norm).where_self(&usable, &w_norm.ones_like());
+                        d * (trust * lr)
                     } else {
-                        (grad.shallow_clone(), lr)
+                        &grad * lr
                     };
-                    // In place: v = m * v + scaled * d, w = w - v.
+                    // In place: v = m * v + scaled, w = w - v.
                     let v = match self.first[i].take() {
                         Some(mut v) => {
-                            let _ = v.g_mul_scalar_(momentum).g_add_(&(d * scaled));
+                            let _ = v.g_mul_scalar_(momentum).g_add_(&scaled);
                             v
                         }
-                        None => d * scaled,
+                        None => scaled,
                     };
                     let _ = w.g_sub_(&v);
                     self.first[i] = Some(v);
