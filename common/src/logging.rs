@@ -175,3 +175,47 @@ impl Write for Stderr {
         std::io::stderr().flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Counts the events that reach it: the log's place in the subscriber.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Counted {
+        fn on_event(&self, _: &Event<'_>, _: Context<'_, S>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A parser's warning raised while a file is read goes to the caller, not to the log; the same
+    /// warning outside a capture, and every other event, still reaches the log.
+    #[test]
+    fn file_warnings_are_captured_not_logged() {
+        let logged = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(Counted(Arc::clone(&logged)).with_filter(NotCaptured))
+            .with(Capture.with_filter(tracing_subscriber::filter::LevelFilter::WARN));
+        tracing::subscriber::with_default(subscriber, || {
+            let ((), captured) = capture_file_warnings(|| {
+                tracing::warn!(target: "dicom_parser::stateful::decode", "Unsupported character set `{}`, ignoring", "X");
+                tracing::warn!(target: "simclr", "our own warning");
+            });
+            assert_eq!(captured, ["Unsupported character set `X`, ignoring"]);
+            assert_eq!(logged.load(Ordering::Relaxed), 1, "only our own warning reached the log");
+            tracing::warn!(target: "dicom_object::meta", "MediaStorageSOPClassUID is missing");
+            assert_eq!(logged.load(Ordering::Relaxed), 2, "outside a capture the warning is logged");
+            // Captures nest: the inner one takes its own warnings, the outer one keeps collecting.
+            let ((), outer) = capture_file_warnings(|| {
+                let ((), inner) = capture_file_warnings(|| tracing::warn!(target: "dicom_parser", "inner"));
+                assert_eq!(inner, ["inner"]);
+                tracing::warn!(target: "dicom_parser", "outer");
+            });
+            assert_eq!(outer, ["outer"]);
+        });
+    }
+}
