@@ -25,14 +25,15 @@ this script only documents and regenerates them:
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from make_codec_fixtures import gdcm_transcode  # this directory; imports GDCM only when called
 
 ROWS, COLS = 24, 32  # even columns: YBR_FULL_422 pairs pixels along a row
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "tests", "fixtures", "messy")
@@ -84,32 +85,6 @@ def save(ds, name):
     path = os.path.join(OUT, name)
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def gdcm_transcode(src, dst, syntax, lossy_quality=None):
-    """Rewrites `src` as `dst` in GDCM's transfer syntax `syntax` (see make_codec_fixtures.py)."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(src)
-    if not reader.Read():
-        sys.exit(f"gdcm cannot read {src}")
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    if lossy_quality is not None:
-        codec = gdcm.JPEGCodec()
-        codec.SetLossless(False)
-        codec.SetQuality(lossy_quality)
-        change.SetUserCodec(codec)
-    change.SetInput(reader.GetImage())
-    if not change.Change():
-        sys.exit(f"gdcm cannot transcode {src} to {syntax}")
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(dst)
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    if not writer.Write():
-        sys.exit(f"gdcm cannot write {dst}")
 
 
 def luma_by_pydicom(path):

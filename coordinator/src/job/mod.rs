@@ -307,19 +307,26 @@ mod tests {
         assert!(notice.message.ends_with("a permanent failure: not restarted"), "{notice}");
     }
 
+    /// A 2-worker job on `studies` synthetic studies written under `dir`, global batch 4, and its
+    /// prepared data.
+    fn synthetic_job(dir: &Path, id: &str, studies: usize) -> (JobConfig, PreparedData) {
+        let data_dir = dir.join("data");
+        let opts = simclr_data::synth::SynthOptions { studies, seed: 3, image_size: 32 };
+        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
+        let mut config = JobConfig::default();
+        config.job.id = id.into();
+        config.cluster.world_size = 2;
+        config.data.path = Some(data_dir);
+        config.pretrain.batch_size = 4;
+        let prepared = crate::data_plan::prepare(&config.data, Some(config.pretrain.batch_size)).unwrap();
+        (config, prepared)
+    }
+
     /// Every assigned image carries its study's target label, and the columns are named.
     #[tokio::test]
     async fn assignments_carry_the_target_labels() {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let opts = simclr_data::synth::SynthOptions { studies: 16, seed: 3, image_size: 32 };
-        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
-        let mut config = JobConfig::default();
-        config.job.id = "labels-test".into();
-        config.cluster.world_size = 2;
-        config.data.path = Some(data_dir.clone());
-        config.pretrain.batch_size = 4;
-        let prepared = crate::data_plan::prepare(&config.data, Some(config.pretrain.batch_size)).unwrap();
+        let (config, prepared) = synthetic_job(dir.path(), "labels-test", 16);
         let mut truth: BTreeMap<String, f32> = BTreeMap::new();
         for study in &prepared.dataset.studies {
             let value = study.labels.as_ref().unwrap()[prepared.targets[0]];
@@ -351,15 +358,8 @@ mod tests {
     #[tokio::test]
     async fn a_file_that_fails_to_decode_is_never_handed_out_again() {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let opts = simclr_data::synth::SynthOptions { studies: 24, seed: 3, image_size: 32 };
-        simclr_data::synth::write_dataset(&data_dir, &opts).unwrap();
-        let mut config = JobConfig::default();
-        config.job.id = "decode-test".into();
-        config.cluster.world_size = 2;
-        config.data.path = Some(data_dir.clone());
-        config.pretrain.batch_size = 4;
-        let prepared = Arc::new(crate::data_plan::prepare(&config.data, Some(4)).unwrap());
+        let (config, prepared) = synthetic_job(dir.path(), "decode-test", 24);
+        let prepared = Arc::new(prepared);
         let bad_index = prepared.training_images[3];
         let bad = prepared.dataset.index.images[bad_index].path.display().to_string();
         let run_path = dir.path().join("run");
