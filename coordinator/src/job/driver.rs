@@ -63,7 +63,7 @@ impl Job {
             let (notice, status) = state.outcome.clone().expect("the job stops only once an outcome is set");
             let retryable = state.retryable;
             let outcome = JobOutcome { status, message: notice.message, results_table: None, retryable };
-            (outcome, state.members.clone(), state.results.clone(), state.file_issues.clone())
+            (outcome, state.members.clone(), state.results.clone(), issue_rows(&state.file_issues))
         };
         if !issues.is_empty() {
             if let Err(e) = self.run_dir.write_file_issues("worker_file_issues.csv", &issues) {

@@ -46,8 +46,8 @@ struct State {
     members: Vec<Member>,
     /// phase -> rank -> metric -> value
     results: BTreeMap<String, BTreeMap<u32, BTreeMap<String, f64>>>,
-    /// Files the workers could not use: (phase, rank, path, reason).
-    file_issues: Vec<(String, u32, String, String)>,
+    /// Files the workers could not use, one entry per file: path -> (phase, rank, reason).
+    file_issues: BTreeMap<String, (String, u32, String)>,
     outcome: Option<(StopNotice, ExitStatus)>,
     /// Whether the recorded outcome is a retryable failure.
     retryable: bool,
@@ -78,6 +78,11 @@ pub(crate) struct Usable {
     /// The epochs' global orders computed so far; the two latest are kept (the ranks ask for an epoch
     /// at about the same time, and never for one more than an epoch behind the others).
     orders: Mutex<BTreeMap<u64, Arc<Vec<simclr_data::dataset::Slot>>>>,
+}
+
+/// `file_issues` as the rows of `worker_file_issues.csv`: (phase, rank, path, reason), by path.
+fn issue_rows(issues: &BTreeMap<String, (String, u32, String)>) -> Vec<(String, u32, String, String)> {
+    issues.iter().map(|(path, (phase, rank, reason))| (phase.clone(), *rank, path.clone(), reason.clone())).collect()
 }
 
 impl Usable {
@@ -132,7 +137,7 @@ impl Job {
         let recorded = data.as_deref().map(|d| recorded_undecodable(&run_dir, d)).unwrap_or_default();
         let file_issues = recorded
             .iter()
-            .map(|(_, f)| (PHASE_DECODE.to_string(), f.rank, f.path.clone(), f.reason.clone()))
+            .map(|(_, f)| (f.path.clone(), (PHASE_DECODE.to_string(), f.rank, f.reason.clone())))
             .collect();
         let undecodable = recorded.into_iter().map(|(i, f)| (i, f.reason)).collect();
         let recovered = match run_dir.open_probe_journal(&probe_fingerprint(&config)) {

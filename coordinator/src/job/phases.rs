@@ -18,11 +18,11 @@ impl Job {
         }
         for issue in &req.issues {
             // One row per file: a file already listed (by another rank, phase or attempt) stays as it was.
-            if state.file_issues.iter().any(|(_, _, path, _)| *path == issue.path) {
+            if state.file_issues.contains_key(&issue.path) {
                 continue;
             }
             tracing::warn!(rank = req.rank, phase = %req.phase, path = %issue.path, reason = %issue.reason, "unusable file");
-            state.file_issues.push((req.phase.clone(), req.rank, issue.path.clone(), issue.reason.clone()));
+            state.file_issues.insert(issue.path.clone(), (req.phase.clone(), req.rank, issue.reason.clone()));
             if req.phase == PHASE_DECODE {
                 if let Some(&i) = self.data.as_ref().and_then(|d| d.image_of_path.get(&issue.path)) {
                     state.undecodable.insert(i, issue.reason.clone());
@@ -119,14 +119,14 @@ impl Job {
             }
             Err(_) => None,
         };
-        let issues = state.file_issues.clone();
+        let issues = issue_rows(&state.file_issues);
         let records: Vec<UndecodableFile> = state
             .undecodable
             .iter()
             .map(|(&i, reason)| {
                 let img = &data.dataset.index.images[i];
                 let path = img.path.display().to_string();
-                let rank = issues.iter().find(|(_, _, p, _)| *p == path).map_or(0, |(_, r, _, _)| *r);
+                let rank = state.file_issues.get(&path).map_or(0, |(_, rank, _)| *rank);
                 UndecodableFile {
                     path,
                     rank,
