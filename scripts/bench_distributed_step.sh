@@ -8,7 +8,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 steps=${1:-3}
 threads=${2:-1}
 scripts/setup.sh --python >/dev/null
-cargo build -q --release -p simclr-worker --example bench_distributed_step
+cargo build -q --release -p simclr-worker --example bench_distributed_step --example bench_batchnorm
+echo "## Synchronised BatchNorm's arithmetic: one process, $threads thread(s), forward and backward of the encoder"
+target/release/examples/bench_batchnorm 11 "$threads"
+echo
 echo "## simclr-cluster, 2 processes x $threads thread(s)"
 target/release/examples/bench_distributed_step "$steps" "$threads"
 echo

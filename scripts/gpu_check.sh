@@ -13,7 +13,10 @@
 #      2+ GPUs use --device cuda to spread them instead)
 #   4. the training step benchmark on the GPU, ours (the `simclr_step` bench binary, found beside the
 #      others) against the same step in PyTorch, same GPU, same run
-#   5. run 1 again on the CPU: the first step's loss must agree with the GPU's (the weights are drawn
+#   5. synchronised BatchNorm's CUDA path (libtorch's fused SyncBatchNorm kernels) in one process
+#      against libtorch's BatchNorm: time per pass and the largest gradient difference (the
+#      `bench_batchnorm` example binary: `cargo build --release -p simclr-worker --example bench_batchnorm`)
+#   6. run 1 again on the CPU: the first step's loss must agree with the GPU's (the weights are drawn
 #      on the CPU under the seed and the views' parameters come from the seed too; only the
 #      arithmetic differs, TF32 convolutions included)
 #   scripts/gpu_check.sh [SECONDS_PER_RUN]
@@ -58,6 +61,11 @@ if [ -x "$bin/simclr_step" ]; then
   { echo "## simclr-cluster (tch), cuda:0"; timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0
     echo "## PyTorch + torchvision, cuda:0"; timeout -k 10 "$limit" "$py" scripts/bench_step_pytorch.py 16 10 cuda:0
   } 2>&1 | tee "$out/bench_step.txt"
+fi
+bench_bn=$bin/bench_batchnorm
+[ -x "$bench_bn" ] || bench_bn=$bin/examples/bench_batchnorm
+if [ -x "$bench_bn" ]; then
+  timeout -k 10 "$limit" "$bench_bn" 5 1 cuda:0 2>&1 | tee "$out/bench_batchnorm.txt"
 fi
 check cpu-world-1 --workers 1 --device cpu --max-steps 2
 "$py" - "$out" <<'PY' | tee -a "$out/summary.txt"

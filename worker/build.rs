@@ -3,13 +3,30 @@
 //! as long as the libtorch it was built against stays where it is. Links are kept as they are: with the
 //! default set-up the rpath names `.venv/libtorch/lib`, which stays valid when the set-up is redone.
 //! A second entry names the directory of the PyTorch wheel's NCCL (see `nccl.rs`).
+//!
+//! Compiles `csrc/` (synchronised BatchNorm as a libtorch autograd function, which tch cannot define)
+//! against the headers of the same libtorch, with the flags torch-sys uses for its own C++.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        let lib = std::path::absolute(&lib).unwrap_or_else(|_| lib.into());
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        // NCCL from PyTorch's wheel (site-packages/nvidia/nccl/lib beside site-packages/torch), which
-        // the worker loads at run time for --collective nccl; scripts/setup.sh links libnccl.so there.
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.join("../../nvidia/nccl/lib").display());
-    }
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-changed=csrc");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports libtorch's lib directory");
+    let lib = std::path::absolute(&lib).unwrap_or_else(|_| lib.into());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // NCCL from PyTorch's wheel (site-packages/nvidia/nccl/lib beside site-packages/torch), which
+    // the worker loads at run time for --collective nccl; scripts/setup.sh links libnccl.so there.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.join("../../nvidia/nccl/lib").display());
+    let include = lib.join("../include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/sync_batch_norm.cpp")
+        .compile("simclr_csrc");
 }

@@ -2,26 +2,34 @@
 //! gradient terms summed over the ranks in the backward pass, so that BatchNorm is world-size
 //! invariant (SimCLR's global BN: with per-worker statistics a view can find its partner through them).
 //!
-//! tch has no custom autograd functions, so the backward is split explicitly. In the forward pass every
-//! BatchNorm input `x` and every residual block's output is cut: the rest of the network sees a fresh
-//! leaf (`x.detach()` with `requires_grad`), and the cut remembers where it came from. A BatchNorm
-//! normalises its leaf with the global mean and (biased) variance, themselves leaves: each rank's
-//! per-channel count, mean and variance are all-gathered and combined in a fixed rank order (the
-//! parallel-variance formula, stable in f64). The running statistics take the global values (unbiased
-//! variance over the global count), as in one process holding the whole batch.
+//! tch cannot define autograd functions, so the layer is one written in C++ against libtorch
+//! (`worker/csrc/sync_batch_norm.cpp`, built by `build.rs`), as PyTorch's SyncBatchNorm is. The
+//! collectives stay here: the C++ function calls back into [`Collective`] through a C function
+//! pointer, once per layer in the forward and once in the backward, so the whole backward pass is one
+//! call into libtorch's autograd engine and no value is read back to the host.
 //!
-//! Backward ([`SyncNorm::backward`]) starts at the projection output with the gradient the loss gives
-//! it, then visits the cuts in reverse order. By then everything that depends on a cut has been
-//! differentiated, so its leaf holds its complete local gradient. At a BatchNorm cut the gradients of
-//! the loss with respect to the global mean and variance are summed over the ranks (one all-reduce of
-//! 2C values per layer, as PyTorch's SyncBatchNorm does), and the input's gradient becomes
-//!   dL/dx_i = (direct term) + G_mean / N + G_var * 2 (x_i - mean) / N,
-//! N being the global count, because mean = sum(x)/N and var = sum((x - mean)^2)/N. Then the gradient
-//! continues below the cut from the tensor it came from. Cutting at every block output means each node
-//! of the graph is differentiated exactly once.
+//! Forward: each rank's per-channel count, mean and (biased) variance are all-gathered (one message
+//! of 1 + 2C floats per layer) and combined in a fixed rank order (the parallel-variance formula, in
+//! f64). The output is libtorch's fused batch norm in inference mode, given the global mean and
+//! variance as its statistics. The running statistics take the global values (unbiased variance over
+//! the global count), as in one process holding the whole batch.
+//!
+//! Backward: with N the global count, mean = sum(x)/N and var = sum((x - mean)^2)/N over the global
+//! batch, so the input's gradient needs two per-channel sums over every rank's share:
+//!   S1 = sum(dy), S2 = sum(dy * (x - mean)),
+//!   dL/dx_i = (dy_i - S1 / N - (x_i - mean) * invstd^2 * S2 / N) * invstd * weight,
+//! where invstd = 1 / sqrt(var + eps). Each rank sums its share, one all-reduce of 2C values per layer
+//! adds them up (PyTorch's SyncBatchNorm exchanges the same sums), and the weight's and bias's
+//! gradients (S2 * invstd and S1 over this rank's share) are summed over the ranks with the other
+//! parameter gradients. On CUDA the sums and the input gradient are libtorch's fused SyncBatchNorm
+//! kernels (`batch_norm_backward_reduce`, `batch_norm_backward_elemt`).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Mutex;
 
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::Tensor;
+use torch_sys::C_tensor;
 
 use crate::comm::{Collective, CollectiveError};
 use crate::engine::model::NormPass;
@@ -30,73 +38,97 @@ use crate::engine::model::NormPass;
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
-struct Stats {
-    mean: Tensor,
-    var: Tensor,
-    count: f64,
-    shape: Vec<i64>,
+/// The C++ side's call into a collective: op 0 all-gathers, op 1 all-reduces; a new tensor, or null
+/// when the collective failed.
+type CollectiveFn = unsafe extern "C" fn(*mut c_void, c_int, *const C_tensor) -> *mut C_tensor;
+
+extern "C" {
+    fn simclr_sync_batch_norm(
+        x: *const C_tensor,
+        weight: *const C_tensor,
+        bias: *const C_tensor,
+        running_mean: *const C_tensor,
+        running_var: *const C_tensor,
+        eps: f64,
+        momentum: f64,
+        call: CollectiveFn,
+        context: *mut c_void,
+    ) -> *mut C_tensor;
+    fn simclr_backward_with_grad(output: *const C_tensor, grad: *const C_tensor) -> c_int;
+    fn simclr_sync_batch_norm_error() -> *const c_char;
 }
 
-struct Cut {
-    /// The tensor in the graph below the cut.
-    source: Tensor,
-    /// What the graph above the cut used instead.
-    leaf: Tensor,
-    stats: Option<Stats>,
+/// What the C++ function calls back into: the collective, and the first error it returned.
+struct Bridge<'c> {
+    collective: &'c dyn Collective,
+    error: Mutex<Option<CollectiveError>>,
+}
+
+/// Runs on the thread that drives the pass (the autograd engine's device thread on CUDA).
+unsafe extern "C" fn call_collective(context: *mut c_void, op: c_int, input: *const C_tensor) -> *mut C_tensor {
+    let bridge = &*(context as *const Bridge<'_>);
+    let input = Tensor::clone_from_ptr(input as *mut C_tensor);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
+        0 => bridge.collective.all_gather(&input),
+        _ => bridge.collective.all_reduce_sum(&input),
+    }));
+    let error = match result {
+        Ok(Ok(mut out)) => {
+            let ptr = out.as_mut_ptr();
+            // The C++ side owns it now (and deletes it).
+            std::mem::forget(out);
+            return ptr;
+        }
+        Ok(Err(e)) => e,
+        Err(_) => CollectiveError::Invalid {
+            op: if op == 0 { "sync batch norm all-gather" } else { "sync batch norm all-reduce" },
+            message: "the collective panicked".into(),
+        },
+    };
+    let mut slot = bridge.error.lock().unwrap_or_else(|e| e.into_inner());
+    slot.get_or_insert(error);
+    std::ptr::null_mut()
+}
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(simclr_sync_batch_norm_error()) }.to_string_lossy().into_owned()
 }
 
 /// A training-mode forward pass with global BatchNorm statistics, and its backward.
 pub struct SyncNorm<'c> {
-    collective: &'c dyn Collective,
-    cuts: Vec<Cut>,
+    bridge: Box<Bridge<'c>>,
+    /// A failed forward collective: the step fails at `backward`.
     error: Option<CollectiveError>,
 }
 
 impl<'c> SyncNorm<'c> {
     pub fn new(collective: &'c dyn Collective) -> SyncNorm<'c> {
-        SyncNorm { collective, cuts: Vec::new(), error: None }
+        SyncNorm { bridge: Box::new(Bridge { collective, error: Mutex::new(None) }), error: None }
+    }
+
+    fn take_bridge_error(&self) -> Option<CollectiveError> {
+        self.bridge.error.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Back-propagates `grad` (the loss's gradient with respect to `output`, the pass's final tensor)
-    /// through the whole pass, with the ranks' BatchNorm gradient terms summed. Accumulates into the
-    /// parameters' `grad`, like `backward()`.
+    /// through the whole pass, with the ranks' BatchNorm gradient sums all-reduced. Accumulates into
+    /// the parameters' `grad`, like `backward()`.
     pub fn backward(mut self, output: &Tensor, grad: &Tensor) -> Result<(), CollectiveError> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        backward_from(output, grad);
-        let world = self.collective.world_size();
-        while let Some(cut) = self.cuts.pop() {
-            let g = cut.leaf.grad();
-            if !g.defined() {
-                continue;
-            }
-            let g = match &cut.stats {
-                None => g,
-                Some(s) => {
-                    let zeros = || Tensor::zeros_like(&s.mean);
-                    let (gm, gv) = (s.mean.grad(), s.var.grad());
-                    let gm = if gm.defined() { gm } else { zeros() };
-                    let gv = if gv.defined() { gv } else { zeros() };
-                    let both = Tensor::cat(&[gm, gv], 0);
-                    let both = if world > 1 { self.collective.all_reduce_sum(&both)? } else { both };
-                    let c = s.mean.size()[0];
-                    let (gm, gv) =
-                        (both.narrow(0, 0, c).view(s.shape.as_slice()), both.narrow(0, c, c).view(s.shape.as_slice()));
-                    let centered = cut.leaf.detach() - s.mean.detach().view(s.shape.as_slice());
-                    g + gm / s.count + gv * centered * (2.0 / s.count)
-                }
-            };
-            backward_from(&cut.source, &g);
+        if !output.requires_grad() {
+            return Ok(());
         }
-        Ok(())
-    }
-}
-
-/// Accumulates d(sum(t * grad))/d(leaves): the backward of `t` with the incoming gradient `grad`.
-fn backward_from(t: &Tensor, grad: &Tensor) {
-    if t.requires_grad() {
-        (t * grad.detach()).sum(Kind::Float).backward();
+        let grad = grad.detach();
+        // The pass's graph holds pointers to the bridge, which lives until this returns.
+        let status = unsafe { simclr_backward_with_grad(output.as_ptr(), grad.as_ptr()) };
+        if status == 0 {
+            return Ok(());
+        }
+        Err(self
+            .take_bridge_error()
+            .unwrap_or_else(|| CollectiveError::Invalid { op: "sync batch norm backward", message: last_error() }))
     }
 }
 
@@ -110,68 +142,31 @@ impl NormPass for SyncNorm<'_> {
             // The step fails at `backward`; finish the forward pass cheaply meanwhile.
             return x.shallow_clone();
         }
-        let c = x.size()[1];
-        let dims: Vec<i64> = if x.dim() == 4 { vec![0, 2, 3] } else { vec![0] };
-        let mut shape = vec![1i64; x.dim()];
-        shape[1] = c;
-        let local_count = (x.numel() as i64 / c) as f64;
-        let (var, mean) = x.detach().var_mean_correction(dims.as_slice(), 0, false);
-        let local = Tensor::cat(
-            &[
-                Tensor::from_slice(&[local_count as f32]).to_device(x.device()),
-                mean.to_kind(Kind::Float),
-                var.to_kind(Kind::Float),
-            ],
-            0,
-        )
-        .view([1, 1 + 2 * c]);
-        let all = match self.collective.all_gather(&local) {
-            Ok(all) => all.to_kind(Kind::Double),
-            Err(e) => {
-                self.error = Some(e);
-                return x.shallow_clone();
-            }
+        let undefined = Tensor::new();
+        let weight = bn.ws.as_ref().unwrap_or(&undefined);
+        let bias = bn.bs.as_ref().unwrap_or(&undefined);
+        let context = &*self.bridge as *const Bridge<'_> as *mut c_void;
+        let y = unsafe {
+            simclr_sync_batch_norm(
+                x.as_ptr(),
+                weight.as_ptr(),
+                bias.as_ptr(),
+                bn.running_mean.as_ptr(),
+                bn.running_var.as_ptr(),
+                EPS,
+                MOMENTUM,
+                call_collective,
+                context,
+            )
         };
-        let counts = all.narrow(1, 0, 1);
-        let count = counts.sum(Kind::Double).double_value(&[]);
-        let means = all.narrow(1, 1, c);
-        let vars = all.narrow(1, 1 + c, c);
-        let mean = (&means * &counts).sum_dim_intlist([0i64].as_slice(), false, Kind::Double) / count;
-        let var = ((vars + (&means - mean.unsqueeze(0)).square()) * &counts).sum_dim_intlist(
-            [0i64].as_slice(),
-            false,
-            Kind::Double,
-        ) / count;
-        tch::no_grad(|| {
-            let unbiased = if count > 1.0 { &var * (count / (count - 1.0)) } else { var.shallow_clone() };
-            let kind = bn.running_mean.kind();
-            let rm = &bn.running_mean * (1.0 - MOMENTUM) + mean.to_kind(kind) * MOMENTUM;
-            let rv = &bn.running_var * (1.0 - MOMENTUM) + unbiased.to_kind(kind) * MOMENTUM;
-            bn.running_mean.shallow_clone().copy_(&rm);
-            bn.running_var.shallow_clone().copy_(&rv);
-        });
-        let kind = x.kind();
-        let mean = mean.to_kind(kind).set_requires_grad(true);
-        let var = var.to_kind(kind).set_requires_grad(true);
-        let leaf = x.detach().set_requires_grad(true);
-        let mut y = (&leaf - mean.view(shape.as_slice())) * (var.view(shape.as_slice()) + EPS).rsqrt();
-        if let Some(w) = &bn.ws {
-            y = y.g_mul(&w.view(shape.as_slice()));
+        if y.is_null() {
+            let error = self
+                .take_bridge_error()
+                .unwrap_or_else(|| CollectiveError::Invalid { op: "sync batch norm forward", message: last_error() });
+            self.error = Some(error);
+            return x.shallow_clone();
         }
-        if let Some(b) = &bn.bs {
-            y = y.g_add(&b.view(shape.as_slice()));
-        }
-        self.cuts.push(Cut { source: x.shallow_clone(), leaf, stats: Some(Stats { mean, var, count, shape }) });
-        y
-    }
-
-    fn cut(&mut self, x: Tensor) -> Tensor {
-        if self.error.is_some() || !x.requires_grad() {
-            return x;
-        }
-        let leaf = x.detach().set_requires_grad(true);
-        self.cuts.push(Cut { source: x, leaf: leaf.shallow_clone(), stats: None });
-        leaf
+        unsafe { Tensor::from_ptr(y) }
     }
 }
 
@@ -182,7 +177,7 @@ mod tests {
     use crate::engine::model::{with_torch_seed, Encoder, EncoderConfig};
     use crate::testing::loopback;
     use crate::testing::to_f64;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn model(seed: u64) -> (nn::VarStore, Encoder) {
         with_torch_seed(seed, || {
