@@ -12,7 +12,8 @@
 #      seen on an H200): the job must stop at once, naming both ranks, without restarts (on a host with
 #      2+ GPUs use --device cuda to spread them instead)
 #   4. the training step benchmark on the GPU, ours (the `simclr_step` bench binary, found beside the
-#      others) against the same step in PyTorch, same GPU, same run
+#      others; TF32 as PyTorch's default, then bf16 autocast with channels-last) against the same
+#      step in PyTorch, same GPU, same run
 #   5. synchronised BatchNorm's CUDA path (libtorch's fused SyncBatchNorm kernels) in one process
 #      against libtorch's BatchNorm: time per pass and the largest gradient difference (the
 #      `bench_batchnorm` example binary: `cargo build --release -p simclr-worker --example bench_batchnorm`)
@@ -58,7 +59,9 @@ check nccl-world-1 --workers 1 --device cuda:0 --collective nccl
 check auto-2-on-gpu0 --workers 2 --device cuda:0
 check nccl-2-on-gpu0 --workers 2 --device cuda:0 --collective nccl --max-steps 2
 if [ -x "$bin/simclr_step" ]; then
-  { echo "## simclr-cluster (tch), cuda:0"; timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0
+  { echo "## simclr-cluster (tch), cuda:0, tf32"; timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0 tf32
+    echo "## simclr-cluster (tch), cuda:0, bf16 autocast, channels-last"
+    timeout -k 10 "$limit" "$bin/simclr_step" 16 10 cuda:0 bf16
     echo "## PyTorch + torchvision, cuda:0"; timeout -k 10 "$limit" "$py" scripts/bench_step_pytorch.py 16 10 cuda:0
   } 2>&1 | tee "$out/bench_step.txt"
 fi

@@ -4,8 +4,9 @@
 //! default set-up the rpath names `.venv/libtorch/lib`, which stays valid when the set-up is redone.
 //! A second entry names the directory of the PyTorch wheel's NCCL (see `nccl.rs`).
 //!
-//! Compiles `csrc/` (synchronised BatchNorm as a libtorch autograd function, which tch cannot define)
-//! against the headers of the same libtorch, with the flags torch-sys uses for its own C++.
+//! Compiles `csrc/` (synchronised BatchNorm as a libtorch autograd function, which tch cannot define;
+//! the autocast, TF32 and memory-format switches tch does not expose) against the headers of the same
+//! libtorch, with the flags torch-sys uses for its own C++.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -28,5 +29,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/sync_batch_norm.cpp")
+        .file("csrc/numerics.cpp")
         .compile("simclr_csrc");
 }

@@ -46,6 +46,55 @@ pub enum LrScalingName {
 }
 
 /// BatchNorm statistics during pretraining with more than one worker.
+/// The arithmetic of the encoder and the projection head (`pretrain.precision`); the loss, the master
+/// weights and the optimizer state are float32 in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on CUDA, fp32 on the CPU.
+    #[default]
+    Auto,
+    /// float32 throughout (on CUDA with TF32 switched off for cuDNN and cuBLAS).
+    Fp32,
+    /// float32 tensors, TF32 tensor-core products on CUDA (the CPU computes fp32).
+    Tf32,
+    /// bfloat16 autocast for the encoder and the head (convolutions and products in bf16).
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// What `auto` means on a device: bf16 on CUDA, fp32 elsewhere.
+    pub fn resolve(self, cuda: bool) -> Precision {
+        match self {
+            Precision::Auto if cuda => Precision::Bf16,
+            Precision::Auto => Precision::Fp32,
+            p => p,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Precision::Auto),
+            "fp32" => Ok(Precision::Fp32),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("'{s}' is not a precision (expected auto, fp32, tf32 or bf16)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BnMode {
@@ -265,6 +314,11 @@ pub struct PretrainSection {
     pub augment: AugmentConfig,
     /// BatchNorm statistics with more than one worker.
     pub bn: BnMode,
+    /// Arithmetic of the encoder and head, in pretraining and in the probe phase's feature pass.
+    pub precision: Precision,
+    /// The encoder's activations and convolution weights in channels-last layout; unset: on for
+    /// CUDA, off for the CPU.
+    pub channels_last: Option<bool>,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: u64,
     /// Keys (`pretrain.temperature`, `data.split_seed`, ...) that may differ from the checkpoint's
@@ -300,6 +354,8 @@ impl Default for PretrainSection {
             input_size: 224,
             augment: AugmentConfig::cxr(),
             bn: BnMode::Sync,
+            precision: Precision::Auto,
+            channels_last: None,
             checkpoint_every: 0,
             allow_config_change: Vec::new(),
             seed: 0,

@@ -2,10 +2,12 @@
 //! in images per second, for ResNet-18 and ResNet-50 at 64x64 and 224x224, and the augmentations
 //! alone. `scripts/bench_step.sh` runs it beside the same step in PyTorch at the same thread count.
 //!
-//! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS] [DEVICE]
+//! cargo bench -p simclr-worker --bench simclr_step -- [THREADS] [STEPS] [DEVICE] [PRECISION]
 //!
 //! DEVICE is `cpu` (default) or `cuda:K`; on a GPU the batches are the realistic ones (256 images) and
-//! the augmentation table is skipped (it runs on the CPU either way).
+//! the augmentation table is skipped (it runs on the CPU either way). PRECISION (`pretrain.precision`)
+//! defaults to tf32: float32 tensors with cuDNN's TF32 convolutions, PyTorch's own default, which
+//! `scripts/bench_step_pytorch.py` runs (the CPU computes fp32 either way).
 
 use std::time::Instant;
 
@@ -19,6 +21,14 @@ fn main() {
     let threads: i32 = args.first().and_then(|s| s.parse().ok()).unwrap_or(2);
     let steps: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
     let spec = args.get(2).map_or("cpu", String::as_str);
+    let precision: simclr_worker::engine::numerics::Precision = match args.get(3).map_or("tf32", String::as_str).parse()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("simclr_step: {e}");
+            std::process::exit(2);
+        }
+    };
     let device = match simclr_worker::session::device::Device::parse(spec).and_then(|d| d.open()) {
         Ok(device) => device,
         Err(e) => {
@@ -50,6 +60,7 @@ fn main() {
             augment: AugmentConfig::disabled(),
             epochs: 1000,
             warmup_epochs: 0.0,
+            precision,
             ..PretrainConfig::default()
         };
         let mut trainer = Trainer::new(config, batch, device).expect("trainer");

@@ -48,6 +48,8 @@ struct Collective {
   }
 };
 
+bool is_reduced(at::ScalarType kind) { return kind == at::kBFloat16 || kind == at::kHalf; }
+
 std::vector<int64_t> reduced_dims(const at::Tensor &x) {
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
@@ -66,6 +68,10 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
                             double momentum, int64_t call, int64_t context) {
     const Collective collective{reinterpret_cast<simclr_collective_fn>(call),
                                 reinterpret_cast<void *>(context)};
+    // Under bf16 autocast the input arrives in bf16: statistics, normalisation and gradients are
+    // computed in float32 (as autocast keeps batch norm), the output goes back in the input's type.
+    const auto input_kind = x.scalar_type();
+    if (is_reduced(input_kind)) x = x.to(at::kFloat);
     const int64_t c = x.size(1);
     const auto dims = reduced_dims(x);
     const auto float_options = x.options().dtype(at::kFloat);
@@ -99,6 +105,7 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
     auto mean_k = mean.to(kind);
     auto y = at::batch_norm(x, weight, bias, mean_k, var.to(kind), /*training=*/false,
                             /*momentum=*/0.0, eps, /*cudnn_enabled=*/true);
+    if (is_reduced(input_kind)) y = y.to(input_kind);
     ctx->save_for_backward({x, weight, mean_k, invstd, count});
     ctx->saved_data["call"] = call;
     ctx->saved_data["context"] = context;
@@ -117,7 +124,8 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
     const auto &invstd = saved[3];
     const auto &count = saved[4];
     const bool has_bias = ctx->saved_data["bias"].toBool();
-    auto dy = grads[0].contiguous(x.suggest_memory_format());
+    const auto grad_kind = grads[0].scalar_type();
+    auto dy = grads[0].to(x.scalar_type()).contiguous(x.suggest_memory_format());
     const int64_t c = x.size(1);
     const auto dims = reduced_dims(x);
     const auto shape = channel_shape(x);
@@ -156,6 +164,7 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
       dx = at::addcmul(offset.view(shape).to(kind), dy, scale.view(shape).to(kind));
       dx.addcmul_(x, slope.view(shape).to(kind));
     }
+    if (is_reduced(grad_kind)) dx = dx.to(grad_kind);
     return {dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -40,8 +40,7 @@ fn main() {
         let images = with_torch_seed(2, || Tensor::rand([n, 1, size, size], (Kind::Float, Device::Cpu))).to(device);
         let weights =
             with_torch_seed(3, || Tensor::randn([n, encoder.feature_dim], (Kind::Float, Device::Cpu))).to(device);
-        let mut params: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let once = |f: &dyn Fn()| {
             for (_, t) in &params {

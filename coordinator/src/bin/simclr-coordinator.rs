@@ -141,6 +141,10 @@ struct PretrainOverrides {
     /// BatchNorm statistics with several workers: sync (global batch) or local (pretrain.bn).
     #[arg(long, value_parser = ["sync", "local"])]
     bn: Option<String>,
+    /// Arithmetic of the encoder and head: auto (bf16 on CUDA, fp32 on the CPU), fp32 (TF32 off),
+    /// tf32 or bf16 (autocast; loss, weights and optimizer state stay float32) (pretrain.precision).
+    #[arg(long, value_parser = ["auto", "fp32", "tf32", "bf16"])]
+    precision: Option<String>,
     /// Collectives backend: auto (NCCL when every worker is on a CUDA device, else the TCP ring), tcp,
     /// grpc or nccl (cluster.collective).
     #[arg(long, value_parser = ["auto", "tcp", "grpc", "nccl"])]
@@ -171,6 +175,9 @@ impl PretrainOverrides {
             Some("local") => config.pretrain.bn = BnMode::Local,
             Some("sync") => config.pretrain.bn = BnMode::Sync,
             _ => {}
+        }
+        if let Some(p) = self.precision.as_deref().and_then(|p| p.parse().ok()) {
+            config.pretrain.precision = p;
         }
         if let Some(n) = self.max_restarts {
             config.cluster.max_restarts = n;

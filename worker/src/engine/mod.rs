@@ -6,6 +6,7 @@
 pub mod augment;
 pub mod loss;
 pub mod model;
+pub mod numerics;
 pub mod optim;
 pub mod syncbn;
 pub mod train;

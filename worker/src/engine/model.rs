@@ -19,6 +19,8 @@ use std::cell::Cell;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+use crate::engine::numerics::{channels_last, is_channels_last, to_float, Numerics};
+
 pub use simclr_common::pretrain::{Arch, Stem};
 
 fn blocks(arch: Arch) -> [i64; 4] {
@@ -156,6 +158,9 @@ pub struct Encoder {
     /// Training-mode forward passes, saved as BatchNorm's `num_batches_tracked` (torchvision has it).
     batches_tracked: Cell<i64>,
     bn_prefixes: Vec<String>,
+    /// Precision and layout of the forward pass (`pretrain.precision`, `pretrain.channels_last`);
+    /// unset: float32, contiguous.
+    numerics: Cell<Option<Numerics>>,
 }
 
 impl Encoder {
@@ -194,13 +199,23 @@ impl Encoder {
             }
             layers.push(blocks);
         }
-        Encoder { config, conv1, bn1, layers, feature_dim: channels, batches_tracked: Cell::new(0), bn_prefixes }
+        Encoder {
+            config,
+            conv1,
+            bn1,
+            layers,
+            feature_dim: channels,
+            batches_tracked: Cell::new(0),
+            bn_prefixes,
+            numerics: Cell::new(None),
+        }
     }
 
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
         self.forward_with(images, &mut LocalNorm { train })
     }
 
+    /// The features h (float32, whatever the precision of the pass).
     pub fn forward_with(&self, images: &Tensor, pass: &mut dyn NormPass) -> Tensor {
         let x = if self.config.stem == Stem::Repeat3 && images.size()[1] == 1 {
             images.repeat([1, 3, 1, 1])
@@ -210,14 +225,43 @@ impl Encoder {
         if pass.train() {
             self.batches_tracked.set(self.batches_tracked.get() + 1);
         }
-        let x = pass.norm(&self.bn1, &x.apply(&self.conv1)).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        let mut x = pass.cut(x);
-        for layer in &self.layers {
-            for block in layer {
-                x = block.forward(&x, pass);
+        let numerics = self.numerics.get();
+        let forward = |x: Tensor, pass: &mut dyn NormPass| {
+            let x =
+                pass.norm(&self.bn1, &x.apply(&self.conv1)).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+            let mut x = pass.cut(x);
+            for layer in &self.layers {
+                for block in layer {
+                    x = block.forward(&x, pass);
+                }
             }
+            x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+        };
+        match numerics {
+            None => forward(x, pass),
+            Some(n) => to_float(n.autocast(|| forward(n.layout(&x), pass))),
         }
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+
+    /// Sets the precision and layout of later forward passes. With channels-last, the convolution
+    /// weights (every 4-dimensional variable of `vs`, which must hold this encoder) move to that
+    /// layout too, keeping their values.
+    pub fn set_numerics(&self, vs: &nn::VarStore, numerics: Numerics) {
+        if numerics.channels_last {
+            tch::no_grad(|| {
+                for (_, mut t) in vs.variables() {
+                    if t.dim() == 4 && !is_channels_last(&t) {
+                        let moved = channels_last(&t);
+                        t.set_data(&moved);
+                    }
+                }
+            });
+        }
+        self.numerics.set(Some(numerics));
+    }
+
+    pub fn numerics(&self) -> Option<Numerics> {
+        self.numerics.get()
     }
 
     /// BatchNorm modules' `num_batches_tracked` entries, as torchvision's `state_dict` has them.

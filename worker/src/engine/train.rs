@@ -26,6 +26,7 @@ use crate::engine::model::{
     load_encoder, save_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig, HeadConfig, LocalNorm,
     NormPass, ProjectionHead, HEAD_PREFIX,
 };
+use crate::engine::numerics::{to_float, Numerics};
 use crate::engine::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
 use crate::engine::syncbn::SyncNorm;
 
@@ -84,8 +85,10 @@ struct SavedState {
 }
 
 /// Keys that never change a run's course: a resumed run may differ in them freely.
-const FREE_KEYS: [&str; 5] = [
+const FREE_KEYS: [&str; 7] = [
     "pretrain.checkpoint_every",
+    "pretrain.precision",
+    "pretrain.channels_last",
     "pretrain.max_steps",
     "pretrain.enabled",
     "pretrain.init_weights",
@@ -213,6 +216,9 @@ impl Trainer {
                 (encoder, head)
             })
         });
+        let numerics = Numerics::new(config.precision, config.channels_last, device);
+        numerics.apply_process_settings();
+        encoder.set_numerics(&vs, numerics);
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         // Every gradient exists from the start (zeros), so that each rank contributes a value for every
@@ -300,7 +306,11 @@ impl Trainer {
         let mut sync = SyncNorm::new(&*collective);
         let mut local = LocalNorm { train: true };
         let pass: &mut dyn NormPass = if sync_bn { &mut sync } else { &mut local };
-        let z = self.head.forward_with(&self.encoder.forward_with(&views, pass), pass);
+        // The encoder runs in its own precision and returns float32; the head's output is float32 again
+        // before the loss, which is always computed in float32.
+        let h = self.encoder.forward_with(&views, pass);
+        let numerics = self.encoder.numerics().unwrap_or(Numerics::fp32(h.device()));
+        let z = to_float(numerics.autocast(|| self.head.forward_with(&h, pass)));
         self.optimizer.zero_grad();
         let rows = AnchorRows::rank_block(n, rank);
         let (loss, correct) = if world == 1 {
@@ -367,7 +377,8 @@ impl Trainer {
             let mut offset = 0;
             for g in &grads {
                 let numel = g.numel() as i64;
-                flat.narrow(0, offset, numel).copy_(&g.detach().view([-1]));
+                // reshape: a channels-last gradient is not viewable as flat.
+                flat.narrow(0, offset, numel).copy_(&g.detach().reshape([-1]));
                 offset += numel;
             }
         });
@@ -635,6 +646,7 @@ mod tests {
     use super::*;
     use crate::engine::augment::AugmentConfig;
     use crate::engine::model::Arch;
+    use crate::engine::numerics::Precision;
 
     fn tiny(batch_size: usize, epochs: u64) -> PretrainConfig {
         PretrainConfig {
@@ -760,6 +772,107 @@ mod tests {
         resumed.fit(&data, None, |_| {}).unwrap();
         for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed).iter()) {
             assert!(a.equal(b), "{name} differs after resuming");
+        }
+    }
+
+    /// One step's weight update (after - before, every trainable variable) and loss, on `world`
+    /// loopback ranks sharing the global batch of 8 (synchronised BatchNorm with 2).
+    fn one_step(config: PretrainConfig, world: usize) -> (Vec<Tensor>, f64) {
+        let group = crate::testing::loopback::tcp_group(world, std::time::Duration::from_secs(30));
+        let results = crate::testing::loopback::run(&group, |rank, _| {
+            let data = dataset(8);
+            let mut t =
+                Trainer::distributed(config.clone(), 8 / world, Device::Cpu, Arc::clone(&group.members[rank])).unwrap();
+            let per = (8 / world) as i64;
+            let before: Vec<Tensor> = weights(&t).into_iter().map(|(_, v)| v.detach().copy()).collect();
+            let ids: Vec<u64> = (0..per as u64).map(|i| i + rank as u64 * per as u64).collect();
+            let stats = t.train_step(&data.narrow(0, rank as i64 * per, per), &ids).unwrap();
+            let after = weights(&t).into_iter().map(|(_, v)| v.detach().copy());
+            (before.iter().zip(after).map(|(b, a)| a - b).collect::<Vec<_>>(), stats.loss)
+        });
+        results.into_iter().next().unwrap()
+    }
+
+    /// The largest relative difference of any variable's update, against that update's norm.
+    fn update_difference(a: &[Tensor], b: &[Tensor]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| {
+                let scale = b.norm().double_value(&[]);
+                if scale == 0.0 {
+                    a.norm().double_value(&[])
+                } else {
+                    (a - b).norm().double_value(&[]) / scale
+                }
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// bf16 autocast against float32, one step from the same weights and views, in one process and
+    /// over 2 ranks (synchronised BatchNorm's float32 arithmetic on bf16 activations). bf16 keeps 8
+    /// significant bits (unit roundoff u = 2^-9): each convolution or product rounds its two inputs,
+    /// so an activation after L such layers is off by at most about 2Lu relative, and its gradient,
+    /// which passes the same L layers back, by about 4Lu. The tiny encoder and head have L = 11 in
+    /// series (the stem, 4 basic blocks of 2 convolutions, 2 linear layers): the test allows 2Lu =
+    /// 0.043 for the loss and 4Lu = 0.086 for the update.
+    #[test]
+    fn a_bf16_step_agrees_with_the_fp32_step_within_bf16_rounding() {
+        tch::set_num_threads(1);
+        let u = 2f64.powi(-9);
+        let layers = 11.0;
+        for world in [1, 2] {
+            let config = |precision| PretrainConfig { precision, augment: AugmentConfig::disabled(), ..tiny(8, 1) };
+            let (exact, loss) = one_step(config(Precision::Fp32), world);
+            let (bf16, bf16_loss) = one_step(config(Precision::Bf16), world);
+            let loss_error = (bf16_loss - loss).abs() / loss.abs();
+            let update_error = update_difference(&bf16, &exact);
+            assert!(loss_error > 0.0, "bf16 autocast changed nothing: is it applied?");
+            assert!(loss_error <= 2.0 * layers * u, "{world} rank(s): loss {bf16_loss} vs {loss} ({loss_error:.2e})");
+            assert!(update_error <= 4.0 * layers * u, "{world} rank(s): updates differ by {update_error:.2e}");
+            eprintln!("{world} rank(s): bf16 against fp32: loss {loss_error:.2e}, update {update_error:.2e}");
+        }
+    }
+
+    /// Channels-last weights and activations give the contiguous layout's update (the same arithmetic
+    /// in another memory order: float summation order only).
+    #[test]
+    fn a_channels_last_step_equals_the_contiguous_step() {
+        tch::set_num_threads(1);
+        for world in [1, 2] {
+            let config = |channels_last| PretrainConfig {
+                channels_last: Some(channels_last),
+                augment: AugmentConfig::disabled(),
+                ..tiny(8, 1)
+            };
+            let (plain, loss) = one_step(config(false), world);
+            let (last, last_loss) = one_step(config(true), world);
+            assert!((last_loss - loss).abs() <= 1e-5 * loss.abs(), "{last_loss} vs {loss}");
+            let error = update_difference(&last, &plain);
+            assert!(error <= 1e-4, "{world} rank(s): updates differ by {error:.2e}");
+        }
+        let t = Trainer::new(PretrainConfig { channels_last: Some(true), ..tiny(8, 1) }, 8, Device::Cpu).unwrap();
+        let convs: Vec<_> = weights(&t).into_iter().filter(|(_, v)| v.dim() == 4).collect();
+        assert!(!convs.is_empty() && convs.iter().all(|(_, v)| crate::engine::numerics::is_channels_last(v)));
+    }
+
+    /// Precision and layout are free keys: a checkpoint written under bf16 with channels-last loads
+    /// under fp32 contiguous, and the reverse, with the weights as saved.
+    #[test]
+    fn a_checkpoint_crosses_precisions_and_layouts() {
+        let data = dataset(16);
+        for (write, read) in [(Precision::Bf16, Precision::Fp32), (Precision::Fp32, Precision::Bf16)] {
+            let dir = tempfile::tempdir().unwrap();
+            let written =
+                PretrainConfig { precision: write, channels_last: Some(write == Precision::Bf16), ..tiny(4, 2) };
+            let mut first = Trainer::new(PretrainConfig { max_steps: 2, ..written }, 16, Device::Cpu).unwrap();
+            first.fit(&data, Some(dir.path()), |_| {}).unwrap();
+            let read = PretrainConfig { precision: read, channels_last: Some(read == Precision::Bf16), ..tiny(4, 2) };
+            let mut resumed = Trainer::new(read, 16, Device::Cpu).unwrap();
+            resumed.load_checkpoint(dir.path()).unwrap();
+            for ((name, a), (_, b)) in weights(&first).iter().zip(weights(&resumed).iter()) {
+                assert!(a.equal(b), "{name} differs after loading under {:?}", resumed.config.precision);
+            }
+            resumed.fit(&data, None, |_| {}).unwrap();
         }
     }
 

@@ -23,6 +23,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::comm::{f32s_to_u64, u64_to_f32s, Collective};
 use crate::engine::model::{load_encoder, var_store_drawn_on_cpu, with_torch_seed, Encoder, EncoderConfig};
+use crate::engine::numerics::{Numerics, Precision};
 use crate::phase::assignments::{cache_key, Purpose};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 use crate::probe::features::{broadcast_encoder, gather_rows};
@@ -64,6 +65,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
             stem: ctx.config.pretrain.stem,
         },
         input_size: ctx.config.pretrain.input_size,
+        precision: ctx.config.pretrain.precision,
         seed: ctx.config.job.seed,
         random_baseline: section.random_baseline,
         finetune: section.finetune,
@@ -163,6 +165,8 @@ struct FeatureJob {
     encoder_path: PathBuf,
     config: EncoderConfig,
     input_size: i64,
+    /// The feature pass's arithmetic: pretraining's (`pretrain.precision`), in the contiguous layout.
+    precision: Precision,
     seed: u64,
     random_baseline: bool,
     /// Keep every image and the encoders' weights for fine-tuning tasks.
@@ -299,7 +303,10 @@ impl FeatureJob {
     }
 
     fn build(&self, seed: u64) -> (nn::VarStore, Encoder) {
-        with_torch_seed(seed, || var_store_drawn_on_cpu(self.device, |root| Encoder::new(root, self.config)))
+        let (vs, encoder) =
+            with_torch_seed(seed, || var_store_drawn_on_cpu(self.device, |root| Encoder::new(root, self.config)));
+        encoder.set_numerics(&vs, Numerics::new(self.precision, Some(false), self.device));
+        (vs, encoder)
     }
 
     /// The pixels (N x 1 x S x S), labels (N x columns) and row keys (N x 12: image index, study,
