@@ -5,7 +5,7 @@
 //
 // Forward: each rank's per-channel count, mean and biased variance, all-gathered as one row of
 // 1 + 2C floats, combined in rank order in double (parallel-variance formula); the output is
-// libtorch's inference-mode batch norm with those global statistics; the running statistics take the
+// (x - mean) * weight * invstd + bias with those global statistics; the running statistics take the
 // global mean and the unbiased global variance.
 // Backward, with N the global count and xmu = x - mean:
 //   sum_dy = sum(dy), sum_dy_xmu = sum(dy * xmu) per channel over this rank's share, all-reduced;
@@ -101,12 +101,17 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
       running_var.copy_(running_var * (1.0 - momentum) + unbiased.to(kind) * momentum);
     }
     const auto kind = x.scalar_type();
+    const auto shape = channel_shape(x);
     auto invstd = (var + eps).rsqrt().to(kind);
-    auto mean_k = mean.to(kind);
-    auto y = at::batch_norm(x, weight, bias, mean_k, var.to(kind), /*training=*/false,
-                            /*momentum=*/0.0, eps, /*cudnn_enabled=*/true);
+    // y = (x - mean) * (weight * invstd) + bias, with x - mean formed first: libtorch's
+    // inference-mode kernel folds the mean into the bias (x * a + b), which cancels where a
+    // channel's mean is far larger than its spread. The centred input is what the backward needs.
+    auto centred = x - mean.to(kind).view(shape);
+    auto scale = weight.defined() ? invstd * weight : invstd;
+    auto y = bias.defined() ? at::addcmul(bias.view(shape).to(kind), centred, scale.view(shape).to(kind))
+                            : centred * scale.view(shape).to(kind);
     if (is_reduced(input_kind)) y = y.to(input_kind);
-    ctx->save_for_backward({x, weight, mean_k, invstd, count});
+    ctx->save_for_backward({centred, weight, invstd, count});
     ctx->saved_data["call"] = call;
     ctx->saved_data["context"] = context;
     ctx->saved_data["bias"] = bias.defined();
@@ -118,33 +123,34 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
         reinterpret_cast<simclr_collective_fn>(ctx->saved_data["call"].toInt()),
         reinterpret_cast<void *>(ctx->saved_data["context"].toInt())};
     auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0];
+    const auto &centred = saved[0];
     const auto &weight = saved[1];
-    const auto &mean = saved[2];
-    const auto &invstd = saved[3];
-    const auto &count = saved[4];
+    const auto &invstd = saved[2];
+    const auto &count = saved[3];
+    // The kernels below take (x, mean); (x - mean, 0) is the same input, better conditioned.
+    const auto zero_mean = at::zeros_like(invstd);
     const bool has_bias = ctx->saved_data["bias"].toBool();
     const auto grad_kind = grads[0].scalar_type();
-    auto dy = grads[0].to(x.scalar_type()).contiguous(x.suggest_memory_format());
-    const int64_t c = x.size(1);
-    const auto dims = reduced_dims(x);
-    const auto shape = channel_shape(x);
+    auto dy = grads[0].to(centred.scalar_type()).contiguous(centred.suggest_memory_format());
+    const int64_t c = centred.size(1);
+    const auto dims = reduced_dims(centred);
+    const auto shape = channel_shape(centred);
     at::Tensor sum_dy, sum_dy_xmu, dweight, dbias;
-    if (x.is_cuda()) {
-      auto r = at::batch_norm_backward_reduce(dy, x, mean, invstd, weight, true, false, false);
+    if (centred.is_cuda()) {
+      auto r = at::batch_norm_backward_reduce(dy, centred, zero_mean, invstd, weight, true, false, false);
       sum_dy = std::get<0>(r);
       sum_dy_xmu = std::get<1>(r);
     } else if (weight.defined()) {
       // The training-mode backward's weight and bias gradients, without its input gradient, are
       // the two sums (times invstd) in one fused pass: sum(dy * (x - mean)) * invstd and sum(dy).
-      auto r = at::native_batch_norm_backward(dy, x, weight, {}, {}, mean, invstd, /*train=*/true, 0.0,
-                                              {false, true, true});
+      auto r = at::native_batch_norm_backward(dy, centred, weight, {}, {}, zero_mean, invstd,
+                                              /*train=*/true, 0.0, {false, true, true});
       dweight = std::get<1>(r);
       sum_dy = std::get<2>(r).to(at::kFloat);
       sum_dy_xmu = (dweight / invstd).to(at::kFloat);
     } else {
       sum_dy = dy.sum(dims, false, at::kFloat);
-      sum_dy_xmu = (dy * (x - mean.view(shape))).sum(dims, false, at::kFloat);
+      sum_dy_xmu = (dy * centred).sum(dims, false, at::kFloat);
     }
     if (weight.defined() && !dweight.defined()) dweight = (sum_dy_xmu * invstd).to(weight.scalar_type());
     if (has_bias) dbias = sum_dy.to(weight.defined() ? weight.scalar_type() : dy.scalar_type());
@@ -152,17 +158,17 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
     auto total_dy = sums.narrow(0, 0, c);
     auto total_dy_xmu = sums.narrow(0, c, c);
     at::Tensor dx;
-    if (x.is_cuda()) {
-      dx = at::batch_norm_backward_elemt(dy, x, mean, invstd, weight, total_dy, total_dy_xmu,
+    if (centred.is_cuda()) {
+      dx = at::batch_norm_backward_elemt(dy, centred, zero_mean, invstd, weight, total_dy, total_dy_xmu,
                                          count.to(at::kInt).view({1}));
     } else {
-      // dx = dy * scale + (x - mean) * slope + offset, per channel, as two fused passes.
+      // dx = dy * scale + (x - mean) * slope + offset, per channel.
       const auto kind = dy.scalar_type();
       auto scale = weight.defined() ? invstd * weight : invstd;
       auto slope = -(total_dy_xmu / count).to(invstd.scalar_type()) * invstd.square() * scale;
-      auto offset = -(total_dy / count).to(invstd.scalar_type()) * scale - mean * slope;
+      auto offset = -(total_dy / count).to(invstd.scalar_type()) * scale;
       dx = at::addcmul(offset.view(shape).to(kind), dy, scale.view(shape).to(kind));
-      dx.addcmul_(x, slope.view(shape).to(kind));
+      dx.addcmul_(centred, slope.view(shape).to(kind));
     }
     if (is_reduced(grad_kind)) dx = dx.to(grad_kind);
     return {dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

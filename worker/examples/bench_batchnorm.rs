@@ -3,7 +3,10 @@
 //! statistics through the C++ autograd function and its collective calls, which are the identity
 //! here). Communication is excluded, so the difference is what the synchronised layer costs in
 //! arithmetic. Over a world of one both compute the same gradients: the last column is the largest
-//! difference of any parameter's gradient, relative to that gradient's largest magnitude.
+//! difference of any parameter's gradient, relative to that gradient's largest magnitude. With
+//! BENCH_BN_WORST=1 it names that parameter and sets both against float64 (libtorch's BatchNorm on a
+//! float64 copy of the model): where the two differ most, both are that far from float64, a gradient
+//! ill-conditioned in float32 at initialisation, not a difference of method.
 //!
 //! Usage: bench_batchnorm [REPEATS] [THREADS] [DEVICE]. Prints a markdown table (median seconds per
 //! pass). `scripts/bench_distributed_step.sh` runs it before the 2-process step, `scripts/gpu_check.sh`
@@ -67,14 +70,34 @@ fn main() {
         once(&local_pass);
         let local_grads = grads();
         once(&sync_pass);
-        let difference = local_grads
+        let (difference, worst) = local_grads
             .iter()
             .zip(grads())
-            .map(|(a, b)| {
+            .zip(&params)
+            .map(|((a, b), (name, _))| {
                 let scale = a.abs().max().double_value(&[]).max(1e-12);
-                (a - b).abs().max().double_value(&[]) / scale
+                ((a - b).abs().max().double_value(&[]) / scale, name.clone())
             })
-            .fold(0.0, f64::max);
+            .fold((0.0, String::new()), |m, x| if x.0 > m.0 { x } else { m });
+        if std::env::var_os("BENCH_BN_WORST").is_some() {
+            eprintln!("{name}: largest difference in {worst}");
+            // Both against float64 (libtorch's BatchNorm on a float64 copy of the model).
+            let sync_grads = grads();
+            let mut vs64 = nn::VarStore::new(device);
+            let enc64 = Encoder::new(&vs64.root(), EncoderConfig { arch, width: 1, stem: Stem::Repeat3 });
+            vs64.copy(&vs).unwrap();
+            vs64.double();
+            let h = enc64.forward_with(&images.to_kind(Kind::Double), &mut LocalNorm { train: true });
+            (&h * weights.to_kind(Kind::Double)).sum(Kind::Double).backward();
+            let mut p64: Vec<(String, Tensor)> =
+                vs64.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+            p64.sort_by(|a, b| a.0.cmp(&b.0));
+            let reference = p64.iter().find(|(n, _)| *n == worst).unwrap().1.grad();
+            let i = params.iter().position(|(n, _)| *n == worst).unwrap();
+            let scale = reference.abs().max().double_value(&[]);
+            let err = |g: &Tensor| (g.to_kind(Kind::Double) - &reference).abs().max().double_value(&[]) / scale;
+            eprintln!("  against float64: libtorch {:.1e}, SyncNorm {:.1e}", err(&local_grads[i]), err(&sync_grads[i]));
+        }
         let (mut local, mut sync): (Vec<f64>, Vec<f64>) =
             (0..repeats).map(|_| (once(&local_pass), once(&sync_pass))).unzip();
         let median = |v: &mut Vec<f64>| {
