@@ -4,10 +4,12 @@ the Python stack would write it. torchvision's ResNet (classifier replaced by th
 and LARS (momentum 0.9, trust coefficient 0.001, weight decay 1e-6, biases and BN excluded), with the
 views equal to the inputs (augmentations off), at a fixed thread count.
 
-    python scripts/bench_step_pytorch.py [THREADS] [STEPS] [DEVICE]
+    python scripts/bench_step_pytorch.py [THREADS] [STEPS] [DEVICE] [PRECISION]
 
 DEVICE is cpu (default) or cuda:K; on a GPU the batches are 256 images and the augmentation table is
-skipped, as on the Rust side.
+skipped, as on the Rust side. PRECISION as the Rust side's `pretrain.precision`: tf32 (default; float32
+with TF32 convolutions and products on CUDA), fp32 (TF32 off) or bf16 (torch.autocast in bfloat16 for
+the model, the loss in float32, model and input in channels_last: PyTorch's AMP recipe).
 """
 import sys
 import time
@@ -19,7 +21,13 @@ import torchvision
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+precision = sys.argv[4] if len(sys.argv) > 4 else "tf32"
+if precision not in ("fp32", "tf32", "bf16"):
+    sys.exit(f"bench_step_pytorch: '{precision}' is not a precision (fp32, tf32 or bf16)")
 torch.set_num_threads(threads)
+torch.backends.cudnn.allow_tf32 = precision != "fp32"
+torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
 
 
 def nt_xent(z, tau):
@@ -88,7 +96,7 @@ for arch, name, size, cpu_batch in [("resnet18", "ResNet-18", 64, 64), ("resnet1
     model = getattr(torchvision.models, arch)()
     features = model.fc.in_features
     model.fc = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, 128))
-    model.to(device)
+    model.to(device, memory_format=memory_format)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [torch.zeros_like(p) for p in params]
@@ -97,8 +105,10 @@ for arch, name, size, cpu_batch in [("resnet18", "ResNet-18", 64, 64), ("resnet1
     def step():
         # The batch comes from host memory and the loss goes back to it, as on the Rust side.
         x = images.to(device)
-        views = torch.cat([x, x]).repeat(1, 3, 1, 1)
-        loss = nt_xent(model(views), 0.5)
+        views = torch.cat([x, x]).repeat(1, 3, 1, 1).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            z = model(views)
+        loss = nt_xent(z.float(), 0.5)
         model.zero_grad(set_to_none=True)
         loss.backward()
         lars_step(params, buffers, 0.3 * batch / 256)

@@ -485,6 +485,7 @@ mod tests {
             ("demo.toml", include_str!("../../configs/demo.toml")),
             ("report.toml", include_str!("../../configs/report.toml")),
             ("gpu_check.toml", include_str!("../../configs/gpu_check.toml")),
+            ("gpu_bench.toml", include_str!("../../configs/gpu_bench.toml")),
         ] {
             let config = JobConfig::from_toml(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
             if name == "report.toml" {
