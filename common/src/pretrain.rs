@@ -321,6 +321,10 @@ pub struct PretrainSection {
     pub channels_last: Option<bool>,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: u64,
+    /// On CUDA, steps between read-backs of the loss and contrastive accuracy (the host waits for the
+    /// device only then; progress reports and the NaN check see the steps in between at that point).
+    /// The CPU reads every step, which costs nothing there.
+    pub log_every_steps: u64,
     /// Keys (`pretrain.temperature`, `data.split_seed`, ...) that may differ from the checkpoint's
     /// when a run resumes (`--allow-config-change`); any other difference refuses the checkpoint.
     pub allow_config_change: Vec<String>,
@@ -357,6 +361,7 @@ impl Default for PretrainSection {
             precision: Precision::Auto,
             channels_last: None,
             checkpoint_every: 0,
+            log_every_steps: 10,
             allow_config_change: Vec::new(),
             seed: 0,
         }

@@ -85,8 +85,9 @@ struct SavedState {
 }
 
 /// Keys that never change a run's course: a resumed run may differ in them freely.
-const FREE_KEYS: [&str; 7] = [
+const FREE_KEYS: [&str; 8] = [
     "pretrain.checkpoint_every",
+    "pretrain.log_every_steps",
     "pretrain.precision",
     "pretrain.channels_last",
     "pretrain.max_steps",
@@ -144,6 +145,18 @@ fn config_changes(saved: &SavedState, config: &PretrainConfig, run: &serde_json:
         .collect()
 }
 
+/// A step whose loss and correct-anchor count are still on the device.
+struct PendingStep {
+    /// The step number after it (as [`StepStats::step`]).
+    step: u64,
+    epoch: u64,
+    lr: f64,
+    /// Images of the global batch, and anchors (two views each).
+    images: f64,
+    /// [loss, anchors whose best match is their positive], float32, summed over the ranks.
+    values: Tensor,
+}
+
 /// A model, its optimiser and where training stands.
 pub struct Trainer {
     pub config: PretrainConfig,
@@ -162,6 +175,13 @@ pub struct Trainer {
     local_batch: usize,
     /// The flat gradient buffer of the all-reduce, kept from step to step.
     grad_buffer: Option<Tensor>,
+    /// Steps whose loss and contrastive accuracy are still on the device (see [`Trainer::resolve`]).
+    pending: Vec<PendingStep>,
+    /// When the last pending steps were read back (images per second are averaged since then).
+    last_resolved: Instant,
+    /// Steps between read-backs in [`Trainer::fit_epochs`]: `pretrain.log_every_steps` on CUDA, 1 on
+    /// the CPU, where reading a value back costs nothing (and the monitor sees every step at once).
+    pub read_back_every: u64,
     /// What the run's course depends on beyond `config` and its seed (the data's split and order), as
     /// {"data.split_seed": .., ...}: saved with each checkpoint and compared on resuming.
     pub run_keys: serde_json::Value,
@@ -244,6 +264,9 @@ impl Trainer {
             collective,
             local_batch,
             grad_buffer: None,
+            pending: Vec::new(),
+            last_resolved: Instant::now(),
+            read_back_every: if device.is_cuda() { config.log_every_steps.max(1) } else { 1 },
             optimizer: Optimizer::new(algorithm, params),
             config,
             vs,
@@ -279,11 +302,52 @@ impl Trainer {
     }
 
     /// One optimisation step on a batch: `images` B x 1 x S x S in [0, 1] with their sample ids.
+    /// Its loss and accuracy are read back at once.
     pub fn train_step(&mut self, images: &Tensor, samples: &[u64]) -> Result<StepStats, TrainError> {
+        self.last_resolved = Instant::now();
         let images = images.to_device(self.vs.device());
         let views =
             two_views(&self.config.augment, &images, samples, self.config.seed, self.epoch, self.config.input_size);
-        self.step_on_views(views, samples.len())
+        self.step_on_views(views, samples.len())?;
+        let mut stats = self.resolve()?;
+        Ok(stats.pop().expect("the step just taken"))
+    }
+
+    /// Reads the pending steps' loss and accuracy back to the host, all in one transfer (the only
+    /// point where the host waits for the device), and returns their stats in order. Images per second
+    /// are averaged over the steps since the last read-back. A non-finite loss is an error naming the
+    /// first such step: its update has been applied, so the run goes back to its last checkpoint
+    /// (checkpoints are written only after a read-back, so never from such weights).
+    fn resolve(&mut self) -> Result<Vec<StepStats>, TrainError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let parts: Vec<Tensor> = pending.iter().map(|p| p.values.shallow_clone()).collect();
+        let values = Tensor::stack(&parts, 0).to_device(Device::Cpu).to_kind(Kind::Double);
+        let values = Vec::<f64>::try_from(values.reshape([-1]))
+            .map_err(|e| TrainError::Config(format!("reading the loss back: {e}")))?;
+        let seconds = self.last_resolved.elapsed().as_secs_f64().max(1e-9) / pending.len() as f64;
+        self.last_resolved = Instant::now();
+        let mut out = Vec::with_capacity(pending.len());
+        for (p, v) in pending.iter().zip(values.chunks(2)) {
+            if !v[0].is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: p.step - 1,
+                    loss: v[0],
+                    last_checkpoint: self.last_checkpoint.clone(),
+                });
+            }
+            out.push(StepStats {
+                step: p.step,
+                epoch: p.epoch,
+                loss: v[0],
+                contrastive_accuracy: v[1] / (2.0 * p.images),
+                lr: p.lr,
+                images_per_second: p.images / seconds,
+            });
+        }
+        Ok(out)
     }
 
     /// The step on the batch's two views (each n x 1 x input x input, n = this rank's images),
@@ -295,8 +359,9 @@ impl Trainer {
     /// backward gives a gradient for every gathered key; those are summed back to the rank that owns
     /// each key (reduce-scatter) and continue into its encoder. Parameter gradients are then summed over
     /// the ranks (all-reduce), never rescaled: every replica applies the same update.
-    fn step_on_views(&mut self, (v0, v1): (Tensor, Tensor), n: usize) -> Result<StepStats, TrainError> {
-        let started = Instant::now();
+    ///
+    /// Nothing is read back to the host: the loss and accuracy join the pending steps.
+    fn step_on_views(&mut self, (v0, v1): (Tensor, Tensor), n: usize) -> Result<(), TrainError> {
         let n = n as i64;
         let world = self.collective.world_size() as i64;
         let rank = self.collective.rank() as i64;
@@ -313,21 +378,18 @@ impl Trainer {
         let z = to_float(numerics.autocast(|| self.head.forward_with(&h, pass)));
         self.optimizer.zero_grad();
         let rows = AnchorRows::rank_block(n, rank);
-        let (loss, correct) = if world == 1 {
+        let values = if world == 1 {
             let similarity = cosine_similarity(&z, &z);
             let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n);
-            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
-            let value = loss.double_value(&[]);
-            if value.is_finite() {
-                loss.backward();
-            }
-            (value, correct)
+            let correct = correct_anchors(&similarity.detach(), &rows);
+            loss.backward();
+            Tensor::stack(&[loss.detach().to_kind(Kind::Float), correct], 0)
         } else {
             let keys = collective.all_gather(&z.detach())?.set_requires_grad(true);
             let anchors = keys.narrow(0, rank * 2 * n, 2 * n);
             let similarity = cosine_similarity(&anchors, &keys);
             let loss = nt_xent_from_similarity(&similarity, &rows, self.config.temperature, 2 * n * world);
-            let correct = contrastive_accuracy(&similarity.detach(), &rows) * (2 * n) as f64;
+            let correct = correct_anchors(&similarity.detach(), &rows);
             loss.backward();
             let key_grads = keys.grad();
             let own = collective.reduce_scatter_sum(&key_grads)?;
@@ -337,30 +399,18 @@ impl Trainer {
                 (&z * own).sum(Kind::Float).backward();
             }
             self.all_reduce_gradients()?;
-            let totals =
-                collective.all_reduce_sum(&Tensor::from_slice(&[loss.double_value(&[]) as f32, correct as f32]))?;
-            (totals.double_value(&[0]), totals.double_value(&[1]))
+            collective.all_reduce_sum(&Tensor::stack(&[loss.detach().to_kind(Kind::Float), correct], 0))?
         };
-        if !loss.is_finite() {
-            return Err(TrainError::NonFinite { step: self.step, loss, last_checkpoint: self.last_checkpoint.clone() });
-        }
         let lr = self.lr_at(self.step);
         self.optimizer.step(lr);
         self.step += 1;
         self.position += 1;
-        let stats = StepStats {
-            step: self.step,
-            epoch: self.epoch,
-            loss,
-            contrastive_accuracy: correct / (2 * n * world) as f64,
-            lr,
-            images_per_second: (n * world) as f64 / started.elapsed().as_secs_f64(),
-        };
+        self.pending.push(PendingStep { step: self.step, epoch: self.epoch, lr, images: (n * world) as f64, values });
         if self.position as u64 >= self.steps_per_epoch {
             self.epoch += 1;
             self.position = 0;
         }
-        Ok(stats)
+        Ok(())
     }
 
     /// Sums every parameter gradient over the ranks, in one flat buffer that lives as long as the
@@ -422,7 +472,8 @@ impl Trainer {
 
     /// Trains until the configured end on this rank's data of each epoch (`data(epoch)`, asked once
     /// per epoch, the next epoch's while the last step of the current one is prepared); `monitor` sees
-    /// every step and may stop the run with an error.
+    /// every step, in order, when its values are read back (see `read_back_every`), and may stop the
+    /// run with an error.
     pub fn fit_epochs(
         &mut self,
         mut data: impl FnMut(u64) -> Result<EpochData, TrainError>,
@@ -449,6 +500,9 @@ impl Trainer {
         };
         // The views of the next batch are computed on another thread while this step runs.
         let mut ahead: Option<std::thread::JoinHandle<(Tensor, Tensor)>> = None;
+        let first = self.step;
+        self.pending.clear();
+        self.last_resolved = Instant::now();
         while self.step < total {
             let views = match ahead.take() {
                 Some(handle) => handle.join().expect("the augmentation thread panicked"),
@@ -469,14 +523,25 @@ impl Trainer {
                 let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
                 ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
             }
-            let stats = self.step_on_views(views, self.local_batch)?;
+            self.step_on_views(views, self.local_batch)?;
             loaded.retain(|(e, _)| *e >= self.epoch);
-            monitor(&stats)?;
-            if let Some(dir) = checkpoints {
-                let every = self.config.checkpoint_every;
-                if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
-                    self.save_checkpoint(dir)?;
+            let every = self.config.checkpoint_every;
+            let checkpoint =
+                checkpoints.filter(|_| (every > 0 && self.step.is_multiple_of(every)) || self.step == total);
+            // The monitor sees the steps when they are read back: every `read_back_every` steps, the
+            // first and the last, and before a checkpoint (so that none is written from weights a
+            // non-finite loss has reached).
+            if checkpoint.is_some()
+                || self.step == total
+                || self.step == first + 1
+                || self.step.is_multiple_of(self.read_back_every)
+            {
+                for stats in self.resolve()? {
+                    monitor(&stats)?;
                 }
+            }
+            if let Some(dir) = checkpoint {
+                self.save_checkpoint(dir)?;
             }
         }
         Ok(())
@@ -636,9 +701,14 @@ pub fn latest_checkpoint(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// Share of anchors whose most similar other view is their positive.
 pub fn contrastive_accuracy(similarity: &Tensor, rows: &AnchorRows) -> f64 {
+    correct_anchors(similarity, rows).double_value(&[]) / rows.positive.len() as f64
+}
+
+/// How many anchors' most similar other view is their positive: a float32 scalar on the device.
+fn correct_anchors(similarity: &Tensor, rows: &AnchorRows) -> Tensor {
     let positive = Tensor::from_slice(&rows.positive).to_device(similarity.device());
     let best = mask_own(similarity, rows).argmax(1, false);
-    best.eq_tensor(&positive).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+    best.eq_tensor(&positive).to_kind(Kind::Float).sum(Kind::Float)
 }
 
 #[cfg(test)]
@@ -946,6 +1016,52 @@ mod tests {
         assert_eq!(fitted.step, 6);
         for ((name, a), (_, b)) in weights(&fitted).iter().zip(weights(&stepped).iter()) {
             assert!(a.equal(b), "{name} differs");
+        }
+    }
+
+    /// Reading the loss back every 4 steps (as on CUDA) gives the monitor the same steps, in order,
+    /// with the same values, and the same weights, as reading every step.
+    #[test]
+    fn deferred_read_back_reports_every_step_with_the_same_values() {
+        let data = dataset(12);
+        let run = |every: u64| {
+            let mut t = Trainer::new(tiny(4, 3), 12, Device::Cpu).unwrap();
+            t.read_back_every = every;
+            let mut seen = Vec::new();
+            t.fit(&data, None, |s| seen.push((s.step, s.epoch, s.loss, s.contrastive_accuracy, s.lr))).unwrap();
+            (seen, weights(&t))
+        };
+        let (each, weights_each) = run(1);
+        let (deferred, weights_deferred) = run(4);
+        assert_eq!(each.len(), 9);
+        assert_eq!(each, deferred);
+        for ((name, a), (_, b)) in weights_each.iter().zip(weights_deferred.iter()) {
+            assert!(a.equal(b), "{name} differs");
+        }
+    }
+
+    /// A non-finite loss is caught at the next read-back, naming its step; since checkpoints are
+    /// written only after a read-back, none holds weights it reached.
+    #[test]
+    fn a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_its_weights() {
+        let data = dataset(16);
+        // One image is NaN: the first batch that holds it gives a NaN loss.
+        let _ = data.get(5).fill_(f64::NAN);
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Trainer::new(PretrainConfig { checkpoint_every: 3, ..tiny(4, 3) }, 16, Device::Cpu).unwrap();
+        t.read_back_every = 100;
+        let mut seen = Vec::new();
+        let err = t.fit(&data, Some(dir.path()), |s| seen.push(s.step)).unwrap_err();
+        let TrainError::NonFinite { step, loss, .. } = err else { panic!("{err}") };
+        assert!(loss.is_nan());
+        assert_eq!(seen, (1..=step).collect::<Vec<_>>(), "the monitor saw every step before the bad one");
+        if let Ok(latest) = latest_checkpoint(dir.path()) {
+            let mut resumed = Trainer::new(tiny(4, 3), 16, Device::Cpu).unwrap();
+            resumed.load_checkpoint(&latest).unwrap();
+            assert!(resumed.step <= step, "checkpoint at step {} after the bad step {step}", resumed.step);
+            for (name, v) in weights(&resumed) {
+                assert!(v.isfinite().all().int64_value(&[]) == 1, "{name} is not finite in the checkpoint");
+            }
         }
     }
 
