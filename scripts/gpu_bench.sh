@@ -17,14 +17,7 @@ steps=${1:-10}
 out=${OUT:-gpu-bench}
 bin=${SIMCLR_BIN:-target/release}
 py=${PYTHON:-python3}
-mkdir -p "$out/lib"
-site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))') \
-  || { echo "gpu_bench: $py cannot import torch" >&2; exit 1; }
-if [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ]; then
-  ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$out/lib/libnccl.so"
-fi
-export LD_LIBRARY_PATH="$out/lib:$site/torch/lib:$site/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}"
-export SIMCLR_CACHE_DIR="$out/cache"
+. scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 for precision in fp32 tf32 bf16; do
   echo "## simclr-cluster, cuda:0, $precision" | tee -a "$out/step.md"

@@ -27,15 +27,7 @@ limit=${1:-150}
 out=${OUT:-gpu-check}
 bin=${SIMCLR_BIN:-target/release}
 py=${PYTHON:-python3}
-mkdir -p "$out/lib"
-site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))') \
-  || { echo "gpu_check: $py cannot import torch" >&2; exit 1; }
-# cudarc loads NCCL as libnccl.so; PyTorch's wheel ships libnccl.so.2 only.
-if [ -f "$site/nvidia/nccl/lib/libnccl.so.2" ]; then
-  ln -sf "$site/nvidia/nccl/lib/libnccl.so.2" "$out/lib/libnccl.so"
-fi
-export LD_LIBRARY_PATH="$out/lib:$site/torch/lib:$site/nvidia/nccl/lib:${LD_LIBRARY_PATH:-}"
-export SIMCLR_CACHE_DIR="$out/cache"
+. scripts/gpu_env.sh
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version())' \
   > "$out/torch.txt" 2>&1
