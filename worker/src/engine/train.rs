@@ -925,6 +925,20 @@ mod tests {
         assert!(!convs.is_empty() && convs.iter().all(|(_, v)| crate::engine::numerics::is_channels_last(v)));
     }
 
+    /// A projection head with BatchNorm (1-dimensional, synchronised like the encoder's) gives 2 ranks
+    /// the update of one process holding the batch.
+    #[test]
+    fn a_head_with_batch_norm_steps_alike_on_one_and_two_ranks() {
+        tch::set_num_threads(1);
+        let config =
+            PretrainConfig { head_batch_norm: true, head_layers: 3, augment: AugmentConfig::disabled(), ..tiny(8, 1) };
+        let (one, loss_one) = one_step(config.clone(), 1);
+        let (two, loss_two) = one_step(config, 2);
+        assert!((loss_one - loss_two).abs() <= 1e-5 * loss_one.abs(), "{loss_one} vs {loss_two}");
+        let error = update_difference(&two, &one);
+        assert!(error <= 1e-3, "updates differ by {error:.2e}");
+    }
+
     /// Precision and layout are free keys: a checkpoint written under bf16 with channels-last loads
     /// under fp32 contiguous, and the reverse, with the weights as saved.
     #[test]
