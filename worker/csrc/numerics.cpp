@@ -39,8 +39,6 @@ void simclr_set_tf32(bool allow) {
   at::globalContext().setAllowTF32CuBLAS(allow);
 }
 
-bool simclr_tf32_cudnn() { return at::globalContext().allowTF32CuDNN(); }
-
 // The tensor in channels-last layout (a copy unless it already is); nullptr for a tensor that is
 // not 4-dimensional.
 at::Tensor *simclr_channels_last(const at::Tensor *t) {

@@ -260,10 +260,6 @@ impl Encoder {
         self.numerics.set(Some(numerics));
     }
 
-    pub fn numerics(&self) -> Option<Numerics> {
-        self.numerics.get()
-    }
-
     /// BatchNorm modules' `num_batches_tracked` entries, as torchvision's `state_dict` has them.
     pub fn batches_tracked_entries(&self) -> Vec<(String, Tensor)> {
         let n = self.batches_tracked.get();

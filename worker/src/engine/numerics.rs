@@ -15,7 +15,6 @@ extern "C" {
     fn simclr_autocast_enter(cuda: c_int) -> bool;
     fn simclr_autocast_exit(cuda: c_int, before: bool);
     fn simclr_set_tf32(allow: bool);
-    fn simclr_tf32_cudnn() -> bool;
     fn simclr_channels_last(t: *const C_tensor) -> *mut C_tensor;
     fn simclr_is_channels_last(t: *const C_tensor) -> bool;
 }
@@ -34,11 +33,6 @@ impl Numerics {
     pub fn new(precision: Precision, channels_last: Option<bool>, device: Device) -> Numerics {
         let cuda = device.is_cuda();
         Numerics { precision: precision.resolve(cuda), channels_last: channels_last.unwrap_or(cuda), device }
-    }
-
-    /// Plain float32, contiguous: what the CPU defaults to.
-    pub fn fp32(device: Device) -> Numerics {
-        Numerics { precision: Precision::Fp32, channels_last: false, device }
     }
 
     /// Sets libtorch's process-wide TF32 switches for this precision on CUDA: off for fp32 (libtorch
@@ -95,9 +89,4 @@ pub fn channels_last(t: &Tensor) -> Tensor {
 
 pub fn is_channels_last(t: &Tensor) -> bool {
     unsafe { simclr_is_channels_last(t.as_ptr()) }
-}
-
-/// Whether cuDNN may use TF32 (libtorch's process-wide switch).
-pub fn tf32_allowed() -> bool {
-    unsafe { simclr_tf32_cudnn() }
 }

@@ -211,9 +211,10 @@ mod tests {
 
     #[test]
     fn one_rank_matches_plain_batchnorm_forward_and_backward() {
-        // Offset 100: BatchNorm inputs whose mean is far larger than their spread (the stem's
-        // convolution of nearly constant images), where computing with x * slope - mean * slope
-        // instead of (x - mean) * slope loses the gradient to cancellation.
+        // Offset 10: BatchNorm inputs whose mean is larger than their spread (the stem's
+        // convolution of nearly constant images). The tolerance holds for both ways of writing the
+        // arithmetic here; where the mean is far larger, folding it into the bias cancels, which
+        // `bench_batchnorm`'s gradient column shows on ResNet-18.
         for offset in [0.0, 10.0] {
             let images = with_torch_seed(5, || Tensor::rand([6, 1, 32, 32], (Kind::Float, Device::Cpu))) + offset;
             let (vs_a, enc_a) = model(1);

@@ -179,6 +179,8 @@ pub struct Trainer {
     pending: Vec<PendingStep>,
     /// When the last pending steps were read back (images per second are averaged since then).
     last_resolved: Instant,
+    /// Precision and layout of the encoder and head (the encoder holds the same).
+    numerics: Numerics,
     /// Steps between read-backs in [`Trainer::fit_epochs`]: `pretrain.log_every_steps` on CUDA, 1 on
     /// the CPU, where reading a value back costs nothing (and the monitor sees every step at once).
     pub read_back_every: u64,
@@ -265,6 +267,7 @@ impl Trainer {
             local_batch,
             grad_buffer: None,
             pending: Vec::new(),
+            numerics,
             last_resolved: Instant::now(),
             read_back_every: if device.is_cuda() { config.log_every_steps.max(1) } else { 1 },
             optimizer: Optimizer::new(algorithm, params),
@@ -374,8 +377,7 @@ impl Trainer {
         // The encoder runs in its own precision and returns float32; the head's output is float32 again
         // before the loss, which is always computed in float32.
         let h = self.encoder.forward_with(&views, pass);
-        let numerics = self.encoder.numerics().unwrap_or(Numerics::fp32(h.device()));
-        let z = to_float(numerics.autocast(|| self.head.forward_with(&h, pass)));
+        let z = to_float(self.numerics.autocast(|| self.head.forward_with(&h, pass)));
         self.optimizer.zero_grad();
         let rows = AnchorRows::rank_block(n, rank);
         let values = if world == 1 {
