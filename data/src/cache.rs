@@ -78,6 +78,13 @@ impl DecodeCache {
     /// The preprocessed image (`image_size`^2 values in [0, 1]) for `key`, decoding `root/key.path`
     /// on a miss. A path that would leave `root` is refused before anything is read.
     pub fn get_or_decode(&self, root: &Path, key: &CacheKey) -> Result<(Vec<f32>, CacheOutcome), DecodeError> {
+        let (pixels, outcome) = self.get_or_decode_unorm16(root, key)?;
+        Ok((pixels.into_iter().map(from_unorm16).collect(), outcome))
+    }
+
+    /// As [`DecodeCache::get_or_decode`], in the stored form: unorm16, v / 65535 in [0, 1] (half the
+    /// memory of float32, for readers that convert on the device).
+    pub fn get_or_decode_unorm16(&self, root: &Path, key: &CacheKey) -> Result<(Vec<u16>, CacheOutcome), DecodeError> {
         crate::check_inside_root(&key.path).map_err(DecodeError::Refused)?;
         let entry = self.entry_path(key);
         let outcome = match std::fs::read(&entry) {
@@ -94,10 +101,9 @@ impl DecodeCache {
         if decoded.frames > 1 {
             tracing::info!(image = %key.path.display(), frames = decoded.frames, "multi-frame file: using its first frame");
         }
-        // What a later hit returns (16-bit values), so that a miss and a hit give the same pixels and a
-        // run does not depend on what the cache held when it started.
-        let pixels: Vec<f32> =
-            resize(&decoded, key.image_size).into_iter().map(|v| from_unorm16(to_unorm16(v))).collect();
+        // A miss returns what a later hit will (16-bit values), so that a run does not depend on what
+        // the cache held when it started.
+        let pixels: Vec<u16> = resize(&decoded, key.image_size).into_iter().map(to_unorm16).collect();
         if let Err(e) = self.store(&entry, key, &pixels) {
             // A cache that cannot be written costs time, not correctness.
             tracing::warn!(entry = %entry.display(), error = %e, "cannot write decode-cache entry");
@@ -105,7 +111,7 @@ impl DecodeCache {
         Ok((pixels, outcome))
     }
 
-    fn store(&self, entry: &Path, key: &CacheKey, pixels: &[f32]) -> std::io::Result<()> {
+    fn store(&self, entry: &Path, key: &CacheKey, pixels: &[u16]) -> std::io::Result<()> {
         let key_text = key.text();
         let mut bytes = Vec::with_capacity(16 + key_text.len() + pixels.len() * 2 + 8);
         bytes.extend_from_slice(MAGIC);
@@ -113,7 +119,7 @@ impl DecodeCache {
         bytes.extend_from_slice(key_text.as_bytes());
         bytes.extend_from_slice(&(pixels.len() as u32).to_le_bytes());
         for &v in pixels {
-            bytes.extend_from_slice(&to_unorm16(v).to_le_bytes());
+            bytes.extend_from_slice(&v.to_le_bytes());
         }
         let checksum = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
@@ -122,7 +128,7 @@ impl DecodeCache {
 }
 
 /// The pixels of a verified entry for exactly `key`, or `None`.
-fn parse_entry(bytes: &[u8], key: &CacheKey) -> Option<Vec<f32>> {
+fn parse_entry(bytes: &[u8], key: &CacheKey) -> Option<Vec<u16>> {
     let body = bytes.len().checked_sub(4)?;
     let checksum = u32::from_le_bytes(bytes[body..].try_into().ok()?);
     if crc32fast::hash(&bytes[..body]) != checksum || bytes.get(..4)? != MAGIC {
@@ -138,7 +144,7 @@ fn parse_entry(bytes: &[u8], key: &CacheKey) -> Option<Vec<f32>> {
     if n != (key.image_size as usize).pow(2) || at + 4 + 2 * n != body {
         return None;
     }
-    Some(bytes[at + 4..body].chunks_exact(2).map(|c| from_unorm16(u16::from_le_bytes([c[0], c[1]]))).collect())
+    Some(bytes[at + 4..body].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
 }
 
 fn to_unorm16(v: f32) -> u16 {

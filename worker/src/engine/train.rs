@@ -50,12 +50,33 @@ pub enum TrainError {
     Data { message: String, retryable: bool },
 }
 
-/// One epoch's images on this rank (N x 1 x S x S in [0, 1]) in step order: batch t is rows
-/// [t b, (t + 1) b) for the local batch b. Each row's sample id is what its augmentations derive from,
-/// so it must name the image (and its occurrence in the epoch) the same way whatever the world size.
+/// One epoch's images on this rank held whole (N x 1 x S x S in [0, 1]) in step order, with each row's
+/// sample id: the [`EpochSource`] of [`Trainer::fit`] and the tests.
 pub struct EpochData {
     pub images: Tensor,
     pub ids: Vec<u64>,
+}
+
+/// One epoch's data on this rank, read a batch at a time, in step order: batch t is slots
+/// [t b, (t + 1) b) for the local batch b. Each slot's sample id is what its augmentations derive from,
+/// so it must name the image (and its occurrence in the epoch) the same way whatever the world size.
+pub trait EpochSource: Send {
+    /// Slots in the epoch.
+    fn slots(&self) -> usize;
+    /// Batch `position` (`size` slots): images (size x 1 x S x S, float32 in [0, 1]) and sample ids.
+    /// Positions are asked in order; an out-of-order one may cost a restart of any reading ahead.
+    fn batch(&mut self, position: usize, size: usize) -> Result<(Tensor, Vec<u64>), TrainError>;
+}
+
+impl EpochSource for EpochData {
+    fn slots(&self) -> usize {
+        self.ids.len().min(self.images.size()[0] as usize)
+    }
+
+    fn batch(&mut self, position: usize, size: usize) -> Result<(Tensor, Vec<u64>), TrainError> {
+        let start = position * size;
+        Ok((self.images.narrow(0, start as i64, size as i64), self.ids[start..start + size].to_vec()))
+    }
 }
 
 /// What one step reports.
@@ -462,7 +483,8 @@ impl Trainer {
             |epoch| {
                 let order = shuffled(n, seed, epoch);
                 let index = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
-                Ok(EpochData { images: images.index_select(0, &index), ids: order.iter().map(|&i| i as u64).collect() })
+                let ids = order.iter().map(|&i| i as u64).collect();
+                Ok(Box::new(EpochData { images: images.index_select(0, &index), ids }) as Box<dyn EpochSource>)
             },
             checkpoints,
             |stats| {
@@ -478,27 +500,34 @@ impl Trainer {
     /// run with an error.
     pub fn fit_epochs(
         &mut self,
-        mut data: impl FnMut(u64) -> Result<EpochData, TrainError>,
+        mut data: impl FnMut(u64) -> Result<Box<dyn EpochSource>, TrainError>,
         checkpoints: Option<&Path>,
         mut monitor: impl FnMut(&StepStats) -> Result<(), TrainError>,
     ) -> Result<(), TrainError> {
         let total = self.total_steps();
-        let mut loaded: Vec<(u64, EpochData)> = Vec::new();
+        // The current epoch's source and, from its last step on, the next one's.
+        let mut loaded: Vec<(u64, Box<dyn EpochSource>)> = Vec::new();
         let needed = self.steps_per_epoch * self.local_batch as u64;
-        let mut load = |epoch: u64, loaded: &mut Vec<(u64, EpochData)>| -> Result<usize, TrainError> {
+        let mut load = |epoch: u64, loaded: &mut Vec<(u64, Box<dyn EpochSource>)>| -> Result<usize, TrainError> {
             if let Some(i) = loaded.iter().position(|(e, _)| *e == epoch) {
                 return Ok(i);
             }
             let d = data(epoch)?;
-            if d.ids.len() != d.images.size()[0] as usize || (d.ids.len() as u64) < needed {
+            if (d.slots() as u64) < needed {
                 return Err(TrainError::Config(format!(
-                    "epoch {epoch}: {} images with {} ids, but this run needs {needed} per epoch",
-                    d.images.size()[0],
-                    d.ids.len(),
+                    "epoch {epoch}: {} slots, but this run needs {needed} per epoch",
+                    d.slots()
                 )));
             }
             loaded.push((epoch, d));
             Ok(loaded.len() - 1)
+        };
+        let device = self.vs.device();
+        let b = self.local_batch;
+        let mut batch_at = |epoch: u64, position: usize, loaded: &mut Vec<(u64, Box<dyn EpochSource>)>| {
+            let i = load(epoch, loaded)?;
+            let (images, ids) = loaded[i].1.batch(position, b)?;
+            Ok::<_, TrainError>((images.to_device(device), ids))
         };
         // The views of the next batch are computed on another thread while this step runs.
         let mut ahead: Option<std::thread::JoinHandle<(Tensor, Tensor)>> = None;
@@ -509,8 +538,7 @@ impl Trainer {
             let views = match ahead.take() {
                 Some(handle) => handle.join().expect("the augmentation thread panicked"),
                 None => {
-                    let i = load(self.epoch, &mut loaded)?;
-                    let (batch, ids) = self.batch_at(&loaded[i].1, self.position);
+                    let (batch, ids) = batch_at(self.epoch, self.position, &mut loaded)?;
                     two_views(&self.config.augment, &batch, &ids, self.config.seed, self.epoch, self.config.input_size)
                 }
             };
@@ -520,8 +548,7 @@ impl Trainer {
                 } else {
                     (self.epoch, self.position + 1)
                 };
-                let i = load(epoch, &mut loaded)?;
-                let (batch, ids) = self.batch_at(&loaded[i].1, position);
+                let (batch, ids) = batch_at(epoch, position, &mut loaded)?;
                 let (config, seed, size) = (self.config.augment, self.config.seed, self.config.input_size);
                 ahead = Some(std::thread::spawn(move || two_views(&config, &batch, &ids, seed, epoch, size)));
             }
@@ -547,14 +574,6 @@ impl Trainer {
             }
         }
         Ok(())
-    }
-
-    /// The images and sample ids of batch `position` of an epoch (the epoch's rows in step order), on
-    /// the model's device.
-    fn batch_at(&self, data: &EpochData, position: usize) -> (Tensor, Vec<u64>) {
-        let start = position * self.local_batch;
-        let images = data.images.narrow(0, start as i64, self.local_batch as i64).to_device(self.vs.device());
-        (images, data.ids[start..start + self.local_batch].to_vec())
     }
 
     /// CRC-32 over every variable of the model (head included, BatchNorm statistics included) and the

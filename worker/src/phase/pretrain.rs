@@ -15,17 +15,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use simclr_data::cache::{fnv1a, DecodeCache};
 use simclr_data::pixels::DecodeOptions;
 use simclr_proto::wire;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tokio::sync::mpsc;
 
 use crate::comm::{Collective, Timed};
 use crate::engine::model::load_encoder;
 use crate::engine::model::save_encoder;
-use crate::engine::train::{latest_checkpoint, EpochData, StepStats, TrainError, Trainer};
+use crate::engine::stream::{SlotReader, StreamedEpoch};
+use crate::engine::train::{latest_checkpoint, EpochSource, StepStats, TrainError, Trainer};
 use crate::phase::assignments::{cache_key, Purpose};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 
@@ -81,6 +81,8 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         issues: Arc::new(Mutex::new(Vec::new())),
         run_keys: run_keys(&ctx.config),
         decode: DecodeOptions::of(&ctx.config.data),
+        bad: Arc::default(),
+        data_seconds: Arc::default(),
     };
     let issues = Arc::clone(&job.issues);
     let mut work = tokio::task::spawn_blocking(move || job.train());
@@ -201,6 +203,10 @@ struct TrainJob {
     /// The data keys the epoch order depends on (`Trainer::run_keys`).
     run_keys: serde_json::Value,
     decode: DecodeOptions,
+    /// Images that failed to decode in this run (see `CacheReader::bad`).
+    bad: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    /// Seconds the step has waited for its data (assignments and batches).
+    data_seconds: Arc<Mutex<f64>>,
 }
 
 impl TrainJob {
@@ -240,10 +246,10 @@ impl TrainJob {
             bn = ?self.config.bn,
             "pretraining"
         );
-        let data_seconds = Mutex::new(0.0f64);
         let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
             .map_err(|e| TrainError::Config(format!("decode cache: {e}")))?
             .with_options(self.decode);
+        let cache = Arc::new(cache);
         let mut history: Vec<StepStats> = Vec::new();
         let mut last_checkpoint_seen = latest_checkpoint(&checkpoints).ok();
         let rank0 = self.rank == 0;
@@ -254,7 +260,7 @@ impl TrainJob {
                 let data = self
                     .epoch_data(&cache, epoch)
                     .map_err(|e| TrainError::Data { retryable: e.is_retryable(), message: e.message });
-                *data_seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
+                *self.data_seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
                 data
             },
             rank0.then_some(checkpoints.as_path()),
@@ -280,7 +286,7 @@ impl TrainJob {
             tracing::info!(path = %path.display(), "encoder written");
         }
         let seconds = started.elapsed().as_secs_f64();
-        let data = *data_seconds.lock().unwrap_or_else(|p| p.into_inner());
+        let data = *self.data_seconds.lock().unwrap_or_else(|p| p.into_inner());
         let comm = self.collective.seconds();
         // The last epoch's steps (at most 20) summarise where training ended.
         let tail = &history[history.len().saturating_sub(20)..];
@@ -319,10 +325,10 @@ impl TrainJob {
         }
     }
 
-    /// This rank's slots of `epoch` (its slice of every global batch, in step order) from the decode
-    /// cache. An image that cannot be decoded is reported and its slot filled with another image of this
-    /// rank's epoch, with views of its own, so every rank keeps the same number of steps.
-    fn epoch_data(&self, cache: &DecodeCache, epoch: u64) -> Result<EpochData, PhaseError> {
+    /// This rank's slots of `epoch` (its slice of every global batch, in step order), read from the
+    /// decode cache a few batches ahead of the step (decoding any image not there yet); see
+    /// [`StreamedEpoch`].
+    fn epoch_data(&self, cache: &Arc<DecodeCache>, epoch: u64) -> Result<Box<dyn EpochSource>, PhaseError> {
         let a = self.runtime.block_on(self.assignments.fetch(Purpose::Pretrain { epoch }))?;
         if a.train.len() != self.per_rank {
             return Err(PhaseError::permanent(format!(
@@ -331,46 +337,93 @@ impl TrainJob {
                 self.per_rank
             )));
         }
-        let refs = a.train.clone();
-        let root = PathBuf::from(&a.data_root);
-        let side = a.image_size as i64;
-        let decoded: Vec<Result<Vec<f32>, String>> = refs
-            .par_iter()
-            .map(|r| {
-                let key = cache_key(r, a.image_size);
-                cache.get_or_decode(&root, &key).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
-            })
-            .collect();
-        let good: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].is_ok()).collect();
-        if good.is_empty() {
-            return Err(PhaseError::permanent(format!(
-                "epoch {epoch}: none of this rank's {} images decodes",
-                a.train.len()
-            )));
+        let reader = CacheReader {
+            refs: a.train,
+            root: PathBuf::from(&a.data_root),
+            image_size: a.image_size,
+            cache: Arc::clone(cache),
+            bad: Arc::clone(&self.bad),
+            issues: Arc::clone(&self.issues),
+        };
+        let local_batch = self.config.batch_size / self.collective.world_size();
+        Ok(Box::new(WaitTimed {
+            inner: StreamedEpoch::new(Arc::new(reader), local_batch, PREFETCH_BATCHES, self.device),
+            seconds: Arc::clone(&self.data_seconds),
+        }))
+    }
+}
+
+/// Batches read ahead of the step, per rank.
+const PREFETCH_BATCHES: usize = 3;
+
+/// This rank's slots of one epoch in the decode cache.
+struct CacheReader {
+    refs: Vec<wire::ImageRef>,
+    root: PathBuf,
+    image_size: u32,
+    cache: Arc<DecodeCache>,
+    /// Images that failed to decode in this run, and why: not decoded again in later epochs.
+    bad: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    issues: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl SlotReader for CacheReader {
+    fn slots(&self) -> usize {
+        self.refs.len()
+    }
+
+    fn side(&self) -> usize {
+        self.image_size as usize
+    }
+
+    fn read(&self, slot: usize) -> Result<Vec<u16>, String> {
+        let r = &self.refs[slot];
+        if let Some(reason) = self.bad.lock().unwrap_or_else(|p| p.into_inner()).get(&r.path) {
+            return Err(reason.clone());
         }
-        let mut pixels = Vec::with_capacity(decoded.len() * (side * side) as usize);
-        let mut ids = Vec::with_capacity(decoded.len());
-        let mut k = 0;
-        for (i, result) in decoded.iter().enumerate() {
-            let source = match result {
-                Ok(_) => i,
-                Err(reason) => {
-                    self.issues
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((refs[i].path.clone(), format!("decode: {reason}")));
-                    k += 1;
-                    good[(k - 1) % good.len()]
-                }
-            };
-            let Ok(p) = &decoded[source] else { unreachable!("source is a decoded image") };
-            pixels.extend_from_slice(p);
-            // A substitute is another occurrence of its image: the k-th gets occurrence u32::MAX - k.
-            let occurrence = if source == i { refs[i].occurrence } else { u32::MAX - k as u32 };
-            ids.push(view_id(&refs[source].sop_uid, occurrence));
+        let key = cache_key(r, self.image_size);
+        self.cache.get_or_decode_unorm16(&self.root, &key).map(|(pixels, _)| pixels).map_err(|e| {
+            let reason = format!("decode: {e}");
+            self.bad.lock().unwrap_or_else(|p| p.into_inner()).insert(r.path.clone(), reason.clone());
+            reason
+        })
+    }
+
+    fn id(&self, slot: usize) -> u64 {
+        view_id(&self.refs[slot].sop_uid, self.refs[slot].occurrence)
+    }
+
+    /// The source image's occurrence `u32::MAX - slot`: no real occurrence count gets near it.
+    fn substitute_id(&self, slot: usize, source: usize) -> u64 {
+        view_id(&self.refs[source].sop_uid, u32::MAX - slot as u32)
+    }
+
+    fn report(&self, slot: usize, reason: &str) {
+        let path = &self.refs[slot].path;
+        let mut issues = self.issues.lock().unwrap_or_else(|p| p.into_inner());
+        // Once per image and run, however many epochs meet it.
+        if !issues.iter().any(|(p, _)| p == path) {
+            issues.push((path.clone(), reason.to_string()));
         }
-        let images = Tensor::from_slice(&pixels).view([ids.len() as i64, 1, side, side]).to_kind(Kind::Float);
-        Ok(EpochData { images, ids })
+    }
+}
+
+/// An epoch source that adds the time the step waits for its batches to `seconds`.
+struct WaitTimed<S> {
+    inner: S,
+    seconds: Arc<Mutex<f64>>,
+}
+
+impl<S: EpochSource> EpochSource for WaitTimed<S> {
+    fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+
+    fn batch(&mut self, position: usize, size: usize) -> Result<(Tensor, Vec<u64>), TrainError> {
+        let t = Instant::now();
+        let batch = self.inner.batch(position, size);
+        *self.seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
+        batch
     }
 }
 
@@ -395,8 +448,9 @@ mod tests {
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
         assert_eq!(view_id("1.2.3", 0), fnv1a(b"1.2.3"));
         // One image twice in a batch: its two occurrences' views differ.
-        let image =
-            crate::engine::model::with_torch_seed(5, || Tensor::rand([1, 1, 16, 16], (Kind::Float, tch::Device::Cpu)));
+        let image = crate::engine::model::with_torch_seed(5, || {
+            Tensor::rand([1, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu))
+        });
         let batch = Tensor::cat(&[&image, &image], 0);
         let (v0, v1) = two_views(&AugmentConfig::cxr(), &batch, &ids[..2], 0, 0, 16);
         for v in [&v0, &v1] {
