@@ -5,8 +5,8 @@
 //! A second entry names the directory of the PyTorch wheel's NCCL (see `nccl.rs`).
 //!
 //! Compiles `csrc/` (synchronised BatchNorm as a libtorch autograd function, which tch cannot define;
-//! the autocast, TF32 and memory-format switches tch does not expose) against the headers of the same
-//! libtorch, with the flags torch-sys uses for its own C++.
+//! the autocast, TF32 and memory-format switches and the gradient hooks tch does not expose) against
+//! the headers of the same libtorch, with the flags torch-sys uses for its own C++.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -30,5 +30,6 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/sync_batch_norm.cpp")
         .file("csrc/numerics.cpp")
+        .file("csrc/grad_hooks.cpp")
         .compile("simclr_csrc");
 }

@@ -325,6 +325,9 @@ pub struct PretrainSection {
     /// device only then; progress reports and the NaN check see the steps in between at that point).
     /// The CPU reads every step, which costs nothing there.
     pub log_every_steps: u64,
+    /// With more than one worker: megabytes of gradients per all-reduce bucket, started while the
+    /// backward still runs; 0: one all-reduce of every gradient after the backward.
+    pub bucket_mb: f64,
     /// Keys (`pretrain.temperature`, `data.split_seed`, ...) that may differ from the checkpoint's
     /// when a run resumes (`--allow-config-change`); any other difference refuses the checkpoint.
     pub allow_config_change: Vec<String>,
@@ -362,6 +365,7 @@ impl Default for PretrainSection {
             channels_last: None,
             checkpoint_every: 0,
             log_every_steps: 10,
+            bucket_mb: 25.0,
             allow_config_change: Vec::new(),
             seed: 0,
         }
@@ -394,6 +398,7 @@ impl PretrainSection {
             ("pretrain.base_lr", self.base_lr),
             ("pretrain.weight_decay", self.weight_decay),
             ("pretrain.warmup_epochs", self.warmup_epochs),
+            ("pretrain.bucket_mb", self.bucket_mb),
         ] {
             if !(value >= 0.0 && value.is_finite()) {
                 return Err(invalid(key, value, "expected a non-negative number".into()));

@@ -23,9 +23,9 @@ fn main() {
     let world = pair.tcp.world_size();
     if pair.rank == 0 {
         println!(
-            "| model | input | global batch | BatchNorm | collectives | ours: s/step (median) | images/s | of which in collectives |"
+            "| model | input | global batch | BatchNorm | collectives | gradient all-reduce | ours: s/step (median) | images/s | in collectives | of which exposed (step waits) |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     let cases = [
         (Arch::Resnet18, "ResNet-18", 64i64, 64usize, BnMode::Sync),
@@ -33,8 +33,12 @@ fn main() {
         (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Sync),
         (Arch::Resnet50, "ResNet-50", 64, 32, BnMode::Local),
     ];
-    for ((arch, name, size, batch, bn), (backend, collective)) in
-        cases.into_iter().flat_map(|case| pair.backends().map(|b| (case, b)))
+    // 0: one all-reduce after the backward; 25: 25 MB buckets started during the backward.
+    let buckets = [0.0, 25.0];
+    for (((arch, name, size, batch, bn), (backend, collective)), bucket_mb) in cases
+        .into_iter()
+        .flat_map(|case| pair.backends().map(|b| (case, b)))
+        .flat_map(|c| buckets.map(|m| (c.clone(), m)))
     {
         let config = PretrainConfig {
             arch,
@@ -45,6 +49,7 @@ fn main() {
             augment: AugmentConfig::disabled(),
             seed: 1,
             bn,
+            bucket_mb,
             ..PretrainConfig::default()
         };
         let per = batch / world;
@@ -56,24 +61,37 @@ fn main() {
         let ids: Vec<u64> = (0..per as u64).map(|i| i + (pair.rank * per) as u64).collect();
         let mut times = Vec::new();
         let mut comm = Vec::new();
+        let mut exposed = Vec::new();
+        // The first step is not timed (warm-up; it also records the order of the gradients).
         for i in 0..steps + 1 {
             collective.barrier().unwrap();
             let before = timed.seconds();
+            let waited = trainer.exposed_communication_seconds().unwrap_or(0.0);
             let start = Instant::now();
             trainer.train_step(&images, &ids).unwrap();
             if i > 0 {
                 times.push(start.elapsed().as_secs_f64());
                 comm.push(timed.seconds() - before);
+                exposed.push(trainer.exposed_communication_seconds().unwrap_or(0.0) - waited);
             }
         }
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        comm.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let median = times[times.len() / 2];
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        let step = median(&mut times);
         if pair.rank == 0 {
+            let reduce = if bucket_mb > 0.0 {
+                format!("{bucket_mb} MB buckets, overlapped")
+            } else {
+                "one, after the backward".into()
+            };
             println!(
-                "| {name} | {size}x{size} | {batch} | {bn:?} | {backend} | {median:.3} | {:.1} | {:.3} s |",
-                batch as f64 / median,
-                comm[comm.len() / 2]
+                "| {name} | {size}x{size} | {batch} | {bn:?} | {backend} | {reduce} | {step:.3} | {:.1} | {:.3} s | {:.3} s ({:.0}% of the step) |",
+                batch as f64 / step,
+                median(&mut comm),
+                median(&mut exposed),
+                100.0 * median(&mut exposed) / step,
             );
         }
     }

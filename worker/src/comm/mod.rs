@@ -23,6 +23,7 @@ use tch::Tensor;
 
 mod grpc;
 pub mod nccl;
+pub mod queued;
 mod ring;
 pub mod tcp;
 

@@ -8,6 +8,7 @@ pub mod loss;
 pub mod model;
 pub mod numerics;
 pub mod optim;
+pub mod overlap;
 pub mod stream;
 pub mod syncbn;
 pub mod train;

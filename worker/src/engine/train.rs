@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use simclr_common::atomic_file;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::comm::queued::Queued;
 use crate::comm::{f32s_to_u64, u64_to_f32s, Collective, CollectiveError, Solo};
 use crate::engine::augment::two_views;
 use crate::engine::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
@@ -28,6 +29,7 @@ use crate::engine::model::{
 };
 use crate::engine::numerics::{to_float, Numerics};
 use crate::engine::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
+use crate::engine::overlap::GradReducer;
 use crate::engine::syncbn::SyncNorm;
 
 pub use simclr_common::pretrain::{BnMode, LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
@@ -106,9 +108,10 @@ struct SavedState {
 }
 
 /// Keys that never change a run's course: a resumed run may differ in them freely.
-const FREE_KEYS: [&str; 8] = [
+const FREE_KEYS: [&str; 9] = [
     "pretrain.checkpoint_every",
     "pretrain.log_every_steps",
+    "pretrain.bucket_mb",
     "pretrain.precision",
     "pretrain.channels_last",
     "pretrain.max_steps",
@@ -191,11 +194,14 @@ pub struct Trainer {
     pub position: usize,
     steps_per_epoch: u64,
     last_checkpoint: Option<PathBuf>,
+    /// With more than one rank, a [`Queued`] collective: every call runs on its own thread.
     collective: Arc<dyn Collective>,
+    /// The same, for what only it has (started all-reduces, the exposed time).
+    queue: Option<Arc<Queued>>,
     /// Images per step on this rank: the global batch divided by the world size.
     local_batch: usize,
-    /// The flat gradient buffer of the all-reduce, kept from step to step.
-    grad_buffer: Option<Tensor>,
+    /// The gradients' sum over the ranks (with more than one).
+    reducer: Option<GradReducer>,
     /// Steps whose loss and contrastive accuracy are still on the device (see [`Trainer::resolve`]).
     pending: Vec<PendingStep>,
     /// When the last pending steps were read back (images per second are averaged since then).
@@ -268,6 +274,20 @@ impl Trainer {
         // parameter to the gradient all-reduce.
         let zero: Tensor = named.iter().map(|(_, t)| (t * 0.0).sum(Kind::Float)).sum();
         zero.backward();
+        let (collective, queue) = if world > 1 {
+            let queue = Arc::new(Queued::new(collective));
+            (Arc::clone(&queue) as Arc<dyn Collective>, Some(queue))
+        } else {
+            (collective, None)
+        };
+        let reducer = match &queue {
+            Some(q) => {
+                let bucket_bytes = (config.bucket_mb * 1e6) as usize;
+                let tensors = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+                Some(GradReducer::new(tensors, Arc::clone(q), bucket_bytes).map_err(TrainError::Config)?)
+            }
+            None => None,
+        };
         let params = named.into_iter().map(|(name, t)| Param::new(name, t)).collect();
         let algorithm = match config.optimizer {
             OptimizerName::Lars => Algorithm::Lars {
@@ -285,8 +305,9 @@ impl Trainer {
         let steps_per_epoch = (dataset_len / local_batch) as u64;
         Ok(Trainer {
             collective,
+            queue,
             local_batch,
-            grad_buffer: None,
+            reducer,
             pending: Vec::new(),
             numerics,
             last_resolved: Instant::now(),
@@ -416,12 +437,18 @@ impl Trainer {
             loss.backward();
             let key_grads = keys.grad();
             let own = collective.reduce_scatter_sum(&key_grads)?;
-            if sync_bn {
-                sync.backward(&z, &own)?;
+            let reducer = self.reducer.as_mut().expect("a reducer with more than one rank");
+            reducer.begin();
+            let backward = if sync_bn {
+                sync.backward(&z, &own)
             } else {
                 (&z * own).sum(Kind::Float).backward();
-            }
-            self.all_reduce_gradients()?;
+                Ok(())
+            };
+            // The buckets started in the backward end either way (the other ranks wait for them).
+            let reduced = reducer.finish();
+            backward?;
+            reduced?;
             collective.all_reduce_sum(&Tensor::stack(&[loss.detach().to_kind(Kind::Float), correct], 0))?
         };
         let lr = self.lr_at(self.step);
@@ -436,36 +463,10 @@ impl Trainer {
         Ok(())
     }
 
-    /// Sums every parameter gradient over the ranks, in one flat buffer that lives as long as the
-    /// trainer: a fresh buffer of this size would cost its page faults on every step (tens of
-    /// milliseconds for ResNet-18's 45 MB, as much as the transfer).
-    fn all_reduce_gradients(&mut self) -> Result<(), TrainError> {
-        let grads: Vec<Tensor> = self.optimizer.params().iter().map(|p| p.tensor.grad()).collect();
-        let total: i64 = grads.iter().map(|g| g.numel() as i64).sum();
-        let mut flat = match self.grad_buffer.take() {
-            Some(buffer) if buffer.numel() as i64 == total => buffer,
-            _ => Tensor::zeros([total], (Kind::Float, grads.first().map_or(Device::Cpu, |g| g.device()))),
-        };
-        tch::no_grad(|| {
-            let mut offset = 0;
-            for g in &grads {
-                let numel = g.numel() as i64;
-                // reshape: a channels-last gradient is not viewable as flat.
-                flat.narrow(0, offset, numel).copy_(&g.detach().reshape([-1]));
-                offset += numel;
-            }
-        });
-        self.collective.all_reduce_sum_in_place(&mut flat)?;
-        tch::no_grad(|| {
-            let mut offset = 0;
-            for g in &grads {
-                let numel = g.numel() as i64;
-                g.shallow_clone().copy_(&flat.narrow(0, offset, numel).view(g.size().as_slice()));
-                offset += numel;
-            }
-        });
-        self.grad_buffer = Some(flat);
-        Ok(())
+    /// Seconds this trainer's thread has waited for collectives (the communication the step does not
+    /// hide behind computation); `None` with one rank.
+    pub fn exposed_communication_seconds(&self) -> Option<f64> {
+        self.queue.as_ref().map(|q| q.exposed_seconds())
     }
 
     /// Trains over `images` (N x 1 x S x S, sample id = row), in an order reshuffled every epoch from
@@ -882,6 +883,43 @@ mod tests {
             (before.iter().zip(after).map(|(b, a)| a - b).collect::<Vec<_>>(), stats.loss)
         });
         results.into_iter().next().unwrap()
+    }
+
+    /// Gradient buckets summed while the backward runs (1 KB buckets: 7 of them) give exactly the
+    /// weights of one all-reduce after the backward, over 3 steps on 2 ranks with synchronised
+    /// BatchNorm (whose backward all-reduces queue between the buckets). A bucket read before its sum
+    /// has arrived, or a gradient copied into its bucket before it is complete, fails it.
+    #[test]
+    fn gradient_buckets_overlapped_with_the_backward_give_the_weights_of_one_all_reduce() {
+        let run = |bucket_mb: f64| {
+            let group = crate::testing::loopback::tcp_group(2, std::time::Duration::from_secs(30));
+            let config = PretrainConfig { bucket_mb, head_batch_norm: true, ..tiny(4, 3) };
+            let results = crate::testing::loopback::run(&group, |rank, _| {
+                let data = dataset(12);
+                let mut t =
+                    Trainer::distributed(config.clone(), 6, Device::Cpu, Arc::clone(&group.members[rank])).unwrap();
+                let mut started = Vec::new();
+                for step in 0..3i64 {
+                    let ids: Vec<u64> = (0..2).map(|i| (step * 4 + rank as i64 * 2 + i) as u64).collect();
+                    t.train_step(&data.narrow(0, step * 4 + rank as i64 * 2, 2), &ids).unwrap();
+                    let r = t.reducer.as_ref().unwrap();
+                    started.push((r.buckets(), r.started_in_backward()));
+                }
+                (weights(&t), started)
+            });
+            results.into_iter().next().unwrap()
+        };
+        let (flat, flat_buckets) = run(0.0);
+        let (bucketed, buckets) = run(0.001);
+        assert_eq!(flat_buckets, vec![(0, 0); 3]);
+        // The first step records the order; the next two start their buckets inside the backward.
+        assert_eq!(buckets[0].1, 0);
+        for &(n, started) in &buckets[1..] {
+            assert!(n >= 5 && started > 0 && started <= n, "{buckets:?}");
+        }
+        for ((name, a), (_, b)) in flat.iter().zip(&bucketed) {
+            assert!(a.equal(b), "{name}: {}", (a - b).abs().max().double_value(&[]));
+        }
     }
 
     /// The largest relative difference of any variable's update, against that update's norm.

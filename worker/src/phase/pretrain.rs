@@ -9,7 +9,8 @@
 //! Rank 0 writes the checkpoints into `<run dir>/checkpoints/` and the final encoder (torchvision names)
 //! to `<run dir>/encoder.safetensors`, and tells the coordinator, which records them. Progress (loss,
 //! contrastive accuracy, learning rate, images/s) goes to the coordinator every few seconds; the phase
-//! result splits the time into data loading, communication and compute.
+//! result splits the time into data loading, communication (all of it, and the part the step waited
+//! for) and compute.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -288,6 +289,8 @@ impl TrainJob {
         let seconds = started.elapsed().as_secs_f64();
         let data = *self.data_seconds.lock().unwrap_or_else(|p| p.into_inner());
         let comm = self.collective.seconds();
+        // The part of it the training thread waited for (the rest ran beside the backward).
+        let exposed = trainer.exposed_communication_seconds().unwrap_or(comm);
         // The last epoch's steps (at most 20) summarise where training ended.
         let tail = &history[history.len().saturating_sub(20)..];
         let mean = |f: fn(&StepStats) -> f64| tail.iter().map(f).sum::<f64>() / tail.len().max(1) as f64;
@@ -309,7 +312,8 @@ impl TrainJob {
             ("seconds", seconds),
             ("data_seconds", data),
             ("communication_seconds", comm),
-            ("compute_seconds", (seconds - data - comm).max(0.0)),
+            ("exposed_communication_seconds", exposed),
+            ("compute_seconds", (seconds - data - exposed).max(0.0)),
         ] {
             m.insert(k.to_string(), v);
         }
