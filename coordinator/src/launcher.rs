@@ -1,5 +1,6 @@
-//! Dev-mode launcher: spawns `simclr-worker` processes on 127.0.0.1, each told its rank, prefixes their
-//! logs with that rank, reports each exit, and tears them all down. Workers run in their own process
+//! Dev-mode launcher: spawns `simclr-worker` processes on 127.0.0.1 (or on simulated hosts, each with
+//! its own loopback address, decode cache and dataset mount), each told its rank, prefixes their logs
+//! with that rank, reports each exit, and tears them all down. Workers run in their own process
 //! group (a Ctrl-C in the terminal reaches the coordinator, which stops them in order) and get SIGTERM
 //! from the kernel if the coordinator itself dies, so none is left behind.
 
@@ -48,9 +49,60 @@ pub struct LaunchOptions {
     pub extra_args: Vec<String>,
     /// `cpu`, `cuda` (worker k on `cuda:k`, one per GPU) or `cuda:K` (every worker on that GPU).
     pub device: String,
+    /// Simulated hosts (`dev --simulate-hosts`): consecutive blocks of ranks, each host with its own
+    /// address, host name, decode cache and mount of the dataset. Empty: every worker on 127.0.0.1.
+    pub hosts: Vec<SimulatedHost>,
+}
+
+/// One simulated host of dev mode.
+#[derive(Debug, Clone)]
+pub struct SimulatedHost {
+    pub name: String,
+    /// The loopback address its workers listen on and advertise (127.0.0.2, 127.0.0.3, ...).
+    pub ip: std::net::Ipv4Addr,
+    /// Its decode cache (`SIMCLR_CACHE_DIR` of its workers).
+    pub cache_dir: PathBuf,
+    /// Where it mounts the dataset root the coordinator names: (the coordinator's root, this host's).
+    pub data_mount: (PathBuf, PathBuf),
+}
+
+/// `count` simulated hosts under `dir` (`dir/host-K/cache`, `dir/host-K/data`, a link to `data_root`),
+/// created here.
+pub fn simulated_hosts(count: u32, dir: &Path, data_root: &Path) -> Result<Vec<SimulatedHost>, CoordinatorError> {
+    if count > 250 {
+        return Err(CoordinatorError::Config(format!("--simulate-hosts {count}: at most 250 (127.0.0.2-251)")));
+    }
+    let io =
+        |what: &Path, e: std::io::Error| CoordinatorError::Config(format!("simulated hosts: {}: {e}", what.display()));
+    let data_root = std::path::absolute(data_root).map_err(|e| io(data_root, e))?;
+    (0..count)
+        .map(|k| {
+            let home = dir.join(format!("host-{k}"));
+            let cache_dir = home.join("cache");
+            std::fs::create_dir_all(&cache_dir).map_err(|e| io(&cache_dir, e))?;
+            let mount = home.join("data");
+            if std::fs::read_link(&mount).ok().as_deref() != Some(data_root.as_path()) {
+                let _ = std::fs::remove_file(&mount);
+                std::os::unix::fs::symlink(&data_root, &mount).map_err(|e| io(&mount, e))?;
+            }
+            let mount = std::path::absolute(&mount).map_err(|e| io(&mount, e))?;
+            Ok(SimulatedHost {
+                name: format!("host-{k}"),
+                ip: std::net::Ipv4Addr::new(127, 0, 0, 2 + k as u8),
+                cache_dir: std::path::absolute(&cache_dir).map_err(|e| io(&cache_dir, e))?,
+                data_mount: (data_root.clone(), mount),
+            })
+        })
+        .collect()
 }
 
 impl LaunchOptions {
+    /// The simulated host of the worker of `rank` (consecutive blocks of ranks), if any.
+    pub fn host_of(&self, rank: u32) -> Option<&SimulatedHost> {
+        let hosts = self.hosts.len() as u64;
+        (hosts > 0).then(|| &self.hosts[(u64::from(rank) * hosts / u64::from(self.workers.max(1))) as usize])
+    }
+
     /// The `--device` of the worker of `rank`.
     pub fn worker_device(&self, rank: u32) -> String {
         if self.device == "cuda" {
@@ -123,13 +175,25 @@ fn spawn_one(coordinator: SocketAddr, rank: u32, opts: &LaunchOptions) -> Result
     cmd.arg("--coordinator")
         .arg(format!("http://{coordinator}"))
         .args(["--rank", &rank.to_string(), "--world-size", &opts.workers.to_string()])
-        .args(["--device", &opts.worker_device(rank), "--peer-listen", "127.0.0.1:0", "--log-format", &opts.log_format])
+        .args(["--device", &opts.worker_device(rank), "--log-format", &opts.log_format])
         .args(&opts.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    match opts.host_of(rank) {
+        Some(host) => {
+            let (from, to) = &host.data_mount;
+            cmd.args(["--peer-listen", &format!("{}:0", host.ip), "--host-name", &host.name])
+                .arg("--data-mount")
+                .arg(format!("{}={}", from.display(), to.display()))
+                .env("SIMCLR_CACHE_DIR", &host.cache_dir);
+        }
+        None => {
+            cmd.args(["--peer-listen", "127.0.0.1:0"]);
+        }
+    }
     // The workers share this machine's cores: each gets its share for libtorch's intra-op threads,
     // unless the user chose (SIMCLR_THREADS in the environment).
     if std::env::var_os("SIMCLR_THREADS").is_none() {

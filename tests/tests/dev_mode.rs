@@ -873,3 +873,57 @@ async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> a
     }
     Ok(())
 }
+
+/// Sixteen workers on four simulated hosts (`dev --simulate-hosts 4`: each host's workers listen on
+/// and advertise their own loopback address, report their own host name, keep their own decode cache
+/// and read the dataset through their own mount) end with the 1-worker run's encoder, up to float
+/// summation order (the tolerance of the 1/2/4-worker test), and write the same probe table. Each
+/// host's cache holds every image the job reads, decoded once there (the decode phase splits the
+/// images among the ranks of each host), and the workers report four host names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_workers_on_four_simulated_hosts_end_with_the_one_worker_encoder_and_table() -> anyhow::Result<()> {
+    const TOLERANCE: f64 = 1e-4;
+    let dir = tempfile::tempdir()?;
+    let body = format!(
+        "{}{}",
+        SMALL_DATA.replace("synthetic_studies = 24", "synthetic_studies = 192"),
+        TINY_PRETRAIN
+            .replace("batch_size = 6", "batch_size = 32")
+            .replace("epochs = 2\n", "epochs = 3\n")
+            .replace("checkpoint_every = 2", "checkpoint_every = 0")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let mut runs = Vec::new();
+    for (workers, hosts) in [("1", "1"), ("16", "4")] {
+        let run_dir = dir.path().join(format!("w{workers}"));
+        let args = ["--workers", workers, "--simulate-hosts", hosts, "--seed", "5", "--config", &config];
+        let (code, log) = finish(dev_command(&run_dir, &args)?.spawn()?).await?;
+        assert_eq!(code, 0, "{workers} workers on {hosts} hosts: {log}");
+        let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
+        let steps = stats["ranks"]["0"]["steps"].as_f64();
+        assert!(steps.is_some_and(|s| s >= 12.0), "{workers} workers: {stats}");
+        if hosts == "4" {
+            for k in 0..4 {
+                assert!(log.contains(&format!("host-{k}")), "no worker reported host-{k}");
+            }
+            let entries: Vec<usize> = (0..4)
+                .map(|k| {
+                    let cache = run_dir.join(format!("hosts/host-{k}/cache/decoded"));
+                    std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0)
+                })
+                .collect();
+            assert!(
+                entries[0] > 0 && entries.iter().all(|&n| n == entries[0]),
+                "decode cache entries per host: {entries:?}"
+            );
+        }
+        runs.push((read_tensors(&run_dir.join("encoder.safetensors"))?, probe_table(&run_dir)?));
+    }
+    let (difference, name) = largest_relative_difference(&runs[0].0, &runs[1].0);
+    eprintln!(
+        "16 workers on 4 hosts: largest difference from 1 worker's encoder {difference:.2e} of its scale ({name})"
+    );
+    assert!(difference <= TOLERANCE, "16 workers: {name} differs from 1 worker's by {difference:.2e} of its scale");
+    assert_eq!(runs[0].1, runs[1].1, "16 workers on 4 hosts wrote another probe table than 1 worker");
+    Ok(())
+}

@@ -112,6 +112,13 @@ struct DevArgs {
     /// float summation order.
     #[arg(long)]
     elastic: bool,
+    /// Spread the workers over this many simulated hosts (consecutive blocks of ranks): each host's
+    /// workers listen on and advertise an address of their own (127.0.0.2, 127.0.0.3, ...), report a
+    /// host name of their own (host-0, ...), keep a decode cache of their own and read the dataset
+    /// through a mount of their own (a link under <run dir>/hosts/): what differs between the hosts
+    /// of a real cluster, on one machine.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=250))]
+    simulate_hosts: u32,
     #[command(flatten)]
     pretrain: PretrainOverrides,
 }
@@ -373,6 +380,8 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     let config = finalize_config(config);
     let tls_args = configure_tls(&config)?;
     let data = prepare_data(&config)?;
+    let data_root = data.root.clone();
+    let hosts_dir = run_dir_path(&config).join("hosts");
     let worker_binary = launcher::find_worker_binary()?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
         .await
@@ -384,7 +393,19 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     if let Some(addr) = args.metrics_listen {
         metrics::serve(addr, coordinator.jobs.clone()).await.map_err(CoordinatorError::RunDir)?;
     }
+    let hosts = if args.simulate_hosts > 1 {
+        if args.simulate_hosts > workers {
+            return Err(CoordinatorError::Config(format!(
+                "--simulate-hosts {} with {workers} workers: at most one host per worker",
+                args.simulate_hosts
+            )));
+        }
+        launcher::simulated_hosts(args.simulate_hosts, &hosts_dir, &data_root)?
+    } else {
+        Vec::new()
+    };
     let mut options = LaunchOptions {
+        hosts,
         worker_binary,
         workers,
         log_format: match log_format {

@@ -9,9 +9,10 @@ use simclr_data::dataset::{epoch_order, rank_slots, Slot};
 use super::*;
 
 impl Job {
-    /// `rank`'s images: with `decode`, every world-size-th image the job reads (the training images,
+    /// `rank`'s images: with `decode`, its share of every image the job reads (the training images,
     /// labelled or not, less those an earlier attempt found undecodable, and the labelled validation
-    /// and test images); else, once the decode phase is over everywhere, its slice of every global batch
+    /// and test images) among the ranks of its host (each host decodes every image once into its own
+    /// cache); else, once the decode phase is over everywhere, its slice of every global batch
     /// of `epoch`'s order (from the job's seed and the epoch alone) and every world-size-th labelled
     /// validation and test image, or with `probe` every world-size-th labelled training image instead
     /// of the slots.
@@ -23,10 +24,11 @@ impl Job {
         probe: bool,
         decode: bool,
     ) -> Result<wire::GetAssignmentResponse, Status> {
-        let world_size = {
+        let (world_size, (local_index, local_count)) = {
             let state = self.lock();
             self.member_index(&state, rank, instance_id)?;
-            state.members.len()
+            let hosts: Vec<&str> = state.members.iter().map(|m| m.identity.host.as_str()).collect();
+            (state.members.len(), host_share(&hosts, rank as usize))
         };
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
         let usable = if decode {
@@ -63,8 +65,11 @@ impl Job {
                 occurrence,
             }
         };
+        // The decode phase fills each host's decode cache (workers of one host share it): the ranks of a
+        // host split every image among themselves. Afterwards the ranks split the labelled images.
+        let (first, every) = if decode { (local_index, local_count) } else { (rank as usize, world_size) };
         let mine = |images: &[usize]| -> Vec<wire::ImageRef> {
-            images.iter().skip(rank as usize).step_by(world_size).map(|&i| image_ref((i, 0))).collect()
+            images.iter().skip(first).step_by(every).map(|&i| image_ref((i, 0))).collect()
         };
         let [labelled_train, labelled_validation, labelled_test] = &usable.labelled;
         let train = if probe {
@@ -106,5 +111,39 @@ impl Job {
             orders.pop_first();
         }
         Ok(order)
+    }
+}
+
+/// The place of `rank` among the ranks that report the same host as it: (its index among them, their
+/// number).
+fn host_share(hosts: &[&str], rank: usize) -> (usize, usize) {
+    let mine = hosts[rank];
+    let index = hosts[..rank].iter().filter(|&&h| h == mine).count();
+    let count = hosts.iter().filter(|&&h| h == mine).count();
+    (index, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_share;
+
+    #[test]
+    fn each_host_splits_every_image_among_its_own_ranks() {
+        let hosts = ["a", "a", "b", "b", "b", "a"];
+        let shares: Vec<(usize, usize)> = (0..hosts.len()).map(|r| host_share(&hosts, r)).collect();
+        assert_eq!(shares, vec![(0, 3), (1, 3), (0, 3), (1, 3), (2, 3), (2, 3)]);
+        // Every image decoded exactly once on each host.
+        for host in ["a", "b"] {
+            let mut seen: Vec<usize> = (0..hosts.len())
+                .filter(|&r| hosts[r] == host)
+                .flat_map(|r| {
+                    let (first, every) = host_share(&hosts, r);
+                    (0..10).skip(first).step_by(every)
+                })
+                .collect();
+            seen.sort();
+            assert_eq!(seen, (0..10).collect::<Vec<_>>(), "host {host}");
+        }
+        assert_eq!(host_share(&["h"], 0), (0, 1));
     }
 }

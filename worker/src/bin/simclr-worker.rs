@@ -47,6 +47,14 @@ struct Cli {
     /// Host name or IP that peers dial; default: the listen IP, or the host name.
     #[arg(long)]
     advertise_host: Option<String>,
+    /// The host this worker reports to the coordinator (placement, logs); default: the machine's
+    /// host name. Dev mode's simulated hosts set it.
+    #[arg(long)]
+    host_name: Option<String>,
+    /// FROM=TO: the dataset is mounted at TO on this host where the coordinator names FROM (a
+    /// dataset root under FROM is read under TO).
+    #[arg(long, env = "SIMCLR_DATA_MOUNT", value_parser = parse_mount)]
+    data_mount: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Also serve the standard gRPC health service (grpc.health.v1, no token) on this address, for
     /// Kubernetes' liveness and readiness probes.
     #[arg(long, env = "SIMCLR_HEALTH_LISTEN")]
@@ -149,7 +157,19 @@ fn options(cli: &Cli) -> Result<WorkerOptions, WorkerError> {
         token: simclr_common::cluster_token(&launch_env::process_env)
             .map_err(|message| WorkerError::Usage { flag: TOKEN_ENV, message })?,
         data_root_limit: cli.data_root.as_ref().map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
+        host_name: cli.host_name.clone(),
+        data_mount: cli.data_mount.clone(),
     })
+}
+
+/// `--data-mount FROM=TO`, both absolute.
+fn parse_mount(spec: &str) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    let (from, to) = spec.split_once('=').ok_or_else(|| format!("'{spec}' is not FROM=TO"))?;
+    let (from, to) = (std::path::PathBuf::from(from), std::path::PathBuf::from(to));
+    if !from.is_absolute() || !to.is_absolute() {
+        return Err(format!("'{spec}': both paths must be absolute"));
+    }
+    Ok((from, to))
 }
 
 fn run(opts: WorkerOptions, health_listen: Option<SocketAddr>) -> Result<ExitStatus, WorkerError> {

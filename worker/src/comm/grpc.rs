@@ -46,6 +46,11 @@ struct Boxes {
 /// worker has left, or of another attempt of the job, is dropped (and its sender told so): its
 /// collective number would otherwise name a collective of the phase running now. A message of a phase
 /// not yet entered is kept: a faster peer may start the next phase's collective first.
+/// The phase a channel name belongs to: `pretrain` for `pretrain` and `pretrain/gradients`.
+fn phase_of(channel: &str) -> &str {
+    channel.split('/').next().unwrap_or(channel)
+}
+
 pub struct Mailbox {
     boxes: Mutex<Boxes>,
     /// Largest message accepted (the gRPC limits bound each chunk, this bounds the whole).
@@ -73,8 +78,10 @@ impl Mailbox {
     }
 
     /// Starts `phase`'s collectives: the phase before it is left, and whatever of it is still here
-    /// (late messages nobody will read) is dropped.
+    /// (late messages nobody will read) is dropped. `phase/channel` is a second channel of `phase`
+    /// (its own collective numbers), entered beside it.
     fn enter_phase(&self, phase: &str) {
+        let phase = phase_of(phase);
         let mut boxes = self.lock();
         if boxes.current.as_deref() == Some(phase) {
             return;
@@ -84,7 +91,7 @@ impl Mailbox {
         }
         let Boxes { slots, left, .. } = &mut *boxes;
         let before = slots.len();
-        slots.retain(|key, _| !left.contains(&key.0));
+        slots.retain(|key, _| !left.contains(phase_of(&key.0)));
         if slots.len() < before {
             tracing::warn!(phase, dropped = before - slots.len(), "dropped messages of a phase this worker has left");
         }
@@ -97,7 +104,7 @@ impl Mailbox {
             Some(mine) if mine != attempt => {
                 Some(format!("a message of attempt {attempt} from rank {from}; this worker is in attempt {mine}"))
             }
-            _ if boxes.left.contains(phase) => {
+            _ if boxes.left.contains(phase_of(phase)) => {
                 Some(format!("a message of phase '{phase}' from rank {from}, a phase this worker has left"))
             }
             _ => None,
@@ -405,6 +412,10 @@ mod tests {
         let mailbox = Mailbox::default();
         mailbox.join_attempt(2);
         mailbox.enter_phase("pretrain");
+        // A second channel of the same phase is entered beside it.
+        mailbox.enter_phase("pretrain/gradients");
+        assert_eq!(mailbox.stale("pretrain", 2, 1), None);
+        mailbox.deliver(key("pretrain/gradients", 0), vec![Bytes::from_static(b"bucket")]).unwrap();
         // A late message of pretrain's collective 0 and an early one of the probe phase's collective 0.
         mailbox.deliver(key("pretrain", 0), vec![Bytes::from_static(b"late")]).unwrap();
         mailbox.deliver(key("probe", 0), vec![Bytes::from_static(b"early")]).unwrap();
@@ -414,7 +425,8 @@ mod tests {
         mailbox.enter_phase("probe");
         let why = mailbox.stale("pretrain", 2, 1).expect("pretrain is left");
         assert!(why.contains("phase 'pretrain'") && why.contains("rank 1"), "{why}");
-        assert_eq!(mailbox.lock().slots.len(), 1, "pretrain's late message is gone");
+        assert!(mailbox.stale("pretrain/gradients", 2, 1).is_some(), "its channels are left with it");
+        assert_eq!(mailbox.lock().slots.len(), 1, "pretrain's late messages are gone");
         // The probe phase's collective 0 gets its own message, not pretrain's.
         match mailbox.expect(key("probe", 0)) {
             Ok(got) => assert_eq!(got, vec![Bytes::from_static(b"early")]),

@@ -20,7 +20,7 @@ use simclr_common::atomic_file;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::comm::queued::Queued;
-use crate::comm::{f32s_to_u64, u64_to_f32s, Collective, CollectiveError, Solo};
+use crate::comm::{f32s_to_u64, u64_to_f32s, Collective, CollectiveError, Solo, Timed};
 use crate::engine::augment::two_views;
 use crate::engine::loss::{cosine_similarity, mask_own, nt_xent_from_similarity, AnchorRows};
 use crate::engine::model::{
@@ -194,10 +194,17 @@ pub struct Trainer {
     pub position: usize,
     steps_per_epoch: u64,
     last_checkpoint: Option<PathBuf>,
-    /// With more than one rank, a [`Queued`] collective: every call runs on its own thread.
+    /// The step's collectives. With more than one rank: the [`Queued`] one of the gradient buckets
+    /// (one queue for everything), or, after [`Trainer::use_gradient_collective`], the job's collective
+    /// called directly (timed).
     collective: Arc<dyn Collective>,
-    /// The same, for what only it has (started all-reduces, the exposed time).
+    /// Where the gradient buckets are summed (with more than one rank).
     queue: Option<Arc<Queued>>,
+    /// The step's own collectives when the buckets have a collective of their own.
+    direct: Option<Arc<Timed>>,
+    /// The job's collective as given.
+    given: Arc<dyn Collective>,
+    bucket_bytes: usize,
     /// Images per step on this rank: the global batch divided by the world size.
     local_batch: usize,
     /// The gradients' sum over the ranks (with more than one).
@@ -274,15 +281,16 @@ impl Trainer {
         // parameter to the gradient all-reduce.
         let zero: Tensor = named.iter().map(|(_, t)| (t * 0.0).sum(Kind::Float)).sum();
         zero.backward();
+        let given = Arc::clone(&collective);
         let (collective, queue) = if world > 1 {
             let queue = Arc::new(Queued::new(collective));
             (Arc::clone(&queue) as Arc<dyn Collective>, Some(queue))
         } else {
             (collective, None)
         };
+        let bucket_bytes = (config.bucket_mb * 1e6) as usize;
         let reducer = match &queue {
             Some(q) => {
-                let bucket_bytes = (config.bucket_mb * 1e6) as usize;
                 let tensors = named.iter().map(|(_, t)| t.shallow_clone()).collect();
                 Some(GradReducer::new(tensors, Arc::clone(q), bucket_bytes).map_err(TrainError::Config)?)
             }
@@ -306,6 +314,9 @@ impl Trainer {
         Ok(Trainer {
             collective,
             queue,
+            direct: None,
+            given,
+            bucket_bytes,
             local_batch,
             reducer,
             pending: Vec::new(),
@@ -466,7 +477,40 @@ impl Trainer {
     /// Seconds this trainer's thread has waited for collectives (the communication the step does not
     /// hide behind computation); `None` with one rank.
     pub fn exposed_communication_seconds(&self) -> Option<f64> {
-        self.queue.as_ref().map(|q| q.exposed_seconds())
+        let direct = self.direct.as_ref().map_or(0.0, |d| d.seconds());
+        self.queue.as_ref().map(|q| q.exposed_seconds() + direct)
+    }
+
+    /// Sums the gradient buckets over `gradients`, a second channel between the same ranks (a ring of
+    /// its own), so that they never queue in front of the step's other collectives (synchronised
+    /// BatchNorm's are small and wait for each other); the step then calls the job's collective
+    /// directly. For backends whose channels share one device stream (NCCL) keep the single queue:
+    /// two communicators on one stream, entered in different orders by different ranks, deadlock.
+    /// Before the first step, on every rank alike.
+    pub fn use_gradient_collective(&mut self, gradients: Arc<dyn Collective>) -> Result<(), TrainError> {
+        if self.given.world_size() < 2 {
+            return Ok(());
+        }
+        if gradients.world_size() != self.given.world_size() || gradients.rank() != self.given.rank() {
+            return Err(TrainError::Config(format!(
+                "the gradient collective is rank {} of {}, the job's rank {} of {}",
+                gradients.rank(),
+                gradients.world_size(),
+                self.given.rank(),
+                self.given.world_size()
+            )));
+        }
+        let queue = Arc::new(Queued::new(gradients));
+        let tensors = self.optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+        // The old reducer's hooks go before the new one's are set.
+        self.reducer = None;
+        self.reducer =
+            Some(GradReducer::new(tensors, Arc::clone(&queue), self.bucket_bytes).map_err(TrainError::Config)?);
+        let direct = Arc::new(Timed::new(Arc::clone(&self.given)));
+        self.collective = Arc::clone(&direct) as _;
+        self.direct = Some(direct);
+        self.queue = Some(queue);
+        Ok(())
     }
 
     /// Trains over `images` (N x 1 x S x S, sample id = row), in an order reshuffled every epoch from
@@ -887,17 +931,22 @@ mod tests {
 
     /// Gradient buckets summed while the backward runs (1 KB buckets: 7 of them) give exactly the
     /// weights of one all-reduce after the backward, over 3 steps on 2 ranks with synchronised
-    /// BatchNorm (whose backward all-reduces queue between the buckets). A bucket read before its sum
+    /// BatchNorm, whether its backward all-reduces queue between the buckets or the buckets have a
+    /// ring of their own. A bucket read before its sum
     /// has arrived, or a gradient copied into its bucket before it is complete, fails it.
     #[test]
     fn gradient_buckets_overlapped_with_the_backward_give_the_weights_of_one_all_reduce() {
-        let run = |bucket_mb: f64| {
+        let run = |bucket_mb: f64, own_channel: bool| {
             let group = crate::testing::loopback::tcp_group(2, std::time::Duration::from_secs(30));
+            let gradients = crate::testing::loopback::tcp_group(2, std::time::Duration::from_secs(30));
             let config = PretrainConfig { bucket_mb, head_batch_norm: true, ..tiny(4, 3) };
             let results = crate::testing::loopback::run(&group, |rank, _| {
                 let data = dataset(12);
                 let mut t =
                     Trainer::distributed(config.clone(), 6, Device::Cpu, Arc::clone(&group.members[rank])).unwrap();
+                if own_channel {
+                    t.use_gradient_collective(Arc::clone(&gradients.members[rank])).unwrap();
+                }
                 let mut started = Vec::new();
                 for step in 0..3i64 {
                     let ids: Vec<u64> = (0..2).map(|i| (step * 4 + rank as i64 * 2 + i) as u64).collect();
@@ -909,16 +958,19 @@ mod tests {
             });
             results.into_iter().next().unwrap()
         };
-        let (flat, flat_buckets) = run(0.0);
-        let (bucketed, buckets) = run(0.001);
+        let (flat, flat_buckets) = run(0.0, false);
         assert_eq!(flat_buckets, vec![(0, 0); 3]);
-        // The first step records the order; the next two start their buckets inside the backward.
-        assert_eq!(buckets[0].1, 0);
-        for &(n, started) in &buckets[1..] {
-            assert!(n >= 5 && started > 0 && started <= n, "{buckets:?}");
-        }
-        for ((name, a), (_, b)) in flat.iter().zip(&bucketed) {
-            assert!(a.equal(b), "{name}: {}", (a - b).abs().max().double_value(&[]));
+        // One queue for every collective, and the buckets on a channel of their own.
+        for own_channel in [false, true] {
+            let (bucketed, buckets) = run(0.001, own_channel);
+            // The first step records the order; the next two start their buckets inside the backward.
+            assert_eq!(buckets[0].1, 0);
+            for &(n, started) in &buckets[1..] {
+                assert!(n >= 5 && started > 0 && started <= n, "{buckets:?}");
+            }
+            for ((name, a), (_, b)) in flat.iter().zip(&bucketed) {
+                assert!(a.equal(b), "own channel {own_channel}, {name}: {}", (a - b).abs().max().double_value(&[]));
+            }
         }
     }
 

@@ -16,8 +16,11 @@ pub(crate) struct Assignments {
     pub client: CoordinatorClient,
     pub rank: u32,
     pub instance_id: String,
-    /// `--data-root`: the dataset root the coordinator names must lie inside it.
+    /// `--data-root`: the dataset root the coordinator names must lie inside it (as this host
+    /// sees it, after `data_mount`).
     pub data_root_limit: Option<PathBuf>,
+    /// `--data-mount FROM=TO`: a dataset root the coordinator names under FROM is read under TO here.
+    pub data_mount: Option<(PathBuf, PathBuf)>,
 }
 
 /// What a phase asks its images for.
@@ -44,9 +47,13 @@ impl Assignments {
         };
         let request =
             wire::GetAssignmentRequest { rank: self.rank, instance_id: self.instance_id.clone(), epoch, probe, decode };
-        let assignment = self.client.clone().get_assignment(request).await.map(|r| r.into_inner()).map_err(|e| {
-            PhaseError::retryable(format!("cannot get this rank's images ({purpose:?}): {}", e.message()))
-        })?;
+        let mut assignment =
+            self.client.clone().get_assignment(request).await.map(|r| r.into_inner()).map_err(|e| {
+                PhaseError::retryable(format!("cannot get this rank's images ({purpose:?}): {}", e.message()))
+            })?;
+        if let Some((from, to)) = &self.data_mount {
+            assignment.data_root = mounted(&assignment.data_root, from, to);
+        }
         check_assignment(&assignment, self.data_root_limit.as_deref()).map_err(PhaseError::permanent)?;
         Ok(assignment)
     }
@@ -76,6 +83,15 @@ fn check_assignment(a: &wire::GetAssignmentResponse, limit: Option<&Path>) -> Re
     Ok(())
 }
 
+/// `root` as this host sees it: under `to` if it lies under `from` (path components, not characters),
+/// else unchanged.
+fn mounted(root: &str, from: &Path, to: &Path) -> String {
+    match Path::new(root).strip_prefix(from) {
+        Ok(rest) if !root.is_empty() => to.join(rest).display().to_string(),
+        _ => root.to_string(),
+    }
+}
+
 /// The decode-cache key of an assigned image preprocessed to `image_size`.
 pub(crate) fn cache_key(r: &wire::ImageRef, image_size: u32) -> CacheKey {
     CacheKey {
@@ -97,6 +113,17 @@ mod tests {
             train: paths.iter().map(|p| wire::ImageRef { path: p.to_string(), ..Default::default() }).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_mounted_dataset_root_is_read_where_this_host_mounts_it() {
+        let (from, to) = (Path::new("/cache/synthetic"), Path::new("/hosts/a/data"));
+        assert_eq!(mounted("/cache/synthetic", from, to), "/hosts/a/data");
+        assert_eq!(mounted("/cache/synthetic/v2", from, to), "/hosts/a/data/v2");
+        // A sibling whose name merely starts the same, and roots elsewhere, stay as they are.
+        assert_eq!(mounted("/cache/synthetic-2", from, to), "/cache/synthetic-2");
+        assert_eq!(mounted("/data/siim", from, to), "/data/siim");
+        assert_eq!(mounted("", from, to), "");
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct PhaseContext {
     pub cluster_token: Option<String>,
     /// `--data-root`: read images only under this directory.
     pub data_root_limit: Option<std::path::PathBuf>,
+    /// `--data-mount FROM=TO`: where this host sees the dataset roots the coordinator names.
+    pub data_mount: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl PhaseContext {
@@ -44,6 +46,7 @@ impl PhaseContext {
             rank: self.rank,
             instance_id: self.instance_id.clone(),
             data_root_limit: self.data_root_limit.clone(),
+            data_mount: self.data_mount.clone(),
         }
     }
 
@@ -71,6 +74,17 @@ impl PhaseContext {
     /// A set-up that can never work as configured (NCCL on a CPU rank or on a GPU another rank uses, the
     /// TCP ring under TLS, NCCL's own invalid-usage answer) is a permanent failure; anything else (a
     /// peer that does not come, a link that breaks) may be cured by a restart.
+    /// A second channel between the ranks for the gradient buckets of `phase` (a ring of its own, see
+    /// `Trainer::use_gradient_collective`), where the backend allows one: the CPU backends. None with
+    /// one rank, and with NCCL (two communicators on one stream may deadlock).
+    pub async fn gradient_collective(&self, phase: &str) -> Result<Option<Arc<dyn Collective>>, PhaseError> {
+        let placement = self.table.workers.iter().map(|w| (w.host.as_str(), w.device.as_str()));
+        if self.table.world_size() < 2 || self.config.cluster.collective.resolve(placement) == CollectiveBackend::Nccl {
+            return Ok(None);
+        }
+        self.collective(&format!("{phase}/gradients")).await.map(Some)
+    }
+
     pub async fn collective(&self, phase: &str) -> Result<Arc<dyn Collective>, PhaseError> {
         let world = self.table.world_size() as usize;
         let timeout = Duration::from_millis(self.config.cluster.collective_timeout_ms);

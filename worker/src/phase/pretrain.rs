@@ -67,6 +67,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
     }
     let collective = ctx.collective(PHASE).await?;
     let timed = Arc::new(Timed::new(collective));
+    let gradients = ctx.gradient_collective(PHASE).await?.map(|c| Arc::new(Timed::new(c)));
     let (events, mut rx) = mpsc::unbounded_channel();
     let job = TrainJob {
         rank: ctx.rank,
@@ -75,6 +76,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         per_rank: first.train.len(),
         device: ctx.device,
         collective: Arc::clone(&timed),
+        gradients: gradients.clone(),
         config,
         cancel: ctx.interrupt.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -86,6 +88,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         data_seconds: Arc::default(),
     };
     let issues = Arc::clone(&job.issues);
+    let comm_s = move || timed.seconds() + gradients.as_ref().map_or(0.0, |g| g.seconds());
     let mut work = tokio::task::spawn_blocking(move || job.train());
     let mut last_report = Instant::now() - REPORT_EVERY;
     let mut latest: Option<StepStats> = None;
@@ -99,12 +102,12 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
                     latest = Some(stats);
                     if last_report.elapsed() >= REPORT_EVERY {
                         last_report = Instant::now();
-                        report(ctx, &stats, total, None, timed.seconds()).await;
+                        report(ctx, &stats, total, None, comm_s()).await;
                     }
                 }
                 Event::Checkpoint { step, path } => {
                     if let Some(stats) = &latest {
-                        report(ctx, stats, total, Some(&path), timed.seconds()).await;
+                        report(ctx, stats, total, Some(&path), comm_s()).await;
                     } else {
                         tracing::info!(step, path = %path.display(), "checkpoint");
                     }
@@ -119,7 +122,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
             Event::Step(stats) => latest = Some(stats),
             Event::Checkpoint { path, .. } => {
                 if let Some(stats) = &latest {
-                    report(ctx, stats, total, Some(&path), timed.seconds()).await;
+                    report(ctx, stats, total, Some(&path), comm_s()).await;
                 }
             }
         }
@@ -196,6 +199,8 @@ struct TrainJob {
     per_rank: usize,
     device: tch::Device,
     collective: Arc<Timed>,
+    /// The gradient buckets' own channel, where the backend has one.
+    gradients: Option<Arc<Timed>>,
     config: simclr_common::pretrain::PretrainSection,
     cancel: tokio_util::sync::CancellationToken,
     runtime: tokio::runtime::Handle,
@@ -234,6 +239,9 @@ impl TrainJob {
             load_encoder(&mut trainer.vs, &trainer.encoder, path)
                 .map_err(|message| TrainError::Checkpoint { path: path.clone(), message })?;
             tracing::info!(path = %path.display(), "encoder initialised from pretrain.init_weights");
+        }
+        if let Some(g) = &self.gradients {
+            trainer.use_gradient_collective(Arc::clone(g) as _)?;
         }
         trainer.check_same_start()?;
         let total = trainer.total_steps();
@@ -288,7 +296,7 @@ impl TrainJob {
         }
         let seconds = started.elapsed().as_secs_f64();
         let data = *self.data_seconds.lock().unwrap_or_else(|p| p.into_inner());
-        let comm = self.collective.seconds();
+        let comm = self.collective.seconds() + self.gradients.as_ref().map_or(0.0, |g| g.seconds());
         // The part of it the training thread waited for (the rest ran beside the backward).
         let exposed = trainer.exposed_communication_seconds().unwrap_or(comm);
         // The last epoch's steps (at most 20) summarise where training ended.

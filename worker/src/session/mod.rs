@@ -42,6 +42,11 @@ pub struct WorkerOptions {
     pub token: Option<String>,
     /// `--data-root`: read images only under this directory.
     pub data_root_limit: Option<std::path::PathBuf>,
+    /// `--host-name`: the host this worker reports (default: the machine's host name).
+    pub host_name: Option<String>,
+    /// `--data-mount FROM=TO`: the dataset is mounted at TO on this host where the coordinator
+    /// names FROM.
+    pub data_mount: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// An interrupt (SIGINT/SIGTERM) delivered to the worker: the token fires, `signal` says which.
@@ -76,7 +81,9 @@ pub async fn run(opts: WorkerOptions, interrupt: Interrupt) -> Result<ExitStatus
         .map_err(|source| WorkerError::Bind { addr: opts.peer_listen.to_string(), source })?;
     let local =
         listener.local_addr().map_err(|source| WorkerError::Bind { addr: opts.peer_listen.to_string(), source })?;
-    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into());
+    let host = opts.host_name.clone().unwrap_or_else(|| {
+        hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+    });
     let advertise = opts.advertise_host.clone().unwrap_or_else(|| {
         if local.ip().is_unspecified() {
             host.clone()
@@ -183,6 +190,7 @@ async fn session(
         peer_listen: opts.peer_listen.ip(),
         cluster_token: opts.token.clone(),
         data_root_limit: opts.data_root_limit.clone(),
+        data_mount: opts.data_mount.clone(),
     };
     let lost_message = || lost_reason.lock().map(|s| s.clone()).unwrap_or_default();
 
