@@ -87,6 +87,7 @@ fn check_assignment(a: &wire::GetAssignmentResponse, limit: Option<&Path>) -> Re
 /// else unchanged.
 fn mounted(root: &str, from: &Path, to: &Path) -> String {
     match Path::new(root).strip_prefix(from) {
+        Ok(rest) if rest.as_os_str().is_empty() && !root.is_empty() => to.display().to_string(),
         Ok(rest) if !root.is_empty() => to.join(rest).display().to_string(),
         _ => root.to_string(),
     }
