@@ -314,6 +314,10 @@ pub struct PretrainSection {
     pub augment: AugmentConfig,
     /// BatchNorm statistics with more than one worker.
     pub bn: BnMode,
+    /// With `bn = "sync"`: ranks per BatchNorm group (consecutive ranks; 0, or the world size or more:
+    /// all of them). Statistics are synchronised within each group only, as SwAV's groups of 8 GPUs;
+    /// a smaller value must divide the world size.
+    pub bn_group_size: usize,
     /// Arithmetic of the encoder and head, in pretraining and in the probe phase's feature pass.
     pub precision: Precision,
     /// The encoder's activations and convolution weights in channels-last layout; unset: on for
@@ -361,6 +365,7 @@ impl Default for PretrainSection {
             input_size: 224,
             augment: AugmentConfig::cxr(),
             bn: BnMode::Sync,
+            bn_group_size: 0,
             precision: Precision::Auto,
             channels_last: None,
             checkpoint_every: 0,
@@ -389,6 +394,14 @@ impl PretrainSection {
                 "pretrain.batch_size",
                 self.batch_size,
                 format!("expected a multiple of cluster.world_size ({ws}) with at least 2 images per worker"),
+            ));
+        }
+        let g = self.bn_group_size;
+        if g > 0 && g < ws && !ws.is_multiple_of(g) {
+            return Err(invalid(
+                "pretrain.bn_group_size",
+                g,
+                format!("expected 0 (all ranks) or a divisor of cluster.world_size ({world_size})"),
             ));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {

@@ -33,6 +33,59 @@ use tch::Tensor;
 use torch_sys::C_tensor;
 
 use crate::comm::{Collective, CollectiveError};
+
+/// A collective over one BatchNorm group of consecutive ranks (`pretrain.bn_group_size`), for
+/// synchronised BatchNorm's two operations: the all-gather keeps the group's rows, the all-reduce sums
+/// the group's values in rank order. Both travel over the whole world (an all-gather), so a group
+/// changes which statistics a rank uses, not the messages' latency.
+pub struct Grouped<'c> {
+    inner: &'c dyn Collective,
+    size: usize,
+}
+
+impl<'c> Grouped<'c> {
+    /// Groups of `size` ranks (a divisor of the world size).
+    pub fn new(inner: &'c dyn Collective, size: usize) -> Grouped<'c> {
+        Grouped { inner, size }
+    }
+
+    fn first(&self) -> usize {
+        self.inner.rank() / self.size * self.size
+    }
+}
+
+impl Collective for Grouped<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank() - self.first()
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let all = self.inner.all_gather(&t.unsqueeze(0))?;
+        let group = all.narrow(0, self.first() as i64, self.size as i64);
+        // In rank order, the same on every rank of the group.
+        let mut sum = group.get(0);
+        for k in 1..self.size as i64 {
+            sum += group.get(k);
+        }
+        Ok(sum)
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
+        let rows = t.size().first().copied().unwrap_or(1);
+        let all = self.inner.all_gather(t)?;
+        Ok(all.narrow(0, self.first() as i64 * rows, self.size as i64 * rows))
+    }
+    fn reduce_scatter_sum(&self, _t: &Tensor) -> Result<Tensor, CollectiveError> {
+        Err(CollectiveError::Invalid { op: "reduce-scatter", message: "not defined within a BatchNorm group".into() })
+    }
+    fn broadcast(&self, _t: &Tensor, _root: usize) -> Result<Tensor, CollectiveError> {
+        Err(CollectiveError::Invalid { op: "broadcast", message: "not defined within a BatchNorm group".into() })
+    }
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.inner.barrier()
+    }
+}
 use crate::engine::model::NormPass;
 
 /// torchvision's BatchNorm defaults.

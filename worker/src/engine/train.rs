@@ -30,7 +30,7 @@ use crate::engine::model::{
 use crate::engine::numerics::{to_float, Numerics};
 use crate::engine::optim::{scaled_lr, warmup_cosine, Algorithm, LrScaling, Optimizer, Param};
 use crate::engine::overlap::GradReducer;
-use crate::engine::syncbn::SyncNorm;
+use crate::engine::syncbn::{Grouped, SyncNorm};
 
 pub use simclr_common::pretrain::{BnMode, LrScalingName, OptimizerName, PretrainSection as PretrainConfig};
 
@@ -244,6 +244,12 @@ impl Trainer {
                 config.batch_size
             )));
         }
+        if config.bn_group_size > 0 && config.bn_group_size < world && !world.is_multiple_of(config.bn_group_size) {
+            return Err(TrainError::Config(format!(
+                "pretrain.bn_group_size {} does not divide the world size {world}",
+                config.bn_group_size
+            )));
+        }
         let local_batch = config.batch_size / world;
         if local_batch == 0 || dataset_len < local_batch {
             return Err(TrainError::Config(format!(
@@ -422,9 +428,14 @@ impl Trainer {
         let world = self.collective.world_size() as i64;
         let rank = self.collective.rank() as i64;
         let views = Tensor::cat(&[v0, v1], 0).to_kind(Kind::Float);
-        let sync_bn = world > 1 && self.config.bn == BnMode::Sync;
+        let group = match self.config.bn_group_size {
+            0 => world as usize,
+            g => g.min(world as usize),
+        };
+        let sync_bn = world > 1 && group > 1 && self.config.bn == BnMode::Sync;
         let collective = Arc::clone(&self.collective);
-        let mut sync = SyncNorm::new(&*collective);
+        let grouped = Grouped::new(&*collective, group);
+        let mut sync = if group < world as usize { SyncNorm::new(&grouped) } else { SyncNorm::new(&*collective) };
         let mut local = LocalNorm { train: true };
         let pass: &mut dyn NormPass = if sync_bn { &mut sync } else { &mut local };
         // The encoder runs in its own precision and returns float32; the head's output is float32 again
@@ -1048,6 +1059,33 @@ mod tests {
         assert!((loss_one - loss_two).abs() <= 1e-5 * loss_one.abs(), "{loss_one} vs {loss_two}");
         let error = update_difference(&two, &one);
         assert!(error <= 1e-3, "updates differ by {error:.2e}");
+    }
+
+    /// BatchNorm groups (`pretrain.bn_group_size`): 4 ranks in groups of 2 take the step of 2 ranks with
+    /// per-rank BatchNorm over the same images (each group holds what one of those ranks holds): the
+    /// same loss and update up to float summation order, far from global synchronised BatchNorm's.
+    /// Groups of the world's size are synchronised BatchNorm and groups of one are per-rank BatchNorm,
+    /// exactly.
+    #[test]
+    fn batch_norm_groups_of_two_on_four_ranks_step_as_two_ranks_with_their_own_statistics() {
+        tch::set_num_threads(1);
+        let base =
+            PretrainConfig { head_batch_norm: true, head_layers: 3, augment: AugmentConfig::disabled(), ..tiny(8, 1) };
+        let (grouped, loss_grouped) = one_step(PretrainConfig { bn_group_size: 2, ..base.clone() }, 4);
+        let (local, loss_local) = one_step(PretrainConfig { bn: BnMode::Local, ..base.clone() }, 2);
+        assert!((loss_grouped - loss_local).abs() <= 1e-5 * loss_local.abs(), "{loss_grouped} vs {loss_local}");
+        let error = update_difference(&grouped, &local);
+        let (global, _) = one_step(base.clone(), 4);
+        let global_error = update_difference(&global, &local);
+        eprintln!("update against 2 ranks with per-rank BatchNorm: groups of 2 {error:.2e}, global {global_error:.2e}");
+        assert!(error <= 1e-3 && global_error > 10.0 * error, "groups {error:.2e}, global {global_error:.2e}");
+        let exact = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).all(|(x, y)| x.equal(y));
+        let (whole, _) = one_step(PretrainConfig { bn_group_size: 4, ..base.clone() }, 4);
+        assert!(exact(&whole, &global), "groups of the world's size are synchronised BatchNorm");
+        let (ones, _) = one_step(PretrainConfig { bn_group_size: 1, ..base.clone() }, 2);
+        assert!(exact(&ones, &local), "groups of one are per-rank BatchNorm");
+        let solo = Trainer::distributed(PretrainConfig { bn_group_size: 3, ..base }, 8, Device::Cpu, Arc::new(Solo));
+        assert!(solo.is_ok(), "a world of one has no groups to form");
     }
 
     /// Precision and layout are free keys: a checkpoint written under bf16 with channels-last loads
