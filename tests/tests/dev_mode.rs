@@ -927,3 +927,73 @@ async fn sixteen_workers_on_four_simulated_hosts_end_with_the_one_worker_encoder
     assert_eq!(runs[0].1, runs[1].1, "16 workers on 4 hosts wrote another probe table than 1 worker");
     Ok(())
 }
+
+/// Starts `dev` on `run_dir` with `args`, SIGKILLs the workers of `ranks` once the first checkpoint
+/// is written, and waits for the coordinator to exit; its exit code, log, the first workers' pids, and
+/// the seconds from the kill until a worker of the new group resumed from the checkpoint.
+async fn kill_ranks_after_first_checkpoint(
+    run_dir: &Path,
+    args: &[&str],
+    ranks: &[usize],
+) -> anyhow::Result<(i32, String, Vec<u32>, f64)> {
+    let mut child = dev_command(run_dir, args)?.spawn()?;
+    let pids = worker_pids(run_dir).await?;
+    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
+    let killed = std::time::Instant::now();
+    for &rank in ranks {
+        // SAFETY: plain syscall on a worker the coordinator spawned.
+        unsafe { libc::kill(pids[rank] as i32, libc::SIGKILL) };
+    }
+    let resumed =
+        tokio::time::timeout(GENEROUS, read_until(&mut lines, &mut log, Some("resuming from the latest checkpoint")))
+            .await??;
+    anyhow::ensure!(resumed, "no worker resumed from the checkpoint:\n{log}");
+    let to_resume = killed.elapsed().as_secs_f64();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(GENEROUS, async {
+        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
+            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
+        })
+    })
+    .await??;
+    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
+    Ok((exit_code(status), log + &out, pids, to_resume))
+}
+
+/// Faults at size: 16 workers on 4 simulated hosts, with one worker SIGKILLed during pretraining, and
+/// in another run a whole host (its 4 workers): the coordinator restarts the group from the last
+/// checkpoint, and each run ends with exactly the weights of the run never interrupted. Prints the
+/// seconds from the kill until the new group resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_or_a_whole_host_killed_among_sixteen_workers_costs_a_restart_not_the_weights() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let body = format!(
+        "{}[cluster]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 5000\n{}",
+        SMALL_DATA.replace("synthetic_studies = 24", "synthetic_studies = 192"),
+        TINY_PRETRAIN.replace("batch_size = 6", "batch_size = 32").replace("epochs = 2", "epochs = 3")
+    );
+    let config = write_config(dir.path(), &body)?;
+    let args = ["--workers", "16", "--simulate-hosts", "4", "--config", &config];
+    let whole = dir.path().join("whole");
+    let (code, log) = finish(dev_command(&whole, &args)?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    let reference = std::fs::read(whole.join("encoder.safetensors"))?;
+    for (what, ranks) in [("worker 5", vec![5]), ("host-2 (ranks 8-11)", vec![8, 9, 10, 11])] {
+        let killed = dir.path().join(format!("killed-{}", ranks[0]));
+        let (code, log, pids, to_resume) = kill_ranks_after_first_checkpoint(&killed, &args, &ranks).await?;
+        eprintln!("{what} killed: the new group resumed from the checkpoint {to_resume:.1} s later");
+        assert_eq!(code, 0, "{what}: {log}");
+        assert!(log.contains("restarting from the last checkpoint (restart 1 of 3)"), "{what}: {log}");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("pretrain.json"))?)?;
+        let this_run = doc["ranks"]["0"]["steps_this_run"].as_f64().unwrap_or(-1.0);
+        let steps = doc["ranks"]["0"]["steps"].as_f64().unwrap_or(-1.0);
+        assert!(this_run > 0.0 && this_run < steps, "{what}: the kill did not land during pretraining ({doc})");
+        let encoder = std::fs::read(killed.join("encoder.safetensors"))?;
+        assert!(encoder == reference, "{what}: the restarted run's encoder differs from the uninterrupted run's");
+        for pid in pids {
+            assert!(eventually(Duration::from_secs(5), || !pid_alive(pid)).await, "{what}: worker {pid} left behind");
+        }
+    }
+    Ok(())
+}

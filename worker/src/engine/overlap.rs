@@ -8,10 +8,13 @@
 //! all-reduces in the same order, whatever order its hooks ran in. After the backward the trainer
 //! waits for the buckets and copies the sums back into the gradients.
 //!
-//! The buckets follow the order the gradients became ready in the first step (rank 0's order, agreed
-//! by an all-gather, so every rank has the same buckets); the first step sums one flat buffer after
-//! its backward, as `bucket_bytes = 0` does for every step. Every element is summed by the same ring
-//! in the same order either way, so bucketing changes which bytes travel together, not the sums.
+//! The buckets take the parameters in reverse order of their names (given sorted): the head first, then
+//! the encoder's last stage down to its stem, about the order the backward completes them. The layout
+//! depends on the names alone, so it is the same on every rank, from the first step on, and after a
+//! restart from a checkpoint: a resumed run sums every gradient exactly as the uninterrupted one did.
+//! With 2 ranks the sums do not depend on the buckets at all; with more, the ring's chunks (and so the
+//! order each element's terms are added in) follow the buffers, so `bucket_bytes` moves results by
+//! float rounding, as the world size does.
 
 use std::ffi::{c_int, c_void};
 use std::panic::AssertUnwindSafe;
@@ -46,9 +49,9 @@ struct State {
     queue: Arc<Queued>,
     bucket_bytes: usize,
     mode: Mode,
-    /// The buckets, once the first step has shown the order the gradients come in.
+    /// The buckets (none with `bucket_bytes = 0`).
     layout: Option<Layout>,
-    /// The flat buffer of the one all-reduce after the backward (the first step, or no buckets).
+    /// The flat buffer of the one all-reduce after the backward (without buckets).
     flat: Option<Tensor>,
     /// What went wrong inside a hook (reported after the backward).
     error: Option<CollectiveError>,
@@ -58,8 +61,6 @@ struct State {
 
 enum Mode {
     Idle,
-    /// The first step: the order in which the gradients become ready.
-    Record(Vec<usize>),
     Overlap(Progress),
 }
 
@@ -85,10 +86,10 @@ struct Progress {
 }
 
 impl GradReducer {
-    /// A reducer for `params` (the same list, in the same order, on every rank); `bucket_bytes` 0: one
+    /// A reducer for `params` (sorted by name, the same list on every rank); `bucket_bytes` 0: one
     /// all-reduce after the backward, no hooks.
     pub fn new(params: Vec<Tensor>, queue: Arc<Queued>, bucket_bytes: usize) -> Result<GradReducer, String> {
-        let state = Box::new(Mutex::new(State {
+        let mut state = State {
             params,
             queue,
             bucket_bytes,
@@ -97,8 +98,12 @@ impl GradReducer {
             flat: None,
             error: None,
             started_in_backward: 0,
-        }));
-        let mut reducer = GradReducer { state, hooked: false };
+        };
+        if bucket_bytes > 0 {
+            let order: Vec<usize> = (0..state.params.len()).rev().collect();
+            state.layout = Some(state.build_layout(&order));
+        }
+        let mut reducer = GradReducer { state: Box::new(Mutex::new(state)), hooked: false };
         if bucket_bytes > 0 {
             let context = &*reducer.state as *const Mutex<State> as *mut c_void;
             let state = reducer.lock();
@@ -114,7 +119,7 @@ impl GradReducer {
         Ok(reducer)
     }
 
-    /// Buckets in use: 0 before the first step and without buckets.
+    /// Buckets in use (0 without buckets).
     pub fn buckets(&self) -> usize {
         self.lock().layout.as_ref().map_or(0, |l| l.buckets.len())
     }
@@ -133,8 +138,7 @@ impl GradReducer {
         let mut s = self.lock();
         s.error = None;
         s.mode = match &s.layout {
-            _ if s.bucket_bytes == 0 => Mode::Idle,
-            None => Mode::Record(Vec::with_capacity(s.params.len())),
+            None => Mode::Idle,
             Some(layout) => Mode::Overlap(Progress {
                 ready: vec![false; s.params.len()],
                 missing: layout.buckets.iter().map(|b| b.members.len()).collect(),
@@ -159,12 +163,6 @@ impl GradReducer {
         }
         match mode {
             Mode::Idle => s.all_reduce_flat(),
-            Mode::Record(order) => {
-                s.all_reduce_flat()?;
-                let order = s.agree_on(order)?;
-                s.layout = Some(s.build_layout(&order));
-                Ok(())
-            }
             Mode::Overlap(mut progress) => {
                 s.started_in_backward = progress.started.len();
                 // Gradients whose hooks did not run (parameters this backward did not reach keep their
@@ -227,20 +225,6 @@ impl State {
         Ok(())
     }
 
-    /// Rank 0's order of the parameters (the recorded ones first, then any the backward did not
-    /// reach, by index), the same on every rank.
-    fn agree_on(&self, mut order: Vec<usize>) -> Result<Vec<usize>, CollectiveError> {
-        let n = self.params.len();
-        let mut seen = vec![false; n];
-        order.retain(|&i| i < n && !std::mem::replace(&mut seen[i], true));
-        order.extend((0..n).filter(|&i| !seen[i]));
-        let mine = Tensor::from_slice(&order.iter().map(|&i| i as f32).collect::<Vec<_>>()).view([1, n as i64]);
-        let all = self.queue.all_gather(&mine)?;
-        let first = Vec::<f32>::try_from(all.get(0).to_device(Device::Cpu))
-            .map_err(|e| CollectiveError::Invalid { op: "gradient buckets", message: e.to_string() })?;
-        Ok(first.into_iter().map(|v| v as usize).collect())
-    }
-
     fn build_layout(&self, order: &[usize]) -> Layout {
         let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
         let mut bytes = 0;
@@ -294,7 +278,6 @@ impl State {
         let mut mode = std::mem::replace(&mut self.mode, Mode::Idle);
         match &mut mode {
             Mode::Idle => {}
-            Mode::Record(order) => order.push(i),
             Mode::Overlap(progress) => {
                 if let Err(e) = self.ready(i, progress) {
                     self.error.get_or_insert(e);

@@ -320,6 +320,8 @@ impl TrainJob {
             ("seconds", seconds),
             ("data_seconds", data),
             ("communication_seconds", comm),
+            // Of which the gradient buckets on their own channel (0 where they share the step's).
+            ("gradient_communication_seconds", self.gradients.as_ref().map_or(0.0, |g| g.seconds())),
             ("exposed_communication_seconds", exposed),
             ("compute_seconds", (seconds - data - exposed).max(0.0)),
         ] {
