@@ -9,6 +9,7 @@
 # shares two cores, so the compute per step does not shrink with more workers: the table shows how
 # the collectives' cost grows with the number of ranks.
 #   scripts/bench_scale.sh [WORKER_COUNT ...]       (default: 1 2 4 8 16 32)
+# SCALE_PRETRAIN="bn = \"local\"" (or "bn_group_size = 4", ...) adds lines to the job's [pretrain].
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 counts=("$@")
@@ -17,7 +18,7 @@ scripts/setup.sh >/dev/null
 cargo build -q --release --bins --locked
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cat > "$work/job.toml" <<'TOML'
+cat > "$work/job.toml" <<TOML
 [job]
 id = "bench-scale"
 
@@ -33,6 +34,7 @@ batch_size = 64
 epochs = 3
 warmup_epochs = 0.5
 checkpoint_every = 0
+${SCALE_PRETRAIN:-}
 
 [probe]
 enabled = false
