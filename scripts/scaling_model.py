@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""How a pretraining step's time grows with the number of workers: a model, calibrated on this
+machine, then evaluated for GPU clusters (docs/scaling.md explains it).
+
+    scripts/scaling_model.py                    # measures with scripts/bench_scale.sh (about 2 minutes)
+    scripts/scaling_model.py SYNC.md LOCAL.md   # or reads two saved outputs of it (sync and local BN)
+
+Step time(N) = compute + gradient all-reduce (exposed) + latency-bound collectives + gather.
+Latency-bound collectives: each ring collective of the step costs `hops x latency`, with N - 1 hops for
+an all-gather or reduce-scatter and 2 (N - 1) for an all-reduce; synchronised BatchNorm adds one
+all-gather (forward) and one all-reduce (backward) per BatchNorm layer.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny encoder of scripts/bench_scale.sh: 12 BatchNorm layers (stem, 4 basic blocks of 2, 3
+# downsample branches).
+TINY_BN_LAYERS = 12
+
+
+def step_hops(n, bn_layers):
+    """Ring hops per step: the projections' all-gather, the key gradients' reduce-scatter, the loss's
+    all-reduce, and per BatchNorm layer an all-gather and an all-reduce."""
+    if n < 2:
+        return 0
+    return (1 + 1 + 2) * (n - 1) + bn_layers * 3 * (n - 1)
+
+
+def read_table(text):
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].isdigit():
+            n = int(cells[0])
+            rows[n] = {
+                "step": float(cells[3]),
+                "main": float(cells[4]),
+                "gradients": float(cells[5]),
+                "exposed": float(cells[6]),
+            }
+    return rows
+
+
+def measure():
+    out = []
+    for extra in ["", 'bn = "local"']:
+        env = dict(os.environ, SCALE_PRETRAIN=extra)
+        run = subprocess.run([os.path.join(ROOT, "scripts", "bench_scale.sh")], env=env, capture_output=True,
+                             text=True, check=True)
+        out.append(run.stdout)
+    return out
+
+
+def calibrate(sync, local):
+    """Least squares for the latency per ring hop over both BatchNorm modes (N >= 2): main channel
+    seconds per step = latency x hops. (A fixed cost per collective as a second term comes out
+    negative on these measurements, so the model keeps one.)"""
+    points = [(step_hops(n, TINY_BN_LAYERS), r["main"]) for n, r in sync.items() if n >= 2]
+    points += [(step_hops(n, 0), r["main"]) for n, r in local.items() if n >= 2]
+    return sum(h * t for h, t in points) / sum(h * h for h, _ in points)
+
+
+def print_calibration(sync, local, latency):
+    print(f"## Calibration on this machine: {latency * 1e3:.3f} ms per ring hop (least squares, N >= 2)")
+    print()
+    print("| BatchNorm | workers | ring hops per step | main channel: measured s/step | model | error |"
+          " step: measured s | model (compute at N = 1 + channels) | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for name, rows, layers in [("sync", sync, TINY_BN_LAYERS), ("local", local, 0)]:
+        compute = rows[1]["step"] if 1 in rows else 0.0
+        for n in sorted(rows):
+            r = rows[n]
+            hops = step_hops(n, layers)
+            main = latency * hops
+            step = compute + main + r["gradients"]
+            e_main = (main - r["main"]) / r["main"] if r["main"] > 0 else 0.0
+            e_step = (step - r["step"]) / r["step"]
+            if n >= 2:
+                errors.append(abs(e_step))
+            print(f"| {name} | {n} | {hops} | {r['main']:.3f} | {main:.3f} | {100 * e_main:+.0f}% | {r['step']:.3f} "
+                  f"| {step:.3f} | {100 * e_step:+.0f}% |")
+    print()
+    print(f"Step time: mean absolute error {100 * sum(errors) / len(errors):.0f}%, largest "
+          f"{100 * max(errors):.0f}% (N >= 2).")
+    print()
+
+
+# GPU clusters: ResNet-50 at 224 x 224, 256 images per GPU per step (the global batch grows with N).
+RESNET50_BN_LAYERS = 53
+# Encoder (torchvision ResNet-50 without fc: 23.51M) and the default head (2048 -> 2048 -> 128).
+PARAMS = 23_508_032 + (2048 * 2048 + 2048) + (2048 * 128 + 128)
+GRADIENT_BYTES = 4 * PARAMS
+PER_GPU = 256
+# Per-GPU training throughput, images/s: measured (H200, fp32 with cuDNN's TF32, BENCHMARKS.md) and
+# what PyTorch AMP gets on an H100 (Lambda's benchmark; what bf16 is for: not measured for us).
+THROUGHPUT = {"fp32/TF32, measured on an H200": 1026.0, "bf16, if at PyTorch AMP's H100 figure": 2792.0}
+# nccl-tests bus bandwidth: ~370-480 GB/s inside an 8-GPU NVLink node, ~330 GB/s across nodes with
+# 3.2 Tb/s InfiniBand.
+BUS_BW_NODE = 400e9
+BUS_BW_NODES = 330e9
+# Small-message all-reduce latency: ~34 us for 8 GPUs in a DGX-A100 with the ring algorithm (nccl-tests
+# issue #123), ~60 us across 2 H100 nodes (NCCL issue #1453); across more nodes NCCL's tree grows with
+# log2 of the nodes. The latency-bound collectives of a step are counted in all-reduce equivalents.
+def small_allreduce_latency(n):
+    if n <= 8:
+        return 34e-6
+    return 60e-6 + 10e-6 * math.log2(n / 8)
+
+
+def gpu_step(n, throughput, groups, overlap):
+    compute = PER_GPU / throughput
+    bw = BUS_BW_NODE if n <= 8 else BUS_BW_NODES
+    allreduce = GRADIENT_BYTES * 2 * (n - 1) / n / bw
+    # DDP-style overlap hides the all-reduce behind the backward (about 2/3 of the compute).
+    exposed = max(0.0, allreduce - 2 / 3 * compute) if overlap else allreduce
+    bn_world = min(n, 8) if groups else n
+    syncbn = 2 * RESNET50_BN_LAYERS * small_allreduce_latency(bn_world) if bn_world > 1 else 0.0
+    # Projections (2 x 256 x 128 float32 per GPU) all-gathered, their gradients reduce-scattered.
+    z_bytes = 2 * PER_GPU * 128 * 4
+    gather = 2 * ((n - 1) * z_bytes / bw + small_allreduce_latency(n))
+    total = compute + exposed + syncbn + gather
+    return compute, exposed, syncbn, gather, total
+
+
+def print_gpu():
+    print("## Projection for GPU clusters: ResNet-50 at 224 x 224, 256 images per GPU per step")
+    print()
+    print(f"Gradients {GRADIENT_BYTES / 1e6:.0f} MB; bus bandwidth {BUS_BW_NODE / 1e9:.0f} GB/s in a node, "
+          f"{BUS_BW_NODES / 1e9:.0f} GB/s across nodes; small all-reduce latency 34 us (8 GPUs) to "
+          f"{small_allreduce_latency(256) * 1e6:.0f} us (256 GPUs).")
+    print()
+    print("| per-GPU compute | GPUs | BatchNorm | compute s | gradient all-reduce s (not hidden) "
+          "| BatchNorm collectives s | projections' gather s | step s | scaling efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, throughput in THROUGHPUT.items():
+        for n in [8, 64, 256]:
+            for groups in [False, True]:
+                c, e, s, g, t = gpu_step(n, throughput, groups, overlap=False)
+                print(f"| {label} | {n} | {'groups of 8' if groups else 'global'} | {c:.3f} | {e:.4f} | {s:.4f} "
+                      f"| {g:.4f} | {t:.3f} | {100 * c / t:.0f}% |")
+    print()
+    print("The gradient all-reduce is counted whole (not hidden behind the backward, as with NCCL on the "
+          "default stream today); hidden, it would save at most the column's value.")
+
+
+def main():
+    if len(sys.argv) == 3:
+        texts = [open(sys.argv[1]).read(), open(sys.argv[2]).read()]
+    else:
+        texts = measure()
+    sync, local = read_table(texts[0]), read_table(texts[1])
+    if not sync or not local:
+        sys.exit("scaling_model: no measurements in the input (expected scripts/bench_scale.sh tables)")
+    latency = calibrate(sync, local)
+    print_calibration(sync, local, latency)
+    print_gpu()
+
+
+if __name__ == "__main__":
+    main()
