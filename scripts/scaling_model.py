@@ -35,7 +35,7 @@ def read_table(text):
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0].isdigit():
+        if len(cells) >= 8 and cells[0].isdigit():
             n = int(cells[0])
             rows[n] = {
                 "step": float(cells[3]),

@@ -180,6 +180,28 @@ impl RunDir {
         file.sync_data()
     }
 
+    /// `coordinator.json`: the coordinator process's own CPU time and peak resident memory over the
+    /// job (workers excluded: dev mode's are its children, which this does not count), and its wall
+    /// time, to see what the coordinator costs as workers and images are added.
+    pub fn write_coordinator_usage(&self, wall_seconds: f64) -> std::io::Result<()> {
+        // SAFETY: getrusage writes one struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        let (user, system) = (seconds(usage.ru_utime), seconds(usage.ru_stime));
+        let doc = json!({
+            "cpu_seconds": user + system,
+            "user_seconds": user,
+            "system_seconds": system,
+            // Linux reports kilobytes.
+            "max_rss_bytes": usage.ru_maxrss as u64 * 1024,
+            "wall_seconds": wall_seconds,
+        });
+        self.write_json("coordinator.json", &doc)
+    }
+
     fn write_json(&self, name: &str, doc: &serde_json::Value) -> std::io::Result<()> {
         let mut text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
         text.push('\n');

@@ -316,7 +316,9 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     }
     args.pretrain.apply(&mut config);
     config.validate()?;
+    let started = std::time::Instant::now();
     let config = finalize_config(config);
+    let usage_dir = run_dir_path(&config);
     configure_tls(&config)?;
     let data = prepare_data(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.cluster.listen)
@@ -352,6 +354,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     })
     .await?;
     coordinator.close().await;
+    record_usage(&usage_dir, started);
     let status = report(outcome);
     if args.linger && !signalled {
         tracing::info!(%status, "job ended; staying up until SIGTERM or SIGINT (--linger)");
@@ -377,7 +380,9 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     args.pretrain.apply(&mut config);
     config.cluster.listen = "127.0.0.1:0".into();
     config.validate()?;
+    let started = std::time::Instant::now();
     let config = finalize_config(config);
+    let usage_dir = run_dir_path(&config);
     let tls_args = configure_tls(&config)?;
     let data = prepare_data(&config)?;
     let data_root = data.root.clone();
@@ -464,8 +469,17 @@ async fn dev(args: DevArgs, log_format: LogFormat) -> Result<ExitStatus, Coordin
     })
     .await;
     coordinator.close().await;
+    record_usage(&usage_dir, started);
     progress::clear();
     Ok(report(outcome?))
+}
+
+/// Writes the coordinator's own CPU time and memory into the run directory (a failure is logged).
+fn record_usage(run_dir: &std::path::Path, started: std::time::Instant) {
+    let written = RunDir::create(run_dir).and_then(|d| d.write_coordinator_usage(started.elapsed().as_secs_f64()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot write coordinator.json");
+    }
 }
 
 /// SIGINT and SIGTERM, watched from before the job starts so that neither kills the process outright.
