@@ -29,6 +29,7 @@ pub mod tcp;
 
 pub use grpc::{GrpcCollective, Mailbox};
 pub(crate) use ring::{ring_collective, Buffer, RingExecutor, RingStep};
+pub use ring::{set_small_all_reduce_bytes, SMALL_ALL_REDUCE_BYTES};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CollectiveError {
@@ -188,6 +189,36 @@ mod tests {
     /// Both point-to-point backends: gRPC and the TCP ring.
     type MakeGroup = fn(usize, Duration) -> loopback::Group;
     const BACKENDS: [(&str, MakeGroup); 2] = [("grpc", loopback::group), ("tcp", loopback::tcp_group)];
+
+    /// All-reduces on both sides of `SMALL_ALL_REDUCE_BYTES` (an all-gather and an ordered sum up to
+    /// it, the ring all-reduce above), in place and not, over 3 and 4 ranks: the sum of the ranks'
+    /// tensors on every rank, and the same bits on every rank.
+    #[test]
+    fn all_reduces_below_and_above_the_small_message_size_agree_on_every_rank() {
+        let at = SMALL_ALL_REDUCE_BYTES / 4;
+        for (world, (backend, make)) in [3usize, 4].into_iter().flat_map(|w| BACKENDS.map(|b| (w, b))) {
+            let group = make(world, Duration::from_secs(20));
+            for n in [1, at, at + 1] {
+                let data =
+                    |rank: usize| -> Vec<f32> { (0..n).map(|i| ((rank * 7919 + i) % 1000) as f32 * 0.013).collect() };
+                let results = loopback::run(&group, |rank, c| {
+                    let t = Tensor::from_slice(&data(rank));
+                    let sum = c.all_reduce_sum(&t).unwrap();
+                    let mut in_place = t.copy();
+                    c.all_reduce_sum_in_place(&mut in_place).unwrap();
+                    (Vec::<f32>::try_from(&sum).unwrap(), Vec::<f32>::try_from(&in_place).unwrap())
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(data).collect();
+                let expected: Vec<f64> = (0..n).map(|i| inputs.iter().map(|d| f64::from(d[i])).sum()).collect();
+                for (rank, (sum, in_place)) in results.iter().enumerate() {
+                    assert_eq!(sum, &results[0].0, "{backend}, {world} ranks, n {n}: rank {rank} differs from rank 0");
+                    assert_eq!(in_place, sum, "{backend}, {world} ranks, n {n}: in place differs");
+                    let worst = sum.iter().zip(&expected).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+                    assert!(worst < 1e-3, "{backend}, {world} ranks, n {n}: off by {worst}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn ring_collectives_match_their_definitions() {

@@ -163,6 +163,34 @@ pub(crate) fn broadcast_plan(rank: usize, w: usize, root: usize, n: usize) -> Ve
     plan
 }
 
+/// All-reduces of at most this many bytes (by default; [`set_small_all_reduce_bytes`]) run as an
+/// all-gather and a sum in rank order on every rank: W - 1 ring steps instead of the ring
+/// all-reduce's 2 (W - 1), for (W - 1) n bytes on each link instead of 2 (W - 1) n / W. Latency rules
+/// small messages (synchronised BatchNorm's per-layer sums, the loss), bandwidth large ones (the
+/// gradients). On loopback TCP they cross near 16 KiB with both 4 and 16 ranks
+/// (`bench_small_all_reduce`, BENCHMARKS.md); the gathered bytes per link grow with the world, so the
+/// crossing moves down as it grows.
+pub const SMALL_ALL_REDUCE_BYTES: usize = 16 * 1024;
+
+static SMALL_ALL_REDUCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SMALL_ALL_REDUCE_BYTES);
+
+/// Sets the size up to which all-reduces gather and sum (process-wide; every rank must use the same,
+/// or their collectives would not pair up). For benchmarks: 0 for the ring always.
+pub fn set_small_all_reduce_bytes(bytes: usize) {
+    SMALL_ALL_REDUCE.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The sum of the `w` rows of `rows` (each `n` long) in rank order, into `out`: the same float
+/// additions on every rank, whatever its thread count, so the replicas stay bitwise identical.
+fn sum_rows_in_order(rows: &[f32], n: usize, out: &mut [f32]) {
+    out.copy_from_slice(&rows[..n]);
+    for row in rows[n..].chunks_exact(n) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += *v;
+        }
+    }
+}
+
 /// What every backend does around its plans: the copies in and out, the shapes, the checks.
 pub(crate) trait RingExecutor {
     fn ring_rank(&self) -> usize;
@@ -172,25 +200,34 @@ pub(crate) trait RingExecutor {
 
     fn ring_all_reduce(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         let mut data = Buffer::copy_of(t, "all-reduce")?;
-        let (r, w) = (self.ring_rank(), self.ring_world());
-        if w > 1 {
-            self.execute("all-reduce", &all_reduce_plan(r, w, data.len), &mut data)?;
-        }
+        self.all_reduce_buffer(&mut data)?;
         Ok(data.into_tensor(&t.size(), t.device()))
     }
 
+    /// The sum over ranks written over `data`: a gather and an ordered sum for small buffers, the
+    /// ring all-reduce for large ones.
+    fn all_reduce_buffer(&self, data: &mut Buffer) -> Result<(), CollectiveError> {
+        let (r, w, n) = (self.ring_rank(), self.ring_world(), data.len);
+        if w < 2 || n == 0 {
+            return Ok(());
+        }
+        if n * 4 > SMALL_ALL_REDUCE.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.execute("all-reduce", &all_reduce_plan(r, w, n), data);
+        }
+        let mut rows = Buffer::zeros(n * w);
+        rows.slice_mut(r * n, (r + 1) * n).copy_from_slice(&data.slice(0)[..n]);
+        self.execute("all-reduce", &all_gather_plan(r, w, n), &mut rows)?;
+        sum_rows_in_order(rows.slice(0), n, data.slice_mut(0, n));
+        Ok(())
+    }
+
     fn ring_all_reduce_in_place(&self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        let (r, w) = (self.ring_rank(), self.ring_world());
         if t.device() != tch::Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
             let sum = self.ring_all_reduce(t)?;
             t.copy_(&sum);
             return Ok(());
         }
-        let mut data = Buffer::wrap(t.shallow_clone());
-        if w > 1 {
-            self.execute("all-reduce", &all_reduce_plan(r, w, data.len), &mut data)?;
-        }
-        Ok(())
+        self.all_reduce_buffer(&mut Buffer::wrap(t.shallow_clone()))
     }
 
     fn ring_all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
