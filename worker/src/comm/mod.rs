@@ -9,9 +9,10 @@
 //! messages of a phase it has left or of another attempt of the job.
 //!
 //! Every rank issues the same collectives in the same order, so a per-rank counter names each one
-//! consistently across ranks. Results are bitwise identical on every rank: each element of an
-//! all-reduce is summed once, by one rank, in a fixed order, and then copied to the others, which keeps
-//! the replicas' weights identical step after step.
+//! consistently across ranks. Results are bitwise identical on every rank: each element of a ring
+//! all-reduce is summed once, by one rank, in a fixed order, and then copied to the others, and a small
+//! all-reduce (an all-gather) is summed in rank order on every rank, which keeps the replicas' weights
+//! identical step after step.
 //!
 //! The calls block the calling thread (a training thread, never an async task) on the worker's tokio
 //! runtime.
