@@ -7,8 +7,9 @@ machine, then evaluated for GPU clusters (docs/scaling.md explains it).
 
 Step time(N) = compute + gradient all-reduce (exposed) + latency-bound collectives + gather.
 Latency-bound collectives: each ring collective of the step costs `hops x latency`, with N - 1 hops for
-an all-gather or reduce-scatter and 2 (N - 1) for an all-reduce; synchronised BatchNorm adds one
-all-gather (forward) and one all-reduce (backward) per BatchNorm layer.
+an all-gather, a reduce-scatter or a small all-reduce (up to 16 KiB: an all-gather and a sum) and
+2 (N - 1) for a large all-reduce; synchronised BatchNorm adds one all-gather (forward) and one small
+all-reduce (backward) per BatchNorm layer.
 """
 
 import math
@@ -24,11 +25,12 @@ TINY_BN_LAYERS = 12
 
 
 def step_hops(n, bn_layers):
-    """Ring hops per step: the projections' all-gather, the key gradients' reduce-scatter, the loss's
-    all-reduce, and per BatchNorm layer an all-gather and an all-reduce."""
+    """Ring steps per step: the projections' all-gather, the key gradients' reduce-scatter, the loss's
+    all-reduce, and per BatchNorm layer an all-gather and an all-reduce; all-reduces this small run as
+    an all-gather (N - 1 steps, `SMALL_ALL_REDUCE_BYTES`)."""
     if n < 2:
         return 0
-    return (1 + 1 + 2) * (n - 1) + bn_layers * 3 * (n - 1)
+    return (1 + 1 + 1) * (n - 1) + bn_layers * 2 * (n - 1)
 
 
 def read_table(text):
