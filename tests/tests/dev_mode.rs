@@ -821,6 +821,19 @@ fn largest_relative_difference(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<Stri
     worst
 }
 
+/// The whole-run invariance job: `studies` synthetic studies, the tiny encoder, 3 epochs of a global
+/// batch of `batch`, no checkpoints.
+fn invariance_job(studies: usize, batch: usize) -> String {
+    format!(
+        "{}{}",
+        SMALL_DATA.replace("synthetic_studies = 24", &format!("synthetic_studies = {studies}")),
+        TINY_PRETRAIN
+            .replace("batch_size = 6", &format!("batch_size = {batch}"))
+            .replace("epochs = 2\n", "epochs = 3\n")
+            .replace("checkpoint_every = 2", "checkpoint_every = 0")
+    )
+}
+
 /// The probe table of results.md (its rows, without the lines that name the world size's timing).
 fn probe_table(run_dir: &Path) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(run_dir.join("results.md"))?)
@@ -838,15 +851,7 @@ fn probe_table(run_dir: &Path) -> anyhow::Result<String> {
 async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> anyhow::Result<()> {
     const TOLERANCE: f64 = 1e-4;
     let dir = tempfile::tempdir()?;
-    let body = format!(
-        "{}{}",
-        SMALL_DATA.replace("synthetic_studies = 24", "synthetic_studies = 48"),
-        TINY_PRETRAIN
-            .replace("batch_size = 6", "batch_size = 8")
-            .replace("epochs = 2\n", "epochs = 3\n")
-            .replace("checkpoint_every = 2", "checkpoint_every = 0")
-    );
-    let config = write_config(dir.path(), &body)?;
+    let config = write_config(dir.path(), &invariance_job(48, 8))?;
     let mut runs = Vec::new();
     for workers in ["1", "2", "4"] {
         let run_dir = dir.path().join(format!("w{workers}"));
@@ -884,15 +889,7 @@ async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> a
 async fn sixteen_workers_on_four_simulated_hosts_end_with_the_one_worker_encoder_and_table() -> anyhow::Result<()> {
     const TOLERANCE: f64 = 1e-4;
     let dir = tempfile::tempdir()?;
-    let body = format!(
-        "{}{}",
-        SMALL_DATA.replace("synthetic_studies = 24", "synthetic_studies = 192"),
-        TINY_PRETRAIN
-            .replace("batch_size = 6", "batch_size = 32")
-            .replace("epochs = 2\n", "epochs = 3\n")
-            .replace("checkpoint_every = 2", "checkpoint_every = 0")
-    );
-    let config = write_config(dir.path(), &body)?;
+    let config = write_config(dir.path(), &invariance_job(192, 32))?;
     let mut runs = Vec::new();
     for (workers, hosts) in [("1", "1"), ("16", "4")] {
         let run_dir = dir.path().join(format!("w{workers}"));
