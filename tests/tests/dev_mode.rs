@@ -654,21 +654,8 @@ async fn kill_rank_after_first_checkpoint(
     args: &[&str],
     rank: usize,
 ) -> anyhow::Result<(i32, String, Vec<u32>)> {
-    let mut child = dev_command(run_dir, args)?.spawn()?;
-    let pids = worker_pids(run_dir).await?;
-    let (mut log, mut lines) = log_until(&mut child, "checkpoint written").await?;
-    // SAFETY: plain syscall on a worker the coordinator spawned.
-    unsafe { libc::kill(pids[rank] as i32, libc::SIGKILL) };
-    let mut stdout = child.stdout.take().unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(GENEROUS, async {
-        tokio::try_join!(read_until(&mut lines, &mut log, None), async {
-            stdout.read_to_string(&mut out).await.map_err(anyhow::Error::from)
-        })
-    })
-    .await??;
-    let status = tokio::time::timeout(GENEROUS, child.wait()).await??;
-    Ok((exit_code(status), log + &out, pids))
+    let (code, log, pids, _) = kill_ranks_after_first_checkpoint(run_dir, args, &[rank]).await?;
+    Ok((code, log, pids))
 }
 
 /// A worker killed (SIGKILL) in the middle of pretraining: the coordinator restarts the whole group
