@@ -4,7 +4,6 @@
 //!
 //! Usage: bench_small_all_reduce [WORLD] [REPEATS]. Prints a table.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use simclr_worker::comm::{set_small_all_reduce_bytes, Collective};
@@ -41,5 +40,4 @@ fn main() {
         println!("| {world} | {} KiB | {:.3} | {:.3} | {faster} |", kib, times[0], times[1]);
     }
     set_small_all_reduce_bytes(simclr_worker::comm::SMALL_ALL_REDUCE_BYTES);
-    drop(Arc::new(()));
 }
