@@ -11,6 +11,8 @@
 # the collectives' cost grows with the number of ranks.
 #   scripts/bench_scale.sh [WORKER_COUNT ...]       (default: 1 2 4 8 16 32)
 # SCALE_PRETRAIN="bn = \"local\"" (or "bn_group_size = 4", ...) adds lines to the job's [pretrain].
+# SIMCLR_COLLECTIVE_ALGORITHM=ring (the workers inherit it) runs every collective on the ring, the
+# small ones too, and BatchNorm groups' exchanges over the whole world: the "before" of Bruck's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 counts=("$@")

@@ -4,12 +4,15 @@ machine, then evaluated for GPU clusters (docs/scaling.md explains it).
 
     scripts/scaling_model.py                    # measures with scripts/bench_scale.sh (about 2 minutes)
     scripts/scaling_model.py SYNC.md LOCAL.md   # or reads two saved outputs of it (sync and local BN)
+    scripts/scaling_model.py --ring [...]       # the same with the ring for every collective
 
 Step time(N) = compute + gradient all-reduce (exposed) + latency-bound collectives + gather.
-Latency-bound collectives: each ring collective of the step costs `hops x latency`, with N - 1 hops for
-an all-gather, a reduce-scatter or a small all-reduce (up to 16 KiB: an all-gather and a sum) and
-2 (N - 1) for a large all-reduce; synchronised BatchNorm adds one all-gather (forward) and one small
-all-reduce (backward) per BatchNorm layer.
+Latency-bound collectives: each collective of the step costs `steps x latency`: ceil(log2 N) steps for
+a small all-gather (Bruck's algorithm) or a small all-reduce (up to 16 KiB: Bruck's all-gather and a
+sum), N - 1 for a ring reduce-scatter and 2 (N - 1) for a large all-reduce; synchronised BatchNorm
+adds one all-gather (forward) and one small all-reduce (backward) per BatchNorm layer, within the
+BatchNorm group when `pretrain.bn_group_size` is set. `--ring` counts the ring's steps for every
+collective, as the workers run with SIMCLR_COLLECTIVE_ALGORITHM=ring.
 """
 
 import math
@@ -24,13 +27,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BN_LAYERS = 12
 
 
-def step_hops(n, bn_layers):
-    """Ring steps per step: the projections' all-gather, the key gradients' reduce-scatter, the loss's
-    all-reduce, and per BatchNorm layer an all-gather and an all-reduce; all-reduces this small run as
-    an all-gather (N - 1 steps, `SMALL_ALL_REDUCE_BYTES`)."""
+def log_steps(n):
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def step_hops(n, bn_layers, ring=False, group=0):
+    """Point-to-point steps per training step: the projections' all-gather and the loss's all-reduce
+    (small: Bruck, ceil(log2 N) steps; the ring: N - 1), the key gradients' reduce-scatter (the ring,
+    N - 1), and per BatchNorm layer an all-gather and a small all-reduce among the BatchNorm group's G
+    ranks (Bruck within the group, ceil(log2 G); the ring: over the whole world, N - 1 each)."""
     if n < 2:
         return 0
-    return (1 + 1 + 1) * (n - 1) + bn_layers * 2 * (n - 1)
+    g = min(group or n, n)
+    if ring:
+        return 3 * (n - 1) + bn_layers * 2 * (n - 1)
+    return 2 * log_steps(n) + (n - 1) + bn_layers * 2 * log_steps(g)
 
 
 def read_table(text):
@@ -48,29 +59,29 @@ def read_table(text):
     return rows
 
 
-def measure():
+def measure(ring):
     out = []
     for extra in ["", 'bn = "local"']:
-        env = dict(os.environ, SCALE_PRETRAIN=extra)
+        env = dict(os.environ, SCALE_PRETRAIN=extra, SIMCLR_COLLECTIVE_ALGORITHM="ring" if ring else "auto")
         run = subprocess.run([os.path.join(ROOT, "scripts", "bench_scale.sh")], env=env, capture_output=True,
                              text=True, check=True)
         out.append(run.stdout)
     return out
 
 
-def calibrate(sync, local):
-    """Least squares for the latency per ring hop over both BatchNorm modes (N >= 2): main channel
+def calibrate(sync, local, ring):
+    """Least squares for the latency per point-to-point step over both BatchNorm modes (N >= 2): main channel
     seconds per step = latency x hops. (A fixed cost per collective as a second term comes out
     negative on these measurements, so the model keeps one.)"""
-    points = [(step_hops(n, TINY_BN_LAYERS), r["main"]) for n, r in sync.items() if n >= 2]
-    points += [(step_hops(n, 0), r["main"]) for n, r in local.items() if n >= 2]
+    points = [(step_hops(n, TINY_BN_LAYERS, ring), r["main"]) for n, r in sync.items() if n >= 2]
+    points += [(step_hops(n, 0, ring), r["main"]) for n, r in local.items() if n >= 2]
     return sum(h * t for h, t in points) / sum(h * h for h, _ in points)
 
 
-def print_calibration(sync, local, latency):
-    print(f"## Calibration on this machine: {latency * 1e3:.3f} ms per ring hop (least squares, N >= 2)")
+def print_calibration(sync, local, latency, ring):
+    print(f"## Calibration on this machine: {latency * 1e3:.3f} ms per point-to-point step (least squares, N >= 2)")
     print()
-    print("| BatchNorm | workers | ring hops per step | main channel: measured s/step | model | error |"
+    print("| BatchNorm | workers | point-to-point steps per step | main channel: measured s/step | model | error |"
           " step: measured s | model (compute at N = 1 + channels) | error |")
     print("|---|---|---|---|---|---|---|---|---|")
     errors = []
@@ -78,7 +89,7 @@ def print_calibration(sync, local, latency):
         compute = rows[1]["step"] if 1 in rows else 0.0
         for n in sorted(rows):
             r = rows[n]
-            hops = step_hops(n, layers)
+            hops = step_hops(n, layers, ring)
             main = latency * hops
             step = compute + main + r["gradients"]
             e_main = (main - r["main"]) / r["main"] if r["main"] > 0 else 0.0
@@ -152,15 +163,18 @@ def print_gpu():
 
 
 def main():
-    if len(sys.argv) == 3:
-        texts = [open(sys.argv[1]).read(), open(sys.argv[2]).read()]
+    args = sys.argv[1:]
+    ring = "--ring" in args
+    args = [a for a in args if a != "--ring"]
+    if len(args) == 2:
+        texts = [open(args[0]).read(), open(args[1]).read()]
     else:
-        texts = measure()
+        texts = measure(ring)
     sync, local = read_table(texts[0]), read_table(texts[1])
     if not sync or not local:
         sys.exit("scaling_model: no measurements in the input (expected scripts/bench_scale.sh tables)")
-    latency = calibrate(sync, local)
-    print_calibration(sync, local, latency)
+    latency = calibrate(sync, local, ring)
+    print_calibration(sync, local, latency, ring)
     print_gpu()
 
 

@@ -84,6 +84,18 @@ struct Cli {
     /// Log format: text or json (one object per line). Filter with RUST_LOG.
     #[arg(long, default_value = "text", env = "SIMCLR_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Small collectives on the CPU backends: auto (Bruck's all-gather in log2 of the ranks' steps for
+    /// small all-gathers and all-reduces, BatchNorm groups' exchanges within the group) or ring (the
+    /// ring always, groups' exchanges over the whole world; for before/after benchmarks). Every worker
+    /// of a job must use the same.
+    #[arg(long, value_enum, default_value = "auto", env = "SIMCLR_COLLECTIVE_ALGORITHM")]
+    collective_algorithm: CollectiveAlgorithm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CollectiveAlgorithm {
+    Auto,
+    Ring,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +104,7 @@ fn main() -> ExitCode {
     if cli.threads > 0 {
         tch::set_num_threads(cli.threads);
     }
+    simclr_worker::comm::set_latency_algorithms(cli.collective_algorithm == CollectiveAlgorithm::Auto);
     let status = match options(&cli) {
         Ok(opts) => run(opts, cli.health_listen),
         Err(e) => Err(e),

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tonic::codegen::Bytes;
 use tonic::Status;
 
-use super::ring::{ring_collective, Buffer, RingExecutor, RingStep};
+use super::ring::{ring_collective, Buffer, RingExecutor, Step};
 use super::CollectiveError;
 
 // ---- the mailbox: what peers sent, waiting for the collective that expects it ----------------------
@@ -286,14 +286,6 @@ impl GrpcCollective {
         self.peers.len()
     }
 
-    fn right(&self) -> usize {
-        (self.rank + 1) % self.world()
-    }
-
-    fn left(&self) -> usize {
-        (self.rank + self.world() - 1) % self.world()
-    }
-
     async fn send(
         &self,
         op_name: &'static str,
@@ -341,14 +333,6 @@ impl GrpcCollective {
         }
     }
 
-    /// One ring step: send `data` to the right neighbour while receiving from the left one.
-    async fn ring_step(&self, name: &'static str, op: u64, step: u32, data: Bytes) -> Result<Message, CollectiveError> {
-        let (sent, received) =
-            tokio::join!(self.send(name, self.right(), op, step, data), self.recv(name, self.left(), op, step));
-        sent?;
-        received
-    }
-
     fn op(&self) -> u64 {
         self.next_op.fetch_add(1, Ordering::SeqCst)
     }
@@ -367,29 +351,36 @@ impl RingExecutor for GrpcCollective {
         self.world()
     }
 
-    fn execute(&self, name: &'static str, plan: &[RingStep], data: &mut Buffer) -> Result<(), CollectiveError> {
+    fn execute(&self, name: &'static str, plan: &[Step], data: &mut Buffer) -> Result<(), CollectiveError> {
         let op = self.op();
-        // Messages are numbered per link: the n-th message this rank sends to its right is the n-th
-        // its right neighbour receives from its left.
-        let (mut sent, mut received) = (0u32, 0u32);
+        // Messages are numbered per link: the n-th message this rank sends to a peer is the n-th that
+        // peer receives from it.
+        let (mut sent, mut received) = (vec![0u32; self.world()], vec![0u32; self.world()]);
         self.block(async {
             for step in plan {
-                let got = match (&step.send, &step.recv) {
-                    (Some(send), Some(_)) => {
-                        debug_assert_eq!(sent, received);
-                        Some(self.ring_step(name, op, sent, data.bytes(send.start, send.end)).await?)
+                let send = async {
+                    match &step.send {
+                        Some((to, range)) => {
+                            self.send(name, *to, op, sent[*to], data.bytes(range.start, range.end)).await
+                        }
+                        None => Ok(()),
                     }
-                    (None, Some(_)) => Some(self.recv(name, self.left(), op, received).await?),
-                    (Some(send), None) => {
-                        self.send(name, self.right(), op, sent, data.bytes(send.start, send.end)).await?;
-                        None
-                    }
-                    (None, None) => None,
                 };
-                sent += u32::from(step.send.is_some());
-                received += u32::from(step.recv.is_some());
-                if let (Some(got), Some(recv)) = (got, &step.recv) {
-                    absorb(data.slice_mut(recv.start, recv.end), &got, step.add, name)?;
+                let recv = async {
+                    match &step.recv {
+                        Some((from, _)) => self.recv(name, *from, op, received[*from]).await.map(Some),
+                        None => Ok(None),
+                    }
+                };
+                let (sent_result, got) = tokio::join!(send, recv);
+                sent_result?;
+                let got = got?;
+                if let Some((to, _)) = &step.send {
+                    sent[*to] += 1;
+                }
+                if let (Some(got), Some((from, range))) = (got, &step.recv) {
+                    received[*from] += 1;
+                    absorb(data.slice_mut(range.start, range.end), &got, step.add, name)?;
                 }
             }
             Ok(())

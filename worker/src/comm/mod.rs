@@ -29,8 +29,11 @@ mod ring;
 pub mod tcp;
 
 pub use grpc::{GrpcCollective, Mailbox};
-pub(crate) use ring::{ring_collective, Buffer, RingExecutor, RingStep};
-pub use ring::{set_small_all_reduce_bytes, SMALL_ALL_REDUCE_BYTES};
+pub(crate) use ring::{ring_collective, Buffer, RingExecutor, Step};
+pub use ring::{
+    set_latency_algorithms, set_small_all_gather_bytes, set_small_all_reduce_bytes, SMALL_ALL_GATHER_BYTES,
+    SMALL_ALL_REDUCE_BYTES,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CollectiveError {
@@ -76,6 +79,15 @@ pub trait Collective: Send + Sync {
     }
     /// Every rank's tensor (all of one shape) concatenated along dimension 0 in rank order.
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
+    /// The all-gather among the `size` consecutive ranks from `first` (a BatchNorm group holding this
+    /// rank), rows in rank order. Every rank of the world calls it at the same point, each with its
+    /// own group. This default gathers over the whole world and keeps the group's rows; the
+    /// point-to-point backends talk within the group only.
+    fn group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
+        let rows = t.size().first().copied().unwrap_or(1);
+        let all = self.all_gather(t)?;
+        Ok(all.narrow(0, first as i64 * rows, size as i64 * rows))
+    }
     /// `t`'s dimension 0 holds world-size equal blocks; returns block `rank` summed over ranks.
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
     /// Rank `root`'s tensor on every rank (`t` gives the shape elsewhere).
@@ -164,6 +176,9 @@ impl Collective for Timed {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         self.time(|c| c.all_gather(t))
     }
+    fn group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
+        self.time(|c| c.group_all_gather(t, first, size))
+    }
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         self.time(|c| c.reduce_scatter_sum(t))
     }
@@ -250,6 +265,57 @@ mod tests {
                 let want: Vec<f64> = rank_data(world - 1, 5).into_iter().map(f64::from).collect();
                 assert_eq!(b, want, "{backend} broadcast, world {world}, rank {rank}");
             }
+        }
+    }
+
+    /// All-gathers below and above `SMALL_ALL_GATHER_BYTES` (Bruck's algorithm, the ring) and
+    /// within groups of consecutive ranks, over worlds that are and are not powers of two: the
+    /// definition's rows, in rank order, on every rank.
+    #[test]
+    fn all_gathers_small_large_and_within_groups_match_their_definition() {
+        let large = SMALL_ALL_GATHER_BYTES / 4 / 3 + 1; // above the threshold from 3 ranks on
+        for (world, (backend, make)) in [3usize, 5, 8].into_iter().flat_map(|w| BACKENDS.map(|b| (w, b))) {
+            let group = make(world, Duration::from_secs(30));
+            let groups: Vec<usize> = (1..=world).filter(|g| world % g == 0).collect();
+            let results = loopback::run(&group, |rank, c| {
+                let small = to_f64(&c.all_gather(&Tensor::from_slice(&rank_data(rank, 6)).view([2, 3])).unwrap());
+                let big = to_f64(&c.all_gather(&Tensor::from_slice(&rank_data(rank, large))).unwrap());
+                let within: Vec<Vec<f64>> = groups
+                    .iter()
+                    .map(|&g| {
+                        let first = rank / g * g;
+                        to_f64(&c.group_all_gather(&Tensor::from_slice(&rank_data(rank, 5)), first, g).unwrap())
+                    })
+                    .collect();
+                (small, big, within)
+            });
+            let rows = |ranks: std::ops::Range<usize>, n: usize| -> Vec<f64> {
+                ranks.flat_map(|r| rank_data(r, n)).map(f64::from).collect()
+            };
+            for (rank, (small, big, within)) in results.into_iter().enumerate() {
+                assert_eq!(small, rows(0..world, 6), "{backend}, world {world}, rank {rank}: small all-gather");
+                assert!(big == rows(0..world, large), "{backend}, world {world}, rank {rank}: large all-gather");
+                for (&g, got) in groups.iter().zip(within) {
+                    let first = rank / g * g;
+                    assert_eq!(got, rows(first..first + g, 5), "{backend}, world {world}, group {g}, rank {rank}");
+                }
+            }
+        }
+    }
+
+    /// A group all-gather talks within the group only: the ranks of one group finish while the ranks
+    /// of the other group never call.
+    #[test]
+    fn a_group_all_gather_needs_only_its_own_group() {
+        for (backend, make) in BACKENDS {
+            let group = make(4, Duration::from_secs(5));
+            let started = std::time::Instant::now();
+            let results = loopback::run(&group, |rank, c| {
+                (rank < 2).then(|| to_f64(&c.group_all_gather(&Tensor::from_slice(&[rank as f32]), 0, 2).unwrap()))
+            });
+            assert_eq!(results[0], Some(vec![0.0, 1.0]), "{backend}");
+            assert_eq!(results[1], Some(vec![0.0, 1.0]), "{backend}");
+            assert!(started.elapsed() < Duration::from_secs(4), "{backend} waited for the other group");
         }
     }
 

@@ -142,6 +142,9 @@ impl Collective for Failed {
     fn all_gather(&self, _t: &Tensor) -> Result<Tensor, CollectiveError> {
         Err(self.error.clone())
     }
+    fn group_all_gather(&self, _t: &Tensor, _first: usize, _size: usize) -> Result<Tensor, CollectiveError> {
+        Err(self.error.clone())
+    }
     fn reduce_scatter_sum(&self, _t: &Tensor) -> Result<Tensor, CollectiveError> {
         Err(self.error.clone())
     }
@@ -180,6 +183,10 @@ impl Collective for Queued {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         let t = t.shallow_clone();
         self.call(move |c| c.all_gather(&t))
+    }
+    fn group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
+        let t = t.shallow_clone();
+        self.call(move |c| c.group_all_gather(&t, first, size))
     }
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         let t = t.shallow_clone();

@@ -86,15 +86,16 @@ impl Buffer {
     }
 }
 
-// ---- ring algorithms, as plans that every point-to-point backend executes -------------------------
+// ---- algorithms, as plans that every point-to-point backend executes -----------------------------
 
-/// One step of a ring algorithm on a flat float32 buffer: send elements `send` to the right neighbour
-/// while receiving elements `recv` from the left one, added (`add`) or copied into place. The two
-/// ranges of a step never overlap.
+/// One step of a collective on a flat float32 buffer: send elements `send.1` to rank `send.0` while
+/// receiving elements `recv.1` from rank `recv.0`, added (`add`) or copied into place. The two ranges
+/// of a step never overlap. The ring algorithms send to the right neighbour and receive from the left
+/// one; the latency-bound ones (Bruck's all-gather) reach further.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RingStep {
-    pub send: Option<std::ops::Range<usize>>,
-    pub recv: Option<std::ops::Range<usize>>,
+pub(crate) struct Step {
+    pub send: Option<(usize, std::ops::Range<usize>)>,
+    pub recv: Option<(usize, std::ops::Range<usize>)>,
     pub add: bool,
 }
 
@@ -103,76 +104,126 @@ fn chunk(c: usize, n: usize, w: usize) -> std::ops::Range<usize> {
     c * n / w..(c + 1) * n / w
 }
 
+/// A ring step: `send` to the right neighbour, `recv` from the left one.
+fn ring_step(rank: usize, w: usize, send: Option<std::ops::Range<usize>>, recv: Option<std::ops::Range<usize>>, add: bool) -> Step {
+    Step { send: send.map(|r| ((rank + 1) % w, r)), recv: recv.map(|r| ((rank + w - 1) % w, r)), add }
+}
+
 /// Ring all-reduce in place: a reduce-scatter (after W - 1 steps rank r holds the full sum of chunk
 /// r + 1) then an all-gather of the summed chunks. Every link carries 2 (W - 1) / W of the buffer.
-pub(crate) fn all_reduce_plan(rank: usize, w: usize, n: usize) -> Vec<RingStep> {
+pub(crate) fn all_reduce_plan(rank: usize, w: usize, n: usize) -> Vec<Step> {
     let mut plan = Vec::with_capacity(2 * (w - 1));
     for s in 0..w - 1 {
         let send = chunk((rank + w - s) % w, n, w);
         let recv = chunk((rank + 2 * w - s - 1) % w, n, w);
-        plan.push(RingStep { send: Some(send), recv: Some(recv), add: true });
+        plan.push(ring_step(rank, w, Some(send), Some(recv), true));
     }
     for s in 0..w - 1 {
         let send = chunk((rank + 1 + w - s) % w, n, w);
         let recv = chunk((rank + w - s) % w, n, w);
-        plan.push(RingStep { send: Some(send), recv: Some(recv), add: false });
+        plan.push(ring_step(rank, w, Some(send), Some(recv), false));
     }
     plan
 }
 
 /// Ring reduce-scatter of W equal blocks: afterwards block `rank` holds its sum over ranks.
-pub(crate) fn reduce_scatter_plan(rank: usize, w: usize, block: usize) -> Vec<RingStep> {
+pub(crate) fn reduce_scatter_plan(rank: usize, w: usize, block: usize) -> Vec<Step> {
     (0..w - 1)
         .map(|s| {
             let send = (rank + 2 * w - s - 1) % w;
             let recv = (rank + 2 * w - s - 2) % w;
-            RingStep {
-                send: Some(send * block..(send + 1) * block),
-                recv: Some(recv * block..(recv + 1) * block),
-                add: true,
-            }
+            ring_step(rank, w, Some(send * block..(send + 1) * block), Some(recv * block..(recv + 1) * block), true)
         })
         .collect()
 }
 
 /// Ring all-gather of equal blocks into rank order; the buffer holds this rank's block already.
-pub(crate) fn all_gather_plan(rank: usize, w: usize, block: usize) -> Vec<RingStep> {
+pub(crate) fn all_gather_plan(rank: usize, w: usize, block: usize) -> Vec<Step> {
     (0..w - 1)
         .map(|s| {
             let send = (rank + w - s) % w;
             let recv = (rank + 2 * w - s - 1) % w;
-            RingStep {
-                send: Some(send * block..(send + 1) * block),
-                recv: Some(recv * block..(recv + 1) * block),
-                add: false,
-            }
+            ring_step(rank, w, Some(send * block..(send + 1) * block), Some(recv * block..(recv + 1) * block), false)
         })
         .collect()
 }
 
-/// Broadcast along the ring from `root`: each rank receives from its left, then forwards to its right
-/// unless the right is the root.
-pub(crate) fn broadcast_plan(rank: usize, w: usize, root: usize, n: usize) -> Vec<RingStep> {
+/// Bruck's all-gather among the `size` consecutive ranks from `first` (the whole world, or a
+/// BatchNorm group): ceil(log2 size) steps instead of the ring's size - 1, each rank sending the same
+/// (size - 1) blocks in all. The buffer is in this rank's rotated order: position j holds the block
+/// of group member (i - j) mod size, where i is this rank's place in the group, so position 0 is its
+/// own block, and step k (d = 2^k) sends positions [0, c) to member i + d and receives positions
+/// [d, d + c) from member i - d, c = min(d, size - d): both ranges contiguous.
+/// [`bruck_position`] maps a member to its position.
+pub(crate) fn bruck_all_gather_plan(rank: usize, first: usize, size: usize, block: usize) -> Vec<Step> {
+    let i = rank - first;
     let mut plan = Vec::new();
-    if rank != root {
-        plan.push(RingStep { send: None, recv: Some(0..n), add: false });
-    }
-    if (rank + 1) % w != root {
-        plan.push(RingStep { send: Some(0..n), recv: None, add: false });
+    let mut d = 1;
+    while d < size {
+        let c = d.min(size - d);
+        plan.push(Step {
+            send: Some((first + (i + d) % size, 0..c * block)),
+            recv: Some((first + (i + size - d) % size, d * block..(d + c) * block)),
+            add: false,
+        });
+        d *= 2;
     }
     plan
 }
 
-/// All-reduces of at most this many bytes (by default; [`set_small_all_reduce_bytes`]) run as an
-/// all-gather and a sum in rank order on every rank: W - 1 ring steps instead of the ring
-/// all-reduce's 2 (W - 1), for (W - 1) n bytes on each link instead of 2 (W - 1) n / W. Latency rules
-/// small messages (synchronised BatchNorm's per-layer sums, the loss), bandwidth large ones (the
-/// gradients). On loopback TCP they cross near 16 KiB with both 4 and 16 ranks
-/// (`bench_small_all_reduce`, BENCHMARKS.md); the gathered bytes per link grow with the world, so the
-/// crossing moves down as it grows.
+/// Where member `member` of the group's block sits in the buffer of [`bruck_all_gather_plan`] on the
+/// member at place `i`.
+pub(crate) fn bruck_position(i: usize, member: usize, size: usize) -> usize {
+    (i + size - member) % size
+}
+
+/// Broadcast along the ring from `root`: each rank receives from its left, then forwards to its right
+/// unless the right is the root.
+pub(crate) fn broadcast_plan(rank: usize, w: usize, root: usize, n: usize) -> Vec<Step> {
+    let mut plan = Vec::new();
+    if rank != root {
+        plan.push(ring_step(rank, w, None, Some(0..n), false));
+    }
+    if (rank + 1) % w != root {
+        plan.push(ring_step(rank, w, Some(0..n), None, false));
+    }
+    plan
+}
+
+/// All-reduces of at most this many bytes (by default; [`set_small_all_reduce_bytes`]) run as Bruck's
+/// all-gather and a sum in rank order on every rank: ceil(log2 W) steps instead of the ring
+/// all-reduce's 2 (W - 1), for (W - 1) n bytes sent by each rank instead of 2 (W - 1) n / W. Latency
+/// rules small messages (synchronised BatchNorm's per-layer sums, the loss), bandwidth large ones (the
+/// gradients). Measured with `bench_small_collectives` (BENCHMARKS.md).
 pub const SMALL_ALL_REDUCE_BYTES: usize = 16 * 1024;
 
+/// All-gathers whose result is at most this many bytes (by default; [`set_small_all_gather_bytes`])
+/// run as Bruck's algorithm (ceil(log2 W) steps), larger ones as the ring (W - 1 steps, each rank
+/// talking to its neighbours only). Both send the same bytes; Bruck's reaches log2 W peers and costs a
+/// reordering copy of the result. Measured with `bench_small_collectives` (BENCHMARKS.md).
+pub const SMALL_ALL_GATHER_BYTES: usize = 1 << 20;
+
+static LATENCY_ALGORITHMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns Bruck's all-gather off (process-wide, the same on every rank): every all-gather and small
+/// all-reduce then runs on the ring, and a group all-gather gathers over the whole world and keeps the
+/// group's rows. For before/after benchmarks (`SIMCLR_COLLECTIVE_ALGORITHM=ring` in the worker's
+/// environment).
+pub fn set_latency_algorithms(enabled: bool) {
+    LATENCY_ALGORITHMS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn latency_algorithms() -> bool {
+    LATENCY_ALGORITHMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether an all-gather whose result is `bytes` long takes Bruck's algorithm.
+fn bruck_for(bytes: usize) -> bool {
+    latency_algorithms() && bytes <= SMALL_ALL_GATHER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static SMALL_ALL_REDUCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SMALL_ALL_REDUCE_BYTES);
+static SMALL_ALL_GATHER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SMALL_ALL_GATHER_BYTES);
 
 /// Sets the size up to which all-reduces gather and sum (process-wide; every rank must use the same,
 /// or their collectives would not pair up). For benchmarks: 0 for the ring always.
@@ -180,28 +231,56 @@ pub fn set_small_all_reduce_bytes(bytes: usize) {
     SMALL_ALL_REDUCE.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The sum of the `w` rows of `rows` (each `n` long) in rank order, into `out`: the same float
-/// additions on every rank, whatever its thread count, so the replicas stay bitwise identical.
-fn sum_rows_in_order(rows: &[f32], n: usize, out: &mut [f32]) {
-    out.copy_from_slice(&rows[..n]);
-    for row in rows[n..].chunks_exact(n) {
-        for (o, v) in out.iter_mut().zip(row) {
+/// Sets the result size up to which all-gathers (and the gathers of small all-reduces) use Bruck's
+/// algorithm rather than the ring (process-wide, the same on every rank). For benchmarks: 0 for the
+/// ring always.
+pub fn set_small_all_gather_bytes(bytes: usize) {
+    SMALL_ALL_GATHER.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The sum over members `0..size` in member order of the rows of `rows` (each `n` long; member `m`'s
+/// row at `position(m)`), into `out`: the same float additions on every rank, whatever its thread
+/// count or place, so the replicas stay bitwise identical.
+fn sum_rows_in_order(rows: &[f32], n: usize, size: usize, position: impl Fn(usize) -> usize, out: &mut [f32]) {
+    let row = |m: usize| &rows[position(m) * n..(position(m) + 1) * n];
+    out.copy_from_slice(row(0));
+    for m in 1..size {
+        for (o, v) in out.iter_mut().zip(row(m)) {
             *o += *v;
         }
     }
 }
 
-/// What every backend does around its plans: the copies in and out, the shapes, the checks.
+/// What every point-to-point backend does around its plans: the copies in and out, the shapes, the
+/// checks, and which algorithm a call takes.
 pub(crate) trait RingExecutor {
     fn ring_rank(&self) -> usize;
     fn ring_world(&self) -> usize;
     /// Runs `plan` on `data` (a contiguous float32 CPU buffer).
-    fn execute(&self, name: &'static str, plan: &[RingStep], data: &mut Buffer) -> Result<(), CollectiveError>;
+    fn execute(&self, name: &'static str, plan: &[Step], data: &mut Buffer) -> Result<(), CollectiveError>;
 
     fn ring_all_reduce(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         let mut data = Buffer::copy_of(t, "all-reduce")?;
         self.all_reduce_buffer(&mut data)?;
         Ok(data.into_tensor(&t.size(), t.device()))
+    }
+
+    /// Every block of the `size` ranks from `first` by Bruck's all-gather, in this rank's rotated
+    /// order ([`bruck_position`]); `own` is this rank's block.
+    fn bruck_gather(
+        &self,
+        name: &'static str,
+        own: &[f32],
+        first: usize,
+        size: usize,
+    ) -> Result<Buffer, CollectiveError> {
+        let block = own.len();
+        let mut rows = Buffer::zeros(block * size);
+        rows.slice_mut(0, block).copy_from_slice(own);
+        if size > 1 {
+            self.execute(name, &bruck_all_gather_plan(self.ring_rank(), first, size, block), &mut rows)?;
+        }
+        Ok(rows)
     }
 
     /// The sum over ranks written over `data`: a gather and an ordered sum for small buffers, the
@@ -214,10 +293,15 @@ pub(crate) trait RingExecutor {
         if n * 4 > SMALL_ALL_REDUCE.load(std::sync::atomic::Ordering::Relaxed) {
             return self.execute("all-reduce", &all_reduce_plan(r, w, n), data);
         }
-        let mut rows = Buffer::zeros(n * w);
-        rows.slice_mut(r * n, (r + 1) * n).copy_from_slice(&data.slice(0)[..n]);
-        self.execute("all-reduce", &all_gather_plan(r, w, n), &mut rows)?;
-        sum_rows_in_order(rows.slice(0), n, data.slice_mut(0, n));
+        if bruck_for(n * w * 4) {
+            let rows = self.bruck_gather("all-reduce", &data.slice(0)[..n], 0, w)?;
+            sum_rows_in_order(rows.slice(0), n, w, |m| bruck_position(r, m, w), data.slice_mut(0, n));
+        } else {
+            let mut rows = Buffer::zeros(n * w);
+            rows.slice_mut(r * n, (r + 1) * n).copy_from_slice(&data.slice(0)[..n]);
+            self.execute("all-reduce", &all_gather_plan(r, w, n), &mut rows)?;
+            sum_rows_in_order(rows.slice(0), n, w, |m| m, data.slice_mut(0, n));
+        }
         Ok(())
     }
 
@@ -243,11 +327,53 @@ pub(crate) trait RingExecutor {
             return Ok(local.into_tensor(&shape, t.device()));
         }
         let block = local.len;
+        let own = local.slice(0);
         let mut out = Buffer::zeros(block * w);
-        // SAFETY: `local` is a contiguous float32 buffer of `block` elements.
-        let own = unsafe { std::slice::from_raw_parts(local.ptr, block) };
-        out.slice_mut(r * block, (r + 1) * block).copy_from_slice(own);
-        self.execute("all-gather", &all_gather_plan(r, w, block), &mut out)?;
+        if bruck_for(block * w * 4) {
+            let rows = self.bruck_gather("all-gather", own, 0, w)?;
+            for m in 0..w {
+                let at = bruck_position(r, m, w) * block;
+                out.slice_mut(m * block, (m + 1) * block).copy_from_slice(&rows.slice(at)[..block]);
+            }
+        } else {
+            out.slice_mut(r * block, (r + 1) * block).copy_from_slice(own);
+            self.execute("all-gather", &all_gather_plan(r, w, block), &mut out)?;
+        }
+        Ok(out.into_tensor(&shape, t.device()))
+    }
+
+    /// The all-gather among the `size` consecutive ranks from `first` only (Bruck's algorithm over
+    /// the group's own links), rows in member order.
+    fn ring_group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
+        let r = self.ring_rank();
+        if size == 0 || first + size > self.ring_world() || !(first..first + size).contains(&r) {
+            return Err(CollectiveError::Invalid {
+                op: "group all-gather",
+                message: format!(
+                    "rank {r} is not in the group of {size} ranks from {first} (world {})",
+                    self.ring_world()
+                ),
+            });
+        }
+        if !latency_algorithms() {
+            let rows = t.size().first().copied().unwrap_or(1);
+            let all = self.ring_all_gather(t)?;
+            return Ok(all.narrow(0, first as i64 * rows, size as i64 * rows));
+        }
+        let local = Buffer::copy_of(t, "group all-gather")?;
+        let mut shape = t.size();
+        if shape.is_empty() {
+            shape = vec![size as i64];
+        } else {
+            shape[0] *= size as i64;
+        }
+        let block = local.len;
+        let rows = self.bruck_gather("group all-gather", local.slice(0), first, size)?;
+        let mut out = Buffer::zeros(block * size);
+        for m in 0..size {
+            let at = bruck_position(r - first, m, size) * block;
+            out.slice_mut(m * block, (m + 1) * block).copy_from_slice(&rows.slice(at)[..block]);
+        }
         Ok(out.into_tensor(&shape, t.device()))
     }
 
@@ -305,6 +431,9 @@ macro_rules! ring_collective {
             fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
                 self.ring_all_gather(t)
             }
+            fn group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
+                self.ring_group_all_gather(t, first, size)
+            }
             fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
                 self.ring_reduce_scatter(t)
             }
@@ -318,3 +447,46 @@ macro_rules! ring_collective {
     };
 }
 pub(crate) use ring_collective;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bruck's plan run on paper for every group size up to 33 and several places of the group in the
+    /// world: each step's peers are in the group and pair up (what one member sends to a peer is what
+    /// that peer receives from it, the same ranges), and at the end every position holds the block of
+    /// the member [`bruck_position`] names.
+    #[test]
+    fn bruck_all_gather_plans_deliver_every_block_to_its_position() {
+        for size in 1..=33usize {
+            for first in [0usize, 3] {
+                let plans: Vec<Vec<Step>> = (0..size).map(|i| bruck_all_gather_plan(first + i, first, size, 1)).collect();
+                let steps = plans[0].len();
+                assert_eq!(steps, (size as f64).log2().ceil() as usize, "size {size}");
+                // Position p of member i holds Some(member).
+                let mut held: Vec<Vec<Option<usize>>> =
+                    (0..size).map(|i| (0..size).map(|p| (p == 0).then_some(i)).collect()).collect();
+                for k in 0..steps {
+                    let before = held.clone();
+                    for (i, plan) in plans.iter().enumerate() {
+                        let step = &plan[k];
+                        let (from, recv) = step.recv.clone().expect("every step receives");
+                        let (to, send) = step.send.clone().expect("every step sends");
+                        assert!((first..first + size).contains(&from) && (first..first + size).contains(&to));
+                        assert!(send.end <= recv.start || recv.end <= send.start, "size {size}: overlapping ranges");
+                        let sender = &plans[from - first][k];
+                        assert_eq!(sender.send.clone().map(|(t, r)| (t, r.len())), Some((first + i, recv.len())));
+                        for (p, q) in recv.zip(sender.send.clone().unwrap().1) {
+                            held[i][p] = before[from - first][q];
+                        }
+                    }
+                }
+                for (i, h) in held.iter().enumerate() {
+                    for member in 0..size {
+                        assert_eq!(h[bruck_position(i, member, size)], Some(member), "size {size}, member {i}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,8 +1,11 @@
-//! The fast CPU backend of the collectives: the same ring algorithms as the gRPC backend (see
-//! [`crate::comm`]), over one plain TCP connection to each ring neighbour. Each rank listens on
-//! the interface of its peer endpoint, publishes the address through the coordinator, dials its right
-//! neighbour and accepts its left one; the first bytes on a connection carry the sender's rank and the
-//! cluster token, and a connection without them is turned away.
+//! The fast CPU backend of the collectives: the same algorithms as the gRPC backend (see
+//! [`crate::comm`]), over plain TCP connections, one per ordered pair of ranks that exchange messages.
+//! Each rank listens on the interface of its peer endpoint and publishes the address through the
+//! coordinator. The ring's links (dial the right neighbour, accept the left one) are made when the
+//! ring is joined, so a missing peer shows at once; the few further links of Bruck's all-gather
+//! (ranks 2, 4, 8, ... away, or within a BatchNorm group) when a collective first needs them. The
+//! first bytes on a connection carry the sender's rank and the cluster token, and a connection
+//! without them is turned away.
 //!
 //! Why beside gRPC: a ring step is one long message each way, and HTTP/2 framing, flow control and the
 //! protobuf copies cost a multiple of the wire time on loopback (BENCHMARKS.md). Here a message is a
@@ -14,6 +17,7 @@
 //! naming it. After any failure the links are closed and every later call fails at once (a ring that
 //! lost a message can no longer tell which bytes belong to which collective).
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-use crate::comm::{ring_collective, Buffer, CollectiveError, RingExecutor, RingStep};
+use crate::comm::{ring_collective, Buffer, CollectiveError, RingExecutor, Step};
 
 const MAGIC: &[u8; 4] = b"SCR1";
 const HEADER_BYTES: usize = 20;
@@ -32,11 +36,23 @@ const ADD_CHUNK_BYTES: usize = 1 << 20;
 const INLINE_SEND_BYTES: usize = 32 << 10;
 const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
 
-/// The ring's two connections, and the scratch space sums are read into.
+/// The connections, and the scratch space sums are read into.
 struct Links {
-    right: TcpStream,
-    left: TcpStream,
+    /// Where further peers connect to this rank.
+    listener: TcpListener,
+    /// Connections this rank dialled, by the rank at the other end: what it sends goes there.
+    out: HashMap<usize, TcpStream>,
+    /// Connections this rank accepted, by the rank at the other end: what it receives comes there.
+    inc: HashMap<usize, TcpStream>,
     scratch: Vec<u8>,
+}
+
+impl Links {
+    fn shutdown(&self) {
+        for stream in self.out.values().chain(self.inc.values()) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 pub struct TcpRing {
@@ -44,6 +60,7 @@ pub struct TcpRing {
     world: usize,
     /// Every rank's data address (for the errors).
     addrs: Vec<String>,
+    token: Vec<u8>,
     timeout: Duration,
     /// `Err(why)` once a collective failed on the links.
     links: Mutex<Result<Option<Links>, String>>,
@@ -82,38 +99,62 @@ impl TcpRing {
                     addrs[right]
                 ))
             })?;
-            let mut hello = Vec::with_capacity(12);
-            hello.extend_from_slice(MAGIC);
-            hello.extend_from_slice(&(rank as u32).to_le_bytes());
             let token = token.unwrap_or("").as_bytes();
-            hello.extend_from_slice(&(token.len() as u32).to_le_bytes());
-            hello.extend_from_slice(token);
             configure(&right_stream, timeout).map_err(|e| setup(e.to_string()))?;
-            (&right_stream).write_all(&hello).map_err(|e| setup(format!("greeting rank {right}: {e}")))?;
-            let left_stream = accept(&listener, left, token, deadline, timeout).map_err(|e| {
+            (&right_stream)
+                .write_all(&greeting(rank, token))
+                .map_err(|e| setup(format!("greeting rank {right}: {e}")))?;
+            let mut inc = HashMap::new();
+            accept(&listener, left, token, deadline, timeout, &mut inc).map_err(|e| {
                 setup(format!(
                     "rank {left} ({}) did not join the ring: {e} (cluster.collective_timeout_ms)",
                     addrs[left]
                 ))
             })?;
-            Some(Links { right: right_stream, left: left_stream, scratch: vec![0; ADD_CHUNK_BYTES] })
+            Some(Links {
+                listener,
+                out: HashMap::from([(right, right_stream)]),
+                inc,
+                scratch: vec![0; ADD_CHUNK_BYTES],
+            })
         };
         Ok(TcpRing {
             rank,
             world,
             addrs: addrs.to_vec(),
+            token: token.unwrap_or("").as_bytes().to_vec(),
             timeout,
             links: Mutex::new(Ok(links)),
             next_op: AtomicU64::new(0),
         })
     }
 
-    fn left(&self) -> usize {
-        (self.rank + self.world - 1) % self.world
+    /// The connection to `peer`, dialled now if this is the first message to it.
+    fn ensure_out(&self, links: &mut Links, name: &'static str, peer: usize) -> Result<(), CollectiveError> {
+        if links.out.contains_key(&peer) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timeout;
+        let stream = dial(&self.addrs[peer], deadline)
+            .and_then(|stream| {
+                configure(&stream, self.timeout)?;
+                (&stream).write_all(&greeting(self.rank, &self.token))?;
+                Ok(stream)
+            })
+            .map_err(|e| self.link_error(name, peer, e))?;
+        links.out.insert(peer, stream);
+        Ok(())
     }
 
-    fn right(&self) -> usize {
-        (self.rank + 1) % self.world
+    /// The connection from `peer`, accepted now if this is the first message from it (connections of
+    /// other peers that arrive meanwhile are kept for their turn).
+    fn ensure_in(&self, links: &mut Links, name: &'static str, peer: usize) -> Result<(), CollectiveError> {
+        if links.inc.contains_key(&peer) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timeout;
+        accept(&links.listener, peer, &self.token, deadline, self.timeout, &mut links.inc)
+            .map_err(|e| self.link_error(name, peer, e))
     }
 
     /// An I/O failure on the link with `peer`, as the caller sees it.
@@ -133,37 +174,47 @@ impl TcpRing {
         }
     }
 
-    /// One step: the send (on a scoped thread unless small) while this thread receives.
-    #[allow(clippy::too_many_arguments)]
+    /// One step: the send (on a scoped thread unless small) while this thread receives. `seq` numbers
+    /// the messages on each link: (the step's send on its link, the step's receive on its link).
     fn step(
         &self,
         links: &mut Links,
         name: &'static str,
         op: u64,
         seq: (u32, u32),
-        step: &RingStep,
+        step: &Step,
         data: &mut Buffer,
     ) -> Result<(), CollectiveError> {
-        let Links { right, left, scratch } = links;
-        let (sent, received) = seq;
-        if let (Some(s), Some(r)) = (&step.send, &step.recv) {
-            assert!(s.end <= r.start || r.end <= s.start, "a ring step sends and receives overlapping ranges");
+        if let Some((to, _)) = &step.send {
+            self.ensure_out(links, name, *to)?;
         }
-        let outgoing = step.send.clone().map(|range| (data.bytes_ptr(range.start), range.len() * 4));
-        let incoming = step.recv.clone().map(|range| data.slice_mut(range.start, range.end));
-        let send = |right: &mut TcpStream, (ptr, len): (SendPtr, usize)| -> std::io::Result<()> {
+        if let Some((from, _)) = &step.recv {
+            self.ensure_in(links, name, *from)?;
+        }
+        let Links { out: outs, inc: incs, scratch, .. } = links;
+        let (sent, received) = seq;
+        if let (Some((_, s)), Some((_, r))) = (&step.send, &step.recv) {
+            assert!(s.end <= r.start || r.end <= s.start, "a step sends and receives overlapping ranges");
+        }
+        let outgoing = step.send.clone().map(|(to, range)| {
+            (to, outs.get_mut(&to).expect("dialled above"), data.bytes_ptr(range.start), range.len() * 4)
+        });
+        let incoming = step.recv.clone().map(|(from, range)| {
+            (from, incs.get_mut(&from).expect("accepted above"), data.slice_mut(range.start, range.end))
+        });
+        let send = |stream: &mut TcpStream, ptr: SendPtr, len: usize| -> std::io::Result<()> {
             let mut header = [0u8; HEADER_BYTES];
             header[..8].copy_from_slice(&op.to_le_bytes());
             header[8..12].copy_from_slice(&sent.to_le_bytes());
             header[12..20].copy_from_slice(&(len as u64).to_le_bytes());
-            right.write_all(&header)?;
+            stream.write_all(&header)?;
             // SAFETY: `len` bytes of the buffer's send range, which nothing writes during the step (the
             // receive range is disjoint, checked above) and which outlives the scope.
-            right.write_all(unsafe { std::slice::from_raw_parts(ptr.0, len) })
+            stream.write_all(unsafe { std::slice::from_raw_parts(ptr.0, len) })
         };
-        let receive = |left: &mut TcpStream, scratch: &mut Vec<u8>, dst: &mut [f32]| -> Result<(), CollectiveError> {
+        let receive = |from: usize, stream: &mut TcpStream, scratch: &mut Vec<u8>, dst: &mut [f32]| {
             let mut header = [0u8; HEADER_BYTES];
-            left.read_exact(&mut header).map_err(|e| self.link_error(name, self.left(), e))?;
+            stream.read_exact(&mut header).map_err(|e| self.link_error(name, from, e))?;
             let got_op = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
             let got_seq = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
             let got_len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
@@ -171,29 +222,28 @@ impl TcpRing {
                 return Err(CollectiveError::Invalid {
                     op: name,
                     message: format!(
-                        "rank {} sent collective #{got_op} message {got_seq} of {got_len} bytes where #{op} message {received} of {} bytes was expected (ranks issued different collectives, or tensors of different shapes)",
-                        self.left(),
+                        "rank {from} sent collective #{got_op} message {got_seq} of {got_len} bytes where #{op} message {received} of {} bytes was expected (ranks issued different collectives, or tensors of different shapes)",
                         dst.len() * 4
                     ),
                 });
             }
-            read_into(left, scratch, dst, step.add).map_err(|e| self.link_error(name, self.left(), e))
+            read_into(stream, scratch, dst, step.add).map_err(|e| self.link_error(name, from, e))
         };
         match (outgoing, incoming) {
-            (Some(out), Some(dst)) if out.1 <= INLINE_SEND_BYTES => {
-                send(right, out).map_err(|e| self.link_error(name, self.right(), e))?;
-                receive(left, scratch, dst)
+            (Some((to, out, ptr, len)), Some((from, inc, dst))) if len <= INLINE_SEND_BYTES => {
+                send(out, ptr, len).map_err(|e| self.link_error(name, to, e))?;
+                receive(from, inc, scratch, dst)
             }
-            (Some(out), Some(dst)) => std::thread::scope(|s| {
-                let sender = s.spawn(|| send(right, out));
-                let received = receive(left, scratch, dst);
+            (Some((to, out, ptr, len)), Some((from, inc, dst))) => std::thread::scope(|s| {
+                let sender = s.spawn(|| send(out, ptr, len));
+                let received = receive(from, inc, scratch, dst);
                 let sent = sender.join().unwrap_or_else(|_| Err(std::io::Error::other("the send thread panicked")));
                 // A receive failure is the more telling one (it names the silent peer).
                 received?;
-                sent.map_err(|e| self.link_error(name, self.right(), e))
+                sent.map_err(|e| self.link_error(name, to, e))
             }),
-            (Some(out), None) => send(right, out).map_err(|e| self.link_error(name, self.right(), e)),
-            (None, Some(dst)) => receive(left, scratch, dst),
+            (Some((to, out, ptr, len)), None) => send(out, ptr, len).map_err(|e| self.link_error(name, to, e)),
+            (None, Some((from, inc, dst))) => receive(from, inc, scratch, dst),
             (None, None) => Ok(()),
         }
     }
@@ -268,25 +318,40 @@ fn dial(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Accepts the left neighbour's connection: the first one whose greeting names rank `left` and carries
-/// the cluster token. Anything else is closed and the wait goes on, until `deadline`.
+/// The first bytes on a connection: who dials, with the cluster token.
+fn greeting(rank: usize, token: &[u8]) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(12 + token.len());
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&(token.len() as u32).to_le_bytes());
+    hello.extend_from_slice(token);
+    hello
+}
+
+/// Accepts connections until rank `wanted`'s is among `accepted` (the connections accepted so far, by
+/// rank): one whose greeting carries the cluster token and names a rank not connected yet is kept;
+/// anything else is closed and the wait goes on, until `deadline`.
 fn accept(
     listener: &TcpListener,
-    left: usize,
+    wanted: usize,
     token: &[u8],
     deadline: Instant,
     timeout: Duration,
-) -> std::io::Result<TcpStream> {
+    accepted: &mut HashMap<usize, TcpStream>,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let mut last_refusal = String::from("no connection");
-    loop {
+    while !accepted.contains_key(&wanted) {
         match listener.accept() {
             Ok((stream, from)) => {
                 stream.set_nonblocking(false)?;
                 configure(&stream, timeout)?;
                 match read_greeting(&stream, token) {
-                    Ok(rank) if rank == left as u32 => return Ok(stream),
-                    Ok(rank) => last_refusal = format!("{from} greeted as rank {rank}"),
+                    Ok(rank) if !accepted.contains_key(&(rank as usize)) => {
+                        accepted.insert(rank as usize, stream);
+                        continue;
+                    }
+                    Ok(rank) => last_refusal = format!("{from} greeted as rank {rank}, already connected"),
                     Err(e) => last_refusal = format!("{from}: {e}"),
                 }
             }
@@ -296,8 +361,9 @@ fn accept(
         if Instant::now() >= deadline {
             return Err(std::io::Error::new(ErrorKind::TimedOut, format!("last: {last_refusal}")));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
+    Ok(())
 }
 
 fn read_greeting(mut stream: &TcpStream, token: &[u8]) -> std::io::Result<u32> {
@@ -328,7 +394,7 @@ impl RingExecutor for TcpRing {
         self.world
     }
 
-    fn execute(&self, name: &'static str, plan: &[RingStep], data: &mut Buffer) -> Result<(), CollectiveError> {
+    fn execute(&self, name: &'static str, plan: &[Step], data: &mut Buffer) -> Result<(), CollectiveError> {
         let mut guard = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let links = match &mut *guard {
             Ok(Some(links)) => links,
@@ -342,16 +408,22 @@ impl RingExecutor for TcpRing {
         };
         let op = self.next_op.fetch_add(1, Ordering::SeqCst);
         // Messages are numbered per link, as in the gRPC backend.
-        let (mut sent, mut received) = (0u32, 0u32);
+        let (mut sent, mut received) = (vec![0u32; self.world], vec![0u32; self.world]);
         for step in plan {
-            if let Err(e) = self.step(links, name, op, (sent, received), step, data) {
-                let _ = links.right.shutdown(std::net::Shutdown::Both);
-                let _ = links.left.shutdown(std::net::Shutdown::Both);
+            let to = step.send.as_ref().map(|(to, _)| *to);
+            let from = step.recv.as_ref().map(|(from, _)| *from);
+            let seq = (to.map_or(0, |p| sent[p]), from.map_or(0, |p| received[p]));
+            if let Err(e) = self.step(links, name, op, seq, step, data) {
+                links.shutdown();
                 *guard = Err(e.to_string());
                 return Err(e);
             }
-            sent += u32::from(step.send.is_some());
-            received += u32::from(step.recv.is_some());
+            if let Some(p) = to {
+                sent[p] += 1;
+            }
+            if let Some(p) = from {
+                received[p] += 1;
+            }
         }
         Ok(())
     }
@@ -380,7 +452,7 @@ mod tests {
             }
         });
         let deadline = Instant::now() + Duration::from_millis(400);
-        let e = accept(&listener, 1, b"secret", deadline, Duration::from_secs(1)).unwrap_err();
+        let e = accept(&listener, 1, b"secret", deadline, Duration::from_secs(1), &mut HashMap::new()).unwrap_err();
         assert!(e.to_string().contains("wrong cluster token"), "{e}");
         intruder.join().unwrap();
     }

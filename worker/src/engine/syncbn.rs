@@ -35,9 +35,10 @@ use torch_sys::C_tensor;
 use crate::comm::{Collective, CollectiveError};
 
 /// A collective over one BatchNorm group of consecutive ranks (`pretrain.bn_group_size`), for
-/// synchronised BatchNorm's two operations: the all-gather keeps the group's rows, the all-reduce sums
-/// the group's values in rank order. Both travel over the whole world (an all-gather), so a group
-/// changes which statistics a rank uses, not the messages' latency.
+/// synchronised BatchNorm's two operations: the all-gather collects the group's rows, the all-reduce
+/// sums the group's values in rank order. Both are group all-gathers
+/// ([`Collective::group_all_gather`]): on the point-to-point backends the messages stay within the
+/// group (log2 of the group's size steps), on NCCL they travel over the whole world.
 pub struct Grouped<'c> {
     inner: &'c dyn Collective,
     size: usize,
@@ -62,8 +63,7 @@ impl Collective for Grouped<'_> {
         self.size
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let all = self.inner.all_gather(&t.unsqueeze(0))?;
-        let group = all.narrow(0, self.first() as i64, self.size as i64);
+        let group = self.inner.group_all_gather(&t.unsqueeze(0), self.first(), self.size)?;
         // In rank order, the same on every rank of the group.
         let mut sum = group.get(0);
         for k in 1..self.size as i64 {
@@ -72,9 +72,7 @@ impl Collective for Grouped<'_> {
         Ok(sum)
     }
     fn all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
-        let rows = t.size().first().copied().unwrap_or(1);
-        let all = self.inner.all_gather(t)?;
-        Ok(all.narrow(0, self.first() as i64 * rows, self.size as i64 * rows))
+        self.inner.group_all_gather(t, self.first(), self.size)
     }
     fn reduce_scatter_sum(&self, _t: &Tensor) -> Result<Tensor, CollectiveError> {
         Err(CollectiveError::Invalid { op: "reduce-scatter", message: "not defined within a BatchNorm group".into() })

@@ -178,7 +178,7 @@ pub fn finetune_probe_validated(
     let device = tune.vs.device();
     let initial = embed(tune.encoder, train_images, EMBED_BATCH, device);
     let mean = initial.mean_dim([0i64].as_slice(), true, Kind::Float).to_device(device);
-    let std = initial.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6).to_device(device);
+    let std = feature_scale(&initial).to_device(device);
     let stage_count = tune.vs.variables().keys().filter_map(|name| stage_of(name)).max().unwrap_or(0);
     let trains = |name: &str| tune.stages == 0 || stage_of(name).is_some_and(|n| n + tune.stages > stage_count);
     let mut params = Vec::new();
@@ -442,8 +442,17 @@ fn evaluate(mlp: &Mlp, x: &Tensor, y: &Tensor) -> (f64, f64, Tensor) {
 fn standardisation(train: &Tensor) -> (Tensor, Tensor) {
     let train = train.to_kind(Kind::Float);
     let mean = train.mean_dim([0i64].as_slice(), true, Kind::Float);
-    let std = train.std_dim([0i64].as_slice(), false, true).clamp_min(1e-6);
-    (mean, std)
+    (mean, feature_scale(&train))
+}
+
+/// Each feature's deviation over `train`'s rows, floored at a hundredth of the features' mean
+/// deviation: a feature (nearly) constant on the training images, such as a ReLU that never fires on
+/// them, may vary on the test images or come alive when the encoder is fine-tuned, and dividing it by
+/// its own tiny deviation would blow it up.
+fn feature_scale(train: &Tensor) -> Tensor {
+    let std = train.to_kind(Kind::Float).std_dim([0i64].as_slice(), false, true);
+    let floor = (std.mean(Kind::Float).double_value(&[]) * 1e-2).max(1e-6);
+    std.clamp_min(floor)
 }
 
 /// Everything the probes of a sweep read: the labels of the training and test splits (N x columns)
