@@ -2,17 +2,22 @@
 """How a pretraining step's time grows with the number of workers: a model, calibrated on this
 machine, then evaluated for GPU clusters (docs/scaling.md explains it).
 
-    scripts/scaling_model.py                    # measures with scripts/bench_scale.sh (about 2 minutes)
-    scripts/scaling_model.py SYNC.md LOCAL.md   # or reads two saved outputs of it (sync and local BN)
-    scripts/scaling_model.py --ring [...]       # the same with the ring for every collective
+    scripts/scaling_model.py      # measures with scripts/bench_scale.sh (about 4 minutes)
+    scripts/scaling_model.py SYNC.md LOCAL.md RING_SYNC.md RING_LOCAL.md
+                                  # or reads four saved outputs of it: synchronised and per-rank
+                                  # BatchNorm, each as the workers run by default and with
+                                  # SIMCLR_COLLECTIVE_ALGORITHM=ring
 
 Step time(N) = compute + gradient all-reduce (exposed) + latency-bound collectives + gather.
 Latency-bound collectives: each collective of the step costs `steps x latency`: ceil(log2 N) steps for
 a small all-gather (Bruck's algorithm) or a small all-reduce (up to 16 KiB: Bruck's all-gather and a
 sum), N - 1 for a ring reduce-scatter and 2 (N - 1) for a large all-reduce; synchronised BatchNorm
 adds one all-gather (forward) and one small all-reduce (backward) per BatchNorm layer, within the
-BatchNorm group when `pretrain.bn_group_size` is set. `--ring` counts the ring's steps for every
-collective, as the workers run with SIMCLR_COLLECTIVE_ALGORITHM=ring.
+BatchNorm group when `pretrain.bn_group_size` is set; with SIMCLR_COLLECTIVE_ALGORITHM=ring every
+collective takes the ring's steps. On a machine where the workers share a few cores a collective also
+waits until every process has been scheduled, a cost per collective that grows with N whatever the
+algorithm; the calibration fits both terms, from runs with both algorithms (with the ring alone the two
+are proportional and cannot be told apart).
 """
 
 import math
@@ -59,38 +64,61 @@ def read_table(text):
     return rows
 
 
-def measure(ring):
+def measure():
+    """Four runs of bench_scale.sh: synchronised and per-rank BatchNorm, each with the default
+    algorithms and with the ring for every collective."""
     out = []
-    for extra in ["", 'bn = "local"']:
-        env = dict(os.environ, SCALE_PRETRAIN=extra, SIMCLR_COLLECTIVE_ALGORITHM="ring" if ring else "auto")
-        run = subprocess.run([os.path.join(ROOT, "scripts", "bench_scale.sh")], env=env, capture_output=True,
-                             text=True, check=True)
-        out.append(run.stdout)
+    for algorithm in ["auto", "ring"]:
+        for extra in ["", 'bn = "local"']:
+            env = dict(os.environ, SCALE_PRETRAIN=extra, SIMCLR_COLLECTIVE_ALGORITHM=algorithm)
+            run = subprocess.run([os.path.join(ROOT, "scripts", "bench_scale.sh")], env=env, capture_output=True,
+                                 text=True, check=True)
+            out.append(run.stdout)
     return out
 
 
-def calibrate(sync, local, ring):
-    """Least squares for the latency per point-to-point step over both BatchNorm modes (N >= 2): main channel
-    seconds per step = latency x hops. (A fixed cost per collective as a second term comes out
-    negative on these measurements, so the model keeps one.)"""
-    points = [(step_hops(n, TINY_BN_LAYERS, ring), r["main"]) for n, r in sync.items() if n >= 2]
-    points += [(step_hops(n, 0, ring), r["main"]) for n, r in local.items() if n >= 2]
-    return sum(h * t for h, t in points) / sum(h * h for h, _ in points)
+def collectives(bn_layers):
+    """Collectives per step on the main channel: the projections' gather, the key gradients'
+    reduce-scatter, the loss, and two per BatchNorm layer."""
+    return 3 + 2 * bn_layers
 
 
-def print_calibration(sync, local, latency, ring):
-    print(f"## Calibration on this machine: {latency * 1e3:.3f} ms per point-to-point step (least squares, N >= 2)")
+def calibrate(datasets):
+    """Least squares over every (BatchNorm mode, algorithm) table, N >= 2, of the main channel's seconds
+    per step = latency x point-to-point steps + wait x collectives x N. The second term is what a
+    collective costs when N processes share a few cores: none can finish before every process has been
+    scheduled to add its part, whatever the algorithm. Returns (latency, wait)."""
+    points = [(step_hops(n, layers, ring), collectives(layers) * n, r["main"])
+              for _, rows, layers, ring in datasets for n, r in rows.items() if n >= 2]
+    saa = sum(a * a for a, _, _ in points)
+    sbb = sum(b * b for _, b, _ in points)
+    sab = sum(a * b for a, b, _ in points)
+    sat = sum(a * t for a, _, t in points)
+    sbt = sum(b * t for _, b, t in points)
+    det = saa * sbb - sab * sab
+    latency, wait = (sat * sbb - sab * sbt) / det, (saa * sbt - sab * sat) / det
+    if latency < 0:
+        return 0.0, sbt / sbb
+    if wait < 0:
+        return sat / saa, 0.0
+    return latency, wait
+
+
+def print_calibration(datasets, fit):
+    latency, wait = fit
+    print(f"## Calibration on this machine: {latency * 1e3:.3f} ms per point-to-point step and {wait * 1e3:.3f} ms "
+          "per collective and process (least squares, N >= 2)")
     print()
-    print("| BatchNorm | workers | point-to-point steps per step | main channel: measured s/step | model | error |"
-          " step: measured s | model (compute at N = 1 + channels) | error |")
+    print("| BatchNorm, algorithms | workers | point-to-point steps per step | main channel: measured s/step | model "
+          "| error | step: measured s | model (compute at N = 1 + channels) | error |")
     print("|---|---|---|---|---|---|---|---|---|")
     errors = []
-    for name, rows, layers in [("sync", sync, TINY_BN_LAYERS), ("local", local, 0)]:
+    for name, rows, layers, ring in datasets:
         compute = rows[1]["step"] if 1 in rows else 0.0
         for n in sorted(rows):
             r = rows[n]
             hops = step_hops(n, layers, ring)
-            main = latency * hops
+            main = latency * hops + (wait * collectives(layers) * n if n >= 2 else 0.0)
             step = compute + main + r["gradients"]
             e_main = (main - r["main"]) / r["main"] if r["main"] > 0 else 0.0
             e_step = (step - r["step"]) / r["step"]
@@ -164,17 +192,23 @@ def print_gpu():
 
 def main():
     args = sys.argv[1:]
-    ring = "--ring" in args
-    args = [a for a in args if a != "--ring"]
-    if len(args) == 2:
-        texts = [open(args[0]).read(), open(args[1]).read()]
+    if len(args) == 4:
+        texts = [open(a).read() for a in args]
+    elif not args:
+        texts = measure()
     else:
-        texts = measure(ring)
-    sync, local = read_table(texts[0]), read_table(texts[1])
-    if not sync or not local:
-        sys.exit("scaling_model: no measurements in the input (expected scripts/bench_scale.sh tables)")
-    latency = calibrate(sync, local, ring)
-    print_calibration(sync, local, latency, ring)
+        sys.exit("usage: scaling_model.py [SYNC.md LOCAL.md RING_SYNC.md RING_LOCAL.md]")
+    tables = [read_table(t) for t in texts]
+    if not all(tables):
+        sys.exit("scaling_model: no measurements in an input (expected scripts/bench_scale.sh tables)")
+    datasets = [
+        ("sync, Bruck", tables[0], TINY_BN_LAYERS, False),
+        ("local, Bruck", tables[1], 0, False),
+        ("sync, ring", tables[2], TINY_BN_LAYERS, True),
+        ("local, ring", tables[3], 0, True),
+    ]
+    fit = calibrate(datasets)
+    print_calibration(datasets, fit)
     print_gpu()
 
 
