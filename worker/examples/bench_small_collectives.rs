@@ -14,9 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use simclr_worker::comm::{
-    set_latency_algorithms, set_small_all_gather_bytes, set_small_all_reduce_bytes, Collective,
-};
+use simclr_worker::comm::{set_latency_algorithms, set_small_all_gather_bytes, set_small_all_reduce_bytes, Collective};
 use simclr_worker::testing::loopback;
 use tch::{Kind, Tensor};
 
@@ -50,7 +48,9 @@ fn main() {
     let label = |bytes: usize| if bytes < 1024 { format!("{bytes} B") } else { format!("{} KiB", bytes / 1024) };
 
     println!("All-reduce (bytes per rank):\n");
-    println!("| ranks | bytes | ring all-reduce: ms | ring all-gather + sum: ms | Bruck all-gather + sum: ms | fastest |");
+    println!(
+        "| ranks | bytes | ring all-reduce: ms | ring all-gather + sum: ms | Bruck all-gather + sum: ms | fastest |"
+    );
     println!("|---|---|---|---|---|---|");
     let reduce_names = ["ring all-reduce", "ring gather + sum", "Bruck gather + sum"];
     for bytes in sizes {
@@ -90,7 +90,7 @@ fn main() {
             }));
         }
         let grouped = |latency: bool| {
-            if world % 4 != 0 {
+            if !world.is_multiple_of(4) {
                 return "-".to_string();
             }
             set_latency_algorithms(latency);

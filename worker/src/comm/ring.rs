@@ -105,7 +105,13 @@ fn chunk(c: usize, n: usize, w: usize) -> std::ops::Range<usize> {
 }
 
 /// A ring step: `send` to the right neighbour, `recv` from the left one.
-fn ring_step(rank: usize, w: usize, send: Option<std::ops::Range<usize>>, recv: Option<std::ops::Range<usize>>, add: bool) -> Step {
+fn ring_step(
+    rank: usize,
+    w: usize,
+    send: Option<std::ops::Range<usize>>,
+    recv: Option<std::ops::Range<usize>>,
+    add: bool,
+) -> Step {
     Step { send: send.map(|r| ((rank + 1) % w, r)), recv: recv.map(|r| ((rank + w - 1) % w, r)), add }
 }
 
@@ -460,7 +466,8 @@ mod tests {
     fn bruck_all_gather_plans_deliver_every_block_to_its_position() {
         for size in 1..=33usize {
             for first in [0usize, 3] {
-                let plans: Vec<Vec<Step>> = (0..size).map(|i| bruck_all_gather_plan(first + i, first, size, 1)).collect();
+                let plans: Vec<Vec<Step>> =
+                    (0..size).map(|i| bruck_all_gather_plan(first + i, first, size, 1)).collect();
                 let steps = plans[0].len();
                 assert_eq!(steps, (size as f64).log2().ceil() as usize, "size {size}");
                 // Position p of member i holds Some(member).
