@@ -370,6 +370,34 @@ mod tests {
         }
     }
 
+    /// A peer that has gone before this rank first needs a link to it (Bruck's all-gather dials the
+    /// rank 2 ahead on first use): the refused connection names it at once, not after the timeout.
+    #[test]
+    fn a_peer_gone_before_its_first_link_is_named_at_once() {
+        let group = loopback::tcp_group(4, Duration::from_secs(3));
+        let alive: Vec<(usize, Arc<dyn Collective>)> =
+            [0usize, 1, 3].into_iter().map(|r| (r, Arc::clone(&group.members[r]))).collect();
+        drop(group); // rank 2's only handle: its listener and links close
+        let results: Vec<(usize, Result<Tensor, CollectiveError>, Duration)> = std::thread::scope(|s| {
+            let handles: Vec<_> = alive
+                .iter()
+                .map(|(r, c)| {
+                    s.spawn(move || {
+                        let started = std::time::Instant::now();
+                        let out = c.all_gather(&Tensor::from_slice(&[*r as f32; 4]));
+                        (*r, out, started.elapsed())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Rank 0: step 1 dials rank 2, which refuses.
+        let (_, out, took) = &results[0];
+        let err = out.as_ref().unwrap_err().to_string();
+        assert!(err.contains("rank 2") && err.contains("refused"), "{err}");
+        assert!(*took < Duration::from_millis(2500), "took {took:?}");
+    }
+
     /// A peer process that dies mid-job: its neighbours fail at once, naming it, well before the
     /// timeout (a closed connection is not a silence).
     #[test]

@@ -134,8 +134,9 @@ impl TcpRing {
         if links.out.contains_key(&peer) {
             return Ok(());
         }
-        let deadline = Instant::now() + self.timeout;
-        let stream = dial(&self.addrs[peer], deadline)
+        // Every rank's listener is up before the addresses are shared, so a refusal means the peer
+        // has gone: one attempt, not the retries of joining.
+        let stream = dial_once(&self.addrs[peer], self.timeout)
             .and_then(|stream| {
                 configure(&stream, self.timeout)?;
                 (&stream).write_all(&greeting(self.rank, &self.token))?;
@@ -169,6 +170,12 @@ impl TcpRing {
                 peer,
                 addr,
                 message: "the peer closed the connection (did it exit?)".into(),
+            },
+            ErrorKind::ConnectionRefused => CollectiveError::Link {
+                op,
+                peer,
+                addr,
+                message: "the peer refused the connection (did it exit?)".into(),
             },
             _ => CollectiveError::Link { op, peer, addr, message: e.to_string() },
         }
@@ -300,6 +307,15 @@ fn configure(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     }
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))
+}
+
+/// Connects to `addr` once, waiting at most `timeout`.
+fn dial_once(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let a = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "resolves to nothing"))?;
+    TcpStream::connect_timeout(&a, timeout)
 }
 
 /// Connects to `addr`, retrying until `deadline` (the peer may still be setting up).
