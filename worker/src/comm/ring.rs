@@ -257,6 +257,15 @@ fn sum_rows_in_order(rows: &[f32], n: usize, size: usize, position: impl Fn(usiz
     }
 }
 
+/// The blocks of [`bruck_all_gather_plan`]'s buffer on the member at place `i` (rotated order), copied
+/// into `out` in member order.
+fn in_member_order(rows: &Buffer, i: usize, size: usize, block: usize, out: &mut Buffer) {
+    for m in 0..size {
+        let at = bruck_position(i, m, size) * block;
+        out.slice_mut(m * block, (m + 1) * block).copy_from_slice(&rows.slice(at)[..block]);
+    }
+}
+
 /// What every point-to-point backend does around its plans: the copies in and out, the shapes, the
 /// checks, and which algorithm a call takes.
 pub(crate) trait RingExecutor {
@@ -337,10 +346,7 @@ pub(crate) trait RingExecutor {
         let mut out = Buffer::zeros(block * w);
         if bruck_for(block * w * 4) {
             let rows = self.bruck_gather("all-gather", own, 0, w)?;
-            for m in 0..w {
-                let at = bruck_position(r, m, w) * block;
-                out.slice_mut(m * block, (m + 1) * block).copy_from_slice(&rows.slice(at)[..block]);
-            }
+            in_member_order(&rows, r, w, block, &mut out);
         } else {
             out.slice_mut(r * block, (r + 1) * block).copy_from_slice(own);
             self.execute("all-gather", &all_gather_plan(r, w, block), &mut out)?;
@@ -376,10 +382,7 @@ pub(crate) trait RingExecutor {
         let block = local.len;
         let rows = self.bruck_gather("group all-gather", local.slice(0), first, size)?;
         let mut out = Buffer::zeros(block * size);
-        for m in 0..size {
-            let at = bruck_position(r - first, m, size) * block;
-            out.slice_mut(m * block, (m + 1) * block).copy_from_slice(&rows.slice(at)[..block]);
-        }
+        in_member_order(&rows, r - first, size, block, &mut out);
         Ok(out.into_tensor(&shape, t.device()))
     }
 
