@@ -84,15 +84,19 @@ pub trait Collective: Send + Sync {
     /// own group. This default gathers over the whole world and keeps the group's rows; the
     /// point-to-point backends talk within the group only.
     fn group_all_gather(&self, t: &Tensor, first: usize, size: usize) -> Result<Tensor, CollectiveError> {
-        let rows = t.size().first().copied().unwrap_or(1);
-        let all = self.all_gather(t)?;
-        Ok(all.narrow(0, first as i64 * rows, size as i64 * rows))
+        Ok(group_rows(&self.all_gather(t)?, t, first, size))
     }
     /// `t`'s dimension 0 holds world-size equal blocks; returns block `rank` summed over ranks.
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor, CollectiveError>;
     /// Rank `root`'s tensor on every rank (`t` gives the shape elsewhere).
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor, CollectiveError>;
     fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// The rows of ranks `first..first + size` in `all`, the whole world's all-gather of `t`.
+pub(crate) fn group_rows(all: &Tensor, t: &Tensor, first: usize, size: usize) -> Tensor {
+    let rows = t.size().first().copied().unwrap_or(1);
+    all.narrow(0, first as i64 * rows, size as i64 * rows)
 }
 
 /// A u64 as four exact float32 values (16 bits each), to travel through float32 collectives.

@@ -257,6 +257,16 @@ fn sum_rows_in_order(rows: &[f32], n: usize, size: usize, position: impl Fn(usiz
     }
 }
 
+/// The shape of `count` ranks' `t` gathered along dimension 0 (a scalar gathers into a vector).
+fn gathered_shape(t: &Tensor, count: usize) -> Vec<i64> {
+    let mut shape = t.size();
+    match shape.first_mut() {
+        Some(rows) => *rows *= count as i64,
+        None => shape = vec![count as i64],
+    }
+    shape
+}
+
 /// The blocks of [`bruck_all_gather_plan`]'s buffer on the member at place `i` (rotated order), copied
 /// into `out` in member order.
 fn in_member_order(rows: &Buffer, i: usize, size: usize, block: usize, out: &mut Buffer) {
@@ -332,12 +342,7 @@ pub(crate) trait RingExecutor {
     fn ring_all_gather(&self, t: &Tensor) -> Result<Tensor, CollectiveError> {
         let local = Buffer::copy_of(t, "all-gather")?;
         let (r, w) = (self.ring_rank(), self.ring_world());
-        let mut shape = t.size();
-        if shape.is_empty() {
-            shape = vec![w as i64];
-        } else {
-            shape[0] *= w as i64;
-        }
+        let shape = gathered_shape(t, w);
         if w == 1 {
             return Ok(local.into_tensor(&shape, t.device()));
         }
@@ -368,17 +373,10 @@ pub(crate) trait RingExecutor {
             });
         }
         if !latency_algorithms() {
-            let rows = t.size().first().copied().unwrap_or(1);
-            let all = self.ring_all_gather(t)?;
-            return Ok(all.narrow(0, first as i64 * rows, size as i64 * rows));
+            return Ok(super::group_rows(&self.ring_all_gather(t)?, t, first, size));
         }
         let local = Buffer::copy_of(t, "group all-gather")?;
-        let mut shape = t.size();
-        if shape.is_empty() {
-            shape = vec![size as i64];
-        } else {
-            shape[0] *= size as i64;
-        }
+        let shape = gathered_shape(t, size);
         let block = local.len;
         let rows = self.bruck_gather("group all-gather", local.slice(0), first, size)?;
         let mut out = Buffer::zeros(block * size);
