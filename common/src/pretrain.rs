@@ -16,6 +16,10 @@ pub enum Arch {
     Resnet18,
     Resnet34,
     Resnet50,
+    /// Bottlenecks, [3, 4, 23, 3] blocks (SimCLR v2's ResNet-101).
+    Resnet101,
+    /// Bottlenecks, [3, 8, 36, 3] blocks (SimCLR v2's ResNet-152).
+    Resnet152,
     /// BasicBlocks, one per stage, 2 base channels: a few thousand parameters, for tests.
     Tiny,
 }
@@ -27,6 +31,27 @@ pub enum Stem {
     Repeat3,
     /// A 1-channel stem (a third of the stem's weights; torchvision weights do not load into it).
     Native1,
+}
+
+/// How pixels in [0, 1] are scaled before the encoder's first convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputNormalisation {
+    /// As they are (this project's encoders; SimCLR's TensorFlow models).
+    #[default]
+    None,
+    /// Per channel, (x - mean) / std with ImageNet's statistics (torchvision's, timm's, solo-learn's and
+    /// lightly's encoders were trained so); the grayscale image is repeated to 3 channels first.
+    Imagenet,
+}
+
+impl InputNormalisation {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputNormalisation::None => "none",
+            InputNormalisation::Imagenet => "imagenet",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,9 +312,12 @@ pub struct PretrainSection {
     /// False: no pretraining; the encoder comes from `init_weights` (or stays randomly initialised).
     pub enabled: bool,
     pub arch: Arch,
-    /// 1, 2 or 4, as SimCLR's ResNet-50 (1x), (2x), (4x).
+    /// 1 to 4, as SimCLR's ResNet-50 (1x), (2x), (4x) and SimCLR v2's (3x).
     pub width: i64,
     pub stem: Stem,
+    /// Input scaling the encoder expects: "none" or "imagenet". An encoder file records its own
+    /// (`import-weights` writes it) and loading one with another is refused.
+    pub input_normalisation: InputNormalisation,
     /// torchvision-format encoder weights (safetensors) to start from; the projection head starts fresh.
     pub init_weights: Option<PathBuf>,
     pub head_layers: usize,
@@ -347,6 +375,7 @@ impl Default for PretrainSection {
             arch: Arch::Resnet50,
             width: 1,
             stem: Stem::Repeat3,
+            input_normalisation: InputNormalisation::None,
             init_weights: None,
             head_layers: 2,
             head_hidden: 0,
@@ -379,8 +408,15 @@ impl Default for PretrainSection {
 
 impl PretrainSection {
     pub fn validate(&self, world_size: u32) -> Result<(), ConfigError> {
-        if !matches!(self.width, 1 | 2 | 4) {
-            return Err(invalid("pretrain.width", self.width, "expected 1, 2 or 4".into()));
+        if !matches!(self.width, 1..=4) {
+            return Err(invalid("pretrain.width", self.width, "expected 1, 2, 3 or 4".into()));
+        }
+        if self.input_normalisation == InputNormalisation::Imagenet && self.stem != Stem::Repeat3 {
+            return Err(invalid(
+                "pretrain.input_normalisation",
+                "imagenet",
+                "ImageNet's statistics are per RGB channel: it needs pretrain.stem = \"repeat3\"".into(),
+            ));
         }
         if !(1..=4).contains(&self.head_layers) {
             return Err(invalid("pretrain.head_layers", self.head_layers, "expected 1..=4".into()));

@@ -18,6 +18,8 @@ pub enum CoordinatorError {
     WorkerBinary(String),
     #[error("dataset: {0}")]
     Data(String),
+    #[error("import-weights: {0}")]
+    Import(#[from] crate::import::ImportError),
 }
 
 impl CoordinatorError {
@@ -29,7 +31,8 @@ impl CoordinatorError {
             | CoordinatorError::RunDir(_)
             | CoordinatorError::Spawn { .. }
             | CoordinatorError::WorkerBinary(_)
-            | CoordinatorError::Data(_) => false,
+            | CoordinatorError::Data(_)
+            | CoordinatorError::Import(_) => false,
         }
     }
 
@@ -41,7 +44,7 @@ impl CoordinatorError {
             CoordinatorError::Bind { .. } | CoordinatorError::RunDir(_) | CoordinatorError::Spawn { .. } => {
                 ExitStatus::TaskFailed
             }
-            CoordinatorError::Data(_) => ExitStatus::DataError,
+            CoordinatorError::Data(_) | CoordinatorError::Import(_) => ExitStatus::DataError,
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod data_plan;
 pub mod error;
 pub mod events;
+pub mod import;
 pub mod job;
 pub mod launcher;
 pub mod metrics;
@@ -202,5 +203,12 @@ pub fn finalize_config(mut config: JobConfig) -> JobConfig {
     // depend on their working directory.
     let run_dir = run_dir_path(&config);
     config.job.run_dir = Some(std::path::absolute(&run_dir).unwrap_or(run_dir));
+    // Without pretraining the encoder to probe is the one it would have started from.
+    if !config.pretrain.enabled && config.probe.encoder.is_none() {
+        config.probe.encoder = config.pretrain.init_weights.clone();
+    }
+    for path in [&mut config.probe.encoder, &mut config.pretrain.init_weights].into_iter().flatten() {
+        *path = std::path::absolute(&*path).unwrap_or_else(|_| path.clone());
+    }
     config
 }

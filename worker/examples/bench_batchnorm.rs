@@ -37,7 +37,7 @@ fn main() {
     for (arch, name, size, n) in [(Arch::Resnet18, "ResNet-18", 64i64, 64i64), (Arch::Resnet50, "ResNet-50", 64, 32)] {
         let (vs, encoder) = with_torch_seed(1, || {
             let vs = nn::VarStore::new(device);
-            let encoder = Encoder::new(&vs.root(), EncoderConfig { arch, width: 1, stem: Stem::Repeat3 });
+            let encoder = Encoder::new(&vs.root(), EncoderConfig::new(arch, 1, Stem::Repeat3));
             (vs, encoder)
         });
         let images = with_torch_seed(2, || Tensor::rand([n, 1, size, size], (Kind::Float, Device::Cpu))).to(device);
@@ -84,7 +84,7 @@ fn main() {
             // Both against float64 (libtorch's BatchNorm on a float64 copy of the model).
             let sync_grads = grads();
             let mut vs64 = nn::VarStore::new(device);
-            let enc64 = Encoder::new(&vs64.root(), EncoderConfig { arch, width: 1, stem: Stem::Repeat3 });
+            let enc64 = Encoder::new(&vs64.root(), EncoderConfig::new(arch, 1, Stem::Repeat3));
             vs64.copy(&vs).unwrap();
             vs64.double();
             let h = enc64.forward_with(&images.to_kind(Kind::Double), &mut LocalNorm { train: true });

@@ -59,8 +59,7 @@ fn main() {
     println!("|---|---|---|---|");
     for which in ["file", "random"] {
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let encoder =
-            with_torch_seed(0, || Encoder::new(&vs.root(), EncoderConfig { arch, width: 1, stem: Stem::Repeat3 }));
+        let encoder = with_torch_seed(0, || Encoder::new(&vs.root(), EncoderConfig::new(arch, 1, Stem::Repeat3)));
         if which == "file" {
             load_encoder(&mut vs, &encoder, &encoder_path).unwrap_or_else(|e| fail(e));
         }

@@ -29,7 +29,7 @@ fn check(arch: Arch, name: &str) {
     let io_path = dir.path().join("io.safetensors");
 
     tch::manual_seed(7);
-    let config = EncoderConfig { arch, width: 1, stem: Stem::Repeat3 };
+    let config = EncoderConfig::new(arch, 1, Stem::Repeat3);
     let vs = nn::VarStore::new(Device::Cpu);
     let encoder = Encoder::new(&vs.root(), config);
     // A training-mode pass first, so that the saved running statistics are not the initial ones.

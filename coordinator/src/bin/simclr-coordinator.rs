@@ -9,6 +9,7 @@ use simclr_common::launch_env;
 use simclr_common::logging::{self, LogFormat};
 use simclr_common::pretrain::BnMode;
 use simclr_common::{ExitStatus, JobConfig, StopReason};
+use simclr_coordinator::import::{ImportOptions, Normalisation, SourceFormat};
 use simclr_coordinator::launcher::{self, LaunchOptions};
 use simclr_coordinator::{
     data_plan, finalize_config, metrics, progress, restart, run_dir_path, Coordinator, CoordinatorError, JobOutcome,
@@ -38,6 +39,39 @@ enum Command {
     Synth(SynthArgs),
     /// Check a dataset before a long job: counts, encodings, labels, and every unusable file with why.
     Inspect(InspectArgs),
+    /// Turn a published encoder (torchvision, timm, Lightning, solo-learn, lightly) into this project's
+    /// encoder file: safetensors with torchvision's names, for pretrain.init_weights or probe.encoder.
+    ImportWeights(ImportArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// Where the checkpoint comes from: torchvision, timm, lightning, solo-learn or lightly.
+    #[arg(long = "from", value_parser = parse_source_format)]
+    from: SourceFormat,
+    /// The checkpoint: a torch.save file (.pth, .pt, .ckpt; zip or legacy) or .safetensors.
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// The encoder file to write (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Key prefix of the encoder when the file holds several (e.g. "state_dict.momentum_backbone.").
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Refuse tensors under the encoder's prefix that are not the encoder's.
+    #[arg(long)]
+    strict: bool,
+    /// Input normalisation the encoder expects: imagenet or none (default: the format's, imagenet).
+    #[arg(long, value_parser = parse_normalisation)]
+    input_normalisation: Option<Normalisation>,
+}
+
+fn parse_source_format(s: &str) -> Result<SourceFormat, String> {
+    SourceFormat::parse(s).ok_or_else(|| format!("unknown format '{s}'; one of: {}", SourceFormat::NAMES))
+}
+
+fn parse_normalisation(s: &str) -> Result<Normalisation, String> {
+    Normalisation::parse(s).ok_or_else(|| format!("unknown normalisation '{s}'; one of: imagenet, none"))
 }
 
 #[derive(Args)]
@@ -141,6 +175,10 @@ struct PretrainOverrides {
     /// Start the encoder from these torchvision-format safetensors weights (pretrain.init_weights).
     #[arg(long)]
     init_weights: Option<PathBuf>,
+    /// Probe this encoder file (ours, or one written by import-weights) instead of the one pretraining
+    /// writes (probe.encoder); with pretrain.enabled = false nothing is pretrained.
+    #[arg(long)]
+    probe_encoder: Option<PathBuf>,
     /// Turn augmentation off: every view is the plain resized image (pretrain.augment.enabled = false;
     /// a debugging switch to compare a step with an outside reference).
     #[arg(long)]
@@ -174,6 +212,9 @@ impl PretrainOverrides {
         }
         if let Some(path) = &self.init_weights {
             config.pretrain.init_weights = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+        }
+        if let Some(path) = &self.probe_encoder {
+            config.probe.encoder = Some(path.clone());
         }
         if self.no_augment {
             config.pretrain.augment.enabled = false;
@@ -251,6 +292,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args, cli.log_format).await,
             Command::Synth(args) => synth(args),
             Command::Inspect(args) => inspect(args),
+            Command::ImportWeights(args) => import_weights(args),
         }
     });
     let status = status.unwrap_or_else(|e| {
@@ -544,6 +586,40 @@ fn synth(args: SynthArgs) -> Result<ExitStatus, CoordinatorError> {
         encodings = ?summary.encodings,
         elapsed_s = started.elapsed().as_secs_f64(),
         "synthetic dataset written"
+    );
+    Ok(ExitStatus::Success)
+}
+
+fn import_weights(args: ImportArgs) -> Result<ExitStatus, CoordinatorError> {
+    let options = ImportOptions {
+        from: args.from,
+        input: args.input,
+        output: args.out,
+        prefix: args.prefix,
+        strict: args.strict,
+        normalisation: args.input_normalisation,
+    };
+    let report = simclr_coordinator::import::import_weights(&options)?;
+    if !report.leftovers.is_empty() {
+        tracing::warn!(
+            count = report.leftovers.len(),
+            first = ?&report.leftovers[..report.leftovers.len().min(5)],
+            "tensors under the encoder's prefix that are not the encoder's were left out (--strict refuses them)"
+        );
+    }
+    tracing::info!(
+        input = %options.input.display(),
+        out = %options.output.display(),
+        prefix = %report.prefix,
+        arch = report.shape.arch,
+        width = report.shape.width,
+        input_channels = report.shape.in_channels,
+        parameters = report.parameters,
+        tensors = report.tensors,
+        classifier = report.classifier,
+        other_tensors_ignored = report.other_tensors,
+        input_normalisation = report.normalisation.name(),
+        "encoder imported"
     );
     Ok(ExitStatus::Success)
 }

@@ -1,4 +1,4 @@
-//! The encoder f (ResNet-18/34/50 with SimCLR's width multiplier, and a tiny variant for tests) and
+//! The encoder f (ResNet-18/34/50/101/152 with SimCLR's width multiplier, and a tiny variant for tests) and
 //! the projection head g.
 //!
 //! Parameter names are torchvision's `state_dict` names (`conv1.weight`, `layer2.0.downsample.1.
@@ -21,18 +21,24 @@ use tch::{Kind, Tensor};
 
 use crate::engine::numerics::{channels_last, is_channels_last, to_float, Numerics};
 
-pub use simclr_common::pretrain::{Arch, Stem};
+pub use simclr_common::pretrain::{Arch, InputNormalisation, Stem};
+
+/// ImageNet's per-channel statistics (torchvision's `transforms.Normalize` values).
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 fn blocks(arch: Arch) -> [i64; 4] {
     match arch {
         Arch::Resnet18 => [2, 2, 2, 2],
         Arch::Resnet34 | Arch::Resnet50 => [3, 4, 6, 3],
+        Arch::Resnet101 => [3, 4, 23, 3],
+        Arch::Resnet152 => [3, 8, 36, 3],
         Arch::Tiny => [1, 1, 1, 1],
     }
 }
 
 fn bottleneck(arch: Arch) -> bool {
-    arch == Arch::Resnet50
+    matches!(arch, Arch::Resnet50 | Arch::Resnet101 | Arch::Resnet152)
 }
 
 fn base_channels(arch: Arch) -> i64 {
@@ -46,14 +52,29 @@ fn base_channels(arch: Arch) -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncoderConfig {
     pub arch: Arch,
-    /// 1, 2 or 4, as SimCLR's ResNet-50 (1x), (2x), (4x).
+    /// 1 to 4, as SimCLR's ResNet-50 (1x), (2x), (4x) and SimCLR v2's (3x).
     pub width: i64,
     pub stem: Stem,
+    pub normalisation: InputNormalisation,
 }
 
 impl EncoderConfig {
+    pub fn new(arch: Arch, width: i64, stem: Stem) -> EncoderConfig {
+        EncoderConfig { arch, width, stem, normalisation: InputNormalisation::None }
+    }
+
+    /// The job's encoder (`pretrain.arch`, `width`, `stem`, `input_normalisation`).
+    pub fn of(section: &simclr_common::pretrain::PretrainSection) -> EncoderConfig {
+        EncoderConfig {
+            arch: section.arch,
+            width: section.width,
+            stem: section.stem,
+            normalisation: section.input_normalisation,
+        }
+    }
+
     pub fn tiny() -> EncoderConfig {
-        EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 }
+        EncoderConfig::new(Arch::Tiny, 1, Stem::Repeat3)
     }
 }
 
@@ -166,7 +187,7 @@ pub struct Encoder {
 impl Encoder {
     /// Builds the encoder under `p`; with the VarStore's root as `p`, names are torchvision's.
     pub fn new(p: &nn::Path, config: EncoderConfig) -> Encoder {
-        assert!(matches!(config.width, 1 | 2 | 4), "width multiplier 1, 2 or 4");
+        assert!(matches!(config.width, 1..=4), "width multiplier 1, 2, 3 or 4");
         let base = base_channels(config.arch) * config.width;
         let cin = if config.stem == Stem::Repeat3 { 3 } else { 1 };
         let conv1 = conv(p / "conv1", cin, base, 7, 2, 3);
@@ -217,11 +238,16 @@ impl Encoder {
 
     /// The features h (float32, whatever the precision of the pass).
     pub fn forward_with(&self, images: &Tensor, pass: &mut dyn NormPass) -> Tensor {
-        let x = if self.config.stem == Stem::Repeat3 && images.size()[1] == 1 {
+        let mut x = if self.config.stem == Stem::Repeat3 && images.size()[1] == 1 {
             images.repeat([1, 3, 1, 1])
         } else {
             images.shallow_clone()
         };
+        if self.config.normalisation == InputNormalisation::Imagenet {
+            let (kind, device) = (x.kind(), x.device());
+            let stat = |v: &[f32; 3]| Tensor::from_slice(v).to_kind(kind).to_device(device).view([1, 3, 1, 1]);
+            x = (x - stat(&IMAGENET_MEAN)) / stat(&IMAGENET_STD);
+        }
         if pass.train() {
             self.batches_tracked.set(self.batches_tracked.get() + 1);
         }
@@ -399,6 +425,7 @@ pub fn save_encoder(vs: &nn::VarStore, encoder: &Encoder, path: &std::path::Path
 /// file with its shape; a classifier (`fc.*`) is ignored; anything else unknown is an error, as in
 /// PyTorch's `strict=True`.
 pub fn load_encoder(vs: &mut nn::VarStore, encoder: &Encoder, path: &std::path::Path) -> Result<(), String> {
+    check_metadata(&encoder.config, &encoder_file_metadata(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
     let file = Tensor::read_safetensors(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut ours = vs.variables();
     ours.retain(|name, _| !name.starts_with(HEAD_PREFIX));
@@ -440,6 +467,58 @@ pub fn load_encoder(vs: &mut nn::VarStore, encoder: &Encoder, path: &std::path::
     Ok(())
 }
 
+/// The metadata an encoder file carries (`import-weights` writes the architecture, width, stem and
+/// input normalisation it found; tch's own writer leaves it empty). Reads only the safetensors header.
+pub fn encoder_file_metadata(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    use std::io::Read;
+    let fail = |e: String| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| fail(format!("not safetensors ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(fail(format!("not safetensors (a header of {len} bytes)")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| fail(format!("truncated safetensors header ({e})")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| fail(format!("not safetensors ({e})")))?;
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(fields) = header.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in fields {
+            out.insert(k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses a file whose recorded architecture, width, stem or input normalisation is not the job's,
+/// naming the key to set.
+fn check_metadata(config: &EncoderConfig, meta: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    let name = |v: serde_json::Value| v.as_str().map(str::to_string).unwrap_or_default();
+    let ours = [
+        ("arch", "pretrain.arch", name(serde_json::json!(config.arch))),
+        ("width", "pretrain.width", config.width.to_string()),
+        ("stem", "pretrain.stem", name(serde_json::json!(config.stem))),
+        ("input_normalisation", "pretrain.input_normalisation", config.normalisation.name().to_string()),
+    ];
+    let source = meta.get("source_format").map(|f| format!(" (imported from {f})")).unwrap_or_default();
+    for (field, key, value) in ours {
+        if let Some(theirs) = meta.get(field) {
+            if *theirs != value {
+                let quoted = if field == "width" { theirs.clone() } else { format!("\"{theirs}\"") };
+                return Err(format!(
+                    "the file's encoder has {field} {theirs}{source}, this job's {value}: set {key} = {quoted}"
+                ));
+            }
+        }
+    }
+    if meta.get("selective_kernels").is_some_and(|v| v == "true") {
+        return Err(format!("the file's encoder has selective kernels{source}, which this build's ResNet lacks"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,16 +535,19 @@ mod tests {
     #[test]
     fn feature_widths_and_parameter_counts_are_torchvisions() {
         // torchvision: resnet18 11,689,512 parameters with fc (512 x 1000 + 1000), resnet50 25,557,032
-        // (2048 x 1000 + 1000), resnet34 21,797,672.
-        for (arch, features, with_fc) in
-            [(Arch::Resnet18, 512, 11_689_512), (Arch::Resnet34, 512, 21_797_672), (Arch::Resnet50, 2048, 25_557_032)]
-        {
-            let (vs, encoder) = build(EncoderConfig { arch, width: 1, stem: Stem::Repeat3 });
+        // (2048 x 1000 + 1000), resnet34 21,797,672, resnet101 44,549,160.
+        for (arch, features, with_fc) in [
+            (Arch::Resnet18, 512, 11_689_512),
+            (Arch::Resnet34, 512, 21_797_672),
+            (Arch::Resnet50, 2048, 25_557_032),
+            (Arch::Resnet101, 2048, 44_549_160),
+        ] {
+            let (vs, encoder) = build(EncoderConfig::new(arch, 1, Stem::Repeat3));
             assert_eq!(encoder.feature_dim, features, "{arch:?}");
             assert_eq!(parameter_count(&vs, ""), with_fc - (features * 1000 + 1000), "{arch:?}");
         }
         // SimCLR's ResNet-50 (2x): 94 M parameters without the classifier (the paper's table: 94 M).
-        let (vs, encoder) = build(EncoderConfig { arch: Arch::Resnet50, width: 2, stem: Stem::Repeat3 });
+        let (vs, encoder) = build(EncoderConfig::new(Arch::Resnet50, 2, Stem::Repeat3));
         assert_eq!(encoder.feature_dim, 4096);
         let count = parameter_count(&vs, "");
         assert!((93_000_000..95_000_000).contains(&count), "{count}");
@@ -477,7 +559,7 @@ mod tests {
 
     #[test]
     fn names_follow_torchvision() {
-        let (vs, encoder) = build(EncoderConfig { arch: Arch::Resnet50, width: 1, stem: Stem::Repeat3 });
+        let (vs, encoder) = build(EncoderConfig::new(Arch::Resnet50, 1, Stem::Repeat3));
         let state = encoder_state(&vs, &encoder);
         let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
         for expected in [
@@ -494,6 +576,41 @@ mod tests {
         // torchvision's resnet50 state_dict has 320 entries, 2 of them the classifier's.
         assert_eq!(state.len(), 318);
         assert!(!names.iter().any(|n| n.starts_with("layer1.1.downsample")));
+    }
+
+    #[test]
+    fn imagenet_normalisation_is_torchvisions_normalize_on_the_repeated_image() {
+        // torchvision: Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]) on the
+        // 3-channel image, then the network.
+        let (_, plain) = build(EncoderConfig::tiny());
+        let (_, normed) = build(EncoderConfig { normalisation: InputNormalisation::Imagenet, ..EncoderConfig::tiny() });
+        let gray = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let rgb = gray.repeat([1, 3, 1, 1]);
+        let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([1, 3, 1, 1]);
+        let expected = plain.forward(&((rgb - mean) / std), false);
+        let got = normed.forward(&gray, false);
+        assert!(got.allclose(&expected, 1e-5, 1e-6, false));
+        assert!(!got.allclose(&plain.forward(&gray, false), 1e-3, 1e-3, false));
+    }
+
+    #[test]
+    fn a_file_recording_another_encoder_is_refused_naming_the_key() {
+        let meta = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let tiny = EncoderConfig::tiny();
+        assert!(check_metadata(&tiny, &meta(&[])).is_ok(), "no metadata (tch's writer): nothing to check");
+        let ok = meta(&[("arch", "tiny"), ("width", "1"), ("stem", "repeat3"), ("input_normalisation", "none")]);
+        assert!(check_metadata(&tiny, &ok).is_ok());
+        let e = check_metadata(&tiny, &meta(&[("arch", "resnet50"), ("source_format", "solo-learn")])).unwrap_err();
+        assert!(e.contains("set pretrain.arch = \"resnet50\"") && e.contains("imported from solo-learn"), "{e}");
+        let e = check_metadata(&tiny, &meta(&[("width", "2")])).unwrap_err();
+        assert!(e.contains("set pretrain.width = 2"), "{e}");
+        let e = check_metadata(&tiny, &meta(&[("input_normalisation", "imagenet")])).unwrap_err();
+        assert!(e.contains("set pretrain.input_normalisation = \"imagenet\""), "{e}");
+        let e = check_metadata(&tiny, &meta(&[("selective_kernels", "true")])).unwrap_err();
+        assert!(e.contains("selective kernels"), "{e}");
     }
 
     #[test]

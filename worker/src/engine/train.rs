@@ -262,8 +262,7 @@ impl Trainer {
         }
         let (vs, (encoder, head)) = with_torch_seed(config.seed, || {
             var_store_drawn_on_cpu(device, |root| {
-                let encoder =
-                    Encoder::new(root, EncoderConfig { arch: config.arch, width: config.width, stem: config.stem });
+                let encoder = Encoder::new(root, EncoderConfig::of(&config));
                 let hidden = if config.head_hidden > 0 { config.head_hidden } else { encoder.feature_dim };
                 let head = ProjectionHead::new(
                     &(root / HEAD_PREFIX),

@@ -59,11 +59,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         rank: ctx.rank,
         assignment,
         encoder_path,
-        config: EncoderConfig {
-            arch: ctx.config.pretrain.arch,
-            width: ctx.config.pretrain.width,
-            stem: ctx.config.pretrain.stem,
-        },
+        config: EncoderConfig::of(&ctx.config.pretrain),
         input_size: ctx.config.pretrain.input_size,
         precision: ctx.config.pretrain.precision,
         seed: ctx.config.job.seed,

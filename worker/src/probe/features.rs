@@ -82,16 +82,14 @@ pub fn gather_rows(collective: &dyn Collective, rows: &Tensor) -> Result<Tensor,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::model::{with_torch_seed, Arch, Encoder, EncoderConfig, Stem};
+    use crate::engine::model::{with_torch_seed, Encoder, EncoderConfig};
     use crate::testing::loopback;
     use std::time::Duration;
     use tch::Device;
 
     fn encoder(seed: u64) -> nn::VarStore {
         let vs = nn::VarStore::new(Device::Cpu);
-        with_torch_seed(seed, || {
-            Encoder::new(&vs.root(), EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 })
-        });
+        with_torch_seed(seed, || Encoder::new(&vs.root(), EncoderConfig::tiny()));
         vs
     }
 

@@ -711,8 +711,8 @@ mod tests {
     /// the training loss falls. Through `run_task`, a fine-tuning task reports like any other.
     #[test]
     fn fine_tuning_trains_only_the_stages_asked_for() {
-        use crate::engine::model::{Arch, Encoder, EncoderConfig, Stem};
-        let config = EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 };
+        use crate::engine::model::{Encoder, EncoderConfig};
+        let config = EncoderConfig::tiny();
         let (vs, encoder) = with_torch_seed(3, || {
             let vs = nn::VarStore::new(Device::Cpu);
             let encoder = Encoder::new(&vs.root(), config);
@@ -820,11 +820,9 @@ mod tests {
 
     #[test]
     fn embedding_in_batches_equals_one_pass_in_eval_mode() {
-        use crate::engine::model::{Arch, Encoder, EncoderConfig, Stem};
+        use crate::engine::model::{Encoder, EncoderConfig};
         let vs = nn::VarStore::new(Device::Cpu);
-        let encoder = with_torch_seed(0, || {
-            Encoder::new(&vs.root(), EncoderConfig { arch: Arch::Tiny, width: 1, stem: Stem::Repeat3 })
-        });
+        let encoder = with_torch_seed(0, || Encoder::new(&vs.root(), EncoderConfig::tiny()));
         let images = with_torch_seed(1, || Tensor::rand([10, 1, 32, 32], (Kind::Float, Device::Cpu)));
         let whole = embed(&encoder, &images, 10, Device::Cpu);
         let batched = embed(&encoder, &images, 3, Device::Cpu);
