@@ -3,6 +3,7 @@
 //! invariant 6); everything that touches tensors lives in the worker.
 
 pub mod data_plan;
+pub mod embeddings;
 pub mod error;
 pub mod events;
 pub mod import;

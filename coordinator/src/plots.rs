@@ -273,6 +273,93 @@ where
     Ok(())
 }
 
+/// One coloured group of points in a scatter plot.
+pub struct ScatterGroup {
+    pub label: String,
+    pub color: RGBColor,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Draws `groups` as a scatter plot into `<run dir>/plots/NAME.{png,svg}`; returns the files written.
+pub fn write_scatter(
+    run_dir: &RunDir,
+    name: &str,
+    caption: &str,
+    axes: (&str, &str),
+    groups: &[ScatterGroup],
+) -> std::io::Result<Vec<PathBuf>> {
+    register_font().map_err(std::io::Error::other)?;
+    let dir = run_dir.path().join("plots");
+    std::fs::create_dir_all(&dir)?;
+    let all = || groups.iter().flat_map(|g| g.points.iter());
+    let range = |f: fn(&(f64, f64)) -> f64| {
+        let (lo, hi) =
+            all().map(f).filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+        if lo > hi {
+            (-1.0, 1.0)
+        } else {
+            let pad = ((hi - lo) * 0.05).max(1e-6);
+            (lo - pad, hi + pad)
+        }
+    };
+    let (x, y) = (range(|p| p.0), range(|p| p.1));
+    let mut written = Vec::new();
+    for ext in ["png", "svg"] {
+        let path = dir.join(format!("{name}.{ext}"));
+        let result = if ext == "png" {
+            let area = BitMapBackend::new(&path, SIZE).into_drawing_area();
+            scatter(&area, caption, axes, x, y, groups).and_then(|()| area.present().map_err(Failure::from))
+        } else {
+            let area = SVGBackend::new(&path, SIZE).into_drawing_area();
+            scatter(&area, caption, axes, x, y, groups).and_then(|()| area.present().map_err(Failure::from))
+        };
+        result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", path.display())))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn scatter<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    caption: &str,
+    axes: (&str, &str),
+    x: (f64, f64),
+    y: (f64, f64),
+    groups: &[ScatterGroup],
+) -> Result<(), Failure>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FAMILY, 17))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)?;
+    chart.configure_mesh().x_desc(axes.0).y_desc(axes.1).label_style((FAMILY, 13)).draw()?;
+    for g in groups {
+        let color = g.color;
+        chart
+            .draw_series(
+                g.points
+                    .iter()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                    .map(move |&p| Circle::new(p, 3, color.mix(0.6).filled())),
+            )?
+            .label(format!("{} ({})", g.label, g.points.len()))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FAMILY, 13))
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

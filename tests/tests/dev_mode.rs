@@ -169,6 +169,10 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
         "checkpoint.json",
         "encoder.safetensors",
         "probe.json",
+        "embeddings.safetensors",
+        "embeddings.csv",
+        "plots/embeddings.png",
+        "plots/embeddings.svg",
     ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
@@ -188,6 +192,18 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let decoded: f64 = (0..3).map(|r| decode["ranks"][r.to_string()]["images"].as_f64().unwrap()).sum();
     let images = |side: &str| split[side]["images"].as_u64().unwrap();
     assert_eq!(decoded as u64, images("train") + images("validation") + images("test"), "{decode}");
+    // The embeddings: one row per image of every split, gathered from the 3 ranks, each image once,
+    // with its split as the split file says.
+    let rows = csv_rows(&run_dir.join("embeddings.csv"))?;
+    assert_eq!(rows.len() as u64, images("train") + images("validation") + images("test"));
+    let uids: std::collections::BTreeSet<&str> = rows.iter().map(|r| &r[1]).collect();
+    assert_eq!(uids.len(), rows.len(), "an image twice in embeddings.csv");
+    for side in ["train", "validation", "test"] {
+        assert_eq!(rows.iter().filter(|r| &r[4] == side).count() as u64, images(side), "{side}");
+    }
+    let tensors = read_tensors(&run_dir.join("embeddings.safetensors"))?;
+    assert_eq!(tensors["features"].len(), rows.len() * 16, "tiny encoder: 16 features a row");
+    assert_eq!(tensors["projection"].len(), rows.len() * 2);
     // Every rank pretrained in lockstep to the same end; rank 0 checkpointed, the coordinator recorded it.
     let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
     let rank0 = &pretrain["ranks"]["0"];

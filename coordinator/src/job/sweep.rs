@@ -172,6 +172,16 @@ impl Job {
             }
             Err(e) => tracing::error!(error = %e, "cannot draw the probe plots"),
         }
+        if let Some(data) = self.data.as_ref() {
+            match crate::embeddings::write_embedding_reports(&self.run_dir, data) {
+                Ok(paths) if !paths.is_empty() => table.push_str(&format!(
+                    "Embeddings: {}/embeddings.{{safetensors,csv}}, plots/embeddings.{{png,svg}}\n",
+                    self.run_dir.path().display()
+                )),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot write the embeddings' table and plot"),
+            }
+        }
         Some(table)
     }
 }

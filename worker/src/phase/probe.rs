@@ -65,6 +65,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         seed: ctx.config.job.seed,
         random_baseline: section.random_baseline,
         finetune: section.finetune,
+        export_dir: ctx.config.job.run_dir.clone(),
         device: ctx.device,
         decode: DecodeOptions::of(&ctx.config.data),
     };
@@ -167,6 +168,8 @@ struct FeatureJob {
     random_baseline: bool,
     /// Keep every image and the encoders' weights for fine-tuning tasks.
     finetune: bool,
+    /// Where rank 0 writes the probed encoder's embeddings (the run directory).
+    export_dir: Option<PathBuf>,
     device: Device,
     decode: DecodeOptions,
 }
@@ -211,13 +214,15 @@ impl FeatureJob {
         // every rank holds the same rows in the same order whatever the world size.
         let mut issues = Vec::new();
         let mut splits = Vec::new();
+        let mut split_images = Vec::new();
         for refs in [&self.assignment.train, &self.assignment.validation, &self.assignment.test] {
             let (x, y, keys, split_issues) = self.images(refs).map_err(PhaseError::permanent)?;
             issues.extend(split_issues);
             let y = gather_rows(collective, &y).map_err(moved)?;
             let keys = gather_rows(collective, &keys).map_err(moved)?;
-            let (order, rows) = sorted_rows(&keys).map_err(PhaseError::permanent)?;
+            let (order, rows, images) = sorted_rows(&keys).map_err(PhaseError::permanent)?;
             splits.push((x, y.index_select(0, &order), order, rows));
+            split_images.push(images);
         }
         let columns = self.assignment.label_columns.clone();
         let resize = |x: &Tensor| {
@@ -241,6 +246,12 @@ impl FeatureJob {
                 f.push(gathered(&embed(encoder, x, EMBED_BATCH, self.device), order)?);
             }
             per_encoder.push((*source, f));
+        }
+        if let (0, Some(dir)) = (self.rank, &self.export_dir) {
+            let labels: Vec<&Tensor> = splits.iter().map(|s| &s.1).collect();
+            let path = dir.join(EMBEDDINGS_FILE);
+            export_embeddings(&path, &per_encoder[0].1, &labels, &split_images)
+                .map_err(|e| PhaseError::permanent(format!("cannot write {}: {e}", path.display())))?;
         }
         let finetune_images = if self.finetune {
             // Every rank fine-tunes on every image: gather the pixels too (N x S*S rows).
@@ -346,9 +357,9 @@ impl FeatureJob {
     }
 }
 
-/// The order that sorts gathered rows by image index (N x 12 keys from `FeatureJob::images`), and the
-/// sorted rows' studies and clusters.
-fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows), String> {
+/// The order that sorts gathered rows by image index (N x 12 keys from `FeatureJob::images`), the
+/// sorted rows' studies and clusters, and their image indices.
+fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows, Vec<u64>), String> {
     let flat = Vec::<f32>::try_from(keys.flatten(0, -1)).map_err(|e| e.to_string())?;
     let rows: Vec<[u64; 3]> =
         flat.chunks(12).map(|k| [f32s_to_u64(&k[0..4]), f32s_to_u64(&k[4..8]), f32s_to_u64(&k[8..12])]).collect();
@@ -358,5 +369,86 @@ fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows), String> {
         study: order.iter().map(|&i| rows[i][1]).collect(),
         cluster: order.iter().map(|&i| rows[i][2]).collect(),
     };
-    Ok((Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>()), sorted))
+    let images = order.iter().map(|&i| rows[i][0]).collect();
+    Ok((Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>()), sorted, images))
+}
+
+/// The probed encoder's features of every image, written by rank 0 into the run directory for the
+/// user's own analyses (the coordinator adds `embeddings.csv` and the projection plot).
+pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
+
+/// Writes `features` (N x D: the training, validation and test splits' rows one after the other, each
+/// sorted by image index), `image_index` (N, the dataset index's), `split` (N: 0 training, 1
+/// validation, 2 test), `labels` (N x label columns) and `projection` (N x 2: the features' first two
+/// principal components, each signed so that its largest loading is positive), atomically.
+fn export_embeddings(path: &Path, features: &[Tensor], labels: &[&Tensor], images: &[Vec<u64>]) -> Result<(), String> {
+    let x = Tensor::cat(features, 0).to_device(Device::Cpu).to_kind(Kind::Float);
+    let y = Tensor::cat(labels, 0).to_device(Device::Cpu).to_kind(Kind::Float);
+    let index: Vec<i64> = images.iter().flatten().map(|&i| i as i64).collect();
+    let split: Vec<i64> = images.iter().enumerate().flat_map(|(s, v)| std::iter::repeat_n(s as i64, v.len())).collect();
+    let n = x.size()[0];
+    if index.len() as i64 != n || y.size()[0] != n {
+        return Err(format!("{n} feature rows but {} image indices and {} label rows", index.len(), y.size()[0]));
+    }
+    let projection = principal_components(&x, 2)?;
+    let tensors = [
+        ("features", x),
+        ("image_index", Tensor::from_slice(&index)),
+        ("split", Tensor::from_slice(&split)),
+        ("labels", y),
+        ("projection", projection),
+    ];
+    simclr_common::atomic_file::write_atomic(path, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp).map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The rows of `x` (N x D) on its first `k` principal axes (N x k; fewer columns if N or D is smaller),
+/// each axis signed so that its largest loading is positive (SVD's sign is otherwise arbitrary).
+fn principal_components(x: &Tensor, k: i64) -> Result<Tensor, String> {
+    let _guard = tch::no_grad_guard();
+    let (n, d) = (x.size()[0], x.size()[1]);
+    let k = k.min(n).min(d);
+    if n == 0 || k == 0 {
+        return Ok(Tensor::zeros([n, 0], (Kind::Float, Device::Cpu)));
+    }
+    let x = x.to_kind(Kind::Double);
+    let centred = &x - x.mean_dim(0, true, Kind::Double);
+    // torch.svd: V (D x min(N, D)), not transposed.
+    let (_, _, v) = centred.f_svd(true, true).map_err(|e| format!("principal components: {e}"))?;
+    let axes = v.transpose(0, 1).narrow(0, 0, k);
+    let biggest = axes.abs().argmax(1, true);
+    let axes = &axes * axes.gather(1, &biggest, false).sign();
+    Ok(centred.matmul(&axes.transpose(0, 1)).to_kind(Kind::Float))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_components_match_the_covariances_eigenvectors() {
+        // Points along (3, 4)/5, plus a little along (-4, 3)/5, offset by (7, -2): the first
+        // component is the position along (3, 4)/5 (eigenvector of the 2 x 2 covariance with the larger
+        // eigenvalue), the second along (-4, 3)/5, each up to the sign rule (largest loading positive).
+        // The two coordinates have mean 0 and are uncorrelated, so those directions are exactly the axes.
+        let along = [-10.0f64, -5.0, 0.0, 5.0, 10.0];
+        let across = [0.1f64, -0.2, 0.0, 0.2, -0.1];
+        let mut rows = Vec::new();
+        for (a, b) in along.iter().zip(&across) {
+            rows.push((7.0 + 0.6 * a - 0.8 * b) as f32);
+            rows.push((-2.0 + 0.8 * a + 0.6 * b) as f32);
+        }
+        let x = Tensor::from_slice(&rows).view([5, 2]);
+        let p = Vec::<f32>::try_from(principal_components(&x, 2).unwrap().flatten(0, -1)).unwrap();
+        let mean_a = along.iter().sum::<f64>() / 5.0;
+        let mean_b = across.iter().sum::<f64>() / 5.0;
+        for i in 0..5 {
+            // (3, 4)/5: largest loading 0.8 > 0, sign +; (-4, 3)/5: largest |loading| is -0.8, so flipped.
+            assert!((p[2 * i] as f64 - (along[i] - mean_a)).abs() < 1e-4, "{p:?}");
+            assert!((p[2 * i + 1] as f64 + (across[i] - mean_b)).abs() < 1e-4, "{p:?}");
+        }
+        assert_eq!(principal_components(&Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)), 2).unwrap().size(), [0, 0]);
+    }
 }
