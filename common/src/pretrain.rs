@@ -306,6 +306,39 @@ impl From<AugmentConfig> for AugmentToml {
     }
 }
 
+/// `[pretrain.monitor]`: a weighted k-nearest-neighbour classifier (cosine similarity, votes weighted
+/// by exp(similarity / temperature), as InstDisc and solo-learn) on the encoder's frozen features of the
+/// validation images against the labelled training images, every few epochs and at the end. Its AUC
+/// and accuracy for the first target go to the progress line, TensorBoard, `pretrain.json`,
+/// `monitor.csv` and `plots/monitor.png`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Every this many epochs (and after the last); 0: off. Each look costs about a sixth of an epoch
+    /// (one forward pass over the labelled images, against two views forward and backward).
+    pub every_epochs: u64,
+    pub knn_k: usize,
+    pub knn_temperature: f64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig { every_epochs: 5, knn_k: 20, knn_temperature: 0.07 }
+    }
+}
+
+impl MonitorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.knn_k == 0 {
+            return Err(invalid("pretrain.monitor.knn_k", self.knn_k, "expected at least 1".into()));
+        }
+        if !(self.knn_temperature > 0.0 && self.knn_temperature.is_finite()) {
+            return Err(invalid("pretrain.monitor.knn_temperature", self.knn_temperature, "expected > 0".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PretrainSection {
@@ -340,6 +373,8 @@ pub struct PretrainSection {
     /// Side of the model input; the cached images are resampled to it by the crop.
     pub input_size: i64,
     pub augment: AugmentConfig,
+    /// Representation quality watched while pretraining (needs labelled images).
+    pub monitor: MonitorConfig,
     /// BatchNorm statistics with more than one worker.
     pub bn: BnMode,
     /// With `bn = "sync"`: ranks per BatchNorm group (consecutive ranks; 0, or the world size or more:
@@ -393,6 +428,7 @@ impl Default for PretrainSection {
             warmup_epochs: 10.0,
             input_size: 224,
             augment: AugmentConfig::cxr(),
+            monitor: MonitorConfig::default(),
             bn: BnMode::Sync,
             bn_group_size: 0,
             precision: Precision::Auto,
@@ -462,6 +498,7 @@ impl PretrainSection {
         if self.enabled && self.epochs == 0 && self.max_steps == 0 {
             return Err(invalid("pretrain.epochs", 0, "expected at least 1 (or pretrain.enabled = false)".into()));
         }
+        self.monitor.validate()?;
         self.augment.validate()
     }
 }

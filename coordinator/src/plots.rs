@@ -273,6 +273,86 @@ where
     Ok(())
 }
 
+/// `plots/monitor.{png,svg}` from rank 0's `monitor.csv` (epoch, step, knn_auc, knn_accuracy): the kNN
+/// monitor's validation AUC and accuracy over the epochs of pretraining. None when there is no table.
+pub fn write_monitor_plot(run_dir: &RunDir) -> std::io::Result<Vec<PathBuf>> {
+    let path = run_dir.path().join("monitor.csv");
+    let mut reader = match csv::Reader::from_path(&path) {
+        Ok(r) => r,
+        Err(e) if matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(std::io::Error::other(format!("{}: {e}", path.display()))),
+    };
+    let (mut auc, mut accuracy) = (Vec::new(), Vec::new());
+    for record in reader.records() {
+        let record = record.map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        let value = |i: usize| record.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        auc.push((value(0), value(2)));
+        accuracy.push((value(0), value(3)));
+    }
+    if auc.is_empty() {
+        return Ok(Vec::new());
+    }
+    register_font().map_err(std::io::Error::other)?;
+    let dir = run_dir.path().join("plots");
+    std::fs::create_dir_all(&dir)?;
+    let last = auc.iter().map(|p| p.0).fold(1.0, f64::max);
+    let lines = [("kNN validation AUC", SIMCLR, auc), ("kNN validation accuracy", TRAIN, accuracy)];
+    let mut written = Vec::new();
+    for ext in ["png", "svg"] {
+        let out = dir.join(format!("monitor.{ext}"));
+        let result = if ext == "png" {
+            let area = BitMapBackend::new(&out, SIZE).into_drawing_area();
+            monitor_lines(&area, last, &lines).and_then(|()| area.present().map_err(Failure::from))
+        } else {
+            let area = SVGBackend::new(&out, SIZE).into_drawing_area();
+            monitor_lines(&area, last, &lines).and_then(|()| area.present().map_err(Failure::from))
+        };
+        result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", out.display())))?;
+        written.push(out);
+    }
+    Ok(written)
+}
+
+/// A named, coloured line of (x, y) points.
+type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+fn monitor_lines<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    last_epoch: f64,
+    lines: &[Line],
+) -> Result<(), Failure>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(area)
+        .caption("representation quality during pretraining (weighted kNN, validation split)", (FAMILY, 17))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..last_epoch + 0.5, 0f64..1f64)?;
+    chart.configure_mesh().x_desc("epoch").y_desc("").label_style((FAMILY, 13)).draw()?;
+    for (name, color, points) in lines {
+        let color = *color;
+        let points: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(move |p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FAMILY, 13))
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    Ok(())
+}
+
 /// One coloured group of points in a scatter plot.
 pub struct ScatterGroup {
     pub label: String,

@@ -173,6 +173,8 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
         "embeddings.csv",
         "plots/embeddings.png",
         "plots/embeddings.svg",
+        "monitor.csv",
+        "plots/monitor.png",
     ] {
         assert!(run_dir.join(file).is_file(), "{file} missing");
     }
@@ -208,6 +210,12 @@ async fn dev_mode_runs_the_job_end_to_end_with_rank_prefixed_logs() -> anyhow::R
     let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
     let rank0 = &pretrain["ranks"]["0"];
     let steps = rank0["steps"].as_f64().unwrap();
+    // The kNN monitor looked at the last epoch (every_epochs = 5 by default, and always the last).
+    let knn = rank0["knn_auc"].as_f64().unwrap_or(f64::NAN);
+    assert!((0.0..=1.0).contains(&knn), "{pretrain}");
+    let looks = csv_rows(&run_dir.join("monitor.csv"))?;
+    assert_eq!(looks.len(), 1, "one look: the last epoch");
+    assert_eq!((&looks[0][0], looks[0][1].parse::<f64>()?), ("2", steps));
     assert!(steps >= 2.0, "{pretrain}");
     for r in 0..3 {
         let ranks = &pretrain["ranks"][r.to_string()];
@@ -854,8 +862,10 @@ fn probe_table(run_dir: &Path) -> anyhow::Result<String> {
 async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> anyhow::Result<()> {
     const TOLERANCE: f64 = 1e-4;
     let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &invariance_job(48, 8))?;
+    // The kNN monitor looks after every epoch: its values must not depend on the world size either.
+    let config = write_config(dir.path(), &format!("{}[pretrain.monitor]\nevery_epochs = 1\n", invariance_job(48, 8)))?;
     let mut runs = Vec::new();
+    let mut monitors = Vec::new();
     for workers in ["1", "2", "4"] {
         let run_dir = dir.path().join(format!("w{workers}"));
         let (code, log) =
@@ -866,6 +876,22 @@ async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> a
         let (steps, epochs) = (stats["ranks"]["0"]["steps"].as_f64(), stats["ranks"]["0"]["epochs"].as_f64());
         assert!(steps.is_some_and(|s| s >= 12.0) && epochs.is_some_and(|e| e >= 2.0), "{workers} workers: {stats}");
         runs.push((workers, read_tensors(&run_dir.join("encoder.safetensors"))?, probe_table(&run_dir)?));
+        monitors.push(csv_rows(&run_dir.join("monitor.csv"))?);
+    }
+    for (workers, looks) in ["2", "4"].iter().zip(&monitors[1..]) {
+        assert_eq!(looks.len(), monitors[0].len(), "{workers} workers: another number of monitor looks");
+        assert!(looks.len() >= 3, "a look every epoch");
+        for (a, b) in monitors[0].iter().zip(looks) {
+            let auc = |r: &csv::StringRecord| r[2].parse::<f64>().unwrap();
+            assert_eq!((&a[0], &a[1]), (&b[0], &b[1]), "{workers} workers: looks at other epochs or steps");
+            assert!(
+                (auc(a) - auc(b)).abs() < 1e-3,
+                "{workers} workers: kNN AUC {} vs {} at epoch {}",
+                auc(b),
+                auc(a),
+                &a[0]
+            );
+        }
     }
     let (_, reference, table) = &runs[0];
     for (workers, encoder, other_table) in &runs[1..] {

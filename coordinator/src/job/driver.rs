@@ -75,6 +75,9 @@ impl Job {
                 tracing::warn!(error = %e, phase, "cannot write phase results");
             }
         }
+        if let Err(e) = crate::plots::write_monitor_plot(&self.run_dir) {
+            tracing::warn!(error = %e, "cannot draw the pretraining monitor's plot");
+        }
         let mut outcome = outcome;
         outcome.results_table = self.write_sweep_reports();
         if let Err(e) = self.run_dir.write_summary(&self.job_id, &outcome, &members, self.started.elapsed()) {

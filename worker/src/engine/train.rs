@@ -108,7 +108,10 @@ struct SavedState {
 }
 
 /// Keys that never change a run's course: a resumed run may differ in them freely.
-const FREE_KEYS: [&str; 9] = [
+const FREE_KEYS: [&str; 12] = [
+    "pretrain.monitor.every_epochs",
+    "pretrain.monitor.knn_k",
+    "pretrain.monitor.knn_temperature",
     "pretrain.checkpoint_every",
     "pretrain.log_every_steps",
     "pretrain.bucket_mb",
@@ -546,18 +549,21 @@ impl Trainer {
                 monitor(stats);
                 Ok(())
             },
+            |_, _| Ok(()),
         )
     }
 
     /// Trains until the configured end on this rank's data of each epoch (`data(epoch)`, asked once
     /// per epoch, the next epoch's while the last step of the current one is prepared); `monitor` sees
     /// every step, in order, when its values are read back (see `read_back_every`), and may stop the
-    /// run with an error.
+    /// run with an error; `epoch_end` sees the trainer after the last step of each epoch (with that
+    /// epoch's number), before any checkpoint of that step.
     pub fn fit_epochs(
         &mut self,
         mut data: impl FnMut(u64) -> Result<Box<dyn EpochSource>, TrainError>,
         checkpoints: Option<&Path>,
         mut monitor: impl FnMut(&StepStats) -> Result<(), TrainError>,
+        mut epoch_end: impl FnMut(&Trainer, u64) -> Result<(), TrainError>,
     ) -> Result<(), TrainError> {
         let total = self.total_steps();
         // The current epoch's source and, from its last step on, the next one's.
@@ -623,6 +629,9 @@ impl Trainer {
                 for stats in self.resolve()? {
                     monitor(&stats)?;
                 }
+            }
+            if self.position == 0 {
+                epoch_end(self, self.epoch - 1)?;
             }
             if let Some(dir) = checkpoint {
                 self.save_checkpoint(dir)?;

@@ -5,6 +5,7 @@
 pub(crate) mod assignments;
 mod context;
 pub mod decode;
+pub mod monitor;
 pub mod preflight;
 pub mod pretrain;
 pub mod probe;

@@ -28,6 +28,7 @@ use crate::engine::model::save_encoder;
 use crate::engine::stream::{SlotReader, StreamedEpoch};
 use crate::engine::train::{latest_checkpoint, EpochSource, StepStats, TrainError, Trainer};
 use crate::phase::assignments::{cache_key, Purpose};
+use crate::phase::monitor::{Monitor, MonitorPoint};
 use crate::phase::{PhaseContext, PhaseError, PhaseOutput};
 
 const PHASE: &str = "pretrain";
@@ -44,6 +45,8 @@ enum Event {
         step: u64,
         path: PathBuf,
     },
+    /// A look of the kNN monitor (`[pretrain.monitor]`).
+    Monitor(MonitorPoint),
 }
 
 pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
@@ -112,6 +115,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
                         tracing::info!(step, path = %path.display(), "checkpoint");
                     }
                 }
+                Event::Monitor(point) => report_monitor(ctx, &point, total).await,
             },
         }
     };
@@ -125,6 +129,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
                     report(ctx, stats, total, Some(&path), comm_s()).await;
                 }
             }
+            Event::Monitor(point) => report_monitor(ctx, &point, total).await,
         }
     }
     output.issues = std::mem::take(&mut *issues.lock().unwrap_or_else(|p| p.into_inner()));
@@ -189,6 +194,27 @@ async fn report(ctx: &PhaseContext, stats: &StepStats, total: u64, checkpoint: O
     };
     if let Err(e) = ctx.coordinator.clone().report_progress(request).await {
         tracing::debug!(error = %e.message(), "progress report failed");
+    }
+}
+
+/// A look of the kNN monitor, reported by rank 0: the progress line, TensorBoard.
+async fn report_monitor(ctx: &PhaseContext, point: &MonitorPoint, total: u64) {
+    if ctx.rank != 0 {
+        return;
+    }
+    let metrics =
+        [("knn_auc", point.knn_auc), ("knn_accuracy", point.knn_accuracy), ("monitor_epoch", (point.epoch + 1) as f64)];
+    let request = wire::ReportProgressRequest {
+        rank: ctx.rank,
+        instance_id: ctx.instance_id.clone(),
+        phase: PHASE.into(),
+        step: point.step,
+        total,
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        ..Default::default()
+    };
+    if let Err(e) = ctx.coordinator.clone().report_progress(request).await {
+        tracing::debug!(error = %e.message(), "monitor report failed");
     }
 }
 
@@ -263,6 +289,31 @@ impl TrainJob {
         let mut last_checkpoint_seen = latest_checkpoint(&checkpoints).ok();
         let rank0 = self.rank == 0;
         let first_step = trainer.step;
+        let mut monitor = self.monitor(&trainer)?;
+        let monitor_csv = self.run_dir.join("monitor.csv");
+        let mut monitor_seconds = 0.0;
+        let mut look = |monitor: &mut Monitor, trainer: &Trainer, epoch: u64| -> Result<(), TrainError> {
+            let t = Instant::now();
+            let point =
+                monitor.look(&trainer.encoder, self.collective.as_ref(), epoch, trainer.step).map_err(|message| {
+                    TrainError::Data { retryable: true, message: format!("pretrain.monitor: {message}") }
+                })?;
+            monitor_seconds += t.elapsed().as_secs_f64();
+            tracing::info!(
+                epoch = epoch + 1,
+                step = point.step,
+                knn_auc = point.knn_auc,
+                knn_accuracy = point.knn_accuracy,
+                "kNN monitor"
+            );
+            let _ = self.events.send(Event::Monitor(point));
+            if rank0 {
+                if let Err(e) = monitor.write_csv(&monitor_csv) {
+                    tracing::warn!(path = %monitor_csv.display(), "cannot write the monitor's table: {e}");
+                }
+            }
+            Ok(())
+        };
         trainer.fit_epochs(
             |epoch| {
                 let t = Instant::now();
@@ -286,7 +337,18 @@ impl TrainJob {
                 }
                 Ok(())
             },
+            |trainer, epoch| match monitor.as_mut() {
+                Some(m) if m.due(epoch, trainer.step >= total) => look(m, trainer, epoch),
+                _ => Ok(()),
+            },
         )?;
+        // A run cut short inside an epoch (pretrain.max_steps) is looked at where it stopped.
+        if let Some(m) = monitor.as_mut() {
+            if m.history.last().is_none_or(|p| p.step != trainer.step) && trainer.step > first_step {
+                look(m, &trainer, trainer.epoch)?;
+            }
+        }
+        let last_look = monitor.as_ref().and_then(|m| m.history.last().copied());
         if rank0 {
             self.announce_checkpoint(&checkpoints, trainer.step, &mut last_checkpoint_seen);
             let path = self.run_dir.join("encoder.safetensors");
@@ -327,7 +389,31 @@ impl TrainJob {
         ] {
             m.insert(k.to_string(), v);
         }
+        if let Some(p) = last_look {
+            m.insert("knn_auc".into(), p.knn_auc);
+            m.insert("knn_accuracy".into(), p.knn_accuracy);
+            m.insert("monitor_seconds".into(), monitor_seconds);
+        }
         Ok(m)
+    }
+
+    /// The kNN monitor, when it is on and the job has labelled images (see [`Monitor::load`]).
+    fn monitor(&self, trainer: &Trainer) -> Result<Option<Monitor>, PhaseError> {
+        if self.config.monitor.every_epochs == 0 {
+            return Ok(None);
+        }
+        let assignment = self.runtime.block_on(self.assignments.fetch(Purpose::Probe))?;
+        let monitor = Monitor::load(
+            self.config.monitor,
+            &assignment,
+            self.decode,
+            self.config.input_size,
+            self.device,
+            self.collective.as_ref(),
+        )
+        .map_err(|e| PhaseError::retryable(format!("pretrain.monitor: {e}")))?;
+        // A resumed run keeps the looks of the epochs it had finished.
+        Ok(monitor.map(|m| m.resumed(&self.run_dir.join("monitor.csv"), trainer.epoch)))
     }
 
     fn announce_checkpoint(&self, dir: &Path, step: u64, seen: &mut Option<PathBuf>) {

@@ -216,7 +216,8 @@ impl FeatureJob {
         let mut splits = Vec::new();
         let mut split_images = Vec::new();
         for refs in [&self.assignment.train, &self.assignment.validation, &self.assignment.test] {
-            let (x, y, keys, split_issues) = self.images(refs).map_err(PhaseError::permanent)?;
+            let (x, y, keys, split_issues) =
+                labelled_images(&self.assignment, self.decode, refs).map_err(PhaseError::permanent)?;
             issues.extend(split_issues);
             let y = gather_rows(collective, &y).map_err(moved)?;
             let keys = gather_rows(collective, &keys).map_err(moved)?;
@@ -315,51 +316,54 @@ impl FeatureJob {
         encoder.set_numerics(&vs, Numerics::new(self.precision, Some(false), self.device));
         (vs, encoder)
     }
+}
 
-    /// The pixels (N x 1 x S x S), labels (N x columns) and row keys (N x 12: image index, study,
-    /// cluster, each as four exact float32s) of `refs` from the decode cache; an image that does not
-    /// decode is left out and reported.
-    fn images(&self, refs: &[wire::ImageRef]) -> Result<(Tensor, Tensor, Tensor, Issues), String> {
-        let root = Path::new(&self.assignment.data_root);
-        let cache = DecodeCache::open(&simclr_data::cache_dir().join("decoded"))
-            .map_err(|e| e.to_string())?
-            .with_options(self.decode);
-        let size = self.assignment.image_size;
-        let columns = self.assignment.label_columns.len();
-        let decoded: Vec<Result<Vec<f32>, String>> = refs
-            .par_iter()
-            .map(|r| {
-                if r.labels.len() != columns {
-                    return Err(format!("{} labels for {columns} label columns", r.labels.len()));
-                }
-                cache.get_or_decode(root, &cache_key(r, size)).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
-            })
-            .collect();
-        let (mut pixels, mut labels, mut keys, mut issues) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (r, result) in refs.iter().zip(decoded) {
-            match result {
-                Ok(p) => {
-                    pixels.extend_from_slice(&p);
-                    labels.extend_from_slice(&r.labels);
-                    for v in [r.index, r.study, r.group] {
-                        keys.extend(u64_to_f32s(v));
-                    }
-                }
-                Err(reason) => issues.push((r.path.clone(), format!("probe: {reason}"))),
+/// The pixels (N x 1 x S x S), labels (N x columns) and row keys (N x 12: image index, study,
+/// cluster, each as four exact float32s) of `refs` from the decode cache; an image that does not
+/// decode is left out and reported.
+pub(crate) fn labelled_images(
+    assignment: &wire::GetAssignmentResponse,
+    decode: DecodeOptions,
+    refs: &[wire::ImageRef],
+) -> Result<(Tensor, Tensor, Tensor, Issues), String> {
+    let root = Path::new(&assignment.data_root);
+    let cache =
+        DecodeCache::open(&simclr_data::cache_dir().join("decoded")).map_err(|e| e.to_string())?.with_options(decode);
+    let size = assignment.image_size;
+    let columns = assignment.label_columns.len();
+    let decoded: Vec<Result<Vec<f32>, String>> = refs
+        .par_iter()
+        .map(|r| {
+            if r.labels.len() != columns {
+                return Err(format!("{} labels for {columns} label columns", r.labels.len()));
             }
+            cache.get_or_decode(root, &cache_key(r, size)).map(|(pixels, _)| pixels).map_err(|e| e.to_string())
+        })
+        .collect();
+    let (mut pixels, mut labels, mut keys, mut issues) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (r, result) in refs.iter().zip(decoded) {
+        match result {
+            Ok(p) => {
+                pixels.extend_from_slice(&p);
+                labels.extend_from_slice(&r.labels);
+                for v in [r.index, r.study, r.group] {
+                    keys.extend(u64_to_f32s(v));
+                }
+            }
+            Err(reason) => issues.push((r.path.clone(), format!("probe: {reason}"))),
         }
-        let n = (labels.len() / columns.max(1)) as i64;
-        let side = size as i64;
-        let x = Tensor::from_slice(&pixels).view([n, 1, side, side]).to_kind(Kind::Float);
-        let y = Tensor::from_slice(&labels).view([n, columns as i64]);
-        let keys = Tensor::from_slice(&keys).view([n, 12]);
-        Ok((x, y, keys, issues))
     }
+    let n = (labels.len() / columns.max(1)) as i64;
+    let side = size as i64;
+    let x = Tensor::from_slice(&pixels).view([n, 1, side, side]).to_kind(Kind::Float);
+    let y = Tensor::from_slice(&labels).view([n, columns as i64]);
+    let keys = Tensor::from_slice(&keys).view([n, 12]);
+    Ok((x, y, keys, issues))
 }
 
 /// The order that sorts gathered rows by image index (N x 12 keys from `FeatureJob::images`), the
 /// sorted rows' studies and clusters, and their image indices.
-fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows, Vec<u64>), String> {
+pub(crate) fn sorted_rows(keys: &Tensor) -> Result<(Tensor, Rows, Vec<u64>), String> {
     let flat = Vec::<f32>::try_from(keys.flatten(0, -1)).map_err(|e| e.to_string())?;
     let rows: Vec<[u64; 3]> =
         flat.chunks(12).map(|k| [f32s_to_u64(&k[0..4]), f32s_to_u64(&k[4..8]), f32s_to_u64(&k[8..12])]).collect();

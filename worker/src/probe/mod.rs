@@ -3,6 +3,7 @@
 //! features).
 
 pub mod features;
+pub mod knn;
 pub mod trainer;
 
 pub use trainer::{
