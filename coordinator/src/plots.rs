@@ -32,6 +32,26 @@ const TRAIN: RGBColor = RGBColor(44, 160, 44);
 
 type Failure = Box<dyn std::error::Error>;
 
+/// Draws one figure into `<dir>/<name>.png` and `<dir>/<name>.svg`: `$draw` is run with `$area` bound to
+/// each backend's drawing area in turn (a macro, as the two backends are different types). Pushes both
+/// paths onto `$written`.
+macro_rules! png_and_svg {
+    ($dir:expr, $name:expr, $size:expr, $written:expr, |$area:ident| $draw:expr) => {{
+        for ext in ["png", "svg"] {
+            let path = $dir.join(format!("{}.{ext}", $name));
+            let result: Result<(), Failure> = if ext == "png" {
+                let $area = BitMapBackend::new(&path, $size).into_drawing_area();
+                $draw.and_then(|()| $area.present().map_err(Failure::from))
+            } else {
+                let $area = SVGBackend::new(&path, $size).into_drawing_area();
+                $draw.and_then(|()| $area.present().map_err(Failure::from))
+            };
+            result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", path.display())))?;
+            $written.push(path);
+        }
+    }};
+}
+
 fn register_font() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
@@ -52,19 +72,8 @@ pub fn write_probe_plots(run_dir: &RunDir, outcomes: &[ProbeOutcome]) -> std::io
     let Some(best) = grouped.shown() else { return Ok(Vec::new()) };
     let mut written = Vec::new();
     for name in ["accuracy_by_epoch", "loss_by_epoch", "configurations", "roc"] {
-        for ext in ["png", "svg"] {
-            let path = dir.join(format!("{name}.{ext}"));
-            let size = if name == "configurations" { WIDE } else { SIZE };
-            let result = if ext == "png" {
-                let area = BitMapBackend::new(&path, size).into_drawing_area();
-                draw(name, &area, &grouped, best).and_then(|()| area.present().map_err(Failure::from))
-            } else {
-                let area = SVGBackend::new(&path, size).into_drawing_area();
-                draw(name, &area, &grouped, best).and_then(|()| area.present().map_err(Failure::from))
-            };
-            result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", path.display())))?;
-            written.push(path);
-        }
+        let size = if name == "configurations" { WIDE } else { SIZE };
+        png_and_svg!(dir, name, size, written, |area| draw(name, &area, &grouped, best));
     }
     Ok(written)
 }
@@ -143,6 +152,27 @@ where
     Ok(())
 }
 
+/// The series' legend box at `position`, in the bundled font at `size` points.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+    size: u32,
+) -> Result<(), Failure>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FAMILY, size))
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    Ok(())
+}
+
 /// Mean ± sd over seeds of `metric` for every configuration, one series per encoder.
 fn configurations<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -214,14 +244,7 @@ where
             .label(label)
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FAMILY, 12))
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight, 12)
 }
 
 /// The first label column's test ROC curve of every seed of the configuration chosen on validation, both encoders.
@@ -263,14 +286,7 @@ where
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FAMILY, 13))
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight, 13)
 }
 
 /// `plots/monitor.{png,svg}` from rank 0's `monitor.csv` (epoch, step, knn_auc, knn_accuracy): the kNN
@@ -300,18 +316,7 @@ pub fn write_monitor_plot(run_dir: &RunDir) -> std::io::Result<Vec<PathBuf>> {
     let last = auc.iter().map(|p| p.0).fold(1.0, f64::max);
     let lines = [("kNN validation AUC", SIMCLR, auc), ("kNN validation accuracy", TRAIN, accuracy)];
     let mut written = Vec::new();
-    for ext in ["png", "svg"] {
-        let out = dir.join(format!("monitor.{ext}"));
-        let result = if ext == "png" {
-            let area = BitMapBackend::new(&out, SIZE).into_drawing_area();
-            monitor_lines(&area, last, &lines).and_then(|()| area.present().map_err(Failure::from))
-        } else {
-            let area = SVGBackend::new(&out, SIZE).into_drawing_area();
-            monitor_lines(&area, last, &lines).and_then(|()| area.present().map_err(Failure::from))
-        };
-        result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", out.display())))?;
-        written.push(out);
-    }
+    png_and_svg!(dir, "monitor", SIZE, written, |area| monitor_lines(&area, last, &lines));
     Ok(written)
 }
 
@@ -343,14 +348,7 @@ where
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(points.into_iter().map(move |p| Circle::new(p, 4, color.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FAMILY, 13))
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight, 13)
 }
 
 /// One coloured group of points in a scatter plot.
@@ -384,18 +382,7 @@ pub fn write_scatter(
     };
     let (x, y) = (range(|p| p.0), range(|p| p.1));
     let mut written = Vec::new();
-    for ext in ["png", "svg"] {
-        let path = dir.join(format!("{name}.{ext}"));
-        let result = if ext == "png" {
-            let area = BitMapBackend::new(&path, SIZE).into_drawing_area();
-            scatter(&area, caption, axes, x, y, groups).and_then(|()| area.present().map_err(Failure::from))
-        } else {
-            let area = SVGBackend::new(&path, SIZE).into_drawing_area();
-            scatter(&area, caption, axes, x, y, groups).and_then(|()| area.present().map_err(Failure::from))
-        };
-        result.map_err(|e| std::io::Error::other(format!("plot {}: {e}", path.display())))?;
-        written.push(path);
-    }
+    png_and_svg!(dir, name, SIZE, written, |area| scatter(&area, caption, axes, x, y, groups));
     Ok(written)
 }
 
@@ -430,14 +417,7 @@ where
             .label(format!("{} ({})", g.label, g.points.len()))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FAMILY, 13))
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 13)
 }
 
 #[cfg(test)]
