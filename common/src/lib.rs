@@ -4,6 +4,7 @@
 
 pub mod atomic_file;
 pub mod config;
+pub mod crc32c;
 pub mod exit;
 pub mod launch_env;
 pub mod logging;

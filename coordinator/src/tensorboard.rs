@@ -20,30 +20,9 @@ use simclr_common::probe::ProbeOutcome;
 use simclr_proto::tensorboard::{event, summary, Event, Summary};
 use tokio::sync::broadcast::error::RecvError;
 
+use simclr_common::crc32c::masked_crc32c as masked_crc;
+
 use crate::job::{Job, JobEvent};
-
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bytewise with a table.
-fn crc32c(bytes: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut table = [0u32; 256];
-        for (i, entry) in table.iter_mut().enumerate() {
-            let mut crc = i as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
-            }
-            *entry = crc;
-        }
-        table
-    });
-    !bytes.iter().fold(!0u32, |crc, &b| table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8))
-}
-
-/// The record format's masked CRC (rotated and offset, so that a CRC of CRCs is not trivially zero).
-fn masked_crc(bytes: &[u8]) -> u32 {
-    let crc = crc32c(bytes);
-    crc.rotate_right(15).wrapping_add(0xa282_ead8)
-}
 
 fn wall_time() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -169,15 +148,6 @@ pub async fn follow(job: Arc<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32c_matches_the_standard_check_values() {
-        // RFC 3720 (iSCSI) B.4 and the common "123456789" check value.
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
-        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
-        assert_eq!(crc32c(b""), 0);
-    }
 
     #[test]
     fn records_are_framed_with_masked_crcs() {

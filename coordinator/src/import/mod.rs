@@ -13,6 +13,7 @@
 
 pub mod pickle;
 pub mod resnet_keys;
+pub mod tf_bundle;
 pub mod torch_file;
 
 use std::collections::{BTreeMap, HashMap};
