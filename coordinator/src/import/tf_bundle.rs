@@ -100,7 +100,10 @@ fn handle(data: &[u8], pos: &mut usize) -> Result<(usize, usize), String> {
 }
 
 /// The (key, value) entries of the block at `(offset, size)`.
-fn block(file: &[u8], (offset, size): (usize, usize)) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+/// A table entry: key and value bytes.
+type Entry = (Vec<u8>, Vec<u8>);
+
+fn block(file: &[u8], (offset, size): (usize, usize)) -> Result<Vec<Entry>, String> {
     let end = offset.checked_add(size).filter(|&e| e + 5 <= file.len()).ok_or("a block past the end of the index")?;
     let compression = file[end];
     if compression != 0 {
@@ -112,7 +115,7 @@ fn block(file: &[u8], (offset, size): (usize, usize)) -> Result<Vec<(Vec<u8>, Ve
     }
     let restarts = u32::from_le_bytes(data[data.len() - 4..].try_into().expect("4 bytes")) as usize;
     let entries_end = data.len().checked_sub(4 + 4 * restarts).ok_or("a restart array longer than its block")?;
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
     let mut pos = 0;
     let mut key: Vec<u8> = Vec::new();
     while pos < entries_end {
@@ -176,11 +179,12 @@ pub fn read_bundle(prefix: &Path) -> Result<BTreeMap<String, RawTensor>, ImportE
             return Err(bad(&index_path, format!("{name}: a partitioned variable (slices) is not supported")));
         }
         let shard_path = PathBuf::from(format!("{}.data-{:05}-of-{:05}", prefix.display(), entry.shard_id, shards));
-        if !data.contains_key(&entry.shard_id) {
-            let bytes = std::fs::read(&shard_path).map_err(|e| bad(&shard_path, e.to_string()))?;
-            data.insert(entry.shard_id, bytes);
-        }
-        let bytes = &data[&entry.shard_id];
+        let bytes = match data.entry(entry.shard_id) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(std::fs::read(&shard_path).map_err(|e| bad(&shard_path, e.to_string()))?)
+            }
+        };
         let shape: Vec<usize> = entry
             .shape
             .as_ref()
@@ -203,7 +207,7 @@ pub fn read_bundle(prefix: &Path) -> Result<BTreeMap<String, RawTensor>, ImportE
     Ok(out)
 }
 
-fn read_index(file: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn read_index(file: &[u8]) -> Result<Vec<Entry>, String> {
     if file.len() < FOOTER {
         return Err("shorter than a table footer".into());
     }
