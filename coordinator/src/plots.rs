@@ -289,8 +289,9 @@ where
     legend(&mut chart, SeriesLabelPosition::LowerRight, 13)
 }
 
-/// `plots/monitor.{png,svg}` from rank 0's `monitor.csv` (epoch, step, knn_auc, knn_accuracy): the kNN
-/// monitor's validation AUC and accuracy over the epochs of pretraining. None when there is no table.
+/// `plots/monitor.{png,svg}` from rank 0's `monitor.csv` (epoch, step, knn_auc, knn_accuracy, online_auc,
+/// online_accuracy): the monitor's validation AUC and accuracy over the epochs of pretraining. None when
+/// there is no table.
 pub fn write_monitor_plot(run_dir: &RunDir) -> std::io::Result<Vec<PathBuf>> {
     let path = run_dir.path().join("monitor.csv");
     let mut reader = match csv::Reader::from_path(&path) {
@@ -300,21 +301,28 @@ pub fn write_monitor_plot(run_dir: &RunDir) -> std::io::Result<Vec<PathBuf>> {
         }
         Err(e) => return Err(std::io::Error::other(format!("{}: {e}", path.display()))),
     };
-    let (mut auc, mut accuracy) = (Vec::new(), Vec::new());
+    let mut columns: [Vec<(f64, f64)>; 4] = Default::default();
     for record in reader.records() {
         let record = record.map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
         let value = |i: usize| record.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        auc.push((value(0), value(2)));
-        accuracy.push((value(0), value(3)));
+        for (k, column) in columns.iter_mut().enumerate() {
+            column.push((value(0), value(2 + k)));
+        }
     }
-    if auc.is_empty() {
+    if columns[0].is_empty() {
         return Ok(Vec::new());
     }
     register_font().map_err(std::io::Error::other)?;
     let dir = run_dir.path().join("plots");
     std::fs::create_dir_all(&dir)?;
-    let last = auc.iter().map(|p| p.0).fold(1.0, f64::max);
-    let lines = [("kNN validation AUC", SIMCLR, auc), ("kNN validation accuracy", TRAIN, accuracy)];
+    let last = columns[0].iter().map(|p| p.0).fold(1.0, f64::max);
+    let [knn_auc, knn_accuracy, online_auc, online_accuracy] = columns;
+    let lines = [
+        ("kNN: validation AUC", SIMCLR, knn_auc),
+        ("kNN: validation accuracy", TRAIN, knn_accuracy),
+        ("online linear: validation AUC", RANDOM, online_auc),
+        ("online linear: validation accuracy", RGBColor(148, 103, 189), online_accuracy),
+    ];
     let mut written = Vec::new();
     png_and_svg!(dir, "monitor", SIZE, written, |area| monitor_lines(&area, last, &lines));
     Ok(written)
@@ -333,7 +341,7 @@ where
 {
     area.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(area)
-        .caption("representation quality during pretraining (weighted kNN, validation split)", (FAMILY, 17))
+        .caption("representation quality during pretraining (validation split)", (FAMILY, 17))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(56)

@@ -195,7 +195,7 @@ pub struct Trainer {
     pub epoch: u64,
     /// Batches of the current epoch already done.
     pub position: usize,
-    steps_per_epoch: u64,
+    pub steps_per_epoch: u64,
     last_checkpoint: Option<PathBuf>,
     /// The step's collectives. With more than one rank: the [`Queued`] one of the gradient buckets
     /// (one queue for everything), or, after [`Trainer::use_gradient_collective`], the job's collective
@@ -209,7 +209,7 @@ pub struct Trainer {
     given: Arc<dyn Collective>,
     bucket_bytes: usize,
     /// Images per step on this rank: the global batch divided by the world size.
-    local_batch: usize,
+    pub local_batch: usize,
     /// The gradients' sum over the ranks (with more than one).
     reducer: Option<GradReducer>,
     /// Steps whose loss and contrastive accuracy are still on the device (see [`Trainer::resolve`]).
@@ -224,6 +224,9 @@ pub struct Trainer {
     /// What the run's course depends on beyond `config` and its seed (the data's split and order), as
     /// {"data.split_seed": .., ...}: saved with each checkpoint and compared on resuming.
     pub run_keys: serde_json::Value,
+    /// The last step's encoder features of this rank's samples (first view, detached, float32): what an
+    /// online classifier beside the step learns from.
+    pub last_features: Option<Tensor>,
 }
 
 impl Trainer {
@@ -342,6 +345,7 @@ impl Trainer {
             steps_per_epoch,
             last_checkpoint: None,
             run_keys: serde_json::Value::Null,
+            last_features: None,
         })
     }
 
@@ -443,6 +447,7 @@ impl Trainer {
         // The encoder runs in its own precision and returns float32; the head's output is float32 again
         // before the loss, which is always computed in float32.
         let h = self.encoder.forward_with(&views, pass);
+        self.last_features = Some(h.narrow(0, 0, n).detach());
         let z = to_float(self.numerics.autocast(|| self.head.forward_with(&h, pass)));
         self.optimizer.zero_grad();
         let rows = AnchorRows::rank_block(n, rank);
@@ -549,21 +554,21 @@ impl Trainer {
                 monitor(stats);
                 Ok(())
             },
-            |_, _| Ok(()),
+            |_| Ok(()),
         )
     }
 
     /// Trains until the configured end on this rank's data of each epoch (`data(epoch)`, asked once
     /// per epoch, the next epoch's while the last step of the current one is prepared); `monitor` sees
     /// every step, in order, when its values are read back (see `read_back_every`), and may stop the
-    /// run with an error; `epoch_end` sees the trainer after the last step of each epoch (with that
-    /// epoch's number), before any checkpoint of that step.
+    /// run with an error; `after_step` sees the trainer after every step (an epoch just ended where
+    /// `position` is 0 again), before any checkpoint of that step.
     pub fn fit_epochs(
         &mut self,
         mut data: impl FnMut(u64) -> Result<Box<dyn EpochSource>, TrainError>,
         checkpoints: Option<&Path>,
         mut monitor: impl FnMut(&StepStats) -> Result<(), TrainError>,
-        mut epoch_end: impl FnMut(&Trainer, u64) -> Result<(), TrainError>,
+        mut after_step: impl FnMut(&Trainer) -> Result<(), TrainError>,
     ) -> Result<(), TrainError> {
         let total = self.total_steps();
         // The current epoch's source and, from its last step on, the next one's.
@@ -630,9 +635,7 @@ impl Trainer {
                     monitor(&stats)?;
                 }
             }
-            if self.position == 0 {
-                epoch_end(self, self.epoch - 1)?;
-            }
+            after_step(self)?;
             if let Some(dir) = checkpoint {
                 self.save_checkpoint(dir)?;
             }

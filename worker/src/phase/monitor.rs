@@ -3,10 +3,18 @@
 //! ordered by image index, so the result is the same for any world size), and a weighted kNN
 //! classifier ([`crate::probe::knn`]) of the validation images against the training images for the
 //! first target. The images are read from the decode cache once, before the first step.
+//!
+//! Beside the step, an online linear classifier (solo-learn's online evaluation) learns the first
+//! target from the step's own features (first view, detached): every rank's features of the global
+//! batch are gathered in rank order (the global batch's order, the same for any world size),
+//! standardised by running statistics and fed to one linear layer trained by SGD with momentum on
+//! binary cross-entropy. Each look also scores the validation images with it. It starts afresh when a
+//! run resumes (it is not part of the checkpoint).
 
 use simclr_common::pretrain::MonitorConfig;
 use simclr_data::pixels::DecodeOptions;
 use simclr_proto::wire;
+use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::comm::Collective;
@@ -23,6 +31,74 @@ pub struct MonitorPoint {
     pub step: u64,
     pub knn_auc: f64,
     pub knn_accuracy: f64,
+    /// The online linear classifier on the validation images.
+    pub online_auc: f64,
+    pub online_accuracy: f64,
+}
+
+/// The online linear classifier's learning rate and momentum (SGD), and the running statistics'
+/// momentum (as BatchNorm's).
+const ONLINE_LR: f64 = 0.1;
+const ONLINE_MOMENTUM: f64 = 0.9;
+const STATS_MOMENTUM: f64 = 0.1;
+
+/// Standardisation by running statistics, then one linear layer to one logit.
+struct OnlineLinear {
+    _vs: nn::VarStore,
+    linear: nn::Linear,
+    optimizer: nn::Optimizer,
+    mean: Tensor,
+    var: Tensor,
+    steps: u64,
+}
+
+impl OnlineLinear {
+    fn new(dim: i64) -> Result<OnlineLinear, String> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let linear = crate::engine::model::with_torch_seed(0, || {
+            nn::linear(
+                vs.root() / "online",
+                dim,
+                1,
+                nn::LinearConfig { ws_init: nn::Init::Const(0.0), ..Default::default() },
+            )
+        });
+        let optimizer = nn::Sgd { momentum: ONLINE_MOMENTUM, ..Default::default() }
+            .build(&vs, ONLINE_LR)
+            .map_err(|e| e.to_string())?;
+        let zeros = Tensor::zeros([dim], (Kind::Float, Device::Cpu));
+        Ok(OnlineLinear { _vs: vs, linear, optimizer, mean: zeros.copy(), var: zeros + 1.0, steps: 0 })
+    }
+
+    fn logits(&self, x: &Tensor) -> Tensor {
+        self.linear.forward(&((x - &self.mean) / (&self.var + 1e-5).sqrt())).squeeze_dim(1)
+    }
+
+    /// One SGD step on the labelled rows of `x` (N x D) with labels `y` (N; NaN: unlabelled).
+    fn train(&mut self, x: &Tensor, y: &Tensor) {
+        let keep = y.isfinite().nonzero().squeeze_dim(1);
+        if keep.size()[0] < 2 {
+            return;
+        }
+        let (x, y) = (x.index_select(0, &keep), y.index_select(0, &keep));
+        tch::no_grad(|| {
+            let (mean, var) = (x.mean_dim(0, false, Kind::Float), x.var_dim(0, false, false));
+            if self.steps == 0 {
+                self.mean = mean;
+                self.var = var;
+            } else {
+                self.mean = &self.mean * (1.0 - STATS_MOMENTUM) + mean * STATS_MOMENTUM;
+                self.var = &self.var * (1.0 - STATS_MOMENTUM) + var * STATS_MOMENTUM;
+            }
+        });
+        let loss = self.logits(&x).binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean);
+        self.optimizer.backward_step(&loss);
+        self.steps += 1;
+    }
+
+    fn scores(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.logits(x).sigmoid())
+    }
 }
 
 struct Labelled {
@@ -38,6 +114,7 @@ pub struct Monitor {
     validation: Labelled,
     input_size: i64,
     device: Device,
+    online: Option<OnlineLinear>,
     pub history: Vec<MonitorPoint>,
 }
 
@@ -73,7 +150,31 @@ impl Monitor {
             tracing::info!("pretrain.monitor: no labelled training and validation images; no kNN monitor");
             return Ok(None);
         }
-        Ok(Some(Monitor { config, train, validation, input_size, device, history: Vec::new() }))
+        Ok(Some(Monitor { config, train, validation, input_size, device, online: None, history: Vec::new() }))
+    }
+
+    /// One step of the online classifier on this step's features of this rank's samples (`features`,
+    /// n x D) with their first-target labels (n; NaN where a study has none). Collective: every rank
+    /// calls it after every step.
+    pub fn step_online(
+        &mut self,
+        features: &Tensor,
+        labels: &[f32],
+        collective: &dyn Collective,
+    ) -> Result<(), String> {
+        let n = features.size()[0];
+        if labels.len() as i64 != n {
+            return Err(format!("{n} feature rows for {} labels", labels.len()));
+        }
+        let x = gather_rows(collective, &features.to_device(Device::Cpu).to_kind(Kind::Float))?;
+        let y = gather_rows(collective, &Tensor::from_slice(labels).view([n, 1]))?.flatten(0, -1);
+        if self.online.is_none() {
+            self.online = Some(OnlineLinear::new(x.size()[1])?);
+        }
+        if let Some(online) = self.online.as_mut() {
+            online.train(&x, &y);
+        }
+        Ok(())
     }
 
     /// Whether the epoch just completed (0-based) is one to look at; the last one always is.
@@ -110,11 +211,24 @@ impl Monitor {
         let scores = Vec::<f64>::try_from(scores.to_kind(Kind::Double)).map_err(|e| e.to_string())?;
         let labels: Vec<bool> =
             Vec::<f32>::try_from(val_y.flatten(0, -1)).map_err(|e| e.to_string())?.iter().map(|&v| v >= 0.5).collect();
+        let (online_auc, online_accuracy) = match &self.online {
+            Some(online) if online.steps > 0 => {
+                let online =
+                    Vec::<f64>::try_from(online.scores(&val_f).to_kind(Kind::Double)).map_err(|e| e.to_string())?;
+                (
+                    simclr_common::metrics::roc_auc(&online, &labels).unwrap_or(f64::NAN),
+                    simclr_common::metrics::accuracy(&online, &labels, 0.5),
+                )
+            }
+            _ => (f64::NAN, f64::NAN),
+        };
         let point = MonitorPoint {
             epoch,
             step,
             knn_auc: simclr_common::metrics::roc_auc(&scores, &labels).unwrap_or(f64::NAN),
             knn_accuracy: simclr_common::metrics::accuracy(&scores, &labels, 0.5),
+            online_auc,
+            online_accuracy,
         };
         self.history.retain(|p| p.epoch != epoch);
         self.history.push(point);
@@ -126,12 +240,18 @@ impl Monitor {
         let Ok(text) = std::fs::read_to_string(path) else { return self };
         for line in text.lines().skip(1) {
             let v: Vec<&str> = line.split(',').collect();
-            if let [e, s, auc, acc] = v.as_slice() {
-                if let (Ok(e), Ok(step), Ok(knn_auc), Ok(knn_accuracy)) =
-                    (e.parse::<u64>(), s.parse(), auc.parse(), acc.parse())
-                {
+            if let [e, s, rest @ ..] = v.as_slice() {
+                let value = |i: usize| rest.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+                if let (Ok(e), Ok(step)) = (e.parse::<u64>(), s.parse()) {
                     if e >= 1 && e - 1 < epoch {
-                        self.history.push(MonitorPoint { epoch: e - 1, step, knn_auc, knn_accuracy });
+                        self.history.push(MonitorPoint {
+                            epoch: e - 1,
+                            step,
+                            knn_auc: value(0),
+                            knn_accuracy: value(1),
+                            online_auc: value(2),
+                            online_accuracy: value(3),
+                        });
                     }
                 }
             }
@@ -141,10 +261,45 @@ impl Monitor {
 
     /// `monitor.csv`: one row per look (epoch counted from 1), rewritten whole each time.
     pub fn write_csv(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut text = String::from("epoch,step,knn_auc,knn_accuracy\n");
+        let mut text = String::from("epoch,step,knn_auc,knn_accuracy,online_auc,online_accuracy\n");
         for p in &self.history {
-            text.push_str(&format!("{},{},{:.6},{:.6}\n", p.epoch + 1, p.step, p.knn_auc, p.knn_accuracy));
+            text.push_str(&format!(
+                "{},{},{:.6},{:.6},{:.6},{:.6}\n",
+                p.epoch + 1,
+                p.step,
+                p.knn_auc,
+                p.knn_accuracy,
+                p.online_auc,
+                p.online_accuracy
+            ));
         }
         simclr_common::atomic_file::write_atomic(path, |tmp| std::fs::write(tmp, &text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_online_classifier_learns_a_separable_label_and_skips_unlabelled_rows() {
+        // Label = 1 where the first feature exceeds its mean; features on a scale of 100 (standardised
+        // before the linear layer, so the scale does not matter). Unlabelled rows (NaN) carry the
+        // opposite pattern and must be ignored.
+        let x = crate::engine::model::with_torch_seed(3, || Tensor::randn([64, 8], (Kind::Float, Device::Cpu))) * 100.0;
+        let y = x.select(1, 0).gt(0.0).to_kind(Kind::Float);
+        let _ = y.narrow(0, 0, 8).fill_(f64::NAN);
+        let mut online = OnlineLinear::new(8).unwrap();
+        for _ in 0..60 {
+            online.train(&x, &y);
+        }
+        let scores = Vec::<f64>::try_from(online.scores(&x.narrow(0, 8, 56)).to_kind(Kind::Double)).unwrap();
+        let labels: Vec<bool> = Vec::<f32>::try_from(y.narrow(0, 8, 56)).unwrap().iter().map(|&v| v >= 0.5).collect();
+        assert!(simclr_common::metrics::accuracy(&scores, &labels, 0.5) >= 0.95, "{scores:?}");
+        assert_eq!(online.steps, 60);
+        // Too few labelled rows: no step.
+        let mut idle = OnlineLinear::new(8).unwrap();
+        idle.train(&x.narrow(0, 0, 8), &y.narrow(0, 0, 8));
+        assert_eq!(idle.steps, 0);
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(ctx: &PhaseContext) -> Result<PhaseOutput, PhaseError> {
         decode: DecodeOptions::of(&ctx.config.data),
         bad: Arc::default(),
         data_seconds: Arc::default(),
+        slot_labels: Arc::default(),
     };
     let issues = Arc::clone(&job.issues);
     let comm_s = move || timed.seconds() + gradients.as_ref().map_or(0.0, |g| g.seconds());
@@ -202,8 +203,13 @@ async fn report_monitor(ctx: &PhaseContext, point: &MonitorPoint, total: u64) {
     if ctx.rank != 0 {
         return;
     }
-    let metrics =
-        [("knn_auc", point.knn_auc), ("knn_accuracy", point.knn_accuracy), ("monitor_epoch", (point.epoch + 1) as f64)];
+    let metrics = [
+        ("knn_auc", point.knn_auc),
+        ("knn_accuracy", point.knn_accuracy),
+        ("online_auc", point.online_auc),
+        ("online_accuracy", point.online_accuracy),
+        ("monitor_epoch", (point.epoch + 1) as f64),
+    ];
     let request = wire::ReportProgressRequest {
         rank: ctx.rank,
         instance_id: ctx.instance_id.clone(),
@@ -239,6 +245,9 @@ struct TrainJob {
     bad: Arc<Mutex<std::collections::HashMap<String, String>>>,
     /// Seconds the step has waited for its data (assignments and batches).
     data_seconds: Arc<Mutex<f64>>,
+    /// Each loaded epoch's first-target label per slot of this rank (NaN: none), for the online
+    /// classifier of the monitor.
+    slot_labels: Arc<Mutex<std::collections::BTreeMap<u64, Vec<f32>>>>,
 }
 
 impl TrainJob {
@@ -292,6 +301,7 @@ impl TrainJob {
         let mut monitor = self.monitor(&trainer)?;
         let monitor_csv = self.run_dir.join("monitor.csv");
         let mut monitor_seconds = 0.0;
+        let online_seconds = Mutex::new(0.0);
         let mut look = |monitor: &mut Monitor, trainer: &Trainer, epoch: u64| -> Result<(), TrainError> {
             let t = Instant::now();
             let point =
@@ -337,9 +347,33 @@ impl TrainJob {
                 }
                 Ok(())
             },
-            |trainer, epoch| match monitor.as_mut() {
-                Some(m) if m.due(epoch, trainer.step >= total) => look(m, trainer, epoch),
-                _ => Ok(()),
+            |trainer| {
+                let Some(m) = monitor.as_mut() else { return Ok(()) };
+                let t = Instant::now();
+                // The step just done: the last of the previous epoch where the position is back at 0.
+                let (epoch, position) = match trainer.position {
+                    0 => (trainer.epoch - 1, trainer.steps_per_epoch as usize - 1),
+                    p => (trainer.epoch, p - 1),
+                };
+                if let Some(features) = &trainer.last_features {
+                    let b = trainer.local_batch;
+                    let labels: Vec<f32> = self
+                        .slot_labels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&epoch)
+                        .and_then(|l| l.get(position * b..(position + 1) * b).map(<[f32]>::to_vec))
+                        .unwrap_or_else(|| vec![f32::NAN; b]);
+                    m.step_online(features, &labels, self.collective.as_ref()).map_err(|message| TrainError::Data {
+                        retryable: true,
+                        message: format!("pretrain.monitor: {message}"),
+                    })?;
+                }
+                *online_seconds.lock().unwrap_or_else(|p| p.into_inner()) += t.elapsed().as_secs_f64();
+                match trainer.position {
+                    0 if m.due(epoch, trainer.step >= total) => look(m, trainer, epoch),
+                    _ => Ok(()),
+                }
             },
         )?;
         // A run cut short inside an epoch (pretrain.max_steps) is looked at where it stopped.
@@ -392,7 +426,10 @@ impl TrainJob {
         if let Some(p) = last_look {
             m.insert("knn_auc".into(), p.knn_auc);
             m.insert("knn_accuracy".into(), p.knn_accuracy);
-            m.insert("monitor_seconds".into(), monitor_seconds);
+            m.insert("online_auc".into(), p.online_auc);
+            m.insert("online_accuracy".into(), p.online_accuracy);
+            let online = *online_seconds.lock().unwrap_or_else(|p| p.into_inner());
+            m.insert("monitor_seconds".into(), monitor_seconds + online);
         }
         Ok(m)
     }
@@ -436,6 +473,14 @@ impl TrainJob {
                 a.train.len(),
                 self.per_rank
             )));
+        }
+        {
+            let labels = a.train.iter().map(|r| r.labels.first().copied().unwrap_or(f32::NAN)).collect();
+            let mut all = self.slot_labels.lock().unwrap_or_else(|p| p.into_inner());
+            all.insert(epoch, labels);
+            while all.len() > 3 {
+                all.pop_first();
+            }
         }
         let reader = CacheReader {
             refs: a.train,
