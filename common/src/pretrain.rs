@@ -33,6 +33,21 @@ pub enum Stem {
     Native1,
 }
 
+/// Where a sample's two views come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positives {
+    /// Both from the same image (SimCLR).
+    #[default]
+    Views,
+    /// The second from another training image of the same study, where it has one (MedAug, Vu et al.
+    /// 2021); the same image otherwise.
+    SameStudy,
+    /// The second from another training image of the same patient (any of their studies; a study
+    /// without a PatientID counts as its own patient), where there is one.
+    SamePatient,
+}
+
 /// How pixels in [0, 1] are scaled before the encoder's first convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -373,6 +388,8 @@ pub struct PretrainSection {
     /// Side of the model input; the cached images are resampled to it by the crop.
     pub input_size: i64,
     pub augment: AugmentConfig,
+    /// Where the two views of a sample come from: "views", "same_study" or "same_patient".
+    pub positives: Positives,
     /// Representation quality watched while pretraining (needs labelled images).
     pub monitor: MonitorConfig,
     /// BatchNorm statistics with more than one worker.
@@ -428,6 +445,7 @@ impl Default for PretrainSection {
             warmup_epochs: 10.0,
             input_size: 224,
             augment: AugmentConfig::cxr(),
+            positives: Positives::Views,
             monitor: MonitorConfig::default(),
             bn: BnMode::Sync,
             bn_group_size: 0,

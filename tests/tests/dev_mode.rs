@@ -862,8 +862,10 @@ fn probe_table(run_dir: &Path) -> anyhow::Result<String> {
 async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> anyhow::Result<()> {
     const TOLERANCE: f64 = 1e-4;
     let dir = tempfile::tempdir()?;
-    // The kNN monitor looks after every epoch: its values must not depend on the world size either.
-    let config = write_config(dir.path(), &format!("{}[pretrain.monitor]\nevery_epochs = 1\n", invariance_job(48, 8)))?;
+    // The monitor looks after every epoch, and each sample's second view comes from another image of
+    // its study where there is one: neither may depend on the world size.
+    let job = invariance_job(48, 8).replace("epochs = 3\n", "epochs = 3\npositives = \"same_study\"\n");
+    let config = write_config(dir.path(), &format!("{job}[pretrain.monitor]\nevery_epochs = 1\n"))?;
     let mut runs = Vec::new();
     let mut monitors = Vec::new();
     for workers in ["1", "2", "4"] {
@@ -874,6 +876,9 @@ async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> a
         assert_eq!(code, 0, "{workers} workers: {log}");
         let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("pretrain.json"))?)?;
         let (steps, epochs) = (stats["ranks"]["0"]["steps"].as_f64(), stats["ranks"]["0"]["epochs"].as_f64());
+        let dataset: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("dataset.json"))?)?;
+        let train = &dataset["split"]["train"];
+        assert!(train["images"].as_u64() > train["studies"].as_u64(), "no study with two images to pair: {train}");
         assert!(steps.is_some_and(|s| s >= 12.0) && epochs.is_some_and(|e| e >= 2.0), "{workers} workers: {stats}");
         runs.push((workers, read_tensors(&run_dir.join("encoder.safetensors"))?, probe_table(&run_dir)?));
         monitors.push(csv_rows(&run_dir.join("monitor.csv"))?);
@@ -908,6 +913,14 @@ async fn a_run_ends_with_the_same_encoder_and_table_for_1_2_and_4_workers() -> a
         );
         assert_eq!(table, other_table, "{workers} workers wrote another probe table than 1 worker");
     }
+    // The pairing has an effect: the same run with both views from one image ends elsewhere.
+    let views = write_config(dir.path(), &invariance_job(48, 8))?;
+    let run_dir = dir.path().join("views");
+    let (code, log) =
+        finish(dev_command(&run_dir, &["--workers", "1", "--seed", "5", "--config", &views])?.spawn()?).await?;
+    assert_eq!(code, 0, "{log}");
+    let (difference, _) = largest_relative_difference(reference, &read_tensors(&run_dir.join("encoder.safetensors"))?);
+    assert!(difference > 100.0 * TOLERANCE, "same_study ended where views did ({difference:.2e})");
     Ok(())
 }
 

@@ -33,7 +33,7 @@ impl Job {
         let Some(data) = &self.data else { return Ok(wire::GetAssignmentResponse::default()) };
         let usable = if decode {
             let excluded = self.lock().undecodable.keys().copied().collect();
-            Arc::new(Usable::new(data, &excluded))
+            Arc::new(Usable::new(data, &excluded, self.config.pretrain.positives))
         } else {
             self.wait_for(|s| s.usable.is_some() || s.outcome.is_some()).await;
             let state = self.lock();
@@ -63,6 +63,7 @@ impl Job {
                 study: study as u64,
                 group: data.groups.get(study).copied().unwrap_or(study) as u64,
                 occurrence,
+                partner: None,
             }
         };
         // The decode phase fills each host's decode cache (workers of one host share it): the ranks of a
@@ -84,7 +85,17 @@ impl Job {
                 )));
             }
             let order = self.epoch_order(&usable, epoch)?;
-            rank_slots(&order, batch, world_size, rank as usize).into_iter().map(image_ref).collect()
+            let seed = self.config.job.seed;
+            rank_slots(&order, batch, world_size, rank as usize)
+                .into_iter()
+                .map(|slot| {
+                    let mut r = image_ref(slot);
+                    if self.config.pretrain.positives != Positives::Views {
+                        r.partner = Some(Box::new(image_ref((usable.partner(seed, epoch, slot), slot.1))));
+                    }
+                    r
+                })
+                .collect()
         };
         Ok(wire::GetAssignmentResponse {
             data_root: data.root.display().to_string(),

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use simclr_common::pretrain::Positives;
 use simclr_common::probe::ProbeOutcome;
 use simclr_common::{ExitStatus, JobConfig, PeerTable, StopNotice, StopReason, PHASES};
 use simclr_proto::client::{lazy_channel, worker_client, AttachToken, WorkerClient};
@@ -78,6 +79,9 @@ pub(crate) struct Usable {
     /// The epochs' global orders computed so far; the two latest are kept (the ranks ask for an epoch
     /// at about the same time, and never for one more than an epoch behind the others).
     orders: Mutex<BTreeMap<u64, Arc<Vec<simclr_data::dataset::Slot>>>>,
+    /// With `pretrain.positives` other than "views": each training image's candidates for its second
+    /// view (the other usable training images of its study or patient), sorted.
+    partners: std::collections::HashMap<usize, Vec<usize>>,
 }
 
 /// `file_issues` as the rows of `worker_file_issues.csv`: (phase, rank, path, reason), by path.
@@ -86,8 +90,9 @@ fn issue_rows(issues: &BTreeMap<String, (String, u32, String)>) -> Vec<(String, 
 }
 
 impl Usable {
-    fn new(data: &PreparedData, excluded: &BTreeSet<usize>) -> Usable {
-        let training = data.training_images.iter().copied().filter(|i| !excluded.contains(i)).collect();
+    fn new(data: &PreparedData, excluded: &BTreeSet<usize>, positives: Positives) -> Usable {
+        let training: Vec<usize> = data.training_images.iter().copied().filter(|i| !excluded.contains(i)).collect();
+        let partners = partner_candidates(&data.study_of, &data.groups, &training, positives);
         let labelled_of = |studies: &[usize]| {
             let mut images: Vec<usize> = studies
                 .iter()
@@ -101,8 +106,59 @@ impl Usable {
         };
         let labelled =
             [labelled_of(&data.split.train), labelled_of(&data.split.validation), labelled_of(&data.split.test)];
-        Usable { training, labelled, orders: Mutex::new(BTreeMap::new()) }
+        Usable { training, labelled, orders: Mutex::new(BTreeMap::new()), partners }
     }
+
+    /// The image a slot's second view comes from: one of its candidates, drawn from (seed, epoch, image,
+    /// occurrence) alone, so the same for any world size; the image itself when it has none.
+    fn partner(&self, seed: u64, epoch: u64, (image, occurrence): simclr_data::dataset::Slot) -> usize {
+        match self.partners.get(&image) {
+            Some(c) if !c.is_empty() => {
+                let h = simclr_data::cache::fnv1a(
+                    &[
+                        seed.to_le_bytes(),
+                        epoch.to_le_bytes(),
+                        (image as u64).to_le_bytes(),
+                        u64::from(occurrence).to_le_bytes(),
+                    ]
+                    .concat(),
+                );
+                c[(h % c.len() as u64) as usize]
+            }
+            _ => image,
+        }
+    }
+}
+
+/// Each training image's other usable training images of the same study (`SameStudy`) or patient
+/// (`SamePatient`: the study's bootstrap group, the patient where known); empty for `Views`.
+fn partner_candidates(
+    study_of: &[usize],
+    groups: &[usize],
+    training: &[usize],
+    positives: Positives,
+) -> std::collections::HashMap<usize, Vec<usize>> {
+    let key = |image: usize| -> Option<usize> {
+        let study = study_of[image];
+        match positives {
+            Positives::Views => None,
+            Positives::SameStudy => Some(study),
+            Positives::SamePatient => Some(groups.get(study).copied().unwrap_or(study)),
+        }
+    };
+    let mut members: std::collections::HashMap<usize, Vec<usize>> = std::collections::HashMap::new();
+    for &image in training {
+        if let Some(k) = key(image) {
+            members.entry(k).or_default().push(image);
+        }
+    }
+    training
+        .iter()
+        .filter_map(|&image| {
+            let group = members.get(&key(image)?)?;
+            Some((image, group.iter().copied().filter(|&j| j != image).collect()))
+        })
+        .collect()
 }
 
 pub struct Job {
@@ -248,6 +304,35 @@ mod tests {
 
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_partner_is_another_training_image_of_the_study_or_patient_drawn_the_same_way_every_time() {
+        // Images 0-1 in study 0, 2 in study 1, 3-4 in study 2; studies 0 and 1 are one patient (group 0),
+        // study 2 its own (group 2). Image 4 is not a training image (it failed to decode).
+        let study_of = [0, 0, 1, 2, 2];
+        let groups = [0, 0, 2];
+        let training = [0, 1, 2, 3];
+        let by_study = partner_candidates(&study_of, &groups, &training, Positives::SameStudy);
+        assert_eq!(by_study[&0], vec![1]);
+        assert_eq!(by_study[&2], Vec::<usize>::new());
+        assert_eq!(by_study[&3], Vec::<usize>::new(), "image 4 is not usable");
+        let by_patient = partner_candidates(&study_of, &groups, &training, Positives::SamePatient);
+        assert_eq!(by_patient[&2], vec![0, 1]);
+        assert!(partner_candidates(&study_of, &groups, &training, Positives::Views).is_empty());
+
+        let usable = Usable {
+            training: training.to_vec(),
+            labelled: Default::default(),
+            orders: Mutex::new(BTreeMap::new()),
+            partners: by_patient,
+        };
+        assert_eq!(usable.partner(7, 0, (3, 0)), 3, "no other image: the image itself");
+        assert_eq!(usable.partner(7, 0, (0, 0)), 1);
+        // Image 2's partner is 0 or 1, the same on every call, and both come up over the epochs.
+        let drawn: Vec<usize> = (0..40).map(|e| usable.partner(7, e, (2, 0))).collect();
+        assert_eq!(drawn, (0..40).map(|e| usable.partner(7, e, (2, 0))).collect::<Vec<_>>());
+        assert!(drawn.contains(&0) && drawn.contains(&1) && !drawn.contains(&2), "{drawn:?}");
+    }
 
     fn worker(n: u32) -> Registration {
         Registration {

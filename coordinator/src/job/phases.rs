@@ -103,7 +103,7 @@ impl Job {
     fn fix_usable(&self, mut state: MutexGuard<'_, State>) -> Option<StopNotice> {
         let data = self.data.as_ref()?;
         let excluded: BTreeSet<usize> = state.undecodable.keys().copied().collect();
-        let usable = Usable::new(data, &excluded);
+        let usable = Usable::new(data, &excluded, self.config.pretrain.positives);
         let batch = self.config.pretrain.batch_size;
         let steps = match epoch_order(&usable.training, batch, self.config.job.seed, 0, self.config.data.shard_policy) {
             Ok(order) => Some(order.len() / batch),

@@ -174,8 +174,8 @@ pub fn gaussian_kernel(sigma: Option<f64>, radius: i64) -> Vec<f64> {
     }
 }
 
-/// Both views of a batch: images N x 1 x H x W with their sample ids -> (view 0, view 1), each
-/// N x 1 x out x out.
+/// Both views of a batch: images N x 1 x H x W (or N x 2 x H x W: each sample's second view from its
+/// second image, `pretrain.positives`) with their sample ids -> (view 0, view 1), each N x 1 x out x out.
 pub fn two_views(
     config: &AugmentConfig,
     images: &Tensor,
@@ -184,9 +184,11 @@ pub fn two_views(
     epoch: u64,
     out: i64,
 ) -> (Tensor, Tensor) {
+    // Two images per sample (N x 2 x S x S): the first view from the first, the second from the second.
+    let source = |v: i64| if images.size()[1] == 2 { images.narrow(1, v, 1) } else { images.shallow_clone() };
     let view = |v: u64| {
         let params: Vec<ViewParams> = samples.iter().map(|&s| sample_view(config, seed, s, epoch, v)).collect();
-        augment(images, &params, out)
+        augment(&source(v as i64), &params, out)
     };
     (view(0), view(1))
 }
@@ -313,5 +315,23 @@ mod tests {
             let angle = p.theta[3].atan2(p.theta[0]).to_degrees().abs();
             assert!(angle <= 10.0 + 1e-9 || (180.0 - angle) <= 10.0 + 1e-9, "angle {angle}");
         }
+    }
+
+    #[test]
+    fn with_two_images_per_sample_the_second_view_comes_from_the_second() {
+        // Augmentation off: each view is its source image resized; the first image is all zeros, the
+        // second all ones.
+        let config = AugmentConfig::disabled();
+        let pair = Tensor::cat(
+            &[
+                Tensor::zeros([3, 1, 16, 16], (Kind::Float, Device::Cpu)),
+                Tensor::ones([3, 1, 16, 16], (Kind::Float, Device::Cpu)),
+            ],
+            1,
+        );
+        let (a, b) = two_views(&config, &pair, &[1, 2, 3], 0, 0, 8);
+        assert_eq!(a.size(), [3, 1, 8, 8]);
+        assert_eq!(a.abs().max().double_value(&[]), 0.0);
+        assert!((b.min().double_value(&[]) - 1.0).abs() < 1e-6);
     }
 }

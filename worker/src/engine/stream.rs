@@ -27,7 +27,12 @@ pub trait SlotReader: Send + Sync + 'static {
     fn slots(&self) -> usize;
     /// Side of the (square) images.
     fn side(&self) -> usize;
-    /// Slot `slot`'s pixels, `side`^2 unorm16 values, or why they cannot be had.
+    /// Images per slot: 1, or 2 when a sample's second view comes from an image of its own (the
+    /// first image's pixels, then the second's).
+    fn channels(&self) -> usize {
+        1
+    }
+    /// Slot `slot`'s pixels, `channels` x `side`^2 unorm16 values, or why they cannot be had.
     fn read(&self, slot: usize) -> Result<Vec<u16>, String>;
     /// The sample id of slot `slot`'s image (what its views derive from).
     fn id(&self, slot: usize) -> u64;
@@ -38,7 +43,7 @@ pub trait SlotReader: Send + Sync + 'static {
     fn report(&self, slot: usize, reason: &str);
 }
 
-/// A batch read ahead: its pixels (u16 as i16, b x 1 x side x side) and sample ids.
+/// A batch read ahead: its pixels (u16 as i16, b x channels x side x side) and sample ids.
 type Batch = Result<(Tensor, Vec<u64>), TrainError>;
 
 /// An epoch read from a [`SlotReader`] in batches of `batch` slots, `depth` batches ahead.
@@ -122,8 +127,9 @@ impl EpochSource for StreamedEpoch {
 /// tensor (pinned when `pin`).
 fn read_batch(reader: &dyn SlotReader, start: usize, size: usize, pin: bool) -> Batch {
     let side = reader.side();
+    let channels = reader.channels();
     let read: Vec<Result<Vec<u16>, String>> = (start..start + size).into_par_iter().map(|s| reader.read(s)).collect();
-    let mut pixels: Vec<i16> = Vec::with_capacity(size * side * side);
+    let mut pixels: Vec<i16> = Vec::with_capacity(size * channels * side * side);
     let mut ids = Vec::with_capacity(size);
     for (k, r) in read.into_iter().enumerate() {
         let slot = start + k;
@@ -135,16 +141,16 @@ fn read_batch(reader: &dyn SlotReader, start: usize, size: usize, pin: bool) -> 
                 (values, reader.substitute_id(slot, source))
             }
         };
-        if values.len() != side * side {
+        if values.len() != channels * side * side {
             return Err(TrainError::Data {
-                message: format!("slot {slot}: {} pixels, expected {side}x{side}", values.len()),
+                message: format!("slot {slot}: {} pixels, expected {channels}x{side}x{side}", values.len()),
                 retryable: false,
             });
         }
         pixels.extend(values.into_iter().map(|v| v as i16));
         ids.push(id);
     }
-    let tensor = Tensor::from_slice(&pixels).view([size as i64, 1, side as i64, side as i64]);
+    let tensor = Tensor::from_slice(&pixels).view([size as i64, channels as i64, side as i64, side as i64]);
     let tensor = if pin { tensor.pin_memory(Device::Cuda(0)) } else { tensor };
     Ok((tensor, ids))
 }

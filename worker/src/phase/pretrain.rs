@@ -314,7 +314,9 @@ impl TrainJob {
                 step = point.step,
                 knn_auc = point.knn_auc,
                 knn_accuracy = point.knn_accuracy,
-                "kNN monitor"
+                online_auc = point.online_auc,
+                online_accuracy = point.online_accuracy,
+                "monitor"
             );
             let _ = self.events.send(Event::Monitor(point));
             if rank0 {
@@ -483,6 +485,7 @@ impl TrainJob {
             }
         }
         let reader = CacheReader {
+            paired: self.config.positives != simclr_common::pretrain::Positives::Views,
             refs: a.train,
             root: PathBuf::from(&a.data_root),
             image_size: a.image_size,
@@ -504,6 +507,8 @@ const PREFETCH_BATCHES: usize = 3;
 /// This rank's slots of one epoch in the decode cache.
 struct CacheReader {
     refs: Vec<wire::ImageRef>,
+    /// Each slot also reads its partner image (`pretrain.positives` other than "views").
+    paired: bool,
     root: PathBuf,
     image_size: u32,
     cache: Arc<DecodeCache>,
@@ -521,17 +526,29 @@ impl SlotReader for CacheReader {
         self.image_size as usize
     }
 
+    fn channels(&self) -> usize {
+        if self.paired {
+            2
+        } else {
+            1
+        }
+    }
+
     fn read(&self, slot: usize) -> Result<Vec<u16>, String> {
         let r = &self.refs[slot];
-        if let Some(reason) = self.bad.lock().unwrap_or_else(|p| p.into_inner()).get(&r.path) {
-            return Err(reason.clone());
+        let mut pixels = self.read_image(r)?;
+        if self.paired {
+            // A partner that does not decode is reported once, and the image stands in for it.
+            let partner = match r.partner.as_deref() {
+                Some(p) if p.path != r.path => self.read_image(p).unwrap_or_else(|reason| {
+                    self.report_path(&p.path, &reason);
+                    pixels.clone()
+                }),
+                _ => pixels.clone(),
+            };
+            pixels.extend(partner);
         }
-        let key = cache_key(r, self.image_size);
-        self.cache.get_or_decode_unorm16(&self.root, &key).map(|(pixels, _)| pixels).map_err(|e| {
-            let reason = format!("decode: {e}");
-            self.bad.lock().unwrap_or_else(|p| p.into_inner()).insert(r.path.clone(), reason.clone());
-            reason
-        })
+        Ok(pixels)
     }
 
     fn id(&self, slot: usize) -> u64 {
@@ -544,11 +561,29 @@ impl SlotReader for CacheReader {
     }
 
     fn report(&self, slot: usize, reason: &str) {
-        let path = &self.refs[slot].path;
+        self.report_path(&self.refs[slot].path, reason);
+    }
+}
+
+impl CacheReader {
+    /// One image's pixels from the decode cache (decoding it if it is not there yet).
+    fn read_image(&self, r: &wire::ImageRef) -> Result<Vec<u16>, String> {
+        if let Some(reason) = self.bad.lock().unwrap_or_else(|p| p.into_inner()).get(&r.path) {
+            return Err(reason.clone());
+        }
+        let key = cache_key(r, self.image_size);
+        self.cache.get_or_decode_unorm16(&self.root, &key).map(|(pixels, _)| pixels).map_err(|e| {
+            let reason = format!("decode: {e}");
+            self.bad.lock().unwrap_or_else(|p| p.into_inner()).insert(r.path.clone(), reason.clone());
+            reason
+        })
+    }
+
+    /// Records an unusable file once per image and run, however many epochs meet it.
+    fn report_path(&self, path: &str, reason: &str) {
         let mut issues = self.issues.lock().unwrap_or_else(|p| p.into_inner());
-        // Once per image and run, however many epochs meet it.
         if !issues.iter().any(|(p, _)| p == path) {
-            issues.push((path.clone(), reason.to_string()));
+            issues.push((path.to_string(), reason.to_string()));
         }
     }
 }
