@@ -141,6 +141,13 @@ fn refusals(dir: &Path) {
     std::fs::write(dir.join("cut_legacy.pth"), &bytes[..bytes.len() - 1000]).unwrap();
     let e = err(options(dir, "cut_legacy.pth", SourceFormat::Torchvision, "x.safetensors"));
     assert!(e.contains("cut_legacy.pth") && e.contains("truncated"), "{e}");
+    // A TensorFlow checkpoint (prefix, index or data shard) is named as such.
+    let tf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tf/saver");
+    for name in ["model.ckpt", "model.ckpt.index", "model.ckpt.data-00000-of-00001"] {
+        let e =
+            err(ImportOptions { input: tf.join(name), ..options(dir, "", SourceFormat::Torchvision, "x.safetensors") });
+        assert!(e.contains("a TensorFlow checkpoint") && e.contains(name), "{e}");
+    }
     std::fs::write(dir.join("notes.txt"), "not a checkpoint").unwrap();
     let e = err(options(dir, "notes.txt", SourceFormat::Torchvision, "x.safetensors"));
     assert!(e.contains("notes.txt") && e.contains("neither"), "{e}");

@@ -270,6 +270,17 @@ fn materialise(t: &TensorRef, bytes: &[u8], big_endian: bool, name: &str) -> Res
 /// Every tensor in the file, by dotted path, in the file's order.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, RawTensor>, ImportError> {
     let bad = |reason: String| ImportError::Unreadable { path: path.to_path_buf(), reason };
+    if let Some(prefix) = super::tf_bundle::bundle_prefix(path) {
+        if Path::new(&format!("{}.index", prefix.display())).is_file() {
+            return Err(ImportError::Unsupported {
+                detail: format!(
+                    "{}: a TensorFlow checkpoint; google-research/simclr's TensorFlow encoders are not imported yet \
+                     (docs/published-encoders.md): import a PyTorch conversion of the model instead",
+                    path.display()
+                ),
+            });
+        }
+    }
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     if bytes.starts_with(b"PK\x03\x04") {
         read_zip(path, &bytes).map_err(bad)
