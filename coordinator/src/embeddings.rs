@@ -7,9 +7,11 @@
 //!
 //! It owns only those two files; it reads the safetensors file the worker wrote and never changes it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::data_plan::PreparedData;
+use crate::import::torch_file::{read_safetensors, DType, RawTensor};
 use crate::run_dir::RunDir;
 
 pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
@@ -25,35 +27,26 @@ pub struct EmbeddedImage {
     pub labels: Vec<f32>,
 }
 
-fn tensor<'a>(file: &'a safetensors::SafeTensors, name: &str) -> Result<safetensors::tensor::TensorView<'a>, String> {
-    file.tensor(name).map_err(|e| format!("{EMBEDDINGS_FILE} has no '{name}' ({e:?})"))
-}
-
-fn f32s(view: &safetensors::tensor::TensorView) -> Result<Vec<f32>, String> {
-    if view.dtype() != safetensors::Dtype::F32 {
-        return Err(format!("expected float32, found {:?}", view.dtype()));
+fn tensor<'a>(file: &'a BTreeMap<String, RawTensor>, name: &str, dtype: DType) -> Result<&'a RawTensor, String> {
+    let t = file.get(name).ok_or_else(|| format!("{EMBEDDINGS_FILE} has no '{name}'"))?;
+    if t.dtype != dtype {
+        return Err(format!("{EMBEDDINGS_FILE}: '{name}' is {:?}, expected {dtype:?}", t.dtype));
     }
-    Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-}
-
-fn i64s(view: &safetensors::tensor::TensorView) -> Result<Vec<i64>, String> {
-    if view.dtype() != safetensors::Dtype::I64 {
-        return Err(format!("expected int64, found {:?}", view.dtype()));
-    }
-    Ok(view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+    Ok(t)
 }
 
 /// Reads the worker's file; every row must name an image of the dataset.
 pub fn read_embeddings(bytes: &[u8], images: usize) -> Result<Vec<EmbeddedImage>, String> {
-    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("{EMBEDDINGS_FILE}: {e:?}"))?;
-    let index = i64s(&tensor(&file, "image_index")?)?;
-    let split = i64s(&tensor(&file, "split")?)?;
-    let labels_view = tensor(&file, "labels")?;
-    let columns = labels_view.shape().get(1).copied().unwrap_or(0);
-    let labels = f32s(&labels_view)?;
-    let projection_view = tensor(&file, "projection")?;
-    let dims = projection_view.shape().get(1).copied().unwrap_or(0);
-    let projection = f32s(&projection_view)?;
+    let file = read_safetensors(bytes).map_err(|e| format!("{EMBEDDINGS_FILE}: {e}"))?;
+    let ints = |t: &RawTensor| (0..t.numel()).map(|i| t.int_at(i)).collect::<Vec<i64>>();
+    let index = ints(tensor(&file, "image_index", DType::I64)?);
+    let split = ints(tensor(&file, "split", DType::I64)?);
+    let labels_tensor = tensor(&file, "labels", DType::F32)?;
+    let columns = labels_tensor.shape.get(1).copied().unwrap_or(0);
+    let labels = labels_tensor.to_f32();
+    let projection_tensor = tensor(&file, "projection", DType::F32)?;
+    let dims = projection_tensor.shape.get(1).copied().unwrap_or(0);
+    let projection = projection_tensor.to_f32();
     let n = index.len();
     if split.len() != n || labels.len() != n * columns || projection.len() != n * dims {
         return Err(format!("{EMBEDDINGS_FILE}: its tensors disagree on the number of rows ({n})"));

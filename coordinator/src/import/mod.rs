@@ -207,7 +207,8 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
     if options.from == SourceFormat::Lightly && !found.sequential && options.prefix.is_none() {
         tracing::info!(prefix = %found.prefix, "torchvision-style names in a lightly checkpoint; taken as they are");
     }
-    let (mut encoder, leftovers) = resnet_keys::rename(&tensors, &found);
+    let in_file = tensors.len();
+    let (mut encoder, leftovers) = resnet_keys::rename(tensors, &found);
     if options.strict && !leftovers.is_empty() {
         return Err(ImportError::Leftovers {
             prefix: found.prefix.clone(),
@@ -245,7 +246,7 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
         tensors: taken,
         parameters,
         classifier,
-        other_tensors: tensors.len().saturating_sub(taken + leftovers.len()),
+        other_tensors: in_file.saturating_sub(taken + leftovers.len()),
         leftovers,
         shape,
         normalisation,

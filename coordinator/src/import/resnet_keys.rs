@@ -126,16 +126,16 @@ pub fn choose(
 
 /// The encoder's tensors under torchvision names, and the file's other keys under the chosen prefix
 /// that are not encoder tensors (a projection head, a classifier of another shape ...).
-pub fn rename(tensors: &BTreeMap<String, RawTensor>, found: &Found) -> (BTreeMap<String, RawTensor>, Vec<String>) {
+pub fn rename(tensors: BTreeMap<String, RawTensor>, found: &Found) -> (BTreeMap<String, RawTensor>, Vec<String>) {
     let mut encoder = BTreeMap::new();
     let mut leftovers = Vec::new();
     for (key, t) in tensors {
         let Some(rest) = key.strip_prefix(&found.prefix) else { continue };
         match torchvision_name(rest, found.sequential) {
             Some(name) => {
-                encoder.insert(name, t.clone());
+                encoder.insert(name, t);
             }
-            None => leftovers.push(key.clone()),
+            None => leftovers.push(key),
         }
     }
     (encoder, leftovers)
@@ -251,7 +251,8 @@ mod tests {
         );
         let err = choose(&solo, Some("model."), &[]).unwrap_err().to_string();
         assert!(err.contains("'model.'") && err.contains("state_dict.backbone."), "{err}");
-        let (enc, left) = rename(&solo, &choose(&solo, None, &[".backbone."]).unwrap());
+        let found = choose(&solo, None, &[".backbone."]).unwrap();
+        let (enc, left) = rename(solo, &found);
         assert!(enc.contains_key("layer4.1.conv1.weight") && left.is_empty());
         let err = choose(&BTreeMap::new(), None, &[]).unwrap_err().to_string();
         assert!(err.contains("conv1.weight"), "{err}");

@@ -374,7 +374,8 @@ fn read_legacy(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>, String> {
     Ok(out)
 }
 
-fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>, String> {
+/// Every tensor of a safetensors file, by name.
+pub fn read_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>, String> {
     use safetensors::Dtype as S;
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("{e:?}"))?;
     let mut out = BTreeMap::new();
