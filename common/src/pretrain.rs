@@ -22,6 +22,48 @@ pub enum Arch {
     Resnet152,
     /// BasicBlocks, one per stage, 2 base channels: a few thousand parameters, for tests.
     Tiny,
+    /// Bottlenecks, one per stage, 2 base channels: the smallest net with every part of a ResNet-50
+    /// (and of SimCLR v2's selective-kernel ResNet), for tests.
+    #[serde(rename = "tiny_bottleneck")]
+    TinyBottleneck,
+}
+
+impl Arch {
+    /// Bottleneck blocks (ResNet-50/101/152), not BasicBlocks.
+    pub fn bottleneck(self) -> bool {
+        matches!(self, Arch::Resnet50 | Arch::Resnet101 | Arch::Resnet152 | Arch::TinyBottleneck)
+    }
+}
+
+/// Which ResNet family's layout the encoder follows (the same weights in another layout give other
+/// features, so an imported encoder records its own and the job must match it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// torchvision's ResNet: max pool padded by one on every side.
+    #[default]
+    Torchvision,
+    /// google-research/simclr's TensorFlow ResNet (SimCLR v1, and v2 without selective kernels):
+    /// torchvision's layers, with the stem's max pool padded as TensorFlow's `SAME` (bottom and right).
+    SimclrTf,
+    /// SimCLR v2's selective-kernel ResNet (`sk_ratio = 0.0625`, bottleneck nets only): a three-layer
+    /// 3x3 stem, selective-kernel 3x3 convolutions, ResNet-D shortcuts (2x2 average pooling before
+    /// a stride-1 projection), TensorFlow's padding.
+    SimclrTfSk,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Torchvision => "torchvision",
+            Variant::SimclrTf => "simclr_tf",
+            Variant::SimclrTfSk => "simclr_tf_sk",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Variant> {
+        [Variant::Torchvision, Variant::SimclrTf, Variant::SimclrTfSk].into_iter().find(|v| v.name() == s)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +405,9 @@ pub struct PretrainSection {
     /// 1 to 4, as SimCLR's ResNet-50 (1x), (2x), (4x) and SimCLR v2's (3x).
     pub width: i64,
     pub stem: Stem,
+    /// The ResNet's layout: "torchvision", "simclr_tf" or "simclr_tf_sk" (google-research/simclr's
+    /// TensorFlow encoders, without and with selective kernels).
+    pub variant: Variant,
     /// Input scaling the encoder expects: "none" or "imagenet". An encoder file records its own
     /// (`import-weights` writes it) and loading one with another is refused.
     pub input_normalisation: InputNormalisation,
@@ -427,6 +472,7 @@ impl Default for PretrainSection {
             arch: Arch::Resnet50,
             width: 1,
             stem: Stem::Repeat3,
+            variant: Variant::Torchvision,
             input_normalisation: InputNormalisation::None,
             init_weights: None,
             head_layers: 2,
@@ -464,6 +510,14 @@ impl PretrainSection {
     pub fn validate(&self, world_size: u32) -> Result<(), ConfigError> {
         if !matches!(self.width, 1..=4) {
             return Err(invalid("pretrain.width", self.width, "expected 1, 2, 3 or 4".into()));
+        }
+        if self.variant == Variant::SimclrTfSk && !self.arch.bottleneck() {
+            return Err(invalid(
+                "pretrain.variant",
+                "simclr_tf_sk",
+                "selective kernels are in bottleneck blocks: pretrain.arch = \"resnet50\", \"resnet101\" or \"resnet152\""
+                    .into(),
+            ));
         }
         if self.input_normalisation == InputNormalisation::Imagenet && self.stem != Stem::Repeat3 {
             return Err(invalid(

@@ -1,35 +1,20 @@
-//! The reference report's protocol (configs/report.toml) end to end on the synthetic data, with an
-//! encoder written by torchvision and imported by `simclr-coordinator import-weights`: the real
-//! binaries, 2 workers, the report's whole probe grid. Only the data size and the architecture (a
-//! torchvision ResNet shrunk to a few thousand parameters) differ from the shipped file.
+//! The reference report's protocol (configs/report.toml) end to end on the synthetic data, with a
+//! SimCLR v2 selective-kernel encoder written by TensorFlow (the fixture of
+//! worker/tests/simclr_tf_encoders.rs: SimCLR's layout at its smallest) and imported by
+//! `simclr-coordinator import-weights --from simclr-tf`: the real binaries, 2 workers, the report's
+//! whole probe grid. Only the data size and the architecture's size differ from the shipped file.
 
 use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use simclr_common::{ExitStatus, JobConfig};
 use simclr_tests::{binaries_dir, exit_code};
 
-/// torchvision's own ResNet class with BasicBlocks, one per stage, 2/4/8/16 channels (our "tiny"),
-/// ImageNet-style weights saved with torch.save.
-const WRITE_TINY: &str = r#"
-import sys, torch, torchvision
-from torchvision.models.resnet import ResNet, BasicBlock
-torch.manual_seed(0)
-m = ResNet(BasicBlock, [1, 1, 1, 1])
-m.inplanes = 2
-m.conv1 = torch.nn.Conv2d(3, 2, 7, 2, 3, bias=False)
-m.bn1 = torch.nn.BatchNorm2d(2)
-m.layer1 = m._make_layer(BasicBlock, 2, 1)
-m.layer2 = m._make_layer(BasicBlock, 4, 1, stride=2)
-m.layer3 = m._make_layer(BasicBlock, 8, 1, stride=2)
-m.layer4 = m._make_layer(BasicBlock, 16, 1, stride=2)
-m.fc = torch.nn.Linear(16, 10)
-with torch.no_grad():
-    m.train()
-    m(torch.rand(8, 3, 64, 64))
-torch.save(m.state_dict(), sys.argv[1])
-"#;
+/// A TF2 checkpoint of SimCLR v2's ResNet with selective kernels, one bottleneck per stage.
+fn tensorflow_checkpoint() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/simclr_tf/tf2_sk1/ckpt-1.index")
+}
 
 fn coordinator<S: AsRef<OsStr>>(args: &[S], cache: &Path) -> anyhow::Result<(i32, String)> {
     let out = std::process::Command::new(binaries_dir()?.join("simclr-coordinator"))
@@ -43,16 +28,10 @@ fn coordinator<S: AsRef<OsStr>>(args: &[S], cache: &Path) -> anyhow::Result<(i32
 }
 
 #[test]
-fn the_report_protocol_runs_on_an_imported_torchvision_encoder() -> anyhow::Result<()> {
+fn the_report_protocol_runs_on_an_imported_simclr_v2_tensorflow_encoder() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let dir = dir.path();
     let cache = dir.join("cache");
-    let pth = dir.join("tiny.pth");
-    let Some(out) = simclr_tests::run_python("torchvision", WRITE_TINY, &[pth.as_os_str()], &[])? else {
-        panic!("no Python with torchvision: run scripts/setup.sh --python");
-    };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
     let encoder = dir.join("tiny.safetensors");
     let os = |s: &str| OsString::from(s);
     let import = |from: &str, input: &Path| {
@@ -66,15 +45,23 @@ fn the_report_protocol_runs_on_an_imported_torchvision_encoder() -> anyhow::Resu
             encoder.clone().into(),
         ]
     };
-    let (code, log) = coordinator(&import("torchvision", &pth), &cache)?;
+    let (code, log) = coordinator(&import("simclr-tf", &tensorflow_checkpoint()), &cache)?;
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("encoder imported") && log.contains("arch=\"tiny\""), "{log}");
+    assert!(log.contains("encoder imported") && log.contains("arch=\"tiny_bottleneck\""), "{log}");
 
     // A wrong format name is a usage error naming the flag's values; a missing file names the file.
-    let bad = [os("import-weights"), os("--from"), os("keras"), os("--in"), pth.clone().into(), os("--out"), os("x")];
+    let bad = [
+        os("import-weights"),
+        os("--from"),
+        os("keras"),
+        os("--in"),
+        tensorflow_checkpoint().into(),
+        os("--out"),
+        os("x"),
+    ];
     let (code, log) = coordinator(&bad, &cache)?;
     assert_eq!(code, ExitStatus::Usage.code(), "{log}");
-    assert!(log.contains("keras") && log.contains("solo-learn"), "{log}");
+    assert!(log.contains("keras") && log.contains("simclr-tf"), "{log}");
     let missing = dir.join("nope.pth");
     let (code, log) = coordinator(&import("torchvision", &missing), &cache)?;
     assert_eq!(code, ExitStatus::DataError.code(), "{log}");
@@ -84,7 +71,7 @@ fn the_report_protocol_runs_on_an_imported_torchvision_encoder() -> anyhow::Resu
     let mut config = JobConfig::from_toml(include_str!("../../configs/report.toml"), "configs/report.toml")?;
     config.data.synthetic_studies = 40;
     config.data.synthetic_size = 64;
-    config.pretrain.arch = simclr_common::pretrain::Arch::Tiny;
+    config.pretrain.arch = simclr_common::pretrain::Arch::TinyBottleneck;
     let config_path = dir.join("report.toml");
     std::fs::write(&config_path, config.to_toml())?;
     let run_dir = dir.join("run");
@@ -115,12 +102,18 @@ fn the_report_protocol_runs_on_an_imported_torchvision_encoder() -> anyhow::Resu
     assert!(dataset.contains("Typical Appearance"), "{dataset}");
     assert!(!run_dir.join("checkpoints").exists(), "nothing was pretrained");
 
-    // The file says its encoder expects ImageNet-normalised inputs: a job that would feed it raw
-    // pixels is refused, naming the key.
-    config.pretrain.input_normalisation = simclr_common::pretrain::InputNormalisation::None;
-    std::fs::write(&config_path, config.to_toml())?;
+    // The file says its encoder takes pixels in [0, 1] and has selective kernels: a job that would
+    // normalise them, or build torchvision's layout, is refused naming the key.
+    let mut imagenet = config.clone();
+    imagenet.pretrain.input_normalisation = simclr_common::pretrain::InputNormalisation::Imagenet;
+    std::fs::write(&config_path, imagenet.to_toml())?;
     let (code, log) = dev(&config_path, &dir.join("run2"))?;
     assert_ne!(code, 0, "{log}");
-    assert!(log.contains("set pretrain.input_normalisation = \"imagenet\""), "{log}");
+    assert!(log.contains("set pretrain.input_normalisation = \"none\""), "{log}");
+    config.pretrain.variant = simclr_common::pretrain::Variant::Torchvision;
+    std::fs::write(&config_path, config.to_toml())?;
+    let (code, log) = dev(&config_path, &dir.join("run3"))?;
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("set pretrain.variant = \"simclr_tf_sk\""), "{log}");
     Ok(())
 }

@@ -13,6 +13,7 @@
 
 pub mod pickle;
 pub mod resnet_keys;
+pub mod simclr_tf;
 pub mod tf_bundle;
 pub mod torch_file;
 
@@ -20,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use resnet_keys::Shape;
+use simclr_common::pretrain::Variant;
 use torch_file::{DType, RawTensor};
 
 /// Where a checkpoint comes from; it decides which encoder to take when a file holds several, and
@@ -36,10 +38,13 @@ pub enum SourceFormat {
     SoloLearn,
     /// lightly's backbones: `nn.Sequential(*list(resnet.children())[:-1])`, numbered children.
     Lightly,
+    /// google-research/simclr's TensorFlow checkpoints (SimCLR v1 and v2; TF1 or TF2 names; selective
+    /// kernels or not), read from the tensor bundle.
+    SimclrTf,
 }
 
 impl SourceFormat {
-    pub const NAMES: &'static str = "torchvision, timm, lightning, solo-learn, lightly";
+    pub const NAMES: &'static str = "torchvision, timm, lightning, solo-learn, lightly, simclr-tf";
 
     pub fn parse(s: &str) -> Option<SourceFormat> {
         Some(match s {
@@ -48,6 +53,7 @@ impl SourceFormat {
             "lightning" => SourceFormat::Lightning,
             "solo-learn" | "solo_learn" | "sololearn" => SourceFormat::SoloLearn,
             "lightly" => SourceFormat::Lightly,
+            "simclr-tf" | "simclr_tf" | "simclr" | "simclr-v1" | "simclr-v2" | "tensorflow" => SourceFormat::SimclrTf,
             _ => return None,
         })
     }
@@ -59,6 +65,7 @@ impl SourceFormat {
             SourceFormat::Lightning => "lightning",
             SourceFormat::SoloLearn => "solo-learn",
             SourceFormat::Lightly => "lightly",
+            SourceFormat::SimclrTf => "simclr-tf",
         }
     }
 
@@ -69,12 +76,17 @@ impl SourceFormat {
                 &["state_dict.backbone.", ".backbone.", "backbone.", "encoder_q."]
             }
             SourceFormat::Torchvision | SourceFormat::Timm => &["encoder_q."],
+            SourceFormat::SimclrTf => &[],
         }
     }
 
-    /// All of these train on inputs normalised with ImageNet's channel means and deviations.
+    /// The PyTorch family trains on inputs normalised with ImageNet's channel means and deviations;
+    /// SimCLR's TensorFlow models on pixels in [0, 1] as they are.
     fn default_normalisation(self) -> Normalisation {
-        Normalisation::Imagenet
+        match self {
+            SourceFormat::SimclrTf => Normalisation::None,
+            _ => Normalisation::Imagenet,
+        }
     }
 }
 
@@ -148,17 +160,27 @@ pub enum ImportError {
     Write { path: PathBuf, reason: String },
 }
 
-/// The torchvision names and shapes every encoder of `shape` has (classifier excluded).
+/// The names and shapes every encoder of `shape` has (classifier excluded): torchvision's, and for
+/// SimCLR v2's selective-kernel layout the worker's names for its extra parts (`engine/model.rs`).
 pub fn expected_tensors(shape: &Shape) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
-    let base = if shape.arch == "tiny" { 2 } else { 64 * shape.width };
+    let base = if shape.arch.starts_with("tiny") { 2 } else { 64 * shape.width };
+    let sk = shape.variant == Variant::SimclrTfSk;
     let bn = |out: &mut BTreeMap<String, Vec<usize>>, name: &str, c: usize| {
         for s in ["weight", "bias", "running_mean", "running_var"] {
             out.insert(format!("{name}.{s}"), vec![c]);
         }
         out.insert(format!("{name}.num_batches_tracked"), vec![]);
     };
-    out.insert("conv1.weight".into(), vec![base, shape.in_channels, 7, 7]);
+    if sk {
+        out.insert("conv1.0.weight".into(), vec![base / 2, shape.in_channels, 3, 3]);
+        bn(&mut out, "conv1.1", base / 2);
+        out.insert("conv1.3.weight".into(), vec![base / 2, base / 2, 3, 3]);
+        bn(&mut out, "conv1.4", base / 2);
+        out.insert("conv1.6.weight".into(), vec![base, base / 2, 3, 3]);
+    } else {
+        out.insert("conv1.weight".into(), vec![base, shape.in_channels, 7, 7]);
+    }
     bn(&mut out, "bn1", base);
     let mut channels = base;
     for (stage, &n) in shape.blocks.iter().enumerate() {
@@ -167,12 +189,20 @@ pub fn expected_tensors(shape: &Shape) -> BTreeMap<String, Vec<usize>> {
             let p = format!("layer{}.{i}", stage + 1);
             let stride = if stage > 0 && i == 0 { 2 } else { 1 };
             let cout = if shape.bottleneck {
+                let streams = if sk { 2 } else { 1 };
                 out.insert(format!("{p}.conv1.weight"), vec![planes, channels, 1, 1]);
-                out.insert(format!("{p}.conv2.weight"), vec![planes, planes, 3, 3]);
+                out.insert(format!("{p}.conv2.weight"), vec![streams * planes, planes, 3, 3]);
                 out.insert(format!("{p}.conv3.weight"), vec![planes * 4, planes, 1, 1]);
                 bn(&mut out, &format!("{p}.bn1"), planes);
-                bn(&mut out, &format!("{p}.bn2"), planes);
+                bn(&mut out, &format!("{p}.bn2"), streams * planes);
                 bn(&mut out, &format!("{p}.bn3"), planes * 4);
+                if sk {
+                    // SimCLR v2: sk_ratio 0.0625, at least 32 channels.
+                    let mid = (planes / 16).max(32);
+                    out.insert(format!("{p}.sk.reduce.weight"), vec![mid, planes, 1, 1]);
+                    bn(&mut out, &format!("{p}.sk.bn"), mid);
+                    out.insert(format!("{p}.sk.expand.weight"), vec![2 * planes, mid, 1, 1]);
+                }
                 planes * 4
             } else {
                 out.insert(format!("{p}.conv1.weight"), vec![planes, channels, 3, 3]);
@@ -182,8 +212,9 @@ pub fn expected_tensors(shape: &Shape) -> BTreeMap<String, Vec<usize>> {
                 planes
             };
             if stride != 1 || channels != cout {
-                out.insert(format!("{p}.downsample.0.weight"), vec![cout, channels, 1, 1]);
-                bn(&mut out, &format!("{p}.downsample.1"), cout);
+                let (c, b) = if sk { (1, 2) } else { (0, 1) };
+                out.insert(format!("{p}.downsample.{c}.weight"), vec![cout, channels, 1, 1]);
+                bn(&mut out, &format!("{p}.downsample.{b}"), cout);
             }
             channels = cout;
         }
@@ -193,6 +224,9 @@ pub fn expected_tensors(shape: &Shape) -> BTreeMap<String, Vec<usize>> {
 
 /// Reads `options.input`, finds the encoder, checks it and writes `options.output`.
 pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportError> {
+    if options.from == SourceFormat::SimclrTf {
+        return import_simclr_tf(options);
+    }
     let tensors = torch_file::read_tensors(&options.input)?;
     let lightning = matches!(options.from, SourceFormat::Lightning | SourceFormat::SoloLearn);
     if lightning && !tensors.keys().any(|k| k.starts_with("state_dict.")) {
@@ -224,21 +258,14 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
         ("source_format", options.from.name().to_string()),
         ("source_file", options.input.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
         ("source_prefix", found.prefix.clone()),
-        ("arch", shape.arch.to_string()),
-        ("width", shape.width.to_string()),
-        ("stem", if shape.in_channels == 1 { "native1" } else { "repeat3" }.to_string()),
-        ("selective_kernels", "false".to_string()),
         ("input_normalisation", normalisation.name().to_string()),
         ("classifier", if classifier { "fc" } else { "none" }.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(shape_metadata(&shape))
     .collect();
-    let parameters = encoder
-        .iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("tracked"))
-        .map(|(_, t)| t.numel())
-        .sum();
+    let parameters = parameter_count(&encoder);
     write_encoder(&options.output, &encoder, metadata)?;
     let taken = encoder.len();
     Ok(ImportReport {
@@ -249,6 +276,86 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
         other_tensors: in_file.saturating_sub(taken + leftovers.len()),
         leftovers,
         shape,
+        normalisation,
+    })
+}
+
+/// The metadata naming the encoder's layout, which the worker checks against the job's settings.
+fn shape_metadata(shape: &Shape) -> Vec<(String, String)> {
+    vec![
+        ("arch".into(), shape.arch.to_string()),
+        ("width".into(), shape.width.to_string()),
+        ("stem".into(), if shape.in_channels == 1 { "native1" } else { "repeat3" }.to_string()),
+        ("variant".into(), shape.variant.name().to_string()),
+        ("selective_kernels".into(), (shape.variant == Variant::SimclrTfSk).to_string()),
+    ]
+}
+
+/// Trainable elements: every tensor but BatchNorm's running statistics and counters.
+fn parameter_count(encoder: &BTreeMap<String, RawTensor>) -> usize {
+    encoder
+        .iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("tracked"))
+        .map(|(_, t)| t.numel())
+        .sum()
+}
+
+/// google-research/simclr's TensorFlow checkpoints ([`simclr_tf`]).
+fn import_simclr_tf(options: &ImportOptions) -> Result<ImportReport, ImportError> {
+    let prefix = simclr_tf::locate(&options.input).ok_or_else(|| ImportError::Unreadable {
+        path: options.input.clone(),
+        reason: "not a TensorFlow checkpoint: expected a checkpoint prefix (model.ckpt-NNN, with its .index and \
+                 .data files beside it), its .index file, a checkpoint directory or a SavedModel directory"
+            .into(),
+    })?;
+    let mut tensors = tf_bundle::read_bundle(&prefix)?;
+    let in_file = tensors.len();
+    let shapes: BTreeMap<String, Vec<usize>> = tensors.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+    let plan = simclr_tf::plan(&shapes, options.prefix.as_deref())?;
+    let expected = expected_tensors(&plan.shape);
+    let mut encoder = simclr_tf::apply(&plan, &mut tensors, &expected)?;
+    check_encoder(&mut encoder, &plan.shape, "")?;
+    // Under the ResNet's scope nothing else is the encoder's but optimiser slots.
+    let leftovers: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(&plan.prefix) && !k.contains("OPTIMIZER_SLOT") && !k.ends_with("/Momentum"))
+        .cloned()
+        .collect();
+    if options.strict && !leftovers.is_empty() {
+        return Err(ImportError::Leftovers {
+            prefix: plan.prefix.clone(),
+            count: leftovers.len(),
+            first: leftovers.iter().take(5).cloned().collect(),
+        });
+    }
+    let normalisation = options.normalisation.unwrap_or(options.from.default_normalisation());
+    let naming = match plan.naming {
+        simclr_tf::Naming::Tf1 => "tf1",
+        simclr_tf::Naming::Tf2 => "tf2",
+    };
+    let metadata: HashMap<String, String> = [
+        ("format", "simclr-cluster encoder".to_string()),
+        ("source_format", format!("{} ({naming})", options.from.name())),
+        ("source_file", prefix.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
+        ("source_prefix", plan.prefix.clone()),
+        ("input_normalisation", normalisation.name().to_string()),
+        ("classifier", "none".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .chain(shape_metadata(&plan.shape))
+    .collect();
+    let parameters = parameter_count(&encoder);
+    write_encoder(&options.output, &encoder, metadata)?;
+    let taken = encoder.len();
+    Ok(ImportReport {
+        prefix: plan.prefix,
+        tensors: taken,
+        parameters,
+        classifier: false,
+        other_tensors: in_file.saturating_sub(plan.renames.len() + leftovers.len()),
+        leftovers,
+        shape: plan.shape,
         normalisation,
     })
 }
@@ -365,7 +472,7 @@ mod tests {
     }
 
     fn shape(arch: &'static str, blocks: [usize; 4], bottleneck: bool, width: usize) -> Shape {
-        Shape { arch, width, in_channels: 3, blocks, bottleneck }
+        Shape { arch, width, in_channels: 3, blocks, bottleneck, variant: Variant::Torchvision }
     }
 
     #[test]

@@ -149,6 +149,7 @@ pub struct Shape {
     pub in_channels: usize,
     pub blocks: [usize; 4],
     pub bottleneck: bool,
+    pub variant: simclr_common::pretrain::Variant,
 }
 
 pub fn infer_shape(encoder: &BTreeMap<String, RawTensor>) -> Result<Shape, ImportError> {
@@ -193,7 +194,8 @@ pub fn infer_shape(encoder: &BTreeMap<String, RawTensor>) -> Result<Shape, Impor
             detail: format!("stage 1 has {base} channels: not a multiple of 64, so no SimCLR width multiplier"),
         });
     }
-    Ok(Shape { arch, width, in_channels: stem[1], blocks, bottleneck })
+    let variant = simclr_common::pretrain::Variant::Torchvision;
+    Ok(Shape { arch, width, in_channels: stem[1], blocks, bottleneck, variant })
 }
 
 #[cfg(test)]

@@ -274,8 +274,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, RawTensor>, ImportEr
         if Path::new(&format!("{}.index", prefix.display())).is_file() {
             return Err(ImportError::Unsupported {
                 detail: format!(
-                    "{}: a TensorFlow checkpoint; google-research/simclr's TensorFlow encoders are not imported yet \
-                     (docs/published-encoders.md): import a PyTorch conversion of the model instead",
+                    "{}: a TensorFlow checkpoint; import google-research/simclr's with --from simclr-tf",
                     path.display()
                 ),
             });

@@ -11,6 +11,13 @@
 //! Initialisation is torchvision's too: Kaiming normal (fan out) convolutions, BatchNorm weight 1 and
 //! bias 0.
 //!
+//! `pretrain.variant` selects google-research/simclr's TensorFlow layouts instead, so that its published
+//! encoders give the features they give in TensorFlow: `simclr_tf` pads the stem's max pool as
+//! TensorFlow's `SAME` does (bottom and right, not all round); `simclr_tf_sk` is SimCLR v2's
+//! selective-kernel ResNet (a 3x3 stem of three convolutions, named as timm's deep stem `conv1.0/1/3/4/6`;
+//! each 3x3 convolution doubled into two streams mixed by a softmax from their pooled sum, `sk.*`;
+//! ResNet-D shortcuts, a 2x2 average pool before a stride-1 projection, `downsample.1/2`).
+//!
 //! Grayscale radiographs come in as N x 1 x H x W and are repeated to 3 channels at the model input
 //! (as the reference experiment did), or meet a native 1-channel stem.
 
@@ -21,7 +28,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::numerics::{channels_last, is_channels_last, to_float, Numerics};
 
-pub use simclr_common::pretrain::{Arch, InputNormalisation, Stem};
+pub use simclr_common::pretrain::{Arch, InputNormalisation, Stem, Variant};
 
 /// ImageNet's per-channel statistics (torchvision's `transforms.Normalize` values).
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -33,16 +40,16 @@ fn blocks(arch: Arch) -> [i64; 4] {
         Arch::Resnet34 | Arch::Resnet50 => [3, 4, 6, 3],
         Arch::Resnet101 => [3, 4, 23, 3],
         Arch::Resnet152 => [3, 8, 36, 3],
-        Arch::Tiny => [1, 1, 1, 1],
+        Arch::Tiny | Arch::TinyBottleneck => [1, 1, 1, 1],
     }
 }
 
-fn bottleneck(arch: Arch) -> bool {
-    matches!(arch, Arch::Resnet50 | Arch::Resnet101 | Arch::Resnet152)
-}
+/// SimCLR v2's selective kernels: the mixing layer's width is `filters * SK_RATIO`, at least `SK_MIN_DIM`.
+const SK_RATIO: f64 = 0.0625;
+const SK_MIN_DIM: i64 = 32;
 
 fn base_channels(arch: Arch) -> i64 {
-    if arch == Arch::Tiny {
+    if matches!(arch, Arch::Tiny | Arch::TinyBottleneck) {
         2
     } else {
         64
@@ -56,20 +63,22 @@ pub struct EncoderConfig {
     pub width: i64,
     pub stem: Stem,
     pub normalisation: InputNormalisation,
+    pub variant: Variant,
 }
 
 impl EncoderConfig {
     pub fn new(arch: Arch, width: i64, stem: Stem) -> EncoderConfig {
-        EncoderConfig { arch, width, stem, normalisation: InputNormalisation::None }
+        EncoderConfig { arch, width, stem, normalisation: InputNormalisation::None, variant: Variant::Torchvision }
     }
 
-    /// The job's encoder (`pretrain.arch`, `width`, `stem`, `input_normalisation`).
+    /// The job's encoder (`pretrain.arch`, `width`, `stem`, `variant`, `input_normalisation`).
     pub fn of(section: &simclr_common::pretrain::PretrainSection) -> EncoderConfig {
         EncoderConfig {
             arch: section.arch,
             width: section.width,
             stem: section.stem,
             normalisation: section.input_normalisation,
+            variant: section.variant,
         }
     }
 
@@ -96,19 +105,40 @@ fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> 
     nn::conv2d(p, cin, cout, k, nn::ConvConfig { stride, padding, bias: false, ws_init, ..Default::default() })
 }
 
+/// SimCLR v2's selective-kernel mixing: the two streams' pooled sum -> 1x1 convolution, BatchNorm,
+/// ReLU -> 1x1 convolution to two logits per channel, a softmax over the streams.
+#[derive(Debug)]
+struct Selective {
+    reduce: nn::Conv2D,
+    bn: nn::BatchNorm,
+    expand: nn::Conv2D,
+}
+
+#[derive(Debug)]
+struct Shortcut {
+    /// ResNet-D: a 2x2 average pool (with this stride) before the 1x1 projection.
+    avg_pool: Option<i64>,
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+}
+
 #[derive(Debug)]
 struct Block {
     convs: Vec<(nn::Conv2D, nn::BatchNorm)>,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    /// With selective kernels: the mixing of the second convolution's two streams.
+    selective: Option<Selective>,
+    downsample: Option<Shortcut>,
 }
 
 impl Block {
-    fn new(p: &nn::Path, cin: i64, planes: i64, stride: i64, bottleneck: bool) -> (Block, i64) {
-        let (convs, cout) = if bottleneck {
+    fn new(p: &nn::Path, cin: i64, planes: i64, stride: i64, arch: Arch, variant: Variant) -> (Block, i64) {
+        let sk = variant == Variant::SimclrTfSk;
+        let (convs, cout) = if arch.bottleneck() {
             let cout = planes * 4;
+            let streams = if sk { 2 } else { 1 };
             let convs = vec![
                 (conv(p / "conv1", cin, planes, 1, 1, 0), bn(p / "bn1", planes)),
-                (conv(p / "conv2", planes, planes, 3, stride, 1), bn(p / "bn2", planes)),
+                (conv(p / "conv2", planes, streams * planes, 3, stride, 1), bn(p / "bn2", streams * planes)),
                 (conv(p / "conv3", planes, cout, 1, 1, 0), bn(p / "bn3", cout)),
             ];
             (convs, cout)
@@ -119,9 +149,32 @@ impl Block {
             ];
             (convs, planes)
         };
-        let downsample = (stride != 1 || cin != cout)
-            .then(|| (conv(p / "downsample" / 0, cin, cout, 1, stride, 0), bn(p / "downsample" / 1, cout)));
-        (Block { convs, downsample }, cout)
+        let selective = sk.then(|| {
+            let mid = ((planes as f64 * SK_RATIO) as i64).max(SK_MIN_DIM);
+            Selective {
+                reduce: conv(p / "sk" / "reduce", planes, mid, 1, 1, 0),
+                bn: bn(p / "sk" / "bn", mid),
+                expand: conv(p / "sk" / "expand", mid, 2 * planes, 1, 1, 0),
+            }
+        });
+        // SimCLR's TensorFlow nets project the shortcut of every stage's first block (even where the
+        // shape stays, which only a bottleneck's first stage has; torchvision's does the same there).
+        let downsample = (stride != 1 || cin != cout).then(|| {
+            if sk {
+                Shortcut {
+                    avg_pool: Some(stride),
+                    conv: conv(p / "downsample" / 1, cin, cout, 1, 1, 0),
+                    bn: bn(p / "downsample" / 2, cout),
+                }
+            } else {
+                Shortcut {
+                    avg_pool: None,
+                    conv: conv(p / "downsample" / 0, cin, cout, 1, stride, 0),
+                    bn: bn(p / "downsample" / 1, cout),
+                }
+            }
+        });
+        (Block { convs, selective, downsample }, cout)
     }
 
     fn forward(&self, x: &Tensor, pass: &mut dyn NormPass) -> Tensor {
@@ -134,13 +187,74 @@ impl Block {
             if i < last {
                 y = y.relu_();
             }
+            if i == 1 {
+                if let Some(sk) = &self.selective {
+                    y = sk.mix(&y, pass);
+                }
+            }
         }
         let shortcut = match &self.downsample {
-            Some((c, b)) => pass.norm(b, &x.apply(c)),
+            Some(s) => {
+                let pooled = match s.avg_pool {
+                    Some(stride) => tf_avg_pool2(x, stride),
+                    None => x.shallow_clone(),
+                };
+                pass.norm(&s.bn, &pooled.apply(&s.conv))
+            }
             None => x.shallow_clone(),
         };
         pass.cut(y.g_add_(&shortcut).relu_())
     }
+}
+
+impl Selective {
+    /// `streams`: N x 2C x H x W, the two streams stacked along the channels.
+    fn mix(&self, streams: &Tensor, pass: &mut dyn NormPass) -> Tensor {
+        let size = streams.size();
+        let (n, c) = (size[0], size[1] / 2);
+        let pair = streams.view([n, 2, c, size[2], size[3]]);
+        let pooled = pair.sum_dim_intlist(1, false, None).mean_dim(&[2i64, 3][..], true, None);
+        let hidden = pass.norm(&self.bn, &pooled.apply(&self.reduce)).relu();
+        let weights = hidden.apply(&self.expand).view([n, 2, c, 1, 1]).softmax(1, None);
+        (pair * weights).sum_dim_intlist(1, false, None)
+    }
+}
+
+/// TensorFlow's 2x2 average pool of SimCLR v2's ResNet-D shortcut: with stride 2, the input padded by
+/// one zero row and column at the bottom and right, then `VALID`; with stride 1, `SAME` (the same
+/// padding, but a window's mean is over its elements inside the input only).
+fn tf_avg_pool2(x: &Tensor, stride: i64) -> Tensor {
+    let padded = x.constant_pad_nd([0, 1, 0, 1]);
+    let pooled = padded.avg_pool2d([2, 2], [stride, stride], [0, 0], false, true, None);
+    if stride > 1 {
+        return pooled;
+    }
+    let size = x.size();
+    let ones = Tensor::ones([1, 1, size[2], size[3]], (x.kind(), x.device())).constant_pad_nd([0, 1, 0, 1]);
+    pooled / ones.avg_pool2d([2, 2], [1, 1], [0, 0], false, true, None)
+}
+
+/// TensorFlow's 3x3/2 max pool with `SAME` padding: the padding a stride-2 window needs, the larger
+/// half at the bottom and right (torchvision pads one on every side: on an even input, the windows
+/// sit one pixel further up and left).
+fn tf_max_pool3(x: &Tensor) -> Tensor {
+    let size = x.size();
+    let pad = |n: i64| {
+        let total = (((n + 1) / 2 - 1) * 2 + 3 - n).max(0);
+        (total / 2, total - total / 2)
+    };
+    let (top, bottom) = pad(size[2]);
+    let (left, right) = pad(size[3]);
+    let padded = x.pad([left, right, top, bottom], "constant", f64::NEG_INFINITY);
+    padded.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false)
+}
+
+/// The first layers: torchvision's 7x7/2 convolution, or SimCLR v2's three 3x3 convolutions.
+#[derive(Debug)]
+enum StemLayers {
+    Single(nn::Conv2D),
+    /// (3x3/2, BatchNorm), (3x3, BatchNorm), 3x3; `bn1` follows.
+    Deep(Box<[(nn::Conv2D, nn::BatchNorm); 2]>, nn::Conv2D),
 }
 
 /// How the BatchNorm layers of one forward pass compute their statistics.
@@ -172,7 +286,7 @@ impl NormPass for LocalNorm {
 #[derive(Debug)]
 pub struct Encoder {
     pub config: EncoderConfig,
-    conv1: nn::Conv2D,
+    conv1: StemLayers,
     bn1: nn::BatchNorm,
     layers: Vec<Vec<Block>>,
     pub feature_dim: i64,
@@ -190,9 +304,21 @@ impl Encoder {
         assert!(matches!(config.width, 1..=4), "width multiplier 1, 2, 3 or 4");
         let base = base_channels(config.arch) * config.width;
         let cin = if config.stem == Stem::Repeat3 { 3 } else { 1 };
-        let conv1 = conv(p / "conv1", cin, base, 7, 2, 3);
-        let bn1 = bn(p / "bn1", base);
         let mut bn_prefixes = vec!["bn1".to_string()];
+        let conv1 = if config.variant == Variant::SimclrTfSk {
+            let stem = p / "conv1";
+            bn_prefixes.extend(["conv1.1".to_string(), "conv1.4".to_string()]);
+            StemLayers::Deep(
+                Box::new([
+                    (conv(&stem / 0, cin, base / 2, 3, 2, 1), bn(&stem / 1, base / 2)),
+                    (conv(&stem / 3, base / 2, base / 2, 3, 1, 1), bn(&stem / 4, base / 2)),
+                ]),
+                conv(&stem / 6, base / 2, base, 3, 1, 1),
+            )
+        } else {
+            StemLayers::Single(conv(p / "conv1", cin, base, 7, 2, 3))
+        };
+        let bn1 = bn(p / "bn1", base);
         let mut channels = base;
         let mut layers = Vec::new();
         for (stage, &n) in blocks(config.arch).iter().enumerate() {
@@ -206,14 +332,18 @@ impl Encoder {
                     channels,
                     planes,
                     if i == 0 { stride } else { 1 },
-                    bottleneck(config.arch),
+                    config.arch,
+                    config.variant,
                 );
                 let prefix = format!("layer{}.{i}", stage + 1);
                 for k in 1..=block.convs.len() {
                     bn_prefixes.push(format!("{prefix}.bn{k}"));
                 }
-                if block.downsample.is_some() {
-                    bn_prefixes.push(format!("{prefix}.downsample.1"));
+                if block.selective.is_some() {
+                    bn_prefixes.push(format!("{prefix}.sk.bn"));
+                }
+                if let Some(s) = &block.downsample {
+                    bn_prefixes.push(format!("{prefix}.downsample.{}", if s.avg_pool.is_some() { 2 } else { 1 }));
                 }
                 blocks.push(block);
                 channels = cout;
@@ -253,8 +383,21 @@ impl Encoder {
         }
         let numerics = self.numerics.get();
         let forward = |x: Tensor, pass: &mut dyn NormPass| {
-            let x =
-                pass.norm(&self.bn1, &x.apply(&self.conv1)).relu_().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+            let x = match &self.conv1 {
+                StemLayers::Single(c) => x.apply(c),
+                StemLayers::Deep(layers, last) => {
+                    let mut x = x;
+                    for (c, b) in layers.iter() {
+                        x = pass.norm(b, &x.apply(c)).relu_();
+                    }
+                    x.apply(last)
+                }
+            };
+            let x = pass.norm(&self.bn1, &x).relu_();
+            let x = match self.config.variant {
+                Variant::Torchvision => x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
+                Variant::SimclrTf | Variant::SimclrTfSk => tf_max_pool3(&x),
+            };
             let mut x = pass.cut(x);
             for layer in &self.layers {
                 for block in layer {
@@ -500,6 +643,7 @@ fn check_metadata(config: &EncoderConfig, meta: &std::collections::BTreeMap<Stri
         ("arch", "pretrain.arch", name(serde_json::json!(config.arch))),
         ("width", "pretrain.width", config.width.to_string()),
         ("stem", "pretrain.stem", name(serde_json::json!(config.stem))),
+        ("variant", "pretrain.variant", config.variant.name().to_string()),
         ("input_normalisation", "pretrain.input_normalisation", config.normalisation.name().to_string()),
     ];
     let source = meta.get("source_format").map(|f| format!(" (imported from {f})")).unwrap_or_default();
@@ -513,8 +657,13 @@ fn check_metadata(config: &EncoderConfig, meta: &std::collections::BTreeMap<Stri
             }
         }
     }
-    if meta.get("selective_kernels").is_some_and(|v| v == "true") {
-        return Err(format!("the file's encoder has selective kernels{source}, which this build's ResNet lacks"));
+    let sk = config.variant == Variant::SimclrTfSk;
+    if meta.get("selective_kernels").is_some_and(|v| (v == "true") != sk) {
+        return Err(if sk {
+            format!("the file's encoder has no selective kernels{source}; set pretrain.variant to the file's layout")
+        } else {
+            format!("the file's encoder has selective kernels{source}: set pretrain.variant = \"simclr_tf_sk\"")
+        });
     }
     Ok(())
 }
