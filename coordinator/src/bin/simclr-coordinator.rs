@@ -39,17 +39,18 @@ enum Command {
     Synth(SynthArgs),
     /// Check a dataset before a long job: counts, encodings, labels, and every unusable file with why.
     Inspect(InspectArgs),
-    /// Turn a published encoder (torchvision, timm, Lightning, solo-learn, lightly) into this project's
-    /// encoder file: safetensors with torchvision's names, for pretrain.init_weights or probe.encoder.
+    /// Turn a published encoder (torchvision, timm, Lightning, solo-learn, lightly, google-research/simclr's
+    /// TensorFlow checkpoints) into this project's encoder file, for pretrain.init_weights or probe.encoder.
     ImportWeights(ImportArgs),
 }
 
 #[derive(Args)]
 struct ImportArgs {
-    /// Where the checkpoint comes from: torchvision, timm, lightning, solo-learn or lightly.
+    /// Where the checkpoint comes from: torchvision, timm, lightning, solo-learn, lightly or simclr-tf.
     #[arg(long = "from", value_parser = parse_source_format)]
     from: SourceFormat,
-    /// The checkpoint: a torch.save file (.pth, .pt, .ckpt; zip or legacy) or .safetensors.
+    /// The checkpoint: a torch.save file (.pth, .pt, .ckpt; zip or legacy) or .safetensors; for simclr-tf
+    /// a TensorFlow checkpoint prefix, its .index, a checkpoint directory or a SavedModel directory.
     #[arg(long = "in")]
     input: PathBuf,
     /// The encoder file to write (.safetensors).
@@ -61,7 +62,8 @@ struct ImportArgs {
     /// Refuse tensors under the encoder's prefix that are not the encoder's.
     #[arg(long)]
     strict: bool,
-    /// Input normalisation the encoder expects: imagenet or none (default: the format's, imagenet).
+    /// Input normalisation the encoder expects: imagenet or none (default: the format's; imagenet, and
+    /// none for simclr-tf).
     #[arg(long, value_parser = parse_normalisation)]
     input_normalisation: Option<Normalisation>,
 }
