@@ -17,6 +17,9 @@ For selective kernels off and on, each in both namings:
 - `tf2_sk{0,1}/ckpt-1`: tf.train.Checkpoint of an object tree with the attribute paths of tf2/resnet.py
   (`model/resnet_model/block_groups/0/layers/0/projection_layers/0/conv2d/kernel`, ...), plus a
   supervised head and a step counter;
+- `tf2_sk1_saved_model/variables/`: the same net as `tf2_sk1` saved with tf.saved_model.save, as SimCLR
+  v2's published SavedModels are (only `variables/` is kept: the importer reads nothing else, and
+  saved_model.pb is a quarter of a megabyte);
 - `input.f32`: a batch of grayscale images (N x H x W, little-endian float32), which the net sees
   repeated to 3 channels;
 - `expected.json`: each fixture's features for that input from a TensorFlow forward pass (tf.nn ops,
@@ -25,6 +28,7 @@ For selective kernels off and on, each in both namings:
 """
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -251,7 +255,16 @@ def write_tf2(spec, values, directory, rng):
     root.model.supervised_head = tf.Module()
     root.model.supervised_head.kernel = tf.Variable(rng.standard_normal((spec.features, 10)).astype(np.float32))
     checkpoint = tf.train.Checkpoint(model=root.model, global_step=tf.Variable(np.int64(250228)))
-    return checkpoint.write(f"{directory}/ckpt-1")
+    path = checkpoint.write(f"{directory}/ckpt-1")
+    if directory.endswith("tf2_sk1"):
+        export = tf.Module()
+        export.model = root.model
+        saved = f"{directory}_saved_model"
+        tf.saved_model.save(export, f"{saved}/full")
+        shutil.rmtree(f"{saved}/variables", ignore_errors=True)
+        shutil.move(f"{saved}/full/variables", f"{saved}/variables")
+        shutil.rmtree(f"{saved}/full")
+    return path
 
 
 LISTS = {"initial_conv_relu_max_pool", "block_groups", "layers", "projection_layers", "conv_relu_dropblock_layers"}

@@ -51,12 +51,14 @@ fn imported_encoders_give_tensorflows_features() {
     let expected = expected();
     let images = images(&expected);
     let dir = tempfile::tempdir().unwrap();
-    // TF1 by its checkpoint directory (the `checkpoint` file names the prefix), TF2 by its .index file.
-    for (name, input, variant) in [
-        ("tf1_sk0", fixtures().join("tf1_sk0"), Variant::SimclrTf),
-        ("tf1_sk1", fixtures().join("tf1_sk1"), Variant::SimclrTfSk),
-        ("tf2_sk0", fixtures().join("tf2_sk0/ckpt-1.index"), Variant::SimclrTf),
-        ("tf2_sk1", fixtures().join("tf2_sk1/ckpt-1"), Variant::SimclrTfSk),
+    // TF1 by its checkpoint directory (the `checkpoint` file names the prefix), TF2 by its .index file
+    // or prefix, and a SavedModel directory (tf2_sk1's net saved by tf.saved_model.save).
+    for (name, input, variant, features) in [
+        ("tf1_sk0", fixtures().join("tf1_sk0"), Variant::SimclrTf, "tf1_sk0"),
+        ("tf1_sk1", fixtures().join("tf1_sk1"), Variant::SimclrTfSk, "tf1_sk1"),
+        ("tf2_sk0", fixtures().join("tf2_sk0/ckpt-1.index"), Variant::SimclrTf, "tf2_sk0"),
+        ("tf2_sk1", fixtures().join("tf2_sk1/ckpt-1"), Variant::SimclrTfSk, "tf2_sk1"),
+        ("saved_model", fixtures().join("tf2_sk1_saved_model"), Variant::SimclrTfSk, "tf2_sk1"),
     ] {
         let out = dir.path().join(format!("{name}.safetensors"));
         let report = import(&input, &out);
@@ -77,7 +79,7 @@ fn imported_encoders_give_tensorflows_features() {
         let encoder = Encoder::new(&vs.root(), config);
         load_encoder(&mut vs, &encoder, &out).unwrap();
         let ours = tch::no_grad(|| encoder.forward(&images, false));
-        let fixture = &expected["fixtures"][name];
+        let fixture = &expected["fixtures"][features];
         let shape: Vec<i64> = fixture["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
         let values: Vec<f32> =
             fixture["features"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
