@@ -24,7 +24,8 @@ For selective kernels off and on, each in both namings:
   repeated to 3 channels;
 - `expected.json`: each fixture's features for that input from a TensorFlow forward pass (tf.nn ops,
   NHWC, TensorFlow's own padding rules), and the variable names and shapes of the full-size r50_1x_sk0
-  and r50_1x_sk1 in both namings with their trainable parameter counts.
+  and r50_1x_sk1 in both namings, r152_3x_sk1 (TF1) and r101_2x_sk0 (TF2), with their trainable
+  parameter counts.
 """
 import json
 import os
@@ -301,6 +302,11 @@ for sk in (0, 1):
     spec = Spec(64, [3, 4, 6, 3], bool(sk))
     for naming in ("tf1", "tf2"):
         expected["full_size"][f"r50_1x_sk{sk}_{naming}"] = {"variables": spec.names(naming), "trainable": spec.trainable()}
+# Other depths and widths, one naming each (the lists are long): SimCLR v2's largest, and a 2x ResNet-101.
+for key, base, blocks, sk, naming in [("r152_3x_sk1_tf1", 192, [3, 8, 36, 3], True, "tf1"),
+                                      ("r101_2x_sk0_tf2", 128, [3, 4, 23, 3], False, "tf2")]:
+    spec = Spec(base, blocks, sk)
+    expected["full_size"][key] = {"variables": spec.names(naming), "trainable": spec.trainable()}
 with open(f"{OUT}/expected.json", "w") as f:
     json.dump(expected, f)
 print(json.dumps({k: v["trainable"] for k, v in expected["full_size"].items()}))

@@ -161,6 +161,38 @@ fn full_size_resnet50s_map_completely_and_count_simclr_v2s_parameters() {
             assert_eq!(count, 23_508_032, "torchvision's resnet50 without fc");
         }
     }
+    // Other depths and widths: the mapping is complete and the import's tensor list counts TensorFlow's
+    // parameters, which round to SimCLR v2's README table (r152_3x_sk1 795M, r101_2x_sk0 170M).
+    for (key, arch, width, variant, published_m) in [
+        ("r152_3x_sk1_tf1", "resnet152", 3, Variant::SimclrTfSk, 795),
+        ("r101_2x_sk0_tf2", "resnet101", 2, Variant::SimclrTf, 170),
+    ] {
+        let full = &expected["full_size"][key];
+        let shapes: BTreeMap<String, Vec<usize>> = full["variables"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
+            .collect();
+        let plan = simclr_tf::plan(&shapes, None).unwrap();
+        assert_eq!((plan.shape.arch, plan.shape.width, plan.shape.variant), (arch, width, variant), "{key}");
+        assert_eq!(plan.renames.len(), shapes.len(), "{key}");
+        let ours = import::expected_tensors(&plan.shape);
+        let count: usize = ours
+            .iter()
+            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("tracked"))
+            .map(|(_, d)| d.iter().product::<usize>())
+            .sum();
+        assert_eq!(count as i64, full["trainable"].as_i64().unwrap(), "{key}");
+        assert_eq!((count as f64 / 1e6).round() as i64, published_m, "{key}");
+        for (tf, name) in &plan.renames {
+            let mut dims = shapes[tf].clone();
+            if dims.len() == 4 {
+                dims = vec![dims[3], dims[2], dims[0], dims[1]];
+            }
+            assert_eq!(Some(&dims), ours.get(name), "{key}: {tf} -> {name}");
+        }
+    }
 }
 
 #[test]
