@@ -308,17 +308,26 @@ fn import_simclr_tf(options: &ImportOptions) -> Result<ImportReport, ImportError
                  .data files beside it), its .index file, a checkpoint directory or a SavedModel directory"
             .into(),
     })?;
-    let mut tensors = tf_bundle::read_bundle(&prefix)?;
-    let in_file = tensors.len();
-    let shapes: BTreeMap<String, Vec<usize>> = tensors.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+    let bundle = tf_bundle::BundleIndex::open(&prefix)?;
+    let shapes = bundle.shapes();
+    let in_file = shapes.len();
     let plan = simclr_tf::plan(&shapes, options.prefix.as_deref())?;
+    // Only the encoder's tensors are read: a training checkpoint's slots and averages stay on disk.
+    let wanted: std::collections::BTreeSet<&str> = plan.renames.iter().map(|(tf, _)| tf.as_str()).collect();
+    let mut tensors = bundle.read(|name| wanted.contains(name))?;
     let expected = expected_tensors(&plan.shape);
     let mut encoder = simclr_tf::apply(&plan, &mut tensors, &expected)?;
     check_encoder(&mut encoder, &plan.shape, "")?;
-    // Under the ResNet's scope nothing else is the encoder's but optimiser slots.
-    let leftovers: Vec<String> = tensors
+    // Under the ResNet's scope nothing else is the encoder's but optimiser slots and moving averages.
+    let leftovers: Vec<String> = shapes
         .keys()
-        .filter(|k| k.starts_with(&plan.prefix) && !k.contains("OPTIMIZER_SLOT") && !k.ends_with("/Momentum"))
+        .filter(|k| !wanted.contains(k.as_str()))
+        .filter(|k| {
+            k.starts_with(&plan.prefix)
+                && !k.contains("OPTIMIZER_SLOT")
+                && !k.ends_with("/Momentum")
+                && !k.ends_with("/ExponentialMovingAverage")
+        })
         .cloned()
         .collect();
     if options.strict && !leftovers.is_empty() {

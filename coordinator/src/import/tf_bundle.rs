@@ -151,60 +151,99 @@ pub fn bundle_prefix(path: &Path) -> Option<PathBuf> {
 /// Every numeric tensor of the bundle at `prefix`, by name (string tensors such as the object graph
 /// are left out).
 pub fn read_bundle(prefix: &Path) -> Result<BTreeMap<String, RawTensor>, ImportError> {
-    let index_path = PathBuf::from(format!("{}.index", prefix.display()));
-    let bad = |path: &Path, reason: String| ImportError::Unreadable { path: path.to_path_buf(), reason };
-    let index = std::fs::read(&index_path).map_err(|e| bad(&index_path, e.to_string()))?;
-    let entries = read_index(&index).map_err(|e| bad(&index_path, e))?;
-    let mut header = BundleHeaderProto { num_shards: 1, endianness: 0 };
-    let mut metas = Vec::new();
-    for (key, value) in entries {
-        let decode_error = |e: prost::DecodeError| bad(&index_path, e.to_string());
-        if key.is_empty() {
-            header = prost::Message::decode(value.as_slice()).map_err(decode_error)?;
-            continue;
-        }
-        let name = String::from_utf8_lossy(&key).into_owned();
-        let entry: BundleEntryProto = prost::Message::decode(value.as_slice()).map_err(decode_error)?;
-        metas.push((name, entry));
-    }
-    if header.endianness != 0 {
-        return Err(bad(&index_path, "a big-endian bundle".into()));
-    }
-    let shards = header.num_shards.max(1);
-    let mut data: BTreeMap<i32, Vec<u8>> = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    for (name, entry) in metas {
-        let Some(dtype) = dtype(entry.dtype) else { continue };
-        if !entry.slices.is_empty() {
-            return Err(bad(&index_path, format!("{name}: a partitioned variable (slices) is not supported")));
-        }
-        let shard_path = PathBuf::from(format!("{}.data-{:05}-of-{:05}", prefix.display(), entry.shard_id, shards));
-        let bytes = match data.entry(entry.shard_id) {
-            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(std::fs::read(&shard_path).map_err(|e| bad(&shard_path, e.to_string()))?)
+    BundleIndex::open(prefix)?.read(|_| true)
+}
+
+/// A bundle's index: every tensor's name, type, shape and place, with no tensor data read yet.
+pub struct BundleIndex {
+    prefix: PathBuf,
+    index_path: PathBuf,
+    shards: i32,
+    entries: Vec<(String, DType, Vec<usize>, BundleEntryProto)>,
+}
+
+impl BundleIndex {
+    pub fn open(prefix: &Path) -> Result<BundleIndex, ImportError> {
+        let index_path = PathBuf::from(format!("{}.index", prefix.display()));
+        let bad = |reason: String| ImportError::Unreadable { path: index_path.clone(), reason };
+        let index = std::fs::read(&index_path).map_err(|e| bad(e.to_string()))?;
+        let raw = read_index(&index).map_err(bad)?;
+        let mut header = BundleHeaderProto { num_shards: 1, endianness: 0 };
+        let mut entries = Vec::new();
+        for (key, value) in raw {
+            let decode_error = |e: prost::DecodeError| bad(e.to_string());
+            if key.is_empty() {
+                header = prost::Message::decode(value.as_slice()).map_err(decode_error)?;
+                continue;
             }
-        };
-        let shape: Vec<usize> = entry
-            .shape
-            .as_ref()
-            .map(|s| s.dim.iter().map(|d| usize::try_from(d.size).unwrap_or(0)).collect())
-            .unwrap_or_default();
-        let (offset, size) = (entry.offset as usize, entry.size as usize);
-        let expected = shape.iter().product::<usize>() * dtype.size();
-        let slice = offset
-            .checked_add(size)
-            .and_then(|end| bytes.get(offset..end))
-            .ok_or_else(|| bad(&shard_path, format!("{name}: bytes {offset}..+{size} lie past the end")))?;
-        if size != expected {
-            return Err(bad(&shard_path, format!("{name}: {size} bytes for shape {shape:?} of {dtype:?}")));
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let entry: BundleEntryProto = prost::Message::decode(value.as_slice()).map_err(decode_error)?;
+            let Some(dtype) = dtype(entry.dtype) else { continue };
+            let shape: Vec<usize> = entry
+                .shape
+                .as_ref()
+                .map(|s| s.dim.iter().map(|d| usize::try_from(d.size).unwrap_or(0)).collect())
+                .unwrap_or_default();
+            entries.push((name, dtype, shape, entry));
         }
-        if entry.crc32c != 0 && simclr_common::crc32c::masked_crc32c(slice) != entry.crc32c {
-            return Err(bad(&shard_path, format!("{name}: checksum mismatch (a corrupt or truncated shard)")));
+        if header.endianness != 0 {
+            return Err(bad("a big-endian bundle".into()));
         }
-        out.insert(name, RawTensor { dtype, shape, data: slice.to_vec() });
+        Ok(BundleIndex { prefix: prefix.to_path_buf(), index_path, shards: header.num_shards.max(1), entries })
     }
-    Ok(out)
+
+    /// Every numeric tensor's shape, by name.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.entries.iter().map(|(name, _, shape, _)| (name.clone(), shape.clone())).collect()
+    }
+
+    /// The tensors whose names `keep` accepts, each read from its shard where it lies (a checkpoint's
+    /// optimiser slots and moving averages, often twice the weights, are never read).
+    pub fn read(&self, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, RawTensor>, ImportError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let bad = |path: &Path, reason: String| ImportError::Unreadable { path: path.to_path_buf(), reason };
+        let mut files: BTreeMap<i32, (PathBuf, std::fs::File, u64)> = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (name, dtype, shape, entry) in &self.entries {
+            if !keep(name) {
+                continue;
+            }
+            if !entry.slices.is_empty() {
+                return Err(bad(&self.index_path, format!("{name}: a partitioned variable (slices) is not supported")));
+            }
+            let (shard_path, file, len) = match files.entry(entry.shard_id) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let path = PathBuf::from(format!(
+                        "{}.data-{:05}-of-{:05}",
+                        self.prefix.display(),
+                        entry.shard_id,
+                        self.shards
+                    ));
+                    let file = std::fs::File::open(&path).map_err(|e| bad(&path, e.to_string()))?;
+                    let len = file.metadata().map_err(|e| bad(&path, e.to_string()))?.len();
+                    v.insert((path, file, len))
+                }
+            };
+            let (offset, size) = (entry.offset.max(0) as u64, entry.size.max(0) as usize);
+            let expected = shape.iter().product::<usize>() * dtype.size();
+            if size != expected {
+                return Err(bad(shard_path, format!("{name}: {size} bytes for shape {shape:?} of {dtype:?}")));
+            }
+            if offset.checked_add(size as u64).is_none_or(|end| end > *len) {
+                return Err(bad(shard_path, format!("{name}: bytes {offset}..+{size} lie past the end")));
+            }
+            let mut data = vec![0u8; size];
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut data))
+                .map_err(|e| bad(shard_path, format!("{name}: {e}")))?;
+            if entry.crc32c != 0 && simclr_common::crc32c::masked_crc32c(&data) != entry.crc32c {
+                return Err(bad(shard_path, format!("{name}: checksum mismatch (a corrupt or truncated shard)")));
+            }
+            out.insert(name.clone(), RawTensor { dtype: *dtype, shape: shape.clone(), data });
+        }
+        Ok(out)
+    }
 }
 
 fn read_index(file: &[u8]) -> Result<Vec<Entry>, String> {
