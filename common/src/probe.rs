@@ -56,6 +56,10 @@ pub struct ProbeSection {
     pub bootstrap: usize,
     /// Also probe a randomly initialised encoder, in the same run, through the same probes.
     pub random_baseline: bool,
+    /// Share of the training side's patients (studies where no PatientID) whose labels the probes (and
+    /// fine-tuning) train on, chosen by `data.split_seed`: SimCLR's label-efficiency setting (its paper's
+    /// 1% and 10%). Pretraining still sees every training image; validation and test are whole.
+    pub label_fraction: f64,
     /// Also fine-tune: every configuration once more with the encoder trained together with the probe
     /// (BatchNorm statistics frozen). Fine-tuning the random encoder is a supervised encoder trained
     /// from scratch on the training split.
@@ -83,6 +87,7 @@ impl Default for ProbeSection {
             batch_size: 64,
             bootstrap: 1000,
             random_baseline: true,
+            label_fraction: 1.0,
             finetune: false,
             finetune_blocks: 0,
             finetune_lr_scale: 0.1,
@@ -234,6 +239,9 @@ impl ProbeSection {
         }
         if self.seeds == 0 {
             return Err(invalid("probe.seeds", self.seeds, "expected at least 1".into()));
+        }
+        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
+            return Err(invalid("probe.label_fraction", self.label_fraction, "expected a share in (0, 1]".into()));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(invalid("probe.lr", self.lr, "expected a positive learning rate".into()));

@@ -20,13 +20,14 @@ pub fn write_probe_reports(
     run_dir: &RunDir,
     outcomes: &[ProbeOutcome],
     majority_rate: Option<f64>,
+    label_note: Option<&str>,
 ) -> std::io::Result<String> {
     let mut sorted: Vec<&ProbeOutcome> = outcomes.iter().collect();
     sorted.sort_by_key(|o| o.task.id);
     run_dir.write_atomic("results.csv", csv(&sorted)?.as_bytes())?;
     let json = serde_json::to_vec_pretty(&sorted).map_err(std::io::Error::other)?;
     run_dir.write_atomic("results.json", &json)?;
-    let table = markdown(&sorted, majority_rate);
+    let table = markdown(&sorted, majority_rate, label_note);
     run_dir.write_atomic("results.md", table.as_bytes())?;
     Ok(table)
 }
@@ -246,7 +247,7 @@ pub(crate) fn describe(key: ConfigKey) -> String {
     }
 }
 
-fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
+fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>, label_note: Option<&str>) -> String {
     let (failed, succeeded): (Vec<&ProbeOutcome>, Vec<&ProbeOutcome>) =
         outcomes.iter().partition(|o| o.error.is_some());
     let grouped = Grouped::new(&succeeded);
@@ -321,6 +322,10 @@ fn markdown(outcomes: &[&ProbeOutcome], majority_rate: Option<f64>) -> String {
     }
     if let Some(rate) = majority_rate {
         out.push_str(&format!("Majority-class rate on the test split: {rate:.3}.\n"));
+    }
+    if let Some(note) = label_note {
+        out.push_str(note);
+        out.push('\n');
     }
     if !failed.is_empty() {
         out.push_str(&format!(
@@ -470,7 +475,7 @@ pub(crate) mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::create(dir.path()).unwrap();
-        let table = write_probe_reports(&run, &outcomes, Some(0.597)).unwrap();
+        let table = write_probe_reports(&run, &outcomes, Some(0.597), None).unwrap();
 
         let mut reader = csv::Reader::from_path(dir.path().join("results.csv")).unwrap();
         let ids: Vec<usize> = reader.records().map(|r| r.unwrap()[0].parse().unwrap()).collect();
@@ -510,7 +515,7 @@ pub(crate) mod tests {
         // The first task (its configuration's only SimCLR run at this seed) diverged.
         outcomes[0] = ProbeOutcome::failed(tasks[0].clone(), 1, 0.2, "non-finite loss at epoch 3".into());
         let dir = tempfile::tempdir().unwrap();
-        let table = write_probe_reports(&RunDir::create(dir.path()).unwrap(), &outcomes, None).unwrap();
+        let table = write_probe_reports(&RunDir::create(dir.path()).unwrap(), &outcomes, None, None).unwrap();
 
         let mut reader = csv::Reader::from_path(dir.path().join("results.csv")).unwrap();
         let header = reader.headers().unwrap().clone();

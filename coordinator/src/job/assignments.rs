@@ -74,7 +74,7 @@ impl Job {
         };
         let [labelled_train, labelled_validation, labelled_test] = &usable.labelled;
         let train = if probe {
-            mine(labelled_train)
+            mine(&label_subset(labelled_train, data, self.config.probe.label_fraction, self.config.data.split_seed)?)
         } else if decode {
             mine(&usable.training)
         } else {
@@ -127,6 +127,67 @@ impl Job {
 
 /// The place of `rank` among the ranks that report the same host as it: (its index among them, their
 /// number).
+/// The labelled training images of the patients (studies without a PatientID) that `probe.label_fraction`
+/// keeps: every group ordered by a keyed hash of (`data.split_seed`, group), the first
+/// ceil(fraction x groups) taken. A function of the dataset and the seed only, so the same for any
+/// world size; refused when a target column would have a single class.
+pub(super) fn label_subset<'a>(
+    images: &'a [usize],
+    data: &crate::data_plan::PreparedData,
+    fraction: f64,
+    seed: u64,
+) -> Result<std::borrow::Cow<'a, [usize]>, Status> {
+    if fraction >= 1.0 {
+        return Ok(std::borrow::Cow::Borrowed(images));
+    }
+    let group_of = |i: usize| {
+        let study = data.study_of[i];
+        data.groups.get(study).copied().unwrap_or(study)
+    };
+    let mut groups: Vec<usize> = images.iter().map(|&i| group_of(i)).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let kept: std::collections::HashSet<usize> = kept_groups(&groups, fraction, seed).into_iter().collect();
+    let keep = kept.len();
+    let subset: Vec<usize> = images.iter().copied().filter(|&i| kept.contains(&group_of(i))).collect();
+    for &target in &data.targets {
+        let values: std::collections::BTreeSet<u32> = subset
+            .iter()
+            .filter_map(|&i| data.dataset.studies.get(data.study_of[i]).and_then(|s| s.labels.as_ref()))
+            .map(|labels| labels[target].to_bits())
+            .collect();
+        if values.len() < 2 {
+            return Err(Status::failed_precondition(format!(
+                "probe.label_fraction {fraction} keeps {} of {} training patients ({} images), whose '{}' labels \
+                 are all the same: raise probe.label_fraction",
+                keep,
+                groups.len(),
+                subset.len(),
+                data.dataset.label_columns[target]
+            )));
+        }
+    }
+    Ok(std::borrow::Cow::Owned(subset))
+}
+
+/// The first ceil(fraction x n) of `groups` in the order of a keyed hash of (seed, group): a smaller
+/// fraction keeps a subset of what a larger one keeps.
+fn kept_groups(groups: &[usize], fraction: f64, seed: u64) -> Vec<usize> {
+    let key = |g: usize| splitmix64(seed ^ 0x6c61_6265_6c73_5f31 ^ splitmix64(g as u64));
+    let mut ordered = groups.to_vec();
+    ordered.sort_by_key(|&g| (key(g), g));
+    let keep = ((fraction * groups.len() as f64).ceil() as usize).clamp(1.min(groups.len()), groups.len());
+    ordered.truncate(keep);
+    ordered
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn host_share(hosts: &[&str], rank: usize) -> (usize, usize) {
     let mine = hosts[rank];
     let index = hosts[..rank].iter().filter(|&&h| h == mine).count();
@@ -136,7 +197,22 @@ fn host_share(hosts: &[&str], rank: usize) -> (usize, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::host_share;
+    use super::{host_share, kept_groups};
+
+    #[test]
+    fn a_label_fraction_keeps_that_share_of_patients_nested_and_seeded() {
+        let groups: Vec<usize> = (0..200).map(|g| g * 3).collect();
+        let ten = kept_groups(&groups, 0.1, 0);
+        let twenty = kept_groups(&groups, 0.2, 0);
+        assert_eq!((ten.len(), twenty.len()), (20, 40));
+        assert!(ten.iter().all(|g| twenty.contains(g)), "10% is inside 20%");
+        assert_eq!(ten, kept_groups(&groups, 0.1, 0), "the same seed, the same patients");
+        assert_ne!(ten, kept_groups(&groups, 0.1, 1));
+        assert_eq!(kept_groups(&groups, 0.001, 0).len(), 1, "at least one patient");
+        assert_eq!(kept_groups(&groups, 1.0, 0).len(), 200);
+        // Not the lowest-numbered patients: spread over the index.
+        assert!(ten.iter().any(|&g| g > 300) && ten.iter().any(|&g| g < 300), "{ten:?}");
+    }
 
     #[test]
     fn each_host_splits_every_image_among_its_own_ranks() {

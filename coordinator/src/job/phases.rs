@@ -119,6 +119,17 @@ impl Job {
             }
             Err(_) => None,
         };
+        // A label fraction that leaves the probes a single class stops the job now, not after pretraining.
+        if self.config.probe.enabled && !data.targets.is_empty() {
+            let (fraction, seed) = (self.config.probe.label_fraction, self.config.data.split_seed);
+            if let Err(e) = super::assignments::label_subset(&usable.labelled[0], data, fraction, seed) {
+                let message = e.message().to_string();
+                let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::DataError, false);
+                drop(state);
+                self.changed.send_replace(());
+                return notice;
+            }
+        }
         let issues = issue_rows(&state.file_issues);
         let records: Vec<UndecodableFile> = state
             .undecodable

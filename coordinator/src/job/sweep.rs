@@ -138,6 +138,24 @@ impl Job {
         (n > 0).then(|| positives.max(n - positives) as f64 / n as f64)
     }
 
+    /// With `probe.label_fraction` below 1: how many training labels the probes learned from.
+    fn label_note(&self) -> Option<String> {
+        let fraction = self.config.probe.label_fraction;
+        if fraction >= 1.0 {
+            return None;
+        }
+        let data = self.data.as_ref()?;
+        let usable = self.lock().usable.clone()?;
+        let all = &usable.labelled[0];
+        let kept = super::assignments::label_subset(all, data, fraction, self.config.data.split_seed).ok()?;
+        Some(format!(
+            "Probes trained on {} of the training side's {} labelled images (probe.label_fraction = {fraction}: \
+             that share of its patients, chosen by data.split_seed); pretraining saw every training image.",
+            kept.len(),
+            all.len()
+        ))
+    }
+
     /// Writes the sweep's reports (also for a sweep cut short: whatever was reported); returns the table.
     pub(super) fn write_sweep_reports(&self) -> Option<String> {
         let (results, total) = {
@@ -151,7 +169,13 @@ impl Job {
         if results.len() < total {
             tracing::warn!(done = results.len(), total, "the probe sweep did not finish; reporting the tasks that did");
         }
-        let mut table = match crate::reports::write_probe_reports(&self.run_dir, &results, self.majority_rate()) {
+        let label_note = self.label_note();
+        let mut table = match crate::reports::write_probe_reports(
+            &self.run_dir,
+            &results,
+            self.majority_rate(),
+            label_note.as_deref(),
+        ) {
             Ok(table) => table,
             Err(e) => {
                 tracing::error!(error = %e, dir = %self.run_dir.path().display(), "cannot write the probe reports");
