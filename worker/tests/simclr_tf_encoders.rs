@@ -34,6 +34,16 @@ fn images(expected: &serde_json::Value) -> Tensor {
     Tensor::from_slice(&values).view([dims[0], 1, dims[1], dims[2]])
 }
 
+/// A full-size net's variable names and shapes, as the fixture script lists them.
+fn variable_shapes(full: &serde_json::Value) -> BTreeMap<String, Vec<usize>> {
+    full["variables"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
+        .collect()
+}
+
 fn import(input: &Path, out: &Path) -> import::ImportReport {
     let options = ImportOptions {
         from: SourceFormat::SimclrTf,
@@ -127,12 +137,7 @@ fn full_size_resnet50s_map_completely_and_count_simclr_v2s_parameters() {
         ("r50_1x_sk1_tf2", Variant::SimclrTfSk),
     ] {
         let full = &expected["full_size"][key];
-        let shapes: BTreeMap<String, Vec<usize>> = full["variables"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
-            .collect();
+        let shapes = variable_shapes(full);
         let plan = simclr_tf::plan(&shapes, None).unwrap();
         assert_eq!((plan.shape.arch, plan.shape.width, plan.shape.variant), ("resnet50", 1, variant), "{key}");
         // Every TensorFlow variable maps, onto every tensor of ours (counters aside), with its shape.
@@ -168,12 +173,7 @@ fn full_size_resnet50s_map_completely_and_count_simclr_v2s_parameters() {
         ("r101_2x_sk0_tf2", "resnet101", 2, Variant::SimclrTf, 170),
     ] {
         let full = &expected["full_size"][key];
-        let shapes: BTreeMap<String, Vec<usize>> = full["variables"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
-            .collect();
+        let shapes = variable_shapes(full);
         let plan = simclr_tf::plan(&shapes, None).unwrap();
         assert_eq!((plan.shape.arch, plan.shape.width, plan.shape.variant), (arch, width, variant), "{key}");
         assert_eq!(plan.renames.len(), shapes.len(), "{key}");
@@ -198,14 +198,7 @@ fn full_size_resnet50s_map_completely_and_count_simclr_v2s_parameters() {
 #[test]
 fn checkpoints_that_are_no_simclr_bottleneck_net_are_refused_by_name() {
     let expected = expected();
-    let shapes = |key: &str| -> BTreeMap<String, Vec<usize>> {
-        expected["full_size"][key]["variables"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
-            .collect()
-    };
+    let shapes = |key: &str| variable_shapes(&expected["full_size"][key]);
     // A TF1 checkpoint missing one convolution.
     let mut gap = shapes("r50_1x_sk0_tf1");
     gap.remove("base_model/conv2d_40/kernel");
