@@ -60,10 +60,6 @@ impl Variant {
             Variant::SimclrTfSk => "simclr_tf_sk",
         }
     }
-
-    pub fn parse(s: &str) -> Option<Variant> {
-        [Variant::Torchvision, Variant::SimclrTf, Variant::SimclrTfSk].into_iter().find(|v| v.name() == s)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -615,6 +615,7 @@ fn import_weights(args: ImportArgs) -> Result<ExitStatus, CoordinatorError> {
         prefix = %report.prefix,
         arch = report.shape.arch,
         width = report.shape.width,
+        variant = report.shape.variant.name(),
         input_channels = report.shape.in_channels,
         parameters = report.parameters,
         tensors = report.tensors,
