@@ -253,18 +253,7 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
     let shape = resnet_keys::infer_shape(&encoder)?;
     let classifier = check_encoder(&mut encoder, &shape, &found.prefix)?;
     let normalisation = options.normalisation.unwrap_or(options.from.default_normalisation());
-    let metadata: HashMap<String, String> = [
-        ("format", "simclr-cluster encoder".to_string()),
-        ("source_format", options.from.name().to_string()),
-        ("source_file", options.input.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
-        ("source_prefix", found.prefix.clone()),
-        ("input_normalisation", normalisation.name().to_string()),
-        ("classifier", if classifier { "fc" } else { "none" }.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .chain(shape_metadata(&shape))
-    .collect();
+    let metadata = metadata(options.from.name(), &options.input, &found.prefix, normalisation, classifier, &shape);
     let parameters = parameter_count(&encoder);
     write_encoder(&options.output, &encoder, metadata)?;
     let taken = encoder.len();
@@ -280,15 +269,32 @@ pub fn import_weights(options: &ImportOptions) -> Result<ImportReport, ImportErr
     })
 }
 
-/// The metadata naming the encoder's layout, which the worker checks against the job's settings.
-fn shape_metadata(shape: &Shape) -> Vec<(String, String)> {
-    vec![
-        ("arch".into(), shape.arch.to_string()),
-        ("width".into(), shape.width.to_string()),
-        ("stem".into(), if shape.in_channels == 1 { "native1" } else { "repeat3" }.to_string()),
-        ("variant".into(), shape.variant.name().to_string()),
-        ("selective_kernels".into(), (shape.variant == Variant::SimclrTfSk).to_string()),
+/// The encoder file's metadata: where it came from, and the layout and input scaling the worker checks
+/// against the job's settings.
+fn metadata(
+    source_format: &str,
+    source_file: &Path,
+    prefix: &str,
+    normalisation: Normalisation,
+    classifier: bool,
+    shape: &Shape,
+) -> HashMap<String, String> {
+    [
+        ("format", "simclr-cluster encoder".to_string()),
+        ("source_format", source_format.to_string()),
+        ("source_file", source_file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
+        ("source_prefix", prefix.to_string()),
+        ("input_normalisation", normalisation.name().to_string()),
+        ("classifier", if classifier { "fc" } else { "none" }.to_string()),
+        ("arch", shape.arch.to_string()),
+        ("width", shape.width.to_string()),
+        ("stem", if shape.in_channels == 1 { "native1" } else { "repeat3" }.to_string()),
+        ("variant", shape.variant.name().to_string()),
+        ("selective_kernels", (shape.variant == Variant::SimclrTfSk).to_string()),
     ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// Trainable elements: every tensor but BatchNorm's running statistics and counters.
@@ -342,18 +348,8 @@ fn import_simclr_tf(options: &ImportOptions) -> Result<ImportReport, ImportError
         simclr_tf::Naming::Tf1 => "tf1",
         simclr_tf::Naming::Tf2 => "tf2",
     };
-    let metadata: HashMap<String, String> = [
-        ("format", "simclr-cluster encoder".to_string()),
-        ("source_format", format!("{} ({naming})", options.from.name())),
-        ("source_file", prefix.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
-        ("source_prefix", plan.prefix.clone()),
-        ("input_normalisation", normalisation.name().to_string()),
-        ("classifier", "none".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .chain(shape_metadata(&plan.shape))
-    .collect();
+    let source = format!("{} ({naming})", options.from.name());
+    let metadata = metadata(&source, &prefix, &plan.prefix, normalisation, false, &plan.shape);
     let parameters = parameter_count(&encoder);
     write_encoder(&options.output, &encoder, metadata)?;
     let taken = encoder.len();

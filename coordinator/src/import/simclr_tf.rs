@@ -206,13 +206,7 @@ fn plan_tf1(shapes: &BTreeMap<String, Vec<usize>>, prefix: Option<&str>) -> Resu
                 convs.insert(n, key.clone());
             }
             Some((s, "batch_normalization", n, "gamma")) if s == scope => {
-                bns.insert(
-                    n,
-                    format!(
-                        "{scope}{}",
-                        if n == 0 { "batch_normalization".into() } else { format!("batch_normalization_{n}") }
-                    ),
-                );
+                bns.insert(n, key.trim_end_matches("/gamma").to_string());
             }
             _ => {}
         }

@@ -72,9 +72,9 @@ impl Job {
         let mine = |images: &[usize]| -> Vec<wire::ImageRef> {
             images.iter().skip(first).step_by(every).map(|&i| image_ref((i, 0))).collect()
         };
-        let [labelled_train, labelled_validation, labelled_test] = &usable.labelled;
+        let [_, labelled_validation, labelled_test] = &usable.labelled;
         let train = if probe {
-            mine(&label_subset(labelled_train, data, self.config.probe.label_fraction, self.config.data.split_seed)?)
+            mine(&usable.probe_train)
         } else if decode {
             mine(&usable.training)
         } else {
@@ -125,20 +125,18 @@ impl Job {
     }
 }
 
-/// The place of `rank` among the ranks that report the same host as it: (its index among them, their
-/// number).
 /// The labelled training images of the patients (studies without a PatientID) that `probe.label_fraction`
 /// keeps: every group ordered by a keyed hash of (`data.split_seed`, group), the first
 /// ceil(fraction x groups) taken. A function of the dataset and the seed only, so the same for any
-/// world size; refused when a target column would have a single class.
-pub(super) fn label_subset<'a>(
-    images: &'a [usize],
+/// world size; refused, saying why, when a target column would have a single class.
+pub(super) fn label_subset(
+    images: &[usize],
     data: &crate::data_plan::PreparedData,
     fraction: f64,
     seed: u64,
-) -> Result<std::borrow::Cow<'a, [usize]>, Status> {
+) -> Result<Vec<usize>, String> {
     if fraction >= 1.0 {
-        return Ok(std::borrow::Cow::Borrowed(images));
+        return Ok(images.to_vec());
     }
     let group_of = |i: usize| {
         let study = data.study_of[i];
@@ -157,17 +155,17 @@ pub(super) fn label_subset<'a>(
             .map(|labels| labels[target].to_bits())
             .collect();
         if values.len() < 2 {
-            return Err(Status::failed_precondition(format!(
+            return Err(format!(
                 "probe.label_fraction {fraction} keeps {} of {} training patients ({} images), whose '{}' labels \
                  are all the same: raise probe.label_fraction",
                 keep,
                 groups.len(),
                 subset.len(),
                 data.dataset.label_columns[target]
-            )));
+            ));
         }
     }
-    Ok(std::borrow::Cow::Owned(subset))
+    Ok(subset)
 }
 
 /// The first ceil(fraction x n) of `groups` in the order of a keyed hash of (seed, group): a smaller
@@ -188,6 +186,8 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The place of `rank` among the ranks that report the same host as it: (its index among them, their
+/// number).
 fn host_share(hosts: &[&str], rank: usize) -> (usize, usize) {
     let mine = hosts[rank];
     let index = hosts[..rank].iter().filter(|&&h| h == mine).count();

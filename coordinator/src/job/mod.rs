@@ -76,6 +76,9 @@ pub(crate) struct Usable {
     training: Vec<usize>,
     /// The labelled images of each side (train, validation, test) that decoded, sorted.
     labelled: [Vec<usize>; 3],
+    /// The labelled training images the probes learn from: all of `labelled[0]`, or the share of its
+    /// patients `probe.label_fraction` keeps (set once the decode phase is over).
+    probe_train: Vec<usize>,
     /// The epochs' global orders computed so far; the two latest are kept (the ranks ask for an epoch
     /// at about the same time, and never for one more than an epoch behind the others).
     orders: Mutex<BTreeMap<u64, Arc<Vec<simclr_data::dataset::Slot>>>>,
@@ -106,7 +109,8 @@ impl Usable {
         };
         let labelled =
             [labelled_of(&data.split.train), labelled_of(&data.split.validation), labelled_of(&data.split.test)];
-        Usable { training, labelled, orders: Mutex::new(BTreeMap::new()), partners }
+        let probe_train = labelled[0].clone();
+        Usable { training, labelled, probe_train, orders: Mutex::new(BTreeMap::new()), partners }
     }
 
     /// The image a slot's second view comes from: one of its candidates, drawn from (seed, epoch, image,
@@ -323,6 +327,7 @@ mod tests {
         let usable = Usable {
             training: training.to_vec(),
             labelled: Default::default(),
+            probe_train: Vec::new(),
             orders: Mutex::new(BTreeMap::new()),
             partners: by_patient,
         };

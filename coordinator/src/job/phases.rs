@@ -103,7 +103,7 @@ impl Job {
     fn fix_usable(&self, mut state: MutexGuard<'_, State>) -> Option<StopNotice> {
         let data = self.data.as_ref()?;
         let excluded: BTreeSet<usize> = state.undecodable.keys().copied().collect();
-        let usable = Usable::new(data, &excluded, self.config.pretrain.positives);
+        let mut usable = Usable::new(data, &excluded, self.config.pretrain.positives);
         let batch = self.config.pretrain.batch_size;
         let steps = match epoch_order(&usable.training, batch, self.config.job.seed, 0, self.config.data.shard_policy) {
             Ok(order) => Some(order.len() / batch),
@@ -119,15 +119,19 @@ impl Job {
             }
             Err(_) => None,
         };
-        // A label fraction that leaves the probes a single class stops the job now, not after pretraining.
+        // The probes' training labels; a label fraction that leaves them a single class stops the job
+        // now, not after pretraining.
         if self.config.probe.enabled && !data.targets.is_empty() {
             let (fraction, seed) = (self.config.probe.label_fraction, self.config.data.split_seed);
-            if let Err(e) = super::assignments::label_subset(&usable.labelled[0], data, fraction, seed) {
-                let message = e.message().to_string();
-                let notice = self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::DataError, false);
-                drop(state);
-                self.changed.send_replace(());
-                return notice;
+            match super::assignments::label_subset(&usable.labelled[0], data, fraction, seed) {
+                Ok(subset) => usable.probe_train = subset,
+                Err(message) => {
+                    let notice =
+                        self.set_outcome(&mut state, StopReason::Aborted, message, ExitStatus::DataError, false);
+                    drop(state);
+                    self.changed.send_replace(());
+                    return notice;
+                }
             }
         }
         let issues = issue_rows(&state.file_issues);

@@ -144,15 +144,12 @@ impl Job {
         if fraction >= 1.0 {
             return None;
         }
-        let data = self.data.as_ref()?;
         let usable = self.lock().usable.clone()?;
-        let all = &usable.labelled[0];
-        let kept = super::assignments::label_subset(all, data, fraction, self.config.data.split_seed).ok()?;
         Some(format!(
             "Probes trained on {} of the training side's {} labelled images (probe.label_fraction = {fraction}: \
              that share of its patients, chosen by data.split_seed); pretraining saw every training image.",
-            kept.len(),
-            all.len()
+            usable.probe_train.len(),
+            usable.labelled[0].len()
         ))
     }
 
