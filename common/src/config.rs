@@ -483,6 +483,7 @@ mod tests {
     fn the_shipped_configs_parse() {
         for (name, text) in [
             ("demo.toml", include_str!("../../configs/demo.toml")),
+            ("demo_large_test.toml", include_str!("../../configs/demo_large_test.toml")),
             ("report.toml", include_str!("../../configs/report.toml")),
             ("gpu_check.toml", include_str!("../../configs/gpu_check.toml")),
             ("gpu_bench.toml", include_str!("../../configs/gpu_bench.toml")),

@@ -388,12 +388,7 @@ fn chosen_summary(grouped: &Grouped, has_random: bool) -> String {
         ));
         let auc = |key, e| grouped.mean_std(key, e, |o| o.mean_over_classes(|c| c.auc));
         if let (Some(a), Some(b)) = (auc(ours, EncoderSource::Simclr), auc(theirs, EncoderSource::Random)) {
-            let spread = a.1.max(b.1);
-            let verdict = if a.0 - b.0 > 2.0 * spread {
-                "more than twice the larger spread over probe seeds"
-            } else {
-                "within twice the larger spread over probe seeds: not a clear difference"
-            };
+            let verdict = difference_verdict(a.0 - b.0, a.1.max(b.1));
             out.push_str(&format!(
                 "SimCLR minus random, test AUC of the configurations chosen on validation: {:+.3} (sd over probe seeds {:.3} and {:.3}; {verdict}).\n",
                 a.0 - b.0,
@@ -407,6 +402,18 @@ fn chosen_summary(grouped: &Grouped, has_random: bool) -> String {
         if columns > 1 { "; mAP: its mean over label columns, as the Kaggle study-level task averages over its four classes" } else { "" }
     ));
     out
+}
+
+/// Reads a difference of two encoders' test AUCs against the larger of their spreads over probe
+/// seeds: a clear lead either way is one of more than twice that spread.
+fn difference_verdict(difference: f64, spread: f64) -> &'static str {
+    if difference > 2.0 * spread {
+        "SimCLR ahead by more than twice the larger spread over probe seeds"
+    } else if difference < -2.0 * spread {
+        "the random encoder ahead by more than twice the larger spread over probe seeds"
+    } else {
+        "within twice the larger spread over probe seeds: not a clear difference"
+    }
 }
 
 #[cfg(test)]
@@ -506,6 +513,14 @@ pub(crate) mod tests {
         );
         assert!(table.contains("not a clear difference"), "{table}");
         assert_eq!(std::fs::read_to_string(dir.path().join("results.md")).unwrap(), table);
+    }
+
+    #[test]
+    fn a_clear_difference_is_read_either_way() {
+        assert!(difference_verdict(0.030, 0.010).starts_with("SimCLR ahead"));
+        assert!(difference_verdict(-0.069, 0.008).starts_with("the random encoder ahead"));
+        assert!(difference_verdict(0.015, 0.008).contains("not a clear difference"));
+        assert!(difference_verdict(-0.015, 0.008).contains("not a clear difference"));
     }
 
     #[test]
