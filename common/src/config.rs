@@ -498,6 +498,19 @@ mod tests {
     }
 
     #[test]
+    fn the_large_test_demo_is_the_demo_with_another_split() {
+        let demo = JobConfig::from_toml(include_str!("../../configs/demo.toml"), "demo.toml").unwrap();
+        let mut large =
+            JobConfig::from_toml(include_str!("../../configs/demo_large_test.toml"), "demo_large_test.toml").unwrap();
+        assert_eq!((large.data.synthetic_studies, large.data.test_fraction), (2000, 0.5));
+        large.job.id = demo.job.id.clone();
+        large.data.synthetic_studies = demo.data.synthetic_studies;
+        large.data.test_fraction = demo.data.test_fraction;
+        large.data.validation_fraction = demo.data.validation_fraction;
+        assert_eq!(large, demo);
+    }
+
+    #[test]
     fn fixture_pins_the_format() {
         let text = include_str!("../tests/fixtures/job.toml");
         let config = JobConfig::from_toml(text, "fixture").unwrap();
